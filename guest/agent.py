@@ -1,0 +1,222 @@
+"""The guest agent: PID 1 of every sandbox.
+
+It speaks the tunnel protocol on its stdin/stdout (the sandbox's byte channel),
+takes the kernel's launch as a LAUNCH message, starts the kernel as an
+unprivileged user with a guest-side connection file (ipc transport: no network
+needed inside), joins each stream the host opens to the kernel's matching ipc
+socket, delivers signals, and exits with the kernel's exit status.
+
+Stdlib only; runs with the image's /usr/bin/python3. Logs go to stderr, which
+the host reads into its own log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from protocol import (
+    CHANNELS,
+    FROM_HOST,
+    MAX_CONTROL_PAYLOAD,
+    VERSION,
+    Frame,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    encode,
+    encode_json,
+)
+from streams import Mux, Stream
+
+RUNTIME_DIR = Path("/run/kernel")
+CONNECT_TIMEOUT = 120.0
+"""How long a stream waits for the kernel to bind its socket."""
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"agent: {msg}\n")
+    sys.stderr.flush()
+
+
+class Agent(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.reader = FrameReader(FROM_HOST, max_payload=MAX_CONTROL_PAYLOAD)
+        self.out: asyncio.WriteTransport | None = None
+        self.mux = Mux(self.send)
+        self.kernel: asyncio.subprocess.Process | None = None
+        self.launched = asyncio.Event()
+        self.launch: dict = {}
+        self.done = self.loop.create_future()
+
+    def send(self, frame: bytes) -> None:
+        assert self.out is not None
+        if not self.out.is_closing():
+            self.out.write(frame)
+
+    # -- channel input ----------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for frame in self.reader.feed(data):
+                self.on_frame(frame)
+        except ProtocolError as e:
+            log(f"protocol error from host: {e}")
+            self.finish(70)
+
+    def eof_received(self) -> bool:
+        self.finish(0)  # the host let go: nothing may outlive it
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish(0)
+
+    def on_frame(self, frame: Frame) -> None:
+        if frame.kind is Kind.LAUNCH:
+            if not self.launched.is_set():
+                self.launch = frame.json()
+                self.launched.set()
+        elif frame.kind is Kind.OPEN:
+            self.open_stream(frame.stream, frame.payload.decode("ascii", "replace"))
+        elif frame.kind is Kind.SIGNAL:
+            self.signal_kernel(frame.i32())
+        else:
+            self.mux.on_frame(frame)
+
+    # -- kernel -----------------------------------------------------------
+
+    async def start_kernel(self) -> None:
+        spec = self.launch
+        uid, gid = int(spec["uid"]), int(spec["gid"])
+        RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(RUNTIME_DIR, uid, gid)
+        connection = dict(spec["connection"])
+        connection.update(
+            transport="ipc",
+            ip=str(RUNTIME_DIR / "kernel"),
+            **{f"{name}_port": n for n, name in enumerate(CHANNELS, 1)},
+        )
+        connection_file = RUNTIME_DIR / "connection.json"
+        connection_file.write_text(json.dumps(connection))
+        os.chown(connection_file, uid, gid)
+        connection_file.chmod(0o400)
+        argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
+        self.kernel = await asyncio.create_subprocess_exec(
+            *argv,
+            env=spec["env"],
+            cwd=spec["cwd"],
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            start_new_session=True,
+            umask=0o077,
+        )
+
+    def signal_kernel(self, signum: int) -> None:
+        if self.kernel is None or self.kernel.returncode is not None:
+            return
+        try:
+            os.killpg(self.kernel.pid, signum)
+        except (ProcessLookupError, PermissionError, ValueError) as e:
+            log(f"signal {signum} not delivered: {e}")
+
+    # -- streams ----------------------------------------------------------
+
+    def open_stream(self, sid: int, channel: str) -> None:
+        if channel not in CHANNELS:
+            self.send(encode(Kind.CLOSE, sid))
+            return
+        stream = Stream(self.mux, sid)
+        self.mux.add(stream)
+        port = CHANNELS.index(channel) + 1
+        self.loop.create_task(self.connect(stream, RUNTIME_DIR / f"kernel-{port}"))
+
+    async def connect(self, stream: Stream, path: Path) -> None:
+        deadline = self.loop.time() + CONNECT_TIMEOUT
+        while not stream.closed:
+            try:
+                await self.loop.create_unix_connection(lambda: stream, str(path))
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.loop.time() > deadline or (
+                    self.kernel and self.kernel.returncode is not None
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            except OSError as e:
+                log(f"cannot connect to {path}: {e}")
+                break
+        stream.connection_lost(None)  # tells the host the stream is gone
+
+    # -- life -------------------------------------------------------------
+
+    def finish(self, status: int) -> None:
+        if not self.done.done():
+            self.done.set_result(status)
+
+    async def run(self, tunnel_in: int, tunnel_out: int) -> int:
+        loop = self.loop
+        self.out, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(tunnel_out, "wb", buffering=0)
+        )
+        await loop.connect_read_pipe(lambda: self, os.fdopen(tunnel_in, "rb", buffering=0))
+        self.send(encode_json(Kind.HELLO, {"version": VERSION}))
+        launched = loop.create_task(self.launched.wait())
+        await asyncio.wait([launched, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if self.done.done():
+            return self.done.result()
+        try:
+            await self.start_kernel()
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            self.send(encode_json(Kind.ERROR, {"error": f"cannot start the kernel: {e}"}))
+            await self.drain()
+            return 127
+        assert self.kernel is not None
+        self.send(encode_json(Kind.STARTED, {"pid": self.kernel.pid}))
+        exited = loop.create_task(self.kernel.wait())
+        await asyncio.wait([exited, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():  # the host went away: take the kernel down with us
+            self.signal_kernel(signal.SIGKILL)
+            await exited
+            return self.done.result()
+        status = self.kernel.returncode
+        status = 128 - status if status < 0 else status
+        self.mux.close_all()
+        self.send(encode_json(Kind.EXIT, {"status": status}))
+        await self.drain()
+        return status
+
+    async def drain(self) -> None:
+        """Let queued frames reach the host before the sandbox goes away."""
+        assert self.out is not None
+        for _ in range(200):
+            if self.out.is_closing() or self.out.get_write_buffer_size() == 0:
+                break
+            await asyncio.sleep(0.01)
+
+
+def main() -> None:
+    # Keep the channel out of reach of the kernel: move it off fds 0/1 (os.dup's
+    # copies are not inherited) and leave /dev/null in their place.
+    tunnel_in, tunnel_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+    async def run() -> int:
+        return await Agent().run(tunnel_in, tunnel_out)
+
+    sys.exit(asyncio.run(run()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Streams multiplexed over the tunnel's byte channel, with credit flow control.
+
+Used by both ends (stdlib only, shipped into every sandbox). One `Stream` joins
+one local socket (a client's TCP connection on the host, a connection to the
+kernel's ipc socket in the guest) to its twin on the other side of the channel.
+
+Memory stays bounded whatever the peer does: a stream never receives more than
+`WINDOW` unacknowledged bytes (more is a protocol violation), and stops reading
+its local socket while it has no credit to forward what it read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+try:  # imported as provisioner.guest.streams on the host, as a script's sibling in the guest
+    from .protocol import MAX_PAYLOAD, U32, WINDOW, Frame, Kind, ProtocolError, encode
+except ImportError:
+    from protocol import MAX_PAYLOAD, U32, WINDOW, Frame, Kind, ProtocolError, encode  # type: ignore[no-redef]
+
+CREDIT_BATCH = WINDOW // 8
+"""Acknowledge received bytes in batches of this size, or when the stream goes idle."""
+
+
+class Mux:
+    """The streams of one channel. `send` writes an encoded frame to the channel."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.send = send
+        self.streams: dict[int, Stream] = {}
+        self.highest_opened = 0
+
+    def add(self, stream: Stream) -> None:
+        self.streams[stream.sid] = stream
+        self.highest_opened = max(self.highest_opened, stream.sid)
+
+    def discard(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+
+    def close_all(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.abort()
+        self.streams.clear()
+
+    def on_frame(self, frame: Frame) -> None:
+        """Handle DATA, CREDIT and CLOSE. Frames for closed streams are late and dropped."""
+        stream = self.streams.get(frame.stream)
+        if stream is None:
+            if frame.stream == 0 or frame.stream > self.highest_opened:
+                raise ProtocolError(f"{frame.kind.name} for stream {frame.stream} never opened")
+            return
+        if frame.kind is Kind.DATA:
+            stream.peer_data(frame.payload)
+        elif frame.kind is Kind.CREDIT:
+            stream.peer_credit(frame.u32())
+        elif frame.kind is Kind.CLOSE:
+            self.discard(stream.sid)
+            stream.peer_closed()
+        else:
+            raise ProtocolError(f"unexpected {frame.kind.name} on a stream")
+
+
+class Stream(asyncio.Protocol):
+    """One local socket joined to one stream id."""
+
+    def __init__(self, mux: Mux, sid: int) -> None:
+        self.mux = mux
+        self.sid = sid
+        self.transport: asyncio.Transport | None = None
+        self.send_credit = WINDOW
+        self.unsent = b""
+        self.reading_paused = False
+        self.pending: list[bytes] = []  # peer data that arrived before the local socket connected
+        self.unacked = 0  # bytes received from the peer and not yet acknowledged
+        self.owed = 0  # bytes written locally whose credit is not yet returned
+        self.writing_paused = False
+        self.closed = False
+
+    # -- local socket side ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.closed:
+            transport.close()
+            return
+        for data in self.pending:
+            self._write_local(data)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.unsent:
+            self.unsent += data
+        else:
+            self.unsent = data
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False  # close the local socket: streams have no half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.mux.discard(self.sid)
+            self.mux.send(encode(Kind.CLOSE, self.sid))
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._ack()
+
+    def abort(self) -> None:
+        """Drop the stream without telling the peer (the channel is gone)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- peer side --------------------------------------------------------
+
+    def peer_data(self, payload: bytes) -> None:
+        self.unacked += len(payload)
+        if self.unacked > WINDOW:
+            raise ProtocolError(f"stream {self.sid} sent beyond its credit window")
+        if self.transport is None:
+            self.pending.append(payload)
+        else:
+            self._write_local(payload)
+
+    def peer_credit(self, n: int) -> None:
+        self.send_credit += n
+        if self.send_credit > WINDOW:
+            raise ProtocolError(f"stream {self.sid} granted credit beyond its window")
+        self._flush()
+
+    def peer_closed(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered first
+
+    # -- internals --------------------------------------------------------
+
+    def _write_local(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.owed += len(data)
+        self._ack()
+
+    def _ack(self) -> None:
+        """Return credit for bytes handed to the local socket, unless it is backed up."""
+        if self.writing_paused or self.owed == 0:
+            return
+        if self.owed >= CREDIT_BATCH or self.transport.get_write_buffer_size() == 0:
+            self.mux.send(encode(Kind.CREDIT, self.sid, U32.pack(self.owed)))
+            self.unacked -= self.owed
+            self.owed = 0
+
+    def _flush(self) -> None:
+        if self.closed:
+            self.unsent = b""
+            return
+        if self.unsent and self.send_credit > 0:
+            n = min(len(self.unsent), self.send_credit)
+            chunk, self.unsent = self.unsent[:n], self.unsent[n:]
+            self.send_credit -= n
+            view = memoryview(chunk)
+            for start in range(0, n, MAX_PAYLOAD):
+                self.mux.send(encode(Kind.DATA, self.sid, view[start : start + MAX_PAYLOAD]))
+        transport = self.transport
+        if transport is None:
+            return
+        if self.unsent and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        elif not self.unsent and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()

@@ -1,0 +1,81 @@
+"""The backend interface: what the provisioner needs from any kind of sandbox."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..limits import Limits
+
+
+class SandboxError(RuntimeError):
+    """A sandbox could not be created or run; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    destination: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to create one sandbox."""
+
+    sandbox_id: str
+    kernel_id: str
+    rootfs: Path
+    """The read-only guest image; each sandbox gets a throwaway writable layer over it."""
+    agent_dir: Path
+    """Host folder with the guest agent, mounted read-only at `AGENT_DIR` in the guest."""
+    limits: Limits
+    mounts: tuple[Mount, ...] = field(default_factory=tuple)
+
+
+AGENT_DIR = "/opt/jupyter-sandbox"
+AGENT_ARGV = ("/usr/bin/python3", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The host's ends of a running sandbox's pipes."""
+
+    read_fd: int
+    """Frames from the agent."""
+    write_fd: int
+    """Frames to the agent."""
+    console_fd: int
+    """What the sandbox prints outside the tunnel."""
+
+
+class Sandbox(abc.ABC):
+    """One sandbox. The methods run on the shared I/O loop."""
+
+    backend: str
+
+    def __init__(self, spec: SandboxSpec, log: logging.Logger) -> None:
+        self.spec = spec
+        self.log = log
+
+    @abc.abstractmethod
+    async def start(self) -> Channel:
+        """Create and start the sandbox with the agent as its first process."""
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """Exit status once the sandbox has ended, else None. Must be cheap."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Stop every process of the sandbox at once."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Kill if needed and remove everything the sandbox had on the host. Idempotent."""
+
+    @abc.abstractmethod
+    def memory_usage(self) -> int | None:
+        """Bytes of memory charged to the whole sandbox, if known."""

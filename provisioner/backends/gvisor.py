@@ -1,0 +1,202 @@
+"""The gVisor backend: one `runsc run` per kernel, the agent's stdio as the channel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .. import cgroups
+from ..state import Record, runtime_dir
+from .base import AGENT_ARGV, AGENT_DIR, Channel, Sandbox, SandboxError, SandboxSpec
+
+AGENT_CAPABILITIES = [
+    # The agent (sandbox root, inside gVisor only) needs these to start the kernel
+    # as an unprivileged user and signal it; the kernel itself gets none.
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_KILL",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+]
+CPU_PERIOD_US = 100_000
+
+
+def find_runsc(path: str) -> str:
+    found = shutil.which(path)
+    if found is None:
+        raise SandboxError(
+            f"runsc not found (runsc_path = {path!r}); run `jupyter sandbox doctor` "
+            "to see how to install it"
+        )
+    return found
+
+
+def runsc_root() -> Path:
+    return runtime_dir() / "runsc"
+
+
+def oci_spec(spec: SandboxSpec, cgroup: str) -> dict:
+    """The OCI runtime config of one sandbox."""
+    limits = spec.limits
+    resources: dict = {}
+    if limits.memory:
+        # memory+swap equal to memory: swap counts against the limit
+        resources["memory"] = {"limit": limits.memory, "swap": limits.memory}
+    if limits.cpu:
+        resources["cpu"] = {"quota": int(limits.cpu * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+    if limits.pids:
+        resources["pids"] = {"limit": limits.pids}
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        {
+            "destination": AGENT_DIR,
+            "type": "bind",
+            "source": str(spec.agent_dir),
+            "options": ["rbind", "ro"],
+        },
+    ]
+    for mount in spec.mounts:
+        mounts.append(
+            {
+                "destination": mount.destination,
+                "type": "bind",
+                "source": str(mount.source),
+                "options": ["rbind", "ro" if mount.read_only else "rw", "nosuid", "nodev"],
+            }
+        )
+    return {
+        "ociVersion": "1.0.0",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": list(AGENT_ARGV),
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            "cwd": "/",
+            "capabilities": {
+                key: AGENT_CAPABILITIES for key in ("bounding", "effective", "permitted")
+            },
+            "noNewPrivileges": True,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+        },
+        # Not read-only here: runsc puts a memory-backed writable layer over it
+        # (--overlay2=root:memory), and the image underneath is never written.
+        "root": {"path": str(spec.rootfs), "readonly": False},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "annotations": {"jupyter-sandbox.kernel-id": spec.kernel_id},
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "cgroupsPath": cgroup,
+            "resources": resources,
+        },
+    }
+
+
+class GVisorSandbox(Sandbox):
+    backend = "gvisor"
+
+    def __init__(self, spec: SandboxSpec, log, runsc: str, platform: str) -> None:
+        super().__init__(spec, log)
+        self.runsc = runsc
+        self.platform = platform
+        self.record = Record(
+            sandbox_id=spec.sandbox_id,
+            kernel_id=spec.kernel_id,
+            backend=self.backend,
+            cgroup=f"/jupyter-sandbox/{spec.sandbox_id}",
+        )
+        self.process: subprocess.Popen | None = None
+
+    def runsc_argv(self, *args: str) -> list[str]:
+        return [
+            self.runsc,
+            f"--root={runsc_root()}",
+            f"--platform={self.platform}",
+            "--network=none",
+            "--overlay2=root:memory",
+            *args,
+        ]
+
+    async def start(self) -> Channel:
+        self.record.save()
+        bundle = self.record.directory
+        (bundle / "config.json").write_text(json.dumps(oci_spec(self.spec, self.record.cgroup)))
+        runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
+        to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)
+        from_guest_r, from_guest_w = os.pipe2(os.O_CLOEXEC)
+        console_r, console_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.process = subprocess.Popen(
+                self.runsc_argv("run", f"--bundle={bundle}", self.spec.sandbox_id),
+                stdin=to_guest_r,
+                stdout=from_guest_w,
+                stderr=console_w,
+                start_new_session=True,  # a Ctrl-C at the server reaches the kernel only through us
+            )
+        except OSError:
+            for fd in (to_guest_w, from_guest_r, console_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (to_guest_r, from_guest_w, console_w):
+                os.close(fd)
+        return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    async def _runsc(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.runsc_argv(*args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    async def kill(self) -> None:
+        if self.poll() is None:
+            code, out = await self._runsc("kill", "--all", self.spec.sandbox_id, "KILL")
+            if code:
+                self.log.debug("runsc kill %s: %s", self.spec.sandbox_id, out)
+
+    async def destroy(self) -> None:
+        await self.kill()
+        if self.process is not None:
+            for _ in range(100):
+                if self.process.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                self.process.kill()
+                self.process.wait()
+        await reap(self.runsc_argv, self.record, self.log)
+
+
+async def reap(runsc_argv, record: Record, log) -> None:
+    """Remove a sandbox's container state, cgroup and bundle, whoever created it."""
+    proc = await asyncio.create_subprocess_exec(
+        *runsc_argv("delete", "--force", record.sandbox_id),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode and b"does not exist" not in out and b"not found" not in out:
+        log.warning("runsc delete %s: %s", record.sandbox_id, out.decode(errors="replace").strip())
+    cgroups.remove(record.cgroup)
+    record.remove()

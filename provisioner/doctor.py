@@ -1,0 +1,77 @@
+"""Checks that this host can run sandboxed kernels, each with how to fix a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cgroups
+from .images import ImageError, find_image, load_manifest
+
+RUNSC_MIN_DATE = 20240729
+INSTALL = "run `make setup` in the jupyter-sandbox checkout (or `bash scripts/install-host.sh`)"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def runsc_version(runsc: str) -> tuple[str, int | None]:
+    out = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    first = out.splitlines()[0] if out else "unknown"
+    match = re.search(r"(20\d{6})", first)
+    return first, int(match.group(1)) if match else None
+
+
+def check_platform(runsc: str, platform: str) -> Check:
+    """Run a trivial sandbox on `platform`: the only proof that it works here."""
+    with tempfile.TemporaryDirectory(prefix="jsb-doctor-") as tmp:
+        cmd = [runsc, f"--root={tmp}/state", f"--platform={platform}", "--network=none",
+               "do", "--", "/bin/true"]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return Check(f"platform {platform}", False, "timed out after 30 s",
+                         "choose another platform: c.GVisorProvisioner.platform = 'systrap'")
+    if result.returncode:
+        return Check(f"platform {platform}", False, result.stderr.strip()[-300:],
+                     "choose another platform: c.GVisorProvisioner.platform = 'systrap'")
+    return Check(f"platform {platform}", True, "a test sandbox ran")
+
+
+def run_checks(runsc_path: str = "runsc", platform: str = "systrap", image: str = "python3") -> list[Check]:
+    checks = [
+        Check("privileges", os.geteuid() == 0,
+              "running as root" if os.geteuid() == 0 else f"running as uid {os.geteuid()}",
+              "run the Jupyter server as root (an unprivileged mode is planned)"),
+    ]
+    runsc = shutil.which(runsc_path)
+    if runsc is None:
+        checks.append(Check("runsc", False, f"{runsc_path!r} not found", INSTALL))
+    else:
+        version, date = runsc_version(runsc)
+        new_enough = date is not None and date >= RUNSC_MIN_DATE
+        checks.append(Check("runsc", new_enough, f"{runsc}: {version}",
+                            "" if new_enough else f"systrap needs runsc >= {RUNSC_MIN_DATE}; {INSTALL}"))
+        if os.geteuid() == 0:
+            checks.append(check_platform(runsc, platform))
+    version = "v2" if cgroups.is_v2() else "v1 (hybrid)"
+    memory = Path("/sys/fs/cgroup/memory.max" if cgroups.is_v2() else "/sys/fs/cgroup/memory")
+    checks.append(Check("cgroups", cgroups.is_v2() or memory.exists(), f"cgroup {version}",
+                        "mount the cgroup memory controller; limits cannot be enforced without it"))
+    try:
+        rootfs = find_image(image)
+        manifest = load_manifest(image) or {}
+        checks.append(Check("image", True, f"{rootfs} (built {manifest.get('built_at', '?')})"))
+    except ImageError as e:
+        checks.append(Check("image", False, str(e), "run `jupyter sandbox image build`"))
+    return checks

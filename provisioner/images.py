@@ -1,0 +1,714 @@
+"""Guest images: the read-only root filesystems that sandboxed kernels run on.
+
+A kernel must never see the host's ``/``. Each image is a Debian bookworm
+``minbase`` tree with a virtualenv at ``/opt/venv`` holding ipykernel and the
+scientific stack, built from the recipe in ``guest/image/`` into::
+
+    images_dir()/<name>/rootfs/          the tree runsc uses as the OCI root
+    images_dir()/<name>/manifest.json    what is inside and how it was built
+
+Building needs root (debootstrap, chroot) and the network (Debian archive,
+PyPI); using an image needs neither. A build is skipped when the recipe has not
+changed, and a new image replaces the old one only once it is complete, so a
+failed build never breaks a working installation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "GUEST_PYTHON",
+    "IMAGES_DIR",
+    "SANDBOX_HOME",
+    "SANDBOX_UID",
+    "SANDBOX_USER",
+    "WHEEL_CACHE",
+    "ImageError",
+    "build_image",
+    "find_image",
+    "images_dir",
+    "load_manifest",
+    "recipe_hash",
+    "tree_digest",
+    "verify_image",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Documented, root-owned home of built images; ``JUPYTER_SANDBOX_IMAGES_DIR`` overrides it.
+IMAGES_DIR = Path("/var/lib/jupyter-sandbox/images")
+#: Wheels downloaded on the host, reused by later builds.
+WHEEL_CACHE = Path("/var/cache/jupyter-sandbox/wheels")
+#: Debian .debs fetched by debootstrap, reused by later builds.
+DEBOOTSTRAP_CACHE = Path("/var/cache/jupyter-sandbox/debootstrap")
+DEFAULT_IMAGE = "python3"
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+#: The kernel's interpreter inside the guest.
+GUEST_PYTHON = "/opt/venv/bin/python3"
+#: Unprivileged user present in the image; the runtime runs the kernel as it.
+SANDBOX_USER = "sandbox"
+SANDBOX_UID = 1000
+SANDBOX_HOME = "/home/sandbox"
+
+# Bump when the build steps below change what ends up in the image, so that
+# existing images are rebuilt even though the recipe files did not change.
+_BUILDER_VERSION = 1
+# Files in guest/image that do not influence the build (editing them must not
+# trigger a multi-minute rebuild).
+_NOT_RECIPE = {"README.md"}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Minimal, predictable environment for commands run inside the chroot: the
+# host's environment (tokens, proxies, PIP_* settings) has no business there.
+_CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PIP_NO_CACHE_DIR": "1",
+}
+_TAIL_LINES = 40
+
+
+class ImageError(RuntimeError):
+    """A guest image is missing, incomplete or could not be built.
+
+    The message always says what to run next, because the person reading it
+    is usually an operator looking at a failed kernel start.
+    """
+
+
+def images_dir() -> Path:
+    """Where images live; read at call time so tests and operators can redirect it."""
+    override = os.environ.get("JUPYTER_SANDBOX_IMAGES_DIR")
+    return Path(override) if override else IMAGES_DIR
+
+
+def _image_dir(name: str) -> Path:
+    # Names become path components: refuse anything that could walk out of images_dir().
+    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
+        raise ImageError(
+            f"invalid image name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(or an absolute path to a rootfs directory)"
+        )
+    return images_dir() / name
+
+
+def _missing_parts(rootfs: Path) -> list[str]:
+    """What a usable rootfs lacks. Uses lexists: the venv's python is an absolute
+    symlink that would resolve against the *host's* / if followed here."""
+    return [
+        rel
+        for rel in (GUEST_PYTHON.lstrip("/"), "usr/bin/python3")
+        if not os.path.lexists(rootfs / rel)
+    ]
+
+
+def find_image(name_or_path: str = DEFAULT_IMAGE) -> Path:
+    """Return the rootfs directory of a built image, ready to use as an OCI root.
+
+    A name is looked up under images_dir() and needs its manifest (a tree
+    without one is a build that never finished). An absolute path is taken as
+    a rootfs directory made by other means; only its interpreters are checked.
+    """
+    if Path(name_or_path).is_absolute():
+        rootfs = Path(name_or_path)
+        manifest: Path | None = None
+    else:
+        rootfs = _image_dir(name_or_path) / "rootfs"
+        manifest = rootfs.parent / "manifest.json"
+    build_hint = (
+        "run `jupyter sandbox image build`"
+        + ("" if manifest is None else f" (image {name_or_path!r})")
+        + " as root, and `jupyter sandbox doctor` to check the host"
+    )
+    if not rootfs.is_dir():
+        raise ImageError(f"guest image not found: {rootfs} does not exist; {build_hint}")
+    if manifest is not None and not manifest.is_file():
+        raise ImageError(
+            f"guest image {rootfs} is incomplete (no {manifest.name}: an interrupted build?); "
+            f"{build_hint}"
+        )
+    missing = _missing_parts(rootfs)
+    if missing:
+        raise ImageError(
+            f"guest image {rootfs} is incomplete (missing {', '.join(missing)}); {build_hint}"
+        )
+    return rootfs
+
+
+def load_manifest(name: str = DEFAULT_IMAGE) -> dict[str, Any] | None:
+    """The image's manifest, or None if it is missing or unreadable (i.e. not built)."""
+    path = _image_dir(name) / "manifest.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring unreadable image manifest %s: %s", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _recipe_files() -> list[tuple[str, bytes]]:
+    folder = importlib.resources.files("provisioner.guest") / "image"
+    files = [
+        (entry.name, entry.read_bytes())
+        for entry in folder.iterdir()
+        if entry.is_file() and entry.name not in _NOT_RECIPE and not entry.name.startswith(".")
+    ]
+    if not any(n == "debian-packages.txt" for n, _ in files) or not any(
+        n == "requirements.txt" for n, _ in files
+    ):
+        raise ImageError(
+            f"image recipe not found in {folder}: the jupyter-sandbox installation is "
+            "broken; reinstall it, then run `jupyter sandbox doctor`"
+        )
+    return sorted(files)
+
+
+def recipe_hash() -> str:
+    """sha256 over the recipe files and the builder version: equal hash, equal image."""
+    h = hashlib.sha256(f"jupyter-sandbox-image-builder {_BUILDER_VERSION}\n".encode())
+    for name, data in _recipe_files():
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _recipe_lines(text: str) -> list[str]:
+    """Non-empty lines with '#' comments stripped."""
+    return [s for s in (line.split("#", 1)[0].strip() for line in text.splitlines()) if s]
+
+
+def tree_digest(root: Path) -> tuple[str, int]:
+    """Content hash and apparent size (bytes, each inode once) of a directory tree.
+
+    Covers sorted relative paths, file type and mode, owner, file contents,
+    symlink targets and device numbers, so any change an attacker or a stray
+    `chroot` could make to the image changes the hash.
+    """
+    outer = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    seen: set[tuple[int, int]] = set()
+    size = 0
+
+    def walk(dir_fd: int, rel: bytes) -> None:
+        nonlocal size
+        for entry_name in sorted(os.listdir(dir_fd)):
+            name = os.fsencode(entry_name)
+            path = rel + b"/" + name if rel else name
+            st = os.lstat(name, dir_fd=dir_fd)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                inner = hashlib.sha256()
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    while n := os.readv(fd, [buf]):
+                        inner.update(view[:n])
+                finally:
+                    os.close(fd)
+                data = inner.hexdigest().encode()
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    size += st.st_size
+            elif stat.S_ISLNK(mode):
+                data = os.fsencode(os.readlink(name, dir_fd=dir_fd))
+                size += st.st_size
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                data = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}".encode()
+            else:
+                data = b""
+            outer.update(b"%s\0%o\0%d\0%d\0%s\n" % (path, mode, st.st_uid, st.st_gid, data))
+            if stat.S_ISDIR(mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                try:
+                    walk(sub, path)
+                finally:
+                    os.close(sub)
+
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        walk(top, b"")
+    finally:
+        os.close(top)
+    return outer.hexdigest(), size
+
+
+def verify_image(name: str = DEFAULT_IMAGE) -> None:
+    """Check that an image's tree still matches its manifest's content hash.
+
+    Slow-ish (reads every file): meant for `doctor`, not for each kernel start.
+    """
+    rootfs = find_image(name)
+    manifest = load_manifest(name) or {}
+    digest, _ = tree_digest(rootfs)
+    if digest != manifest.get("content_hash"):
+        raise ImageError(
+            f"guest image {rootfs} was modified after it was built (content hash mismatch); "
+            "run `jupyter sandbox image build --force`"
+        )
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _run(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
+         env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
+    """Run a command with umask 022, its output going to the logger, not the terminal.
+
+    The umask wrapper matters: files a build creates must stay readable by the
+    unprivileged kernel user whatever umask the caller runs with.
+    """
+    args = ["/bin/sh", "-c", 'umask 022 && exec "$@"', "sh", *map(os.fspath, argv)]
+    log.debug("running: %s", " ".join(args[4:]))
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+        )
+    except OSError as e:
+        raise ImageError(f"{what}: cannot run {args[4]}: {e}; run `jupyter sandbox doctor`") from e
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log.debug("  %s", line)
+    if proc.returncode != 0:
+        output = "\n".join(tail)
+        raise ImageError(
+            f"{what} failed (exit status {proc.returncode}). Last output:\n{output}\n"
+            "Fix the cause, then run `jupyter sandbox image build` again "
+            "(`jupyter sandbox doctor` checks the host)."
+        )
+
+
+def _capture(argv: Sequence[str | os.PathLike[str]], what: str) -> str:
+    """Run a short command and return its stdout (for facts we record in the manifest)."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        res = subprocess.run(
+            args, capture_output=True, text=True, errors="replace", env=_CHROOT_ENV, check=False
+        )
+    except OSError as e:
+        raise ImageError(f"{what}: cannot run {args[0]}: {e}; run `jupyter sandbox doctor`") from e
+    if res.returncode != 0:
+        err = "\n".join(res.stderr.splitlines()[-_TAIL_LINES:])
+        raise ImageError(
+            f"{what} failed (exit status {res.returncode}):\n{err}\n"
+            "Run `jupyter sandbox image build --force` (`jupyter sandbox doctor` checks the host)."
+        )
+    return res.stdout
+
+
+def _host_env() -> dict[str, str]:
+    # debootstrap and pip need the host's network settings (proxy, CA bundle),
+    # but a predictable PATH and locale.
+    env = dict(os.environ)
+    env.update(
+        PATH=_CHROOT_ENV["PATH"] + ":" + env.get("PATH", ""),
+        LC_ALL="C.UTF-8",
+        DEBIAN_FRONTEND="noninteractive",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
+    return env
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
+    prefix = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if mnt == prefix or mnt.startswith(prefix + "/"):
+                    found.append(mnt)
+    except OSError:
+        pass
+    return sorted(found, key=len, reverse=True)
+
+
+def _remove_tree(path: Path, log: logging.Logger) -> None:
+    """Delete a build tree, first detaching anything mounted inside it.
+
+    debootstrap mounts /proc and /sys in its target; a crash can leave them
+    behind, and deleting through a mount would destroy host files.
+    """
+    if not os.path.lexists(path):
+        return
+    for mnt in _mounts_under(path):
+        log.warning("unmounting leftover mount %s", mnt)
+        subprocess.run(["umount", "--lazy", mnt], check=False, capture_output=True)
+    left = _mounts_under(path)
+    if left:
+        log.error("not deleting %s: still mounted: %s", path, ", ".join(left))
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.error("could not delete %s completely", path)
+
+
+@contextlib.contextmanager
+def _locked(image_dir: Path) -> Iterator[None]:
+    """One build per image at a time (a second caller waits, then sees it is up to date)."""
+    fd = os.open(image_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise ImageError(
+            "building a guest image needs root (debootstrap, chroot): run "
+            "`sudo jupyter sandbox image build`"
+        )
+    missing = [
+        tool
+        for tool in ("debootstrap", "chroot")
+        if not shutil.which(tool, path=_CHROOT_ENV["PATH"])
+    ]
+    if missing:
+        raise ImageError(
+            f"{', '.join(missing)} not found: run scripts/install-host.sh as root, then "
+            "`jupyter sandbox doctor` and `jupyter sandbox image build`"
+        )
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.unlink(missing_ok=True)  # replace symlinks too, never write through them
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    path.chmod(mode)
+
+
+def _clear_dir(path: Path, keep: Sequence[str] = ()) -> None:
+    if not path.is_dir() or path.is_symlink():
+        return
+    for entry in path.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _step(log: logging.Logger, msg: str) -> float:
+    log.info("image build: %s", msg)
+    return time.monotonic()
+
+
+def _download_wheels(
+    requirements: Path, staging: Path, py_version: str, log: logging.Logger
+) -> None:
+    """pip download on the HOST: pip inside the chroot cannot reach the index here.
+
+    Downloads into an empty staging folder (so it holds exactly the resolved
+    set), reusing wheels kept in WHEEL_CACHE, and then adds new ones to the cache.
+    """
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    abi = "cp" + py_version.replace(".", "")
+    cmd: list[str | Path] = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+        "--only-binary=:all:", "--implementation", "cp", "--python-version", py_version,
+        "--abi", abi, "--abi", "abi3", "--abi", "none",
+        "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+        "--platform", "manylinux_2_28_x86_64", "--platform", "any",
+        "--find-links", WHEEL_CACHE, "--dest", staging, "--requirement", requirements,
+    ]  # fmt: skip
+    _run(cmd, log, "downloading Python wheels on the host (pip download)", env=_host_env())
+    for wheel in staging.glob("*.whl"):
+        cached = WHEEL_CACHE / wheel.name
+        if not cached.exists():
+            tmp = cached.with_name(f".{wheel.name}.{os.getpid()}.tmp")
+            shutil.copyfile(wheel, tmp)
+            tmp.replace(cached)
+
+
+def _swap_in(image_dir: Path, new_root: Path, manifest: dict[str, Any], tmp: Path) -> None:
+    """Replace image_dir/{rootfs,manifest.json} with the new build, or change nothing.
+
+    The manifest goes first and comes back last: a crash half-way leaves a
+    rootfs without a manifest (rejected by find_image, rebuilt next time),
+    never a rootfs paired with the wrong manifest. The old tree is moved into
+    the build's temp dir, which the caller deletes.
+    """
+    rootfs, mpath = image_dir / "rootfs", image_dir / "manifest.json"
+    new_manifest = tmp / "manifest.json"
+    with open(new_manifest, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    new_manifest.chmod(0o644)
+    undo: list[tuple[Path, Path]] = []  # (where it is now, where it was)
+    try:
+        if os.path.lexists(mpath):
+            mpath.rename(tmp / "old-manifest.json")
+            undo.append((tmp / "old-manifest.json", mpath))
+        if os.path.lexists(rootfs):
+            rootfs.rename(tmp / "old-rootfs")
+            undo.append((tmp / "old-rootfs", rootfs))
+        new_root.rename(rootfs)
+        undo.append((rootfs, new_root))
+        new_manifest.rename(mpath)
+    except BaseException:
+        for now, was in reversed(undo):
+            with contextlib.suppress(OSError):
+                now.rename(was)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def build_image(
+    name: str = DEFAULT_IMAGE, *, force: bool = False, log: logging.Logger | None = None
+) -> Path:
+    """Build (or confirm up to date) images_dir()/name and return its rootfs.
+
+    A no-op when the manifest's recipe hash matches and the tree is complete,
+    so callers may call it freely. Otherwise builds beside the target and
+    swaps the result in only when everything succeeded; on failure the
+    previous image, if any, is untouched and no temporary files remain.
+    """
+    log = log or logger
+    image_dir = _image_dir(name)
+    wanted = recipe_hash()
+    if not force and _is_current(name, wanted):
+        log.info("image %s is up to date (%s)", name, image_dir / "rootfs")
+        return image_dir / "rootfs"
+    _check_host()
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for d in (image_dir, image_dir.parent):
+        if d.stat().st_uid == 0:
+            d.chmod(0o755)
+    with _locked(image_dir):
+        # Another process may have finished the same build while we waited.
+        if not force and _is_current(name, wanted):
+            log.info("image %s is up to date (%s)", name, image_dir / "rootfs")
+            return image_dir / "rootfs"
+        for stale in image_dir.glob(".build-*"):  # left by a killed build
+            log.info("removing stale build directory %s", stale)
+            _remove_tree(stale, log)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=image_dir))
+        try:
+            manifest = _build(name, wanted, tmp, log)
+            _swap_in(image_dir, tmp / "rootfs", manifest, tmp)
+        finally:
+            _remove_tree(tmp, log)
+    log.info(
+        "image %s built: %s (%.0f MB)", name, image_dir / "rootfs", manifest["size_bytes"] / 1e6
+    )
+    return image_dir / "rootfs"
+
+
+def _is_current(name: str, wanted: str) -> bool:
+    manifest = load_manifest(name)
+    if not manifest or manifest.get("recipe_hash") != wanted:
+        return False
+    try:
+        find_image(name)
+    except ImageError:
+        return False
+    return True
+
+
+def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
+    """The build proper, in tmp/rootfs. Returns the manifest."""
+    started = time.monotonic()
+    recipe = dict(_recipe_files())
+    packages = _recipe_lines(recipe["debian-packages.txt"].decode())
+    root = tmp / "rootfs"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+
+    t = _step(log, f"debootstrap {DEBIAN_SUITE} (minbase + {', '.join(packages)})")
+    DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
+            f"--cache-dir={DEBOOTSTRAP_CACHE}", DEBIAN_SUITE, root, DEBIAN_MIRROR,
+        ],
+        log, "debootstrap", env=_host_env(),
+    )  # fmt: skip
+    log.info("image build: debootstrap done in %.0f s", time.monotonic() - t)
+
+    def chroot(*argv: str, what: str, user: str | None = None, **env: str) -> None:
+        spec = [f"--userspec={user}"] if user else []
+        _run(["chroot", *spec, root, *argv], log, what, env={**_CHROOT_ENV, **env})
+
+    py_version = _capture(
+        ["chroot", root, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        "finding the guest's Python version",
+    ).strip()
+
+    _step(log, f"creating the virtualenv /opt/venv (Python {py_version})")
+    chroot("python3", "-m", "venv", "/opt/venv", what="python3 -m venv /opt/venv")
+
+    _step(log, "downloading wheels on the host")
+    staging = tmp / "wheels"
+    staging.mkdir()
+    (staging / "requirements.txt").write_bytes(recipe["requirements.txt"])
+    _download_wheels(staging / "requirements.txt", staging, py_version, log)
+    log.info("image build: %d wheels ready", len(list(staging.glob("*.whl"))))
+
+    _step(log, "installing wheels into /opt/venv")
+    # Copy the wheels in rather than bind-mounting: nothing to unmount on failure.
+    guest_wheels = root / "tmp" / "wheels"
+    shutil.copytree(staging, guest_wheels, copy_function=_link_or_copy)
+    chroot(
+        "/opt/venv/bin/pip", "install", "--no-index", "--find-links", "/tmp/wheels",
+        "--no-cache-dir", "--requirement", "/tmp/wheels/requirements.txt",
+        what="pip install in the guest",
+    )  # fmt: skip
+    shutil.rmtree(guest_wheels)
+
+    _step(log, f"adding user {SANDBOX_USER} ({SANDBOX_UID}) and tidying up")
+    chroot(
+        "useradd", "--uid", str(SANDBOX_UID), "--user-group", "--no-create-home",
+        "--home-dir", SANDBOX_HOME, "--shell", "/bin/bash", SANDBOX_USER,
+        what="useradd",
+    )  # fmt: skip
+    home = root / SANDBOX_HOME.lstrip("/")
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o1777)
+    _tidy(root)
+
+    _step(log, "byte-compiling Python and prebuilding the matplotlib font cache")
+    try:
+        chroot(
+            "/opt/venv/bin/python3", "-m", "compileall", "-q",
+            "/opt/venv/lib", "/usr/lib/python3", f"/usr/lib/python{py_version}",
+            what="compileall",
+        )  # fmt: skip
+    except ImageError as e:  # a stray unparsable file must not fail the image
+        log.warning("compileall reported errors (ignored): %s", str(e).splitlines()[-3:])
+    # As the kernel user and HOME, so the first `import matplotlib.pyplot` in a
+    # kernel neither rebuilds the cache nor prints "building the font cache".
+    chroot(
+        GUEST_PYTHON, "-c", "import matplotlib.font_manager",
+        what="matplotlib font cache", user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+        HOME=SANDBOX_HOME, MPLBACKEND="agg",
+    )  # fmt: skip
+
+    _step(log, "writing the manifest")
+    debs = _capture(
+        ["chroot", root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], "dpkg-query"
+    )
+    pys = _capture(
+        [
+            "chroot", root, GUEST_PYTHON, "-c",
+            "import json, importlib.metadata as m, platform; print(json.dumps({'python': "
+            "platform.python_version(), 'packages': {d.metadata['Name']: d.version "
+            "for d in m.distributions()}}))",
+        ],
+        "listing the guest's Python packages",
+    )  # fmt: skip
+    py_info = json.loads(pys)
+    digest, size = tree_digest(root)
+    return {
+        "name": name,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "recipe_hash": wanted_hash,
+        "builder_version": _BUILDER_VERSION,
+        "debian_suite": DEBIAN_SUITE,
+        "debian_packages": dict(
+            sorted(line.split("\t", 1) for line in debs.splitlines() if "\t" in line)
+        ),
+        "python_version": py_info["python"],
+        "python_packages": dict(sorted(py_info["packages"].items(), key=lambda kv: kv[0].lower())),
+        "python": GUEST_PYTHON,
+        "user": {
+            "name": SANDBOX_USER,
+            "uid": SANDBOX_UID,
+            "gid": SANDBOX_UID,
+            "home": SANDBOX_HOME,
+        },
+        "content_hash": digest,
+        "size_bytes": size,
+    }
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link when possible (same filesystem: instant), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _tidy(root: Path) -> None:
+    """Drop caches and host leftovers: smaller image, and nothing of the host inside."""
+    for d, keep in (
+        ("var/cache/apt", ("archives",)),
+        ("var/cache/apt/archives", ("partial",)),
+        ("var/cache/apt/archives/partial", ()),
+        ("var/lib/apt/lists", ("partial", "lock")),
+        ("var/lib/apt/lists/partial", ()),
+        ("var/cache/debconf", ("config.dat", "passwords.dat", "templates.dat")),
+        ("root/.cache", ()),
+        ("tmp", ()),
+        ("var/tmp", ()),
+    ):
+        _clear_dir(root / d, keep)
+    for log_file in ("bootstrap.log", "dpkg.log", "alternatives.log"):
+        (root / "var/log" / log_file).unlink(missing_ok=True)
+    _clear_dir(root / "var/log/apt")
+    for old in root.glob("var/cache/debconf/*-old"):
+        old.unlink()
+    # debootstrap copies the host's hostname and resolv.conf into the target.
+    _write(root / "etc/hostname", "sandbox\n")
+    _write(root / "etc/resolv.conf", "")
+    _write(
+        root / "etc/hosts",
+        "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )

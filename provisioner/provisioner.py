@@ -1,0 +1,365 @@
+"""Kernel provisioners that start every kernel inside its own sandbox.
+
+`SandboxProvisioner` holds the lifecycle and the settings every backend shares;
+`GVisorProvisioner` adds what is particular to runsc. Everything that touches a
+sandbox or a tunnel runs on the shared I/O loop (see `ioloop`), so the kernel
+stays reachable whichever loop, if any, the caller runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
+
+from . import cleanup, guest, limits
+from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
+from .backends.gvisor import GVisorSandbox, find_runsc
+from .console import Console
+from .guest.protocol import CHANNELS
+from .images import find_image
+from .ioloop import run_on_io
+from .tunnel import Tunnel, TunnelError
+
+GUEST_HOME = "/home/sandbox"
+GUEST_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+FALLBACK_UID = 1000
+SYSTEM_DIRS = frozenset(
+    [
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/lib",
+        "/lib64",
+        "/opt",
+        "/proc",
+        "/run",
+        "/sbin",
+        "/sys",
+        "/usr",
+        "/var",
+        "/tmp",
+        "/home",
+    ]
+)
+"""Folders never mounted as a kernel's workspace: they would expose the host."""
+
+
+class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Lifecycle and settings shared by every sandbox backend."""
+
+    image = Unicode(
+        "python3",
+        config=True,
+        help="Guest image: a name built by `jupyter sandbox image build`, or a rootfs path.",
+    )
+    workspace = Enum(
+        ["rw", "ro", "none"],
+        "rw",
+        config=True,
+        help="How the kernel's working directory is mounted at the same path in the sandbox.",
+    )
+    cpu_limit = Float(1.0, config=True, help="CPU cores the sandbox may use, e.g. 0.5 or 2.")
+    memory_limit = Unicode(
+        "2G", config=True, help='Memory for the whole sandbox, swap counted: "512M", "2G".'
+    )
+    pids_limit = Int(512, config=True, help="Processes and threads the sandbox may have.")
+    env = Dict(
+        value_trait=Unicode(),
+        config=True,
+        help="Extra environment variables for the kernel (the kernelspec's env is passed too).",
+    )
+    env_allowlist = List(
+        Unicode(),
+        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME"],
+        config=True,
+        help="Variables of the server's environment that reach the kernel. No others do.",
+    )
+    kernel_uid = Int(
+        None,
+        allow_none=True,
+        config=True,
+        help="Uid of the kernel in the sandbox; default: the workspace's owner, else 1000.",
+    )
+    startup_timeout = Float(
+        60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
+    )
+
+    @validate("memory_limit")
+    def _check_memory(self, proposal: dict) -> str:
+        try:
+            limits.parse_size(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"invalid memory_limit: {e}") from None
+        return proposal["value"]
+
+    @validate("cpu_limit")
+    def _check_cpu(self, proposal: dict) -> float:
+        try:
+            return limits.check_cpu(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"invalid cpu_limit: {e}") from None
+
+    @validate("pids_limit")
+    def _check_pids(self, proposal: dict) -> int:
+        if proposal["value"] < 16:
+            raise TraitError(
+                f"invalid pids_limit: expected an integer >= 16, got {proposal['value']}"
+            )
+        return proposal["value"]
+
+    @validate("kernel_uid")
+    def _check_uid(self, proposal: dict) -> int | None:
+        if proposal["value"] is not None and proposal["value"] <= 0:
+            raise TraitError(f"invalid kernel_uid: expected a uid > 0, got {proposal['value']}")
+        return proposal["value"]
+
+    _BASE_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - self._BASE_ARGS - set(self.class_trait_names(config=True)))
+        if unknown:
+            known = ", ".join(sorted(self.class_trait_names(config=True)))
+            raise ValueError(
+                f"unknown {type(self).__name__} setting {', '.join(unknown)}; known settings: {known}"
+            )
+        super().__init__(**kwargs)
+        self.sandbox: Sandbox | None = None
+        self.tunnel: Tunnel | None = None
+        self.exit_status: int | None = None
+        self.ports_cached = False
+        self.sandbox_id = ""
+
+    # -- what a backend provides --------------------------------------------
+
+    def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        raise NotImplementedError
+
+    # -- launch ---------------------------------------------------------------
+
+    @property
+    def limits(self) -> limits.Limits:
+        return limits.Limits(
+            cpu=self.cpu_limit,
+            memory=limits.parse_size(self.memory_limit),
+            pids=self.pids_limit,
+        )
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        if km.transport != "tcp":
+            raise SandboxError(f"sandboxed kernels need transport 'tcp', not {km.transport!r}")
+        if not km.ip.startswith("127.") and km.ip != "localhost":
+            raise SandboxError(
+                f"sandboxed kernels listen on the loopback interface only, not {km.ip!r}; "
+                "set the KernelManager's ip to 127.0.0.1"
+            )
+        kwargs.pop("transport_encryption", None)
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        if km.cache_ports and not self.ports_cached:
+            cache = LocalPortCache.instance()
+            for channel in CHANNELS:
+                setattr(km, f"{channel}_port", cache.find_available_port(km.ip))
+            self.ports_cached = True
+        km.write_connection_file(jupyter_session=kwargs.get("env", {}).get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    def _workspace(self, cwd: str | None) -> tuple[str, tuple[Mount, ...], Path | None]:
+        """The kernel's cwd in the guest, its mounts, and the host folder behind it."""
+        if self.workspace == "none":
+            return GUEST_HOME, (), None
+        path = Path(cwd or os.getcwd()).resolve()
+        if str(path) in SYSTEM_DIRS or str(path).startswith(("/proc/", "/sys/", "/dev/", "/run/")):
+            raise SandboxError(
+                f"will not mount {path} into a sandbox: it is a system folder. Start the "
+                "kernel from a project folder, or set workspace = 'none'"
+            )
+        if not path.is_dir():
+            raise SandboxError(f"the kernel's working directory {path} does not exist")
+        mount = Mount(source=path, destination=str(path), read_only=self.workspace == "ro")
+        return str(path), (mount,), path
+
+    def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
+        guest = {"PATH": GUEST_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
+        guest.update({name: env[name] for name in self.env_allowlist if name in env})
+        guest.update({name: env.get(name, value) for name, value in self.kernel_spec.env.items()})
+        guest.update(self.env)
+        return guest
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        cleanup.collect_stale_once(self.log)
+        rootfs = find_image(self.image)
+        cwd, mounts, host_workspace = self._workspace(kwargs.get("cwd"))
+        uid = gid = FALLBACK_UID
+        if host_workspace is not None:
+            owner = host_workspace.stat()
+            if owner.st_uid != 0:
+                uid, gid = owner.st_uid, owner.st_gid
+        if self.kernel_uid is not None:
+            uid = gid = self.kernel_uid
+        connection_file = self.parent.connection_file
+        self.sandbox_id = f"jsb-{self.kernel_id}-{uuid.uuid4().hex[:8]}"
+        spec = SandboxSpec(
+            sandbox_id=self.sandbox_id,
+            kernel_id=self.kernel_id,
+            rootfs=rootfs,
+            agent_dir=Path(guest.__file__).parent,
+            limits=self.limits,
+            mounts=mounts,
+        )
+        request = {
+            "argv": [arg.replace(connection_file, "{connection_file}") for arg in cmd],
+            "env": self._guest_env(kwargs.get("env", {})),
+            "cwd": cwd,
+            "uid": uid,
+            "gid": gid,
+            "connection": {
+                key: self.connection_info[key]
+                for key in ("key", "signature_scheme", "kernel_name")
+                if key in self.connection_info
+            },
+        }
+        if isinstance(request["connection"].get("key"), bytes):
+            request["connection"]["key"] = request["connection"]["key"].decode()
+        ports = {channel: self.connection_info[f"{channel}_port"] for channel in CHANNELS}
+        sandbox = self.create_sandbox(spec)
+        self.log.info(
+            "starting kernel %s in %s sandbox %s (%s)",
+            self.kernel_id,
+            sandbox.backend,
+            self.sandbox_id,
+            spec.limits.describe(),
+        )
+        self.tunnel = await run_on_io(
+            self._start(sandbox, request, self.connection_info["ip"], ports)
+        )
+        self.sandbox = sandbox
+        self.exit_status = None
+        return self.connection_info
+
+    async def _start(
+        self, sandbox: Sandbox, request: dict, ip: str, ports: dict[str, int]
+    ) -> Tunnel:
+        """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
+        loop = asyncio.get_running_loop()
+        tunnel = Tunnel(
+            self.log, sandbox.spec.sandbox_id, lambda reason: loop.create_task(sandbox.kill())
+        )
+        console = Console(self.log, sandbox.spec.sandbox_id)
+        channel = None
+        try:
+            channel = await sandbox.start()
+            await console.attach(channel.console_fd)
+            await tunnel.attach(channel.read_fd, channel.write_fd)
+            channel = None
+            await tunnel.launch(request, self.startup_timeout)
+            await tunnel.listen(ip, ports)
+            return tunnel
+        except BaseException as e:
+            tunnel.close()
+            if channel is not None:
+                for fd in (channel.read_fd, channel.write_fd, channel.console_fd):
+                    os.close(fd)
+            await sandbox.destroy()
+            if isinstance(e, TunnelError | SandboxError):
+                await asyncio.wait([console.closed], timeout=2)
+                tail = console.tail_text()
+                detail = f"\n{type(sandbox).__name__} output:\n{tail}" if tail else ""
+                raise SandboxError(f"kernel {self.kernel_id} did not start: {e}{detail}") from None
+            raise
+
+    # -- running --------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        return self.sandbox is not None and self.exit_status is None
+
+    async def poll(self) -> int | None:
+        if self.sandbox is None:
+            return 0
+        return self.sandbox.poll()
+
+    async def wait(self) -> int | None:
+        while (status := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        self.exit_status = status
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            await self.kill()
+            return
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+
+        async def deliver() -> bool:
+            return tunnel.signal(signum)
+
+        if not await run_on_io(deliver()):
+            self.log.warning(
+                "kernel %s: channel closed, signal %d not delivered", self.kernel_id, signum
+            )
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.sandbox is not None:
+            await run_on_io(self.sandbox.kill())
+
+    async def cleanup(self, restart: bool = False) -> None:
+        sandbox, tunnel = self.sandbox, self.tunnel
+        self.sandbox = self.tunnel = None
+        if sandbox is not None:
+
+            async def teardown() -> None:
+                if tunnel is not None:
+                    tunnel.close()
+                await sandbox.destroy()
+
+            await run_on_io(teardown())
+        if self.ports_cached and not restart:
+            cache = LocalPortCache.instance()
+            for channel in CHANNELS:
+                cache.return_port(self.connection_info[f"{channel}_port"])
+            self.ports_cached = False
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update(sandbox_id=self.sandbox_id, backend=getattr(self.sandbox, "backend", None))
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.sandbox_id = provisioner_info.get("sandbox_id", "")
+
+    def memory_usage(self) -> int | None:
+        """Bytes used by every process of this kernel's sandbox."""
+        return None if self.sandbox is None else self.sandbox.memory_usage()
+
+
+class GVisorProvisioner(SandboxProvisioner):
+    """Runs each kernel in its own gVisor (runsc) sandbox."""
+
+    runsc_path = Unicode("runsc", config=True, help="The runsc binary (a name on PATH, or a path).")
+    platform = Enum(
+        ["systrap", "ptrace", "kvm"],
+        "systrap",
+        config=True,
+        help="gVisor platform. systrap is fast and needs nothing from the host.",
+    )
+
+    def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        return GVisorSandbox(spec, self.log, find_runsc(self.runsc_path), self.platform)

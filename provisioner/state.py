@@ -1,0 +1,72 @@
+"""Where live sandboxes are recorded, so that `ps` can list them and `gc` can reap them.
+
+Each sandbox owns one directory under the runtime dir (its bundle), holding a
+`record.json` that names the kernel and the server process that owns it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RUNTIME_DIR = Path("/run/jupyter-sandbox")
+
+
+def runtime_dir() -> Path:
+    return Path(os.environ.get("JUPYTER_SANDBOX_RUNTIME_DIR", RUNTIME_DIR))
+
+
+def sandboxes_dir() -> Path:
+    return runtime_dir() / "sandboxes"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start tick of a process, to tell it from a later one with the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass
+class Record:
+    sandbox_id: str
+    kernel_id: str
+    backend: str
+    created: float = field(default_factory=time.time)
+    owner_pid: int = field(default_factory=os.getpid)
+    owner_start: int | None = field(default_factory=lambda: process_start_time(os.getpid()))
+    cgroup: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return sandboxes_dir() / self.sandbox_id
+
+    def owner_alive(self) -> bool:
+        return process_start_time(self.owner_pid) == self.owner_start is not None
+
+    def save(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.directory / "record.json.tmp"
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(self.directory / "record.json")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def records() -> list[Record]:
+    """Every recorded sandbox; unreadable records are skipped (gc removes their folders)."""
+    found = []
+    for path in sorted(sandboxes_dir().glob("*/record.json")):
+        try:
+            found.append(Record(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    return found

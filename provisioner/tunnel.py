@@ -1,0 +1,196 @@
+"""The tunnel's host end: the kernel's five ports on 127.0.0.1, carried over one channel.
+
+Runs on the shared I/O loop (see `ioloop`). Each TCP connection a client makes
+to one of the ports becomes a stream; the guest agent joins it to the kernel's
+socket of the same channel. ZMTP passes through untouched, so HMAC signing and
+CurveZMQ work end to end.
+
+The guest is hostile: every frame is validated (kind, size, stream id, credit),
+buffers are bounded by the protocol's windows, and a violation closes this one
+tunnel and reports it, never more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from .guest.protocol import (
+    CHANNELS,
+    FROM_GUEST,
+    I32,
+    VERSION,
+    Frame,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    encode,
+    encode_json,
+)
+from .guest.streams import Mux, Stream
+
+MAX_STREAMS = 64
+"""Concurrent client connections per kernel; more are refused."""
+
+
+class TunnelError(RuntimeError):
+    """The guest did not come up, or broke the protocol."""
+
+
+class _ClientStream(Stream):
+    """A client's TCP connection to one of the kernel's ports."""
+
+    def __init__(self, tunnel: Tunnel, sid: int, channel: str) -> None:
+        super().__init__(tunnel.mux, sid)
+        self.tunnel = tunnel
+        self.channel = channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.tunnel.send(encode(Kind.OPEN, self.sid, self.channel.encode()))
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class Tunnel(asyncio.Protocol):
+    """Host end of one sandbox's channel. Create and use it on the I/O loop only."""
+
+    def __init__(self, log: logging.Logger, name: str, on_broken: Callable[[str], None]) -> None:
+        self.log = log
+        self.name = name
+        self.on_broken = on_broken
+        self.reader = FrameReader(FROM_GUEST)
+        self.mux = Mux(self.send)
+        self.out: asyncio.WriteTransport | None = None
+        self.servers: list[asyncio.Server] = []
+        self.next_sid = 1
+        self.closed = False
+        self.exit_status: int | None = None
+        self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def attach(self, read_fd: int, write_fd: int) -> None:
+        """Take over the channel's two pipe ends."""
+        loop = asyncio.get_running_loop()
+        self.out, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0)
+        )
+        await loop.connect_read_pipe(lambda: self, os.fdopen(read_fd, "rb", buffering=0))
+
+    async def launch(self, request: dict, timeout: float) -> int:
+        """Hand the kernel's launch to the agent; return the kernel's pid in the guest."""
+        try:
+            return await asyncio.wait_for(self._launch(request), timeout)
+        except asyncio.TimeoutError:
+            raise TunnelError(
+                f"the sandbox did not start the kernel within {timeout:.0f} s"
+            ) from None
+
+    async def _launch(self, request: dict) -> int:
+        await self._hello
+        self.send(encode_json(Kind.LAUNCH, request))
+        return await self._started
+
+    async def listen(self, ip: str, ports: dict[str, int]) -> None:
+        """Listen on the kernel's ports (names from `CHANNELS`) on the host."""
+        loop = asyncio.get_running_loop()
+        try:
+            for channel in CHANNELS:
+                server = await loop.create_server(
+                    lambda channel=channel: self._accept(channel), ip, ports[channel]
+                )
+                self.servers.append(server)
+        except OSError as e:
+            self.close()
+            raise TunnelError(f"cannot listen on {ip}:{ports[channel]} for {channel}: {e}") from e
+
+    def signal(self, signum: int) -> bool:
+        """Ask the agent to signal the kernel's process group; False if the channel is gone."""
+        if self.closed:
+            return False
+        self.send(encode(Kind.SIGNAL, 0, I32.pack(signum)))
+        return True
+
+    def send(self, frame: bytes) -> None:
+        if self.out is not None and not self.closed and not self.out.is_closing():
+            self.out.write(frame)
+
+    def close(self) -> None:
+        """Stop listening, drop every stream and let go of the channel. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+        self.mux.close_all()
+        if self.out is not None:
+            self.out.close()
+        for waiter in (self._hello, self._started):
+            if not waiter.done():
+                waiter.set_exception(TunnelError("the sandbox closed its channel"))
+                waiter.exception()  # mark retrieved: nobody may be waiting any more
+
+    # -- channel input (asyncio.Protocol) ----------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport_in = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            for frame in self.reader.feed(data):
+                self._on_frame(frame)
+        except ProtocolError as e:
+            self._broken(f"protocol violation from the guest: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.log.debug("sandbox %s closed its channel", self.name)
+        self.transport_in.close()
+        self.close()
+
+    def _on_frame(self, frame: Frame) -> None:
+        kind = frame.kind
+        if kind is Kind.HELLO:
+            version = frame.json().get("version")
+            if version != VERSION:
+                raise ProtocolError(f"agent speaks version {version!r}, expected {VERSION}")
+            if not self._hello.done():
+                self._hello.set_result(None)
+        elif kind is Kind.STARTED:
+            pid = frame.json().get("pid")
+            if not isinstance(pid, int):
+                raise ProtocolError("STARTED without a pid")
+            if not self._started.done():
+                self._started.set_result(pid)
+        elif kind is Kind.ERROR:
+            error = str(frame.json().get("error", "unknown error"))[:2000]
+            if not self._started.done():
+                self._started.set_exception(TunnelError(error))
+        elif kind is Kind.EXIT:
+            status = frame.json().get("status")
+            self.exit_status = status if isinstance(status, int) else None
+        else:
+            self.mux.on_frame(frame)
+
+    def _accept(self, channel: str) -> asyncio.Protocol:
+        if self.closed or len(self.mux.streams) >= MAX_STREAMS:
+            self.log.warning("sandbox %s: refusing a connection to %s", self.name, channel)
+            return _Refused()
+        sid = self.next_sid
+        self.next_sid += 1
+        stream = _ClientStream(self, sid, channel)
+        self.mux.add(stream)
+        return stream
+
+    def _broken(self, reason: str) -> None:
+        self.log.error("sandbox %s: %s; closing its tunnel", self.name, reason)
+        self.close()
+        self.on_broken(reason)
