@@ -141,9 +141,8 @@ def find_image(name_or_path: str = DEFAULT_IMAGE) -> Path:
         rootfs = _image_dir(name_or_path) / "rootfs"
         manifest = rootfs.parent / "manifest.json"
     build_hint = (
-        "run `jupyter sandbox image build`"
-        + ("" if manifest is None else f" (image {name_or_path!r})")
-        + " as root, and `jupyter sandbox doctor` to check the host"
+        "build it with `jupyter sandbox image build` (as root), "
+        "and check the host with `jupyter sandbox doctor`"
     )
     if not rootfs.is_dir():
         raise ImageError(f"guest image not found: {rootfs} does not exist; {build_hint}")
@@ -303,10 +302,20 @@ def _run(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
         raise ImageError(f"{what}: cannot run {args[4]}: {e}; run `jupyter sandbox doctor`") from e
     assert proc.stdout is not None
     with proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            log.debug("  %s", line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail.append(line)
+                log.debug("  %s", line)
+        except BaseException:
+            # Interrupted (Ctrl-C, cancellation): stop the child before the caller
+            # deletes its tree. SIGTERM first, so debootstrap can unmount /proc.
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         output = "\n".join(tail)
         raise ImageError(
@@ -523,10 +532,7 @@ def build_image(
         log.info("image %s is up to date (%s)", name, image_dir / "rootfs")
         return image_dir / "rootfs"
     _check_host()
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for d in (image_dir, image_dir.parent):
-        if d.stat().st_uid == 0:
-            d.chmod(0o755)
+    image_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     with _locked(image_dir):
         # Another process may have finished the same build while we waited.
         if not force and _is_current(name, wanted):
@@ -662,7 +668,10 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
             sorted(line.split("\t", 1) for line in debs.splitlines() if "\t" in line)
         ),
         "python_version": py_info["python"],
-        "python_packages": dict(sorted(py_info["packages"].items(), key=lambda kv: kv[0].lower())),
+        # PEP 503 names ("pygments", "matplotlib-inline"): one spelling to look up.
+        "python_packages": dict(
+            sorted((re.sub(r"[-_.]+", "-", k).lower(), v) for k, v in py_info["packages"].items())
+        ),
         "python": GUEST_PYTHON,
         "user": {
             "name": SANDBOX_USER,
@@ -705,6 +714,7 @@ def _tidy(root: Path) -> None:
     _clear_dir(root / "var/log/apt")
     for old in root.glob("var/cache/debconf/*-old"):
         old.unlink()
+    _strip_setid(root)
     # debootstrap copies the host's hostname and resolv.conf into the target.
     _write(root / "etc/hostname", "sandbox\n")
     _write(root / "etc/resolv.conf", "")
@@ -712,3 +722,18 @@ def _tidy(root: Path) -> None:
         root / "etc/hosts",
         "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )
+
+
+def _strip_setid(root: Path) -> None:
+    """Clear setuid/setgid bits (su, mount, passwd, ...).
+
+    The kernel runs unprivileged; nothing in a notebook needs these, and without
+    them code in the kernel cannot become root inside the sandbox even if the
+    runtime forgets no_new_privileges.
+    """
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            path = Path(dirpath, f)
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                path.chmod(stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))

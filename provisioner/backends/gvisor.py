@@ -158,6 +158,9 @@ class GVisorSandbox(Sandbox):
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def memory_usage(self) -> int | None:
+        return cgroups.memory_usage(self.record.cgroup)
+
     async def _runsc(self, *args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
             *self.runsc_argv(*args),

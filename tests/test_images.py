@@ -1,0 +1,158 @@
+"""The guest image: built for real (debootstrap + pip), checked for real (runsc).
+
+The first run builds the image at the default location (minutes, needs root
+and the network); later runs find it up to date and take seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from provisioner.images import (
+    GUEST_PYTHON,
+    SANDBOX_HOME,
+    SANDBOX_UID,
+    ImageError,
+    build_image,
+    find_image,
+    images_dir,
+    load_manifest,
+    recipe_hash,
+    verify_image,
+)
+
+pytestmark = pytest.mark.timeout(1800)  # a first build downloads ~110 MB and takes minutes
+
+RUNSC = shutil.which("runsc") or "/usr/local/bin/runsc"
+REQUIRED = ("ipykernel", "numpy", "pandas", "matplotlib")
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Path:
+    if os.geteuid() != 0 and load_manifest() is None:
+        pytest.skip("no guest image built and not root: run `jupyter sandbox image build`")
+    return build_image()
+
+
+@pytest.fixture(scope="module")
+def manifest(rootfs: Path) -> dict:
+    m = load_manifest()
+    assert m is not None
+    return m
+
+
+def test_image_exists(rootfs: Path) -> None:
+    assert rootfs == images_dir() / "python3" / "rootfs"
+    assert find_image() == rootfs
+    assert find_image(str(rootfs)) == rootfs
+    # lexists: the venv's python is an absolute symlink, meaningful only inside the guest.
+    for rel in (GUEST_PYTHON, "/usr/bin/python3"):
+        assert os.path.lexists(rootfs / rel.lstrip("/")), rel
+    home = (rootfs / SANDBOX_HOME.lstrip("/")).stat()
+    assert stat.S_IMODE(home.st_mode) == 0o1777
+
+
+def test_manifest_records_what_is_inside(rootfs: Path, manifest: dict) -> None:
+    assert manifest["name"] == "python3"
+    assert manifest["recipe_hash"] == recipe_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["content_hash"])
+    built = datetime.datetime.fromisoformat(manifest["built_at"])
+    assert built.utcoffset() == datetime.timedelta(0)
+    assert built <= datetime.datetime.now(datetime.timezone.utc)
+    assert manifest["size_bytes"] > 100_000_000
+    assert manifest["debian_packages"]["python3"].startswith("3.11")
+    assert manifest["python_version"].startswith("3.11.")
+    # The pins of the recipe are what got installed.
+    pins = dict(
+        line.split("==")
+        for line in (Path(__file__).parents[1] / "guest/image/requirements.txt")
+        .read_text()
+        .splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    for name in REQUIRED:
+        assert manifest["python_packages"][name] == pins[name].strip(), name
+
+
+def test_rebuild_with_nothing_changed_is_a_fast_noop(rootfs: Path, manifest: dict) -> None:
+    t = time.monotonic()
+    assert build_image() == rootfs
+    assert time.monotonic() - t < 5
+    assert load_manifest()["built_at"] == manifest["built_at"]
+
+
+def test_tree_matches_its_content_hash(rootfs: Path) -> None:
+    verify_image()
+
+
+def test_missing_image_tells_what_to_run() -> None:
+    with pytest.raises(ImageError, match="jupyter sandbox image build"):
+        find_image("does-not-exist")
+    with pytest.raises(ImageError, match="jupyter sandbox image build"):
+        find_image("/nonexistent/rootfs")
+    with pytest.raises(ImageError):
+        find_image("../../etc")
+    assert load_manifest("does-not-exist") is None
+
+
+def test_rootfs_is_not_the_host(rootfs: Path) -> None:
+    assert rootfs.resolve() != Path("/")
+    assert not rootfs.samefile("/")
+    assert not (rootfs / "root").samefile("/root")
+    assert not (rootfs / "etc").samefile("/etc")
+    # debootstrap copies these from the host; the build replaces them.
+    assert (rootfs / "etc/hostname").read_text() == "sandbox\n"
+    assert "nameserver" not in (rootfs / "etc/resolv.conf").read_text()
+    assert not list((rootfs / "var/lib/apt/lists").glob("*_Packages*"))
+
+
+def test_no_setuid_or_setgid_files(rootfs: Path) -> None:
+    found = [
+        str(p)
+        for p in rootfs.rglob("*")
+        if not p.is_symlink() and p.is_file() and p.stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+    ]
+    assert found == []
+
+
+@pytest.mark.skipif(not os.access(RUNSC, os.X_OK) or os.geteuid() != 0, reason="needs root+runsc")
+def test_runs_under_runsc_as_the_kernel_user(rootfs: Path, manifest: dict, tmp_path: Path) -> None:
+    code = (
+        "import os, pwd, ipykernel, numpy, pandas, matplotlib, matplotlib.pyplot; "
+        "print('ok', os.getuid(), pwd.getpwuid(os.getuid()).pw_name, numpy.__version__)"
+    )
+    bundle, state = tmp_path / "bundle", tmp_path / "state"
+    bundle.mkdir()
+    subprocess.run([RUNSC, "spec", "--", GUEST_PYTHON, "-c", code], cwd=bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": str(rootfs), "readonly": False}
+    config["process"]["terminal"] = False
+    config["process"]["user"] = {"uid": SANDBOX_UID, "gid": SANDBOX_UID}
+    config["process"]["env"] = ["PATH=/opt/venv/bin:/usr/bin:/bin", f"HOME={SANDBOX_HOME}"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    cid = f"test-images-{uuid.uuid4().hex[:8]}"
+    argv = [RUNSC, "--root", str(state), "--platform=systrap", "--network=none"]
+    try:
+        res = subprocess.run(
+            [*argv, "--overlay2=root:memory", "run", "--bundle", str(bundle), cid],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run([*argv, "delete", "--force", cid], capture_output=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # No "Matplotlib is building the font cache" line: the cache is in the image.
+    numpy = manifest["python_packages"]["numpy"]
+    assert res.stdout.split() == ["ok", str(SANDBOX_UID), "sandbox", numpy], res.stdout

@@ -1,0 +1,199 @@
+"""The tunnel's host end against a hostile guest: real pipes, real sockets, forged frames."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from provisioner.guest.protocol import (
+    FROM_GUEST,
+    HEADER,
+    MAX_PAYLOAD,
+    WINDOW,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    encode,
+    encode_json,
+)
+from provisioner.tunnel import MAX_STREAMS, Tunnel
+
+log = logging.getLogger("test-tunnel")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class FakeGuest:
+    """The guest side of the channel, played by the test: writes whatever it likes."""
+
+    def __init__(self) -> None:
+        self.to_host_r, self.to_host_w = os.pipe()
+        self.from_host_r, self.from_host_w = os.pipe()
+        os.set_blocking(self.from_host_r, False)
+        self.reader = FrameReader(frozenset(Kind), max_payload=1 << 20)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.to_host_w, data)
+
+    async def frames(self, timeout: float = 5.0) -> list:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                data = os.read(self.from_host_r, 1 << 20)
+            except BlockingIOError:
+                data = b""
+            if data:
+                return list(self.reader.feed(data))
+            if asyncio.get_running_loop().time() > deadline:
+                return []
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        for fd in (self.to_host_w, self.from_host_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+async def tunnel_and_guest():
+    broken: list[str] = []
+    tunnel = Tunnel(log, "test", broken.append)
+    guest = FakeGuest()
+    await tunnel.attach(guest.to_host_r, guest.from_host_w)
+    ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
+    guest.write(encode_json(Kind.HELLO, {"version": 1}))
+    launch = asyncio.ensure_future(tunnel.launch({"argv": []}, timeout=5))
+    frames = await guest.frames()
+    assert frames and frames[0].kind is Kind.LAUNCH
+    guest.write(encode_json(Kind.STARTED, {"pid": 7}))
+    assert await launch == 7
+    await tunnel.listen("127.0.0.1", ports)
+    yield tunnel, guest, ports, broken
+    tunnel.close()
+    guest.close()
+
+
+def test_frame_reader_rejects_oversized_length_before_buffering():
+    reader = FrameReader(FROM_GUEST)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        list(reader.feed(HEADER.pack(Kind.DATA, 1, MAX_PAYLOAD + 1)))
+
+
+def test_frame_reader_rejects_kinds_the_guest_may_not_send():
+    reader = FrameReader(FROM_GUEST)
+    with pytest.raises(ProtocolError, match="not allowed"):
+        list(reader.feed(encode(Kind.LAUNCH, 0, b"{}")))
+    with pytest.raises(ProtocolError, match="unknown frame kind"):
+        list(FrameReader(FROM_GUEST).feed(HEADER.pack(200, 0, 0)))
+
+
+def test_frame_reader_reassembles_split_frames():
+    reader = FrameReader(FROM_GUEST)
+    wire = encode(Kind.DATA, 3, b"x" * 1000) + encode(Kind.CLOSE, 3)
+    frames = []
+    for i in range(0, len(wire), 7):
+        frames += list(reader.feed(wire[i : i + 7]))
+    assert [(f.kind, f.stream, len(f.payload)) for f in frames] == [
+        (Kind.DATA, 3, 1000),
+        (Kind.CLOSE, 3, 0),
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=3 * HEADER.size + 64), max_size=20))
+def test_frame_reader_on_arbitrary_bytes_only_raises_protocol_error(chunks):
+    reader = FrameReader(FROM_GUEST)
+    try:
+        for chunk in chunks:
+            for frame in reader.feed(chunk):
+                assert len(frame.payload) <= MAX_PAYLOAD
+            assert len(reader._buf) < HEADER.size + MAX_PAYLOAD
+    except ProtocolError:
+        pass
+
+
+async def test_relays_bytes_both_ways(tunnel_and_guest):
+    tunnel, guest, ports, broken = tunnel_and_guest
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports["shell"])
+    writer.write(b"ping")
+    await writer.drain()
+    frames = await guest.frames()
+    assert (frames[0].kind, frames[0].payload) == (Kind.OPEN, b"shell")
+    sid = frames[0].stream
+    data = b"".join(f.payload for f in frames if f.kind is Kind.DATA)
+    if not data:
+        data = b"".join(f.payload for f in await guest.frames() if f.kind is Kind.DATA)
+    assert data == b"ping"
+    guest.write(encode(Kind.DATA, sid, b"pong"))
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"pong"
+    writer.close()
+    assert not broken
+
+
+@pytest.mark.parametrize(
+    "forged, reason",
+    [
+        (HEADER.pack(Kind.DATA, 1, 1 << 30), "exceeds"),
+        (HEADER.pack(99, 1, 0), "unknown frame kind"),
+        (encode(Kind.DATA, 4242, b"x"), "never opened"),
+        (encode(Kind.SIGNAL, 0, b"\0\0\0\x09"), "not allowed"),
+        (encode(Kind.HELLO, 0, b"not json"), "not JSON"),
+    ],
+)
+async def test_forged_frame_closes_only_this_tunnel(tunnel_and_guest, forged, reason, caplog):
+    tunnel, guest, ports, broken = tunnel_and_guest
+    guest.write(forged)
+    for _ in range(200):
+        if broken:
+            break
+        await asyncio.sleep(0.01)
+    assert broken and reason in broken[0]
+    assert tunnel.closed
+    with pytest.raises(OSError):  # its ports no longer listen
+        await asyncio.open_connection("127.0.0.1", ports["shell"])
+
+
+async def test_data_beyond_the_credit_window_is_a_violation(tunnel_and_guest):
+    tunnel, guest, ports, broken = tunnel_and_guest
+    _reader, writer = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+    frames = await guest.frames()
+    sid = frames[0].stream
+    # The client never reads; the guest floods without waiting for credit.
+    chunk = encode(Kind.DATA, sid, b"y" * MAX_PAYLOAD)
+    for _ in range(WINDOW // MAX_PAYLOAD + 2):
+        guest.write(chunk)
+    for _ in range(300):
+        if broken:
+            break
+        await asyncio.sleep(0.01)
+    assert broken and "credit window" in broken[0]
+    writer.close()
+
+
+async def test_connections_beyond_the_stream_limit_are_refused(tunnel_and_guest):
+    tunnel, guest, ports, broken = tunnel_and_guest
+    conns = [await asyncio.open_connection("127.0.0.1", ports["hb"]) for _ in range(MAX_STREAMS)]
+    await asyncio.sleep(0.1)
+    assert len(tunnel.mux.streams) == MAX_STREAMS
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports["hb"])
+    assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed by the host
+    for _r, w in conns:
+        w.close()
+    writer.close()
+    assert not broken
