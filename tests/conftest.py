@@ -1,0 +1,115 @@
+"""Shared fixtures: the real runsc, the real guest image, real kernel managers.
+
+A test that needs a sandbox skips when runsc or the image is missing, except
+under CI (`CI=true`), where it fails: a skipped isolation test is a hidden failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from provisioner import cgroups
+from provisioner.backends.gvisor import runsc_root
+from provisioner.images import ImageError, find_image
+from provisioner.state import records
+
+KERNEL = "python3-gvisor"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_sandbox() -> None:
+    """Skip (locally) or fail (under CI) when this host cannot run sandboxes."""
+    problems = []
+    if shutil.which("runsc") is None:
+        problems.append("runsc is not installed")
+    if os.geteuid() != 0:
+        problems.append("sandboxes need root")
+    try:
+        find_image("python3")
+    except ImageError as e:
+        problems.append(str(e))
+    if problems:
+        message = "; ".join(problems) + " (run `make setup`)"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+def our_sandboxes() -> list[str]:
+    """Sandboxes recorded by this test process, plus any container runsc still knows."""
+    mine = [r.sandbox_id for r in records() if r.owner_pid == os.getpid()]
+    if runsc_root().is_dir():
+        listing = subprocess.run(
+            ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
+            capture_output=True, text=True, check=False,
+        ).stdout.split()
+        mine += [sid for sid in listing if sid not in mine]
+    return mine
+
+
+def leftover_cgroups() -> list[Path]:
+    return [child for d in cgroups.directories("/jupyter-sandbox") for child in d.glob("jsb-*")]
+
+
+@pytest.fixture(scope="session")
+def sandbox_host() -> None:
+    require_sandbox()
+
+
+@pytest.fixture
+def no_leftovers(sandbox_host: None):
+    """Assert that the test left no sandbox, bundle or cgroup behind."""
+    before = set(our_sandboxes())
+    yield
+    left = set(our_sandboxes()) - before
+    assert not left, f"sandboxes left behind: {left}"
+    assert not leftover_cgroups(), f"cgroups left behind: {leftover_cgroups()}"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A notebook folder owned by an ordinary user, as on a real server."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    os.chown(folder, 1000, 1000)
+    return folder
+
+
+@pytest.fixture
+async def km(no_leftovers: None, workspace: Path) -> AsyncIterator[AsyncIOLoopKernelManager]:
+    """A started sandboxed kernel, shut down (and checked for leftovers) afterwards."""
+    manager = AsyncIOLoopKernelManager(kernel_name=KERNEL)
+    await manager.start_kernel(cwd=str(workspace))
+    try:
+        yield manager
+    finally:
+        if manager.has_kernel:
+            await manager.shutdown_kernel(now=True)
+        else:
+            await manager.cleanup_resources()
+
+
+@pytest.fixture
+async def kc(km: AsyncIOLoopKernelManager):
+    client = km.client()
+    client.start_channels()
+    await client.wait_for_ready(timeout=60)
+    try:
+        yield client
+    finally:
+        client.stop_channels()
+
+
+async def execute(client, code: str, timeout: float = 60) -> tuple[dict, str, list[dict]]:
+    """Run `code`; return the reply content, the stdout+stderr text, and all iopub messages."""
+    messages: list[dict] = []
+    reply = await client.execute_interactive(code, timeout=timeout, output_hook=messages.append)
+    text = "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
+    return reply["content"], text, messages
