@@ -42,20 +42,28 @@ def require_sandbox() -> None:
         pytest.skip(message)
 
 
-def our_sandboxes() -> list[str]:
-    """Sandboxes recorded by this test process, plus any container runsc still knows."""
-    mine = [r.sandbox_id for r in records() if r.owner_pid == os.getpid()]
+def our_sandboxes() -> set[str]:
+    """Sandboxes recorded by this test process, plus containers runsc knows with no record."""
+    recorded = {r.sandbox_id: r.owner_pid for r in records()}
+    mine = {sid for sid, pid in recorded.items() if pid == os.getpid()}
     if runsc_root().is_dir():
         listing = subprocess.run(
             ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
             capture_output=True, text=True, check=False,
         ).stdout.split()
-        mine += [sid for sid in listing if sid not in mine]
+        mine |= {sid for sid in listing if sid not in recorded}
     return mine
 
 
 def leftover_cgroups() -> list[Path]:
-    return [child for d in cgroups.directories("/jupyter-sandbox") for child in d.glob("jsb-*")]
+    """cgroups of sandboxes that have no record (any recorded one is still in use)."""
+    live = {r.sandbox_id for r in records()}
+    return [
+        child
+        for d in cgroups.directories("/jupyter-sandbox")
+        for child in d.glob("jsb-*")
+        if child.name not in live
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +74,9 @@ def sandbox_host() -> None:
 @pytest.fixture
 def no_leftovers(sandbox_host: None):
     """Assert that the test left no sandbox, bundle or cgroup behind."""
-    before = set(our_sandboxes())
+    before = our_sandboxes()
     yield
-    left = set(our_sandboxes()) - before
+    left = our_sandboxes() - before
     assert not left, f"sandboxes left behind: {left}"
     assert not leftover_cgroups(), f"cgroups left behind: {leftover_cgroups()}"
 

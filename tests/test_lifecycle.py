@@ -3,15 +3,162 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
 
 from conftest import execute
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from provisioner.backends.gvisor import runsc_root
+from provisioner.guest.protocol import CHANNELS
 
 
 async def test_kernel_runs_in_a_sandbox(kc, km, workspace):
-    content, text, _ = await execute(kc, "import os, platform; print(platform.node(), os.getuid(), os.getcwd())")
+    content, text, _ = await execute(
+        kc, "import os, platform; print(platform.node(), os.getuid(), os.getcwd())"
+    )
     assert content["status"] == "ok"
     node, uid, cwd = text.split()
     assert node == "sandbox"
     assert uid == "1000"
     assert cwd == str(workspace)
     assert await km.is_alive()
+
+
+async def test_interrupt_reaches_busy_loop_and_sleep(kc, km):
+    for code in ("while True: pass", "import time; time.sleep(100)"):
+        running = asyncio.ensure_future(execute(kc, code, timeout=60))
+        await asyncio.sleep(1.5)
+        assert not running.done()
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        content, _, _ = await asyncio.wait_for(running, 30)
+        assert content["status"] == "error"
+        assert content["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 10
+    content, text, _ = await execute(kc, "print('still here')")
+    assert text == "still here\n"
+
+
+async def test_restart_gives_a_fresh_sandbox_behind_the_same_ports(kc, km):
+    await execute(kc, "open('/home/sandbox/marker', 'w').write('x'); x = 41")
+    before_id = km.provisioner.sandbox_id
+    before_ports = {c: km.get_connection_info()[f"{c}_port"] for c in CHANNELS}
+    await km.restart_kernel()
+    await kc.wait_for_ready(timeout=60)
+    assert km.provisioner.sandbox_id != before_id
+    assert {c: km.get_connection_info()[f"{c}_port"] for c in CHANNELS} == before_ports
+    _, text, _ = await execute(
+        kc, "import os; print(os.path.exists('/home/sandbox/marker'), 'x' in globals())"
+    )
+    assert text.split() == ["False", "False"]  # new writable layer, new process
+    listing = subprocess.run(
+        ["runsc", f"--root={runsc_root()}", "list", "--quiet"], capture_output=True, text=True
+    ).stdout.split()
+    assert before_id not in listing
+
+
+async def test_autorestart_after_sandbox_killed_from_outside(kc, km):
+    old = km.provisioner.sandbox_id
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    subprocess.run(["runsc", f"--root={runsc_root()}", "kill", "--all", old, "KILL"], check=True)
+    await asyncio.wait_for(restarted.wait(), 30)
+    deadline = time.monotonic() + 60
+    while km.provisioner.sandbox_id == old or not await km.is_alive():
+        assert time.monotonic() < deadline, "the kernel did not come back"
+        await asyncio.sleep(0.1)
+    await kc.wait_for_ready(timeout=60)
+    content, text, _ = await execute(kc, "print('back')")
+    assert text == "back\n"
+
+
+async def test_graceful_shutdown_exits_the_kernel(kc, km):
+    sandbox = km.provisioner.sandbox
+    await km.shutdown_kernel(now=False)
+    assert sandbox.poll() == 0  # the kernel exited by itself on shutdown_request
+    assert not km.has_kernel
+
+
+async def test_poll_is_cheap(km):
+    started = time.perf_counter()
+    for _ in range(1000):
+        assert await km.provisioner.poll() is None
+    assert time.perf_counter() - started < 0.5
+
+
+async def test_provisioner_info_round_trips(km):
+    info = await km.provisioner.get_provisioner_info()
+    assert info["sandbox_id"] == km.provisioner.sandbox_id
+    assert info["kernel_id"] == km.kernel_id
+    other = type(km.provisioner)(kernel_id="x", kernel_spec=km.kernel_spec, parent=None)
+    await other.load_provisioner_info(info)
+    assert other.sandbox_id == info["sandbox_id"]
+    assert other.connection_info == info["connection_info"]
+
+
+async def test_flood_does_not_hold_up_heartbeat_control_or_interrupt(kc, km):
+    flood = asyncio.ensure_future(
+        execute(kc, "import sys\nwhile True: sys.stdout.write('x' * 1000 + '\\n')", timeout=120)
+    )
+    await asyncio.sleep(2)
+    assert not flood.done()
+    # control channel: a kernel_info_request answered while iopub floods
+    started = time.monotonic()
+    msg = kc.session.msg("kernel_info_request")
+    kc.control_channel.send(msg)
+    while True:
+        reply = await asyncio.wait_for(kc.control_channel.get_msg(), 10)
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            break
+    control_latency = time.monotonic() - started
+    assert kc.hb_channel.is_beating()
+    started = time.monotonic()
+    await km.interrupt_kernel()
+    content, text, _ = await asyncio.wait_for(flood, 60)
+    assert content["ename"] == "KeyboardInterrupt"
+    assert len(text) > 1_000_000  # it really flooded
+    assert control_latency < 2.0
+    assert time.monotonic() - started < 30
+
+
+async def test_sync_manager_cleans_up(no_leftovers, workspace):
+    """The blocking KernelManager runs no loop between calls; the tunnel still works."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3-gvisor")
+    km.start_kernel(cwd=str(workspace))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        time.sleep(0.5)  # nothing runs the caller's loop now
+        reply = kc.execute_interactive("print(6 * 7)", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+async def test_memory_limit_kills_an_overallocating_kernel(no_leftovers, workspace):
+    from traitlets.config import Config
+
+    config = Config({"GVisorProvisioner": {"memory_limit": "512M"}})
+    km = AsyncIOLoopKernelManager(kernel_name="python3-gvisor", config=config, autorestart=False)
+    await km.start_kernel(cwd=str(workspace))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        assert km.provisioner.limits.memory == 512 * 1024**2
+        _, text, _ = await execute(kc, "x = bytearray(200 * 1024**2); print('small ok')")
+        assert text == "small ok\n"
+        kc.execute("y = bytearray(900 * 1024**2); y[::4096] = b'x' * len(y[::4096])")
+        deadline = time.monotonic() + 60
+        while await km.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not await km.is_alive()
+        assert await km.provisioner.poll() != 0
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
