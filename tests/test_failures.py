@@ -1,0 +1,169 @@
+"""Bad settings and failed starts: a clear message, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import KERNEL, our_sandboxes
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from traitlets import TraitError
+from traitlets.config import Config
+
+from provisioner import limits
+from provisioner.backends.base import SandboxError
+from provisioner.state import records
+
+REPO = Path(__file__).resolve().parent.parent
+JUPYTER_SANDBOX = [str(Path(sys.executable).parent / "jupyter"), "sandbox"]
+
+
+def listening_ports() -> set[int]:
+    out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("512M", 512 << 20), ("2G", 2 << 30), ("1.5G", 3 << 29), ("2Gi", 2 << 30), ("1048576", 1 << 20)],
+)
+def test_sizes_as_operators_write_them(text, size):
+    assert limits.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["2 GB", "2GB", "-1G", "0", "lots", "", "1.5.2G"])
+def test_sizes_rejected_with_the_accepted_form(text):
+    with pytest.raises(ValueError, match='"512M"'):
+        limits.parse_size(text)
+
+
+def make_km(workspace_config: dict, **kw) -> AsyncIOLoopKernelManager:
+    return AsyncIOLoopKernelManager(
+        kernel_name=KERNEL, config=Config({"GVisorProvisioner": workspace_config}), **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"memory_limit": "2 GB"}, r"memory_limit.*\"512M\""),
+        ({"memory_limit": "-512M"}, r"memory_limit"),
+        ({"cpu_limit": -1.0}, r"cpu_limit.*cores"),
+        ({"pids_limit": 3}, r"pids_limit.*>= 16"),
+        ({"kernel_uid": 0}, r"kernel_uid.*> 0"),
+        ({"workspace": "rwx"}, r"workspace"),
+    ],
+)
+async def test_bad_setting_fails_the_start_naming_it(no_leftovers, workspace, setting, message):
+    ports_before = listening_ports()
+    km = make_km(setting)
+    with pytest.raises(TraitError, match=message):
+        await km.start_kernel(cwd=str(workspace))
+    assert not km.has_kernel
+    assert listening_ports() - ports_before == set()
+
+
+async def test_unknown_kernelspec_setting_is_refused(no_leftovers, tmp_path, workspace, monkeypatch):
+    spec = json.loads((REPO / "kernelspecs/python3-gvisor/kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"] = {"memory_limt": "1G"}
+    folder = tmp_path / "kernels" / "typo-gvisor"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncIOLoopKernelManager(
+        kernel_name="typo-gvisor", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    )
+    with pytest.raises(ValueError, match="unknown GVisorProvisioner setting memory_limt; known settings: .*memory_limit"):
+        await km.start_kernel(cwd=str(workspace))
+
+
+async def test_missing_runsc_points_to_doctor(no_leftovers, workspace):
+    km = make_km({"runsc_path": "/nonexistent/runsc"})
+    with pytest.raises(SandboxError, match="jupyter sandbox doctor"):
+        await km.start_kernel(cwd=str(workspace))
+    assert not [r for r in records() if r.owner_pid == os.getpid()]
+
+
+async def test_missing_image_points_to_image_build(no_leftovers, workspace):
+    km = make_km({"image": "no-such-image"})
+    with pytest.raises(RuntimeError, match="jupyter sandbox image build"):
+        await km.start_kernel(cwd=str(workspace))
+
+
+async def test_system_folder_is_never_mounted(no_leftovers):
+    km = make_km({})
+    with pytest.raises(SandboxError, match="system folder"):
+        await km.start_kernel(cwd="/etc")
+
+
+async def test_kernel_that_cannot_start_is_reported_and_removed(no_leftovers, tmp_path, workspace):
+    spec = json.loads((REPO / "kernelspecs/python3-gvisor/kernel.json").read_text())
+    spec["argv"][0] = "/opt/venv/bin/no-such-python"
+    folder = tmp_path / "kernels" / "broken-gvisor"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    ports_before = listening_ports()
+    km = AsyncIOLoopKernelManager(
+        kernel_name="broken-gvisor", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    )
+    with pytest.raises(SandboxError, match="no-such-python"):
+        await km.start_kernel(cwd=str(workspace))
+    assert listening_ports() - ports_before == set()
+
+
+async def test_port_taken_fails_cleanly(no_leftovers, workspace):
+    km = make_km({})
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    km.shell_port = blocker.getsockname()[1]
+    km.cache_ports = False
+    try:
+        with pytest.raises(SandboxError, match="cannot listen"):
+            await km.start_kernel(cwd=str(workspace))
+    finally:
+        blocker.close()
+
+
+def test_gc_reaps_sandboxes_of_a_server_that_died(sandbox_host, workspace):
+    """A 'server' is SIGKILLed with a kernel running; `jupyter sandbox gc` removes all of it."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from jupyter_client.manager import AsyncKernelManager
+        async def main():
+            km = AsyncKernelManager(kernel_name={KERNEL!r})
+            await km.start_kernel(cwd={str(workspace)!r})
+            print(km.provisioner.sandbox_id, flush=True)
+            await asyncio.sleep(3600)
+        asyncio.run(main())
+        """
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        sandbox_id = server.stdout.readline().strip()
+        assert sandbox_id.startswith("jsb-")
+        ps = subprocess.run(
+            [*JUPYTER_SANDBOX, "ps"], capture_output=True, text=True, check=True
+        )
+        line = next(line for line in ps.stdout.splitlines() if line.startswith(sandbox_id))
+        assert "gvisor" in line and str(server.pid) in line and "(gone)" not in line
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    ps = subprocess.run([*JUPYTER_SANDBOX, "ps"], capture_output=True, text=True)
+    assert "(gone)" in next(line for line in ps.stdout.splitlines() if line.startswith(sandbox_id))
+    gc = subprocess.run(
+        [*JUPYTER_SANDBOX, "gc"], capture_output=True, text=True, check=True
+    )
+    assert "removed" in gc.stdout
+    assert sandbox_id not in our_sandboxes()
+    assert sandbox_id not in {r.sandbox_id for r in records()}
+    assert not list(Path("/sys/fs/cgroup/memory/jupyter-sandbox").glob(sandbox_id))
