@@ -30,7 +30,11 @@ class DoctorApp(_Sub):
     runsc_path = Unicode("runsc", config=True, help="runsc binary to check.")
     platform = Unicode("systrap", config=True, help="gVisor platform to check.")
     image = Unicode("python3", config=True, help="Guest image to check.")
-    aliases = {"platform": "DoctorApp.platform", "runsc": "DoctorApp.runsc_path", "image": "DoctorApp.image"}
+    aliases = {
+        "platform": "DoctorApp.platform",
+        "runsc": "DoctorApp.runsc_path",
+        "image": "DoctorApp.image",
+    }
 
     def start(self) -> None:
         checks = doctor.run_checks(self.runsc_path, self.platform, self.image)
@@ -39,8 +43,11 @@ class DoctorApp(_Sub):
             if not check.ok and check.fix:
                 self.out(f"       fix: {check.fix}")
         failed = [c for c in checks if not c.ok]
-        self.out("this host can run sandboxed kernels" if not failed else
-                 f"{len(failed)} problem(s): sandboxed kernels cannot start here")
+        self.out(
+            "this host can run sandboxed kernels"
+            if not failed
+            else f"{len(failed)} problem(s): sandboxed kernels cannot start here"
+        )
         self.exit(1 if failed else 0)
 
 
@@ -85,10 +92,16 @@ class PsApp(_Sub):
         for record in records():
             memory = cgroups.memory_usage(record.cgroup)
             owner = str(record.owner_pid) if record.owner_alive() else f"{record.owner_pid} (gone)"
-            rows.append((
-                record.sandbox_id, record.kernel_id, record.backend,
-                f"{now - record.created:.0f}s", format_size(memory) if memory else "-", owner,
-            ))
+            rows.append(
+                (
+                    record.sandbox_id,
+                    record.kernel_id,
+                    record.backend,
+                    f"{now - record.created:.0f}s",
+                    format_size(memory) if memory else "-",
+                    owner,
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             self.out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

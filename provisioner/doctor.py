@@ -35,24 +35,44 @@ def runsc_version(runsc: str) -> tuple[str, int | None]:
 def check_platform(runsc: str, platform: str) -> Check:
     """Run a trivial sandbox on `platform`: the only proof that it works here."""
     with tempfile.TemporaryDirectory(prefix="jsb-doctor-") as tmp:
-        cmd = [runsc, f"--root={tmp}/state", f"--platform={platform}", "--network=none",
-               "do", "--", "/bin/true"]
+        cmd = [
+            runsc,
+            f"--root={tmp}/state",
+            f"--platform={platform}",
+            "--network=none",
+            "do",
+            "--",
+            "/bin/true",
+        ]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except subprocess.TimeoutExpired:
-            return Check(f"platform {platform}", False, "timed out after 30 s",
-                         "choose another platform: c.GVisorProvisioner.platform = 'systrap'")
+            return Check(
+                f"platform {platform}",
+                False,
+                "timed out after 30 s",
+                "choose another platform: c.GVisorProvisioner.platform = 'systrap'",
+            )
     if result.returncode:
-        return Check(f"platform {platform}", False, result.stderr.strip()[-300:],
-                     "choose another platform: c.GVisorProvisioner.platform = 'systrap'")
+        return Check(
+            f"platform {platform}",
+            False,
+            result.stderr.strip()[-300:],
+            "choose another platform: c.GVisorProvisioner.platform = 'systrap'",
+        )
     return Check(f"platform {platform}", True, "a test sandbox ran")
 
 
-def run_checks(runsc_path: str = "runsc", platform: str = "systrap", image: str = "python3") -> list[Check]:
+def run_checks(
+    runsc_path: str = "runsc", platform: str = "systrap", image: str = "python3"
+) -> list[Check]:
     checks = [
-        Check("privileges", os.geteuid() == 0,
-              "running as root" if os.geteuid() == 0 else f"running as uid {os.geteuid()}",
-              "run the Jupyter server as root (an unprivileged mode is planned)"),
+        Check(
+            "privileges",
+            os.geteuid() == 0,
+            "running as root" if os.geteuid() == 0 else f"running as uid {os.geteuid()}",
+            "run the Jupyter server as root (an unprivileged mode is planned)",
+        ),
     ]
     runsc = shutil.which(runsc_path)
     if runsc is None:
@@ -60,14 +80,26 @@ def run_checks(runsc_path: str = "runsc", platform: str = "systrap", image: str 
     else:
         version, date = runsc_version(runsc)
         new_enough = date is not None and date >= RUNSC_MIN_DATE
-        checks.append(Check("runsc", new_enough, f"{runsc}: {version}",
-                            "" if new_enough else f"systrap needs runsc >= {RUNSC_MIN_DATE}; {INSTALL}"))
+        checks.append(
+            Check(
+                "runsc",
+                new_enough,
+                f"{runsc}: {version}",
+                "" if new_enough else f"systrap needs runsc >= {RUNSC_MIN_DATE}; {INSTALL}",
+            )
+        )
         if os.geteuid() == 0:
             checks.append(check_platform(runsc, platform))
     version = "v2" if cgroups.is_v2() else "v1 (hybrid)"
     memory = Path("/sys/fs/cgroup/memory.max" if cgroups.is_v2() else "/sys/fs/cgroup/memory")
-    checks.append(Check("cgroups", cgroups.is_v2() or memory.exists(), f"cgroup {version}",
-                        "mount the cgroup memory controller; limits cannot be enforced without it"))
+    checks.append(
+        Check(
+            "cgroups",
+            cgroups.is_v2() or memory.exists(),
+            f"cgroup {version}",
+            "mount the cgroup memory controller; limits cannot be enforced without it",
+        )
+    )
     try:
         rootfs = find_image(image)
         manifest = load_manifest(image) or {}

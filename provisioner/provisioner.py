@@ -130,7 +130,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if unknown:
             known = ", ".join(sorted(self.class_trait_names(config=True)))
             raise ValueError(
-                f"unknown {type(self).__name__} setting {', '.join(unknown)}; known settings: {known}"
+                f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
+                f"known settings: {known}"
             )
         super().__init__(**kwargs)
         self.sandbox: Sandbox | None = None
@@ -179,7 +180,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """The kernel's cwd in the guest, its mounts, and the host folder behind it."""
         if self.workspace == "none":
             return GUEST_HOME, (), None
-        path = Path(cwd or os.getcwd()).resolve()
+        path = Path(cwd or Path.cwd()).resolve()
         if str(path) in SYSTEM_DIRS or str(path).startswith(("/proc/", "/sys/", "/dev/", "/run/")):
             raise SandboxError(
                 f"will not mount {path} into a sandbox: it is a system folder. Start the "

@@ -49,7 +49,9 @@ def our_sandboxes() -> set[str]:
     if runsc_root().is_dir():
         listing = subprocess.run(
             ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.split()
         mine |= {sid for sid in listing if sid not in recorded}
     return mine

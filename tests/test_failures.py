@@ -33,7 +33,13 @@ def listening_ports() -> set[int]:
 
 @pytest.mark.parametrize(
     "text, size",
-    [("512M", 512 << 20), ("2G", 2 << 30), ("1.5G", 3 << 29), ("2Gi", 2 << 30), ("1048576", 1 << 20)],
+    [
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5G", 3 << 29),
+        ("2Gi", 2 << 30),
+        ("1048576", 1 << 20),
+    ],
 )
 def test_sizes_as_operators_write_them(text, size):
     assert limits.parse_size(text) == size
@@ -71,16 +77,22 @@ async def test_bad_setting_fails_the_start_naming_it(no_leftovers, workspace, se
     assert listening_ports() - ports_before == set()
 
 
-async def test_unknown_kernelspec_setting_is_refused(no_leftovers, tmp_path, workspace, monkeypatch):
+async def test_unknown_kernelspec_setting_is_refused(
+    no_leftovers, tmp_path, workspace, monkeypatch
+):
     spec = json.loads((REPO / "kernelspecs/python3-gvisor/kernel.json").read_text())
     spec["metadata"]["kernel_provisioner"]["config"] = {"memory_limt": "1G"}
     folder = tmp_path / "kernels" / "typo-gvisor"
     folder.mkdir(parents=True)
     (folder / "kernel.json").write_text(json.dumps(spec))
     km = AsyncIOLoopKernelManager(
-        kernel_name="typo-gvisor", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+        kernel_name="typo-gvisor",
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]),
     )
-    with pytest.raises(ValueError, match="unknown GVisorProvisioner setting memory_limt; known settings: .*memory_limit"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown GVisorProvisioner setting memory_limt; known settings: .*memory_limit",
+    ):
         await km.start_kernel(cwd=str(workspace))
 
 
@@ -111,7 +123,8 @@ async def test_kernel_that_cannot_start_is_reported_and_removed(no_leftovers, tm
     (folder / "kernel.json").write_text(json.dumps(spec))
     ports_before = listening_ports()
     km = AsyncIOLoopKernelManager(
-        kernel_name="broken-gvisor", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+        kernel_name="broken-gvisor",
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]),
     )
     with pytest.raises(SandboxError, match="no-such-python"):
         await km.start_kernel(cwd=str(workspace))
@@ -150,9 +163,7 @@ def test_gc_reaps_sandboxes_of_a_server_that_died(sandbox_host, workspace):
     try:
         sandbox_id = server.stdout.readline().strip()
         assert sandbox_id.startswith("jsb-")
-        ps = subprocess.run(
-            [*JUPYTER_SANDBOX, "ps"], capture_output=True, text=True, check=True
-        )
+        ps = subprocess.run([*JUPYTER_SANDBOX, "ps"], capture_output=True, text=True, check=True)
         line = next(line for line in ps.stdout.splitlines() if line.startswith(sandbox_id))
         assert "gvisor" in line and str(server.pid) in line and "(gone)" not in line
     finally:
@@ -160,9 +171,7 @@ def test_gc_reaps_sandboxes_of_a_server_that_died(sandbox_host, workspace):
         server.wait()
     ps = subprocess.run([*JUPYTER_SANDBOX, "ps"], capture_output=True, text=True)
     assert "(gone)" in next(line for line in ps.stdout.splitlines() if line.startswith(sandbox_id))
-    gc = subprocess.run(
-        [*JUPYTER_SANDBOX, "gc"], capture_output=True, text=True, check=True
-    )
+    gc = subprocess.run([*JUPYTER_SANDBOX, "gc"], capture_output=True, text=True, check=True)
     assert "removed" in gc.stdout
     assert sandbox_id not in our_sandboxes()
     assert sandbox_id not in {r.sandbox_id for r in records()}

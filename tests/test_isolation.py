@@ -62,7 +62,7 @@ async def test_host_file_is_invisible(kc, planted_secret):
 
 
 async def test_server_environment_does_not_reach_the_kernel(km_with_server_secret):
-    km, kc, token = km_with_server_secret
+    _km, kc, token = km_with_server_secret
     _, text, _ = await execute(kc, "import os, json; print(json.dumps(dict(os.environ)))")
     env = json.loads(text)
     assert "PATH" in env  # the environment was really read
@@ -151,7 +151,9 @@ async def test_workspace_read_only_and_none(no_leftovers, workspace):
     from traitlets.config import Config
 
     (workspace / "data.txt").write_text("data")
-    os.chown(workspace / "data.txt", 1000, 1000)  # writable for the kernel's user, but for the mount
+    os.chown(
+        workspace / "data.txt", 1000, 1000
+    )  # writable for the kernel's user, but for the mount
     for mode, expected in (("ro", "data EROFS"), ("none", "absent /home/sandbox")):
         config = Config({"GVisorProvisioner": {"workspace": mode}})
         km = AsyncIOLoopKernelManager(kernel_name=KERNEL, config=config)
@@ -180,7 +182,7 @@ async def test_workspace_read_only_and_none(no_leftovers, workspace):
 
 
 async def test_host_processes_are_invisible(kc):
-    host_pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    host_pids = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
     _, text, _ = await execute(
         kc,
         "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"

@@ -8,9 +8,9 @@ import time
 
 from conftest import execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from provisioner.guest.protocol import CHANNELS
 
 from provisioner.backends.gvisor import runsc_root
-from provisioner.guest.protocol import CHANNELS
 
 
 async def test_kernel_runs_in_a_sandbox(kc, km, workspace):
@@ -69,7 +69,7 @@ async def test_autorestart_after_sandbox_killed_from_outside(kc, km):
         assert time.monotonic() < deadline, "the kernel did not come back"
         await asyncio.sleep(0.1)
     await kc.wait_for_ready(timeout=60)
-    content, text, _ = await execute(kc, "print('back')")
+    _, text, _ = await execute(kc, "print('back')")
     assert text == "back\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -10,7 +11,6 @@ import socket
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from provisioner.guest.protocol import (
     FROM_GUEST,
     HEADER,
@@ -22,6 +22,7 @@ from provisioner.guest.protocol import (
     encode,
     encode_json,
 )
+
 from provisioner.tunnel import MAX_STREAMS, Tunnel
 
 log = logging.getLogger("test-tunnel")
@@ -64,10 +65,8 @@ class FakeGuest:
 
     def close(self) -> None:
         for fd in (self.to_host_w, self.from_host_r):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 @pytest.fixture
@@ -129,7 +128,7 @@ def test_frame_reader_on_arbitrary_bytes_only_raises_protocol_error(chunks):
 
 
 async def test_relays_bytes_both_ways(tunnel_and_guest):
-    tunnel, guest, ports, broken = tunnel_and_guest
+    _tunnel, guest, ports, broken = tunnel_and_guest
     reader, writer = await asyncio.open_connection("127.0.0.1", ports["shell"])
     writer.write(b"ping")
     await writer.drain()
@@ -170,7 +169,7 @@ async def test_forged_frame_closes_only_this_tunnel(tunnel_and_guest, forged, re
 
 
 async def test_data_beyond_the_credit_window_is_a_violation(tunnel_and_guest):
-    tunnel, guest, ports, broken = tunnel_and_guest
+    _tunnel, guest, ports, broken = tunnel_and_guest
     _reader, writer = await asyncio.open_connection("127.0.0.1", ports["iopub"])
     frames = await guest.frames()
     sid = frames[0].stream
@@ -187,7 +186,7 @@ async def test_data_beyond_the_credit_window_is_a_violation(tunnel_and_guest):
 
 
 async def test_connections_beyond_the_stream_limit_are_refused(tunnel_and_guest):
-    tunnel, guest, ports, broken = tunnel_and_guest
+    tunnel, _guest, ports, broken = tunnel_and_guest
     conns = [await asyncio.open_connection("127.0.0.1", ports["hb"]) for _ in range(MAX_STREAMS)]
     await asyncio.sleep(0.1)
     assert len(tunnel.mux.streams) == MAX_STREAMS
