@@ -253,10 +253,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self, sandbox: Sandbox, request: dict, ip: str, ports: dict[str, int]
     ) -> Tunnel:
         """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
-        loop = asyncio.get_running_loop()
-        tunnel = Tunnel(
-            self.log, sandbox.spec.sandbox_id, lambda reason: loop.create_task(sandbox.kill())
-        )
+        tunnel = Tunnel(self.log, sandbox.spec.sandbox_id, on_broken=sandbox.kill)
         console = Console(self.log, sandbox.spec.sandbox_id)
         channel = None
         try:
@@ -308,7 +305,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         async def deliver() -> bool:
             return tunnel.signal(signum)
 
-        if not await run_on_io(deliver()):
+        if not await run_on_io(deliver()) and await self.poll() is None:
             self.log.warning(
                 "kernel %s: channel closed, signal %d not delivered", self.kernel_id, signum
             )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .guest.protocol import (
     CHANNELS,
@@ -60,10 +60,14 @@ class _Refused(asyncio.Protocol):
 class Tunnel(asyncio.Protocol):
     """Host end of one sandbox's channel. Create and use it on the I/O loop only."""
 
-    def __init__(self, log: logging.Logger, name: str, on_broken: Callable[[str], None]) -> None:
+    def __init__(
+        self, log: logging.Logger, name: str, on_broken: Callable[[], Awaitable[None]]
+    ) -> None:
         self.log = log
         self.name = name
         self.on_broken = on_broken
+        """Called once when the guest broke the protocol: stops the sandbox."""
+        self._tasks: set[asyncio.Task] = set()
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
         self.out: asyncio.WriteTransport | None = None
@@ -71,6 +75,7 @@ class Tunnel(asyncio.Protocol):
         self.next_sid = 1
         self.closed = False
         self.exit_status: int | None = None
+        self.broken_reason = ""
         self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -193,4 +198,7 @@ class Tunnel(asyncio.Protocol):
     def _broken(self, reason: str) -> None:
         self.log.error("sandbox %s: %s; closing its tunnel", self.name, reason)
         self.close()
-        self.on_broken(reason)
+        self.broken_reason = reason
+        task = asyncio.get_running_loop().create_task(self.on_broken())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -77,7 +77,11 @@ class FakeGuest:
 @pytest.fixture
 async def tunnel_and_guest():
     broken: list[str] = []
-    tunnel = Tunnel(log, "test", broken.append)
+
+    async def stop_sandbox() -> None:
+        broken.append(tunnel.broken_reason)
+
+    tunnel = Tunnel(log, "test", stop_sandbox)
     guest = FakeGuest()
     await tunnel.attach(guest.to_host_r, guest.from_host_w)
     ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
