@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import rootfs
 
 RUNTIME_DIR = Path("/run/jupyter-sandbox")
 
@@ -58,7 +59,7 @@ class Record:
         tmp.replace(self.directory / "record.json")
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        rootfs.remove_bundle(self.directory)
 
 
 def records() -> list[Record]:

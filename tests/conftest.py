@@ -18,7 +18,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from provisioner import cgroups
 from provisioner.backends.gvisor import runsc_root
 from provisioner.images import ImageError, find_image
-from provisioner.state import records
+from provisioner.state import records, sandboxes_dir
 
 KERNEL = "python3-gvisor"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -68,6 +68,15 @@ def leftover_cgroups() -> list[Path]:
     ]
 
 
+def leftover_mounts() -> list[str]:
+    """Sandbox root mounts whose sandbox has no record."""
+    live = {r.sandbox_id for r in records()}
+    base = str(sandboxes_dir()) + "/"
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    return [p for p in points if p.startswith(base) and p[len(base) :].split("/")[0] not in live]
+
+
 @pytest.fixture(scope="session")
 def sandbox_host() -> None:
     require_sandbox()
@@ -81,6 +90,7 @@ def no_leftovers(sandbox_host: None):
     left = our_sandboxes() - before
     assert not left, f"sandboxes left behind: {left}"
     assert not leftover_cgroups(), f"cgroups left behind: {leftover_cgroups()}"
+    assert not leftover_mounts(), f"mounts left behind: {leftover_mounts()}"
 
 
 @pytest.fixture

@@ -145,6 +145,8 @@ async def test_workspace_is_shared_at_the_same_path(kc, workspace):
     )
     assert text == "hello from the host\n"
     assert (workspace / "from-kernel.txt").read_text() == "hello from the kernel"
+    # the mount point was made in this sandbox's own root view, not in the shared image
+    assert not (find_image("python3") / str(workspace).lstrip("/")).exists()
 
 
 async def test_workspace_read_only_and_none(no_leftovers, workspace):

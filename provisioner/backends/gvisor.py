@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import cgroups
+from .. import cgroups, rootfs
 from ..state import Record, runtime_dir
 from .base import AGENT_ARGV, AGENT_DIR, Channel, Sandbox, SandboxError, SandboxSpec
 
@@ -40,7 +40,7 @@ def runsc_root() -> Path:
     return runtime_dir() / "runsc"
 
 
-def oci_spec(spec: SandboxSpec, cgroup: str) -> dict:
+def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
     """The OCI runtime config of one sandbox."""
     limits = spec.limits
     resources: dict = {}
@@ -91,9 +91,9 @@ def oci_spec(spec: SandboxSpec, cgroup: str) -> dict:
             "noNewPrivileges": True,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
         },
-        # Not read-only here: runsc puts a memory-backed writable layer over it
-        # (--overlay2=root:memory), and the image underneath is never written.
-        "root": {"path": str(spec.rootfs), "readonly": False},
+        # The sandbox's own overlay of the image (see rootfs.py). Not read-only:
+        # runsc adds a memory-backed writable layer (--overlay2=root:memory).
+        "root": {"path": str(root), "readonly": False},
         "hostname": "sandbox",
         "mounts": mounts,
         "annotations": {"jupyter-sandbox.kernel-id": spec.kernel_id},
@@ -133,7 +133,9 @@ class GVisorSandbox(Sandbox):
     async def start(self) -> Channel:
         self.record.save()
         bundle = self.record.directory
-        (bundle / "config.json").write_text(json.dumps(oci_spec(self.spec, self.record.cgroup)))
+        root = rootfs.mount(self.spec.rootfs, bundle)
+        config = oci_spec(self.spec, root, self.record.cgroup)
+        (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
         to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)
         from_guest_r, from_guest_w = os.pipe2(os.O_CLOEXEC)
