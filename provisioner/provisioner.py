@@ -23,6 +23,7 @@ from . import cleanup, guest, limits
 from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
 from .backends.gvisor import GVisorSandbox, find_runsc
 from .console import Console
+from .errors import SettingError
 from .guest.protocol import CHANNELS
 from .images import find_image
 from .ioloop import run_on_io
@@ -129,11 +130,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         unknown = sorted(set(kwargs) - self._BASE_ARGS - set(self.class_trait_names(config=True)))
         if unknown:
             known = ", ".join(sorted(self.class_trait_names(config=True)))
-            raise ValueError(
+            raise SettingError(
                 f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
                 f"known settings: {known}"
             )
-        super().__init__(**kwargs)
+        try:
+            super().__init__(**kwargs)
+        except TraitError as e:
+            raise SettingError(str(e)) from None
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
         self.exit_status: int | None = None

@@ -15,11 +15,11 @@ import pytest
 from conftest import KERNEL, our_sandboxes
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets import TraitError
 from traitlets.config import Config
 
 from provisioner import limits
 from provisioner.backends.base import SandboxError
+from provisioner.errors import SettingError
 from provisioner.state import records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def make_km(workspace_config: dict, **kw) -> AsyncIOLoopKernelManager:
 async def test_bad_setting_fails_the_start_naming_it(no_leftovers, workspace, setting, message):
     ports_before = listening_ports()
     km = make_km(setting)
-    with pytest.raises(TraitError, match=message):
+    with pytest.raises(SettingError, match=message):
         await km.start_kernel(cwd=str(workspace))
     assert not km.has_kernel
     assert listening_ports() - ports_before == set()

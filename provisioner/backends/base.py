@@ -7,11 +7,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import SandboxError
 from ..limits import Limits
 
-
-class SandboxError(RuntimeError):
-    """A sandbox could not be created or run; the message says how to fix it."""
+__all__ = ["SandboxError"]
 
 
 @dataclass(frozen=True)
