@@ -11,35 +11,31 @@ import logging
 import shutil
 import subprocess
 import threading
+import time
 
-from . import cgroups
-from .backends.gvisor import runsc_root
+from .backends import gvisor
+from .backends.gvisor import run_runsc, runsc_root
 from .state import Record, records, sandboxes_dir
 
+UNRECORDED_GRACE = 60.0
+"""Seconds a sandbox folder may exist without its record before gc takes it."""
 _once = threading.Lock()
 _done = False
 
 
-def _runsc(*args: str) -> subprocess.CompletedProcess:
-    runsc = shutil.which("runsc") or "runsc"
-    return subprocess.run(
-        [runsc, f"--root={runsc_root()}", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def reap(record: Record, log: logging.Logger) -> None:
-    """Remove one sandbox's container, cgroup and bundle, whatever state it is in."""
-    if record.backend == "gvisor" and runsc_root().is_dir():
-        result = _runsc("delete", "--force", record.sandbox_id)
-        if result.returncode and "does not exist" not in result.stderr + result.stdout:
-            log.warning("runsc delete %s: %s", record.sandbox_id, result.stderr.strip())
-    cgroups.remove(record.cgroup)
-    record.remove()
+    """Remove one sandbox's container, root mount, cgroup and bundle."""
+    gvisor.reap(record, log)
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
+
+
+def _unrecorded(sandbox_id: str) -> Record:
+    return Record(
+        sandbox_id=sandbox_id,
+        kernel_id="?",
+        backend="gvisor",
+        cgroup=f"/jupyter-sandbox/{sandbox_id}",
+    )
 
 
 def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
@@ -51,33 +47,18 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
         if include_live or not record.owner_alive():
             reap(record, log)
             reaped.append(record.sandbox_id)
-    # Folders without a readable record, and containers without a folder.
+    # Folders without a readable record (past the moment a starting sandbox writes
+    # its record), then containers without a folder.
     if sandboxes_dir().is_dir():
         for folder in sandboxes_dir().iterdir():
-            if folder.name not in known:
-                reap(
-                    Record(
-                        sandbox_id=folder.name,
-                        kernel_id="?",
-                        backend="gvisor",
-                        cgroup=f"/jupyter-sandbox/{folder.name}",
-                    ),
-                    log,
-                )
+            if folder.name not in known and time.time() - folder.stat().st_mtime > UNRECORDED_GRACE:
+                reap(_unrecorded(folder.name), log)
                 reaped.append(folder.name)
-    if runsc_root().is_dir() and shutil.which("runsc"):
-        listing = _runsc("list", "--quiet")
-        for sandbox_id in listing.stdout.split():
+    runsc = shutil.which("runsc")
+    if runsc and runsc_root().is_dir():
+        for sandbox_id in run_runsc(runsc, "list", "--quiet").stdout.split():
             if sandbox_id.startswith("jsb-") and sandbox_id not in known | set(reaped):
-                reap(
-                    Record(
-                        sandbox_id=sandbox_id,
-                        kernel_id="?",
-                        backend="gvisor",
-                        cgroup=f"/jupyter-sandbox/{sandbox_id}",
-                    ),
-                    log,
-                )
+                reap(_unrecorded(sandbox_id), log)
                 reaped.append(sandbox_id)
     return reaped
 

@@ -50,7 +50,9 @@ class Record:
         return sandboxes_dir() / self.sandbox_id
 
     def owner_alive(self) -> bool:
-        return process_start_time(self.owner_pid) == self.owner_start is not None
+        """Whether the server that made this sandbox still runs (not just its pid)."""
+        started = process_start_time(self.owner_pid)
+        return started is not None and started == self.owner_start
 
     def save(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

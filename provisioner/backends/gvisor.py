@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -189,19 +190,27 @@ class GVisorSandbox(Sandbox):
             else:
                 self.process.kill()
                 self.process.wait()
-        await reap(self.runsc_argv, self.record, self.log)
+        await asyncio.to_thread(reap, self.record, self.log, self.runsc)
 
 
-async def reap(runsc_argv, record: Record, log) -> None:
-    """Remove a sandbox's container state, cgroup and bundle, whoever created it."""
-    proc = await asyncio.create_subprocess_exec(
-        *runsc_argv("delete", "--force", record.sandbox_id),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+def run_runsc(runsc: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a runsc command against this project's state root, capturing its output."""
+    return subprocess.run(
+        [runsc, f"--root={runsc_root()}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
-    out, _ = await proc.communicate()
-    if proc.returncode and b"does not exist" not in out and b"not found" not in out:
-        log.warning("runsc delete %s: %s", record.sandbox_id, out.decode(errors="replace").strip())
+
+
+def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
+    """Remove a sandbox's container state, root mount, cgroup and bundle, whoever made it."""
+    runsc = shutil.which(runsc) or runsc
+    if runsc_root().is_dir():
+        result = run_runsc(runsc, "delete", "--force", record.sandbox_id)
+        output = result.stdout + result.stderr
+        if result.returncode and "does not exist" not in output and "not found" not in output:
+            log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
     cgroups.remove(record.cgroup)
     record.remove()
