@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml kernelspecs/python3-gvisor/kernel.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,lab]'
 	$(BIN)/jupyter kernelspec install kernelspecs/python3-gvisor --sys-prefix --replace
 	touch $@
 

@@ -20,7 +20,7 @@ except ImportError:
     from protocol import MAX_PAYLOAD, U32, WINDOW, Frame, Kind, ProtocolError, encode  # type: ignore[no-redef]
 
 CREDIT_BATCH = WINDOW // 8
-"""Acknowledge received bytes in batches of this size, or when the stream goes idle."""
+"""Acknowledge received bytes in batches of this size."""
 
 
 class Mux:
@@ -149,10 +149,14 @@ class Stream(asyncio.Protocol):
         self._ack()
 
     def _ack(self) -> None:
-        """Return credit for bytes handed to the local socket, unless it is backed up."""
-        if self.writing_paused or self.owed == 0:
+        """Return credit in batches for bytes handed to the local socket, unless it is backed up.
+
+        Batching keeps small messages to one frame each. It cannot stall the peer:
+        the peer stops only with WINDOW bytes unacknowledged, which is a full batch.
+        """
+        if self.writing_paused:
             return
-        if self.owed >= CREDIT_BATCH or self.transport.get_write_buffer_size() == 0:
+        if self.owed >= CREDIT_BATCH:
             self.mux.send(encode(Kind.CREDIT, self.sid, U32.pack(self.owed)))
             self.unacked -= self.owed
             self.owed = 0

@@ -613,6 +613,11 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
         what="pip install in the guest",
     )  # fmt: skip
     shutil.rmtree(guest_wheels)
+    site_packages = root / f"opt/venv/lib/python{py_version}/site-packages"
+    # A .pth file, not sitecustomize.py: Debian's own sitecustomize comes first on sys.path.
+    getpid = "jupyter_sandbox_getpid"
+    _write(site_packages / f"{getpid}.py", recipe[f"{getpid}.py"].decode())
+    _write(site_packages / f"{getpid}.pth", f"import {getpid}\n")
 
     _step(log, f"adding user {SANDBOX_USER} ({SANDBOX_UID}) and tidying up")
     chroot(

@@ -176,3 +176,25 @@ def test_gc_reaps_sandboxes_of_a_server_that_died(sandbox_host, workspace):
     assert sandbox_id not in our_sandboxes()
     assert sandbox_id not in {r.sandbox_id for r in records()}
     assert not list(Path("/sys/fs/cgroup/memory/jupyter-sandbox").glob(sandbox_id))
+
+
+def test_missing_runsc_fails_under_ci_instead_of_skipping(tmp_path):
+    """A skipped isolation test would be a hidden failure: under CI=true it must fail."""
+    bin_dir = tmp_path / "bin"  # a PATH with python but without runsc
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(bin_dir), "CI": "true"}
+    test = "tests/test_isolation.py::test_kernel_is_not_root_and_has_no_capabilities"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout
+    assert "runsc is not installed" in run.stdout
+    assert "1 error" in run.stdout or "1 failed" in run.stdout
+    env["CI"] = ""
+    local = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "1 skipped" in local.stdout

@@ -1,0 +1,629 @@
+#!/usr/bin/env python
+"""Benchmark the sandboxed kernel against the local one, in the same run, as ratios.
+
+    sudo .venv/bin/python benchmarks/run.py [--starts 5] [--executes 1000] [--throughput-mb 50]
+
+Measures, for the kernelspecs `python3` (local, unsandboxed) and `python3-gvisor`:
+
+- start: `AsyncKernelManager.start_kernel()` until `client.wait_for_ready()` returns
+  (the first kernel_info_reply), median of `--starts` starts;
+- execute round trip: `execute_request` for `pass` until both its `execute_reply`
+  (shell) and its `status: idle` (iopub) have arrived, p50 and p99; the reply alone
+  is reported too;
+- iopub throughput: a cell printing `--throughput-mb` MiB to stdout, until its
+  `status: idle`, every byte of the stream counted;
+- idle memory: PSS of the kernel's processes (see README.md for what is counted).
+
+Local and gVisor measurements are interleaved (alternating starts, alternating
+blocks of executes) so that load from elsewhere on the machine hits both alike.
+Prints a markdown table and writes it to `<out>/latest.md`, raw numbers to
+`<out>/latest.json`. Every kernel is shut down, and the script checks that none
+of its sandboxes is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+KERNELS = {"local": "python3", "gvisor": "python3-gvisor"}
+MIB = 1024 * 1024
+READY_TIMEOUT = 120.0
+MSG_TIMEOUT = 60.0
+
+TARGETS = {
+    # metric: (maximum or minimum of gvisor / local, direction)
+    "start": (3.0, "max"),
+    "execute_p50": (1.5, "max"),
+    "throughput": (0.5, "min"),
+}
+
+started_sandboxes: set[str] = set()
+"""Every sandbox id this run created, to check at the end that none is left."""
+
+
+# -- kernels -------------------------------------------------------------------
+
+
+class Kernel:
+    """One kernel and its client. `stop()` is safe to call whatever state it is in."""
+
+    def __init__(self, label: str, cwd: str) -> None:
+        self.label = label
+        self.cwd = cwd
+        self.km = AsyncKernelManager(kernel_name=KERNELS[label])
+        self.kc = None
+        self.start_kwargs: dict = {}
+
+    async def start(self) -> float:
+        """Start the kernel; return seconds from start_kernel() to the first kernel_info_reply."""
+        t0 = time.perf_counter()
+        try:
+            await self.km.start_kernel(cwd=self.cwd, **self.start_kwargs)
+        finally:
+            if self.sandbox_id:
+                started_sandboxes.add(self.sandbox_id)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        await self.kc.wait_for_ready(timeout=READY_TIMEOUT)
+        return time.perf_counter() - t0
+
+    async def stop(self) -> None:
+        if self.kc is not None:
+            with contextlib.suppress(Exception):
+                self.kc.stop_channels()
+            self.kc = None
+        try:
+            if self.km.has_kernel:
+                await asyncio.wait_for(self.km.shutdown_kernel(now=True), 60)
+            else:
+                await asyncio.wait_for(self.km.cleanup_resources(), 60)
+        except Exception as e:  # keep going: the leftover check at the end will tell
+            print(f"warning: shutting down the {self.label} kernel: {e!r}", file=sys.stderr)
+
+    @property
+    def sandbox_id(self) -> str:
+        return getattr(self.km.provisioner, "sandbox_id", "") if self.km.provisioner else ""
+
+
+@contextlib.asynccontextmanager
+async def running(label: str, cwd: str):
+    kernel = Kernel(label, cwd)
+    try:
+        kernel.start_seconds = await kernel.start()
+        yield kernel
+    finally:
+        await kernel.stop()
+
+
+def parent_id(msg: dict) -> str | None:
+    return msg.get("parent_header", {}).get("msg_id")
+
+
+async def wait_reply(kc, msg_id: str) -> dict:
+    while True:
+        msg = await kc.get_shell_msg(timeout=MSG_TIMEOUT)
+        if parent_id(msg) == msg_id:
+            return msg
+
+
+async def wait_idle(kc, msg_id: str, on_msg=None) -> None:
+    while True:
+        msg = await kc.get_iopub_msg(timeout=MSG_TIMEOUT)
+        if parent_id(msg) != msg_id:
+            continue
+        if on_msg is not None:
+            on_msg(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return
+
+
+# -- metrics -------------------------------------------------------------------
+
+
+async def measure_starts(n: int, warmup: bool, cwd: str) -> dict[str, list[float]]:
+    """Alternate local and gVisor starts; each kernel is shut down before the next start."""
+    times: dict[str, list[float]] = {label: [] for label in KERNELS}
+    for i in range(-1 if warmup else 0, n):
+        for label in KERNELS:
+            async with running(label, cwd) as kernel:
+                if i >= 0:
+                    times[label].append(kernel.start_seconds)
+            note = " (warm-up, not counted)" if i < 0 else ""
+            print(f"  start {label}: {kernel.start_seconds * 1000:.0f} ms{note}", file=sys.stderr)
+    return times
+
+
+async def execute_once(kc, code: str = "pass") -> tuple[float, float]:
+    """(seconds to the execute_reply, seconds to reply and iopub idle) of one execute."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code, silent=False)
+    reply = await wait_reply(kc, msg_id)
+    t1 = time.perf_counter()
+    await wait_idle(kc, msg_id)
+    t2 = time.perf_counter()
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"execute failed: {reply['content']}")
+    return t1 - t0, t2 - t0
+
+
+async def measure_executes(kernels: dict[str, Kernel], n: int, warmup: int, block: int) -> dict:
+    for kernel in kernels.values():
+        for _ in range(warmup):
+            await execute_once(kernel.kc)
+    samples: dict[str, dict[str, list[float]]] = {
+        label: {"reply": [], "idle": []} for label in kernels
+    }
+    done = 0
+    while done < n:
+        size = min(block, n - done)
+        for label, kernel in kernels.items():
+            for _ in range(size):
+                reply, idle = await execute_once(kernel.kc)
+                samples[label]["reply"].append(reply)
+                samples[label]["idle"].append(idle)
+        done += size
+    return samples
+
+
+async def throughput_once(kc, mib: int) -> dict:
+    lines = mib * 1024  # lines of 1024 bytes
+    expected = lines * 1024
+    code = f"import sys\nfor i in range({lines}):\n    sys.stdout.write('x' * 1023 + '\\n')\n"
+    received = {"bytes": 0, "messages": 0}
+    dates = {}
+
+    def count(msg: dict) -> None:
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            received["bytes"] += len(msg["content"]["text"])  # ASCII: characters == bytes
+            received["messages"] += 1
+        elif msg["msg_type"] == "status":
+            dates[msg["content"]["execution_state"]] = msg["header"]["date"]
+
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code, silent=False)
+    await wait_idle(kc, msg_id, count)
+    seconds = time.perf_counter() - t0
+    reply = await wait_reply(kc, msg_id)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"throughput cell failed: {reply['content']}")
+    if received["bytes"] != expected:
+        raise RuntimeError(
+            f"stdout lost or duplicated: got {received['bytes']} of {expected} bytes"
+        )
+    return {
+        "seconds": seconds,
+        "mib_per_s": expected / MIB / seconds,
+        "messages": received["messages"],
+        "bytes": expected,
+        # by the kernel's clock: how long the kernel itself was busy with the cell
+        "kernel_busy_s": (dates["idle"] - dates["busy"]).total_seconds(),
+    }
+
+
+async def measure_throughput(kernels: dict[str, Kernel], mib: int, runs: int) -> dict:
+    results: dict[str, list[dict]] = {label: [] for label in kernels}
+    for _ in range(runs):
+        for label, kernel in kernels.items():
+            r = await throughput_once(kernel.kc, mib)
+            print(f"  throughput {label}: {r['mib_per_s']:.1f} MiB/s", file=sys.stderr)
+            results[label].append(r)
+    return results
+
+
+# -- memory --------------------------------------------------------------------
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """Pss, Rss, ... of one process in bytes; {} if it is gone."""
+    fields = {}
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            fields[name] = int(parts[0]) * 1024
+    return fields
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+KCMP_VM = 1
+
+
+def same_mm(a: int, b: int) -> bool:
+    """Whether two processes share one address space (kcmp(2) KCMP_VM)."""
+    if SYS_KCMP is None:
+        return False
+    return _libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0
+
+
+def address_spaces(pids: list[int]) -> list[int]:
+    """One pid per distinct address space.
+
+    gVisor's systrap stubs are processes made with CLONE_VM: several pids share
+    one mm, and each one's smaps_rollup reports that whole mm. Summing them all
+    would count the same pages several times.
+    """
+    keep: list[int] = []
+    for pid in pids:
+        if not any(same_mm(pid, other) for other in keep):
+            keep.append(pid)
+    return keep
+
+
+def sum_smaps(pids: list[int]) -> dict[str, int]:
+    """Pss (split into anon / file / shmem) and Rss summed over distinct address spaces."""
+    total = dict.fromkeys(("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Rss"), 0)
+    for pid in address_spaces(pids):
+        rollup = smaps_rollup(pid)
+        for key in total:
+            total[key] += rollup.get(key, 0)
+    return total
+
+
+def memory_cgroup(sandbox_id: str) -> Path:
+    return Path("/sys/fs/cgroup/memory/jupyter-sandbox") / sandbox_id
+
+
+def cgroup_procs(path: Path) -> list[int]:
+    pids: set[int] = set()
+    for procs in path.rglob("cgroup.procs"):  # the cgroup and any children it has
+        pids.update(int(p) for p in procs.read_text().split())
+    return sorted(pids)
+
+
+def measure_memory(kernel: Kernel) -> dict[str, Any]:
+    provisioner = kernel.km.provisioner
+    if kernel.label == "local":
+        pids = process_tree(provisioner.pid)
+        mem = sum_smaps(pids)
+        return {"pss": mem["Pss"], "rss": mem["Rss"], "smaps": mem, "pids": pids}
+    cgroup = memory_cgroup(kernel.sandbox_id)
+    pids = cgroup_procs(cgroup)
+    mem = sum_smaps(pids)
+    stat = {}
+    for line in (cgroup / "memory.stat").read_text().splitlines():
+        name, value = line.split()
+        if name in ("rss", "cache", "shmem", "mapped_file", "total_rss", "total_cache"):
+            stat[name] = int(value)
+    wrapper = provisioner.sandbox.process.pid  # `runsc run`: outside the sandbox's cgroup
+    return {
+        "pss": mem["Pss"],
+        "rss": mem["Rss"],
+        "smaps": mem,
+        "pids": pids,
+        "address_spaces": address_spaces(pids),
+        "cgroup_usage": int((cgroup / "memory.usage_in_bytes").read_text()),
+        "cgroup_stat": stat,
+        "runsc_run_pss": sum_smaps([wrapper])["Pss"],
+    }
+
+
+# -- reporting -----------------------------------------------------------------
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    rank = max(1, int(-(-p * len(ordered) // 100)))  # ceil(p/100 * n)
+    return ordered[rank - 1]
+
+
+def verdict(metric: str, ratio: float) -> str:
+    limit, direction = TARGETS[metric]
+    ok = ratio <= limit if direction == "max" else ratio >= limit
+    return "PASS" if ok else "MISS"
+
+
+def target_text(metric: str) -> str:
+    limit, direction = TARGETS[metric]
+    return f"≤ {limit:g}x" if direction == "max" else f"≥ {limit:g}x"
+
+
+def summarize(raw: dict) -> dict:
+    s: dict[str, dict[str, float]] = {}
+    for label in KERNELS:
+        ex = raw["executes"][label]
+        tp = raw["throughput"][label]
+        s[label] = {
+            "start": statistics.median(raw["starts"][label]),
+            "execute_p50": percentile(ex["idle"], 50),
+            "execute_p99": percentile(ex["idle"], 99),
+            "reply_p50": percentile(ex["reply"], 50),
+            "reply_p99": percentile(ex["reply"], 99),
+            "throughput": statistics.median(r["mib_per_s"] for r in tp),
+            "pss": raw["memory"][label]["pss"],
+        }
+    return s
+
+
+def table(raw: dict, s: dict) -> str:
+    args = raw["args"]
+    loc, gv = s["local"], s["gvisor"]
+
+    def row(name, metric, fmt, target_metric=None):
+        ratio = gv[metric] / loc[metric]
+        target = target_text(target_metric) if target_metric else ""
+        result = verdict(target_metric, ratio) if target_metric else ""
+        values = f"{fmt(loc[metric])} | {fmt(gv[metric])} | {ratio:.2f}x"
+        return f"| {name} | {values} | {target} | {result} |"
+
+    def ms(v):
+        return f"{v * 1000:.2f} ms"
+
+    def sec(v):
+        return f"{v * 1000:.0f} ms"
+
+    def mibs(v):
+        return f"{v:.1f} MiB/s"
+
+    def mib(v):
+        return f"{v / MIB:.1f} MiB"
+
+    def split(m):
+        sm = m["smaps"]
+        return " / ".join(f"{sm[k] / MIB:.1f}" for k in ("Pss_Anon", "Pss_File", "Pss_Shmem"))
+
+    mem = raw["memory"]["gvisor"]
+    n = args["executes"]
+    lines = [
+        "| metric | local | gVisor | gVisor / local | target | result |",
+        "|---|---:|---:|---:|---:|:---:|",
+        row(f"start → first kernel_info_reply (median of {args['starts']})", "start", sec, "start"),
+        row(
+            f"execute round trip p50 (`pass`, request → reply **and** iopub idle; n={n})",
+            "execute_p50",
+            ms,
+            "execute_p50",
+        ),
+        row("execute round trip p99 (same)", "execute_p99", ms),
+        row("execute request → execute_reply only, p50", "reply_p50", ms),
+        row("execute request → execute_reply only, p99", "reply_p99", ms),
+        row(
+            f"iopub throughput ({args['throughput_mb']} MiB stdout → idle, median of "
+            f"{args['throughput_runs']}; ratio = gVisor relative to local)",
+            "throughput",
+            mibs,
+            "throughput",
+        ),
+        row(
+            "idle memory, PSS (local: kernel process tree; gVisor: all processes in the "
+            "sandbox's cgroup)",
+            "pss",
+            mib,
+        ),
+        f"| idle PSS split: anon / file / shmem | {split(raw['memory']['local'])} | "
+        f"{split(mem)} | | | |",
+        f"| gVisor sandbox cgroup `memory.usage_in_bytes` | | {mib(mem['cgroup_usage'])} | | | |",
+        f"| gVisor `runsc run` parent process PSS (outside the cgroup, not counted above) | | "
+        f"{mib(mem['runsc_run_pss'])} | | | |",
+    ]
+    return "\n".join(lines)
+
+
+def report(raw: dict, s: dict) -> str:
+    env = raw["environment"]
+    header = [
+        "# jupyter-sandbox benchmark: local vs gVisor",
+        "",
+        f"- run: {env['date']}, git {env['git']}, {env['cpus']} CPUs ({env['cpu_model']}), "
+        f"Linux {env['kernel']}, {env['runsc']}",
+        f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
+        f"- command: `{env['command']}`",
+    ]
+    if raw["args"].get("note"):
+        header.append(f"- note: {raw['args']['note']}")
+    return "\n".join([*header, "", table(raw, s), ""])
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def environment(argv: list[str]) -> dict:
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, check=False, cwd=REPO
+            ).stdout.strip()
+        except OSError:
+            return "?"
+
+    cpu_model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    dirty = " (uncommitted changes)" if run("git", "status", "--porcelain") else ""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": run("git", "rev-parse", "--short", "HEAD") + dirty,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "runsc": run("runsc", "--version").splitlines()[0] if shutil.which("runsc") else "no runsc",
+        "python": sys.version.split()[0],
+        "loadavg_start": loadavg(),
+        "command": shlex.join(["python", *argv]),
+    }
+
+
+# -- leftovers -----------------------------------------------------------------
+
+
+def runsc_list() -> list[str]:
+    from provisioner.backends.gvisor import runsc_root
+
+    if not runsc_root().is_dir():
+        return []
+    out = subprocess.run(
+        ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return out.split()
+
+
+def check_leftovers() -> list[str]:
+    """Our sandboxes still known to runsc or still owning a cgroup; force-remove them."""
+    from provisioner.backends.gvisor import runsc_root
+
+    left = sorted(
+        sid for sid in started_sandboxes if sid in runsc_list() or memory_cgroup(sid).exists()
+    )
+    for sid in left:
+        subprocess.run(
+            ["runsc", f"--root={runsc_root()}", "delete", "--force", sid],
+            capture_output=True,
+            check=False,
+        )
+    return left
+
+
+# -- main ------------------------------------------------------------------------
+
+
+async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
+    raw: dict[str, Any] = {"args": dict(vars(args))}
+    print(f"starts: {args.starts} of each kernel, alternating", file=sys.stderr)
+    raw["starts"] = await measure_starts(args.starts, not args.no_warmup, cwd)
+
+    kernels: dict[str, Kernel] = {}
+    try:
+        for label in KERNELS:
+            kernel = Kernel(label, cwd)
+            kernels[label] = kernel
+            await kernel.start()
+        await asyncio.sleep(args.settle)
+        print("memory", file=sys.stderr)
+        raw["memory"] = {label: measure_memory(k) for label, k in kernels.items()}
+        print(f"executes: {args.executes} of each kernel", file=sys.stderr)
+        raw["executes"] = await measure_executes(
+            kernels, args.executes, args.warmup_executes, args.block
+        )
+        print(f"throughput: {args.throughput_mb} MiB x {args.throughput_runs}", file=sys.stderr)
+        raw["throughput"] = await measure_throughput(
+            kernels, args.throughput_mb, args.throughput_runs
+        )
+    finally:
+        for kernel in kernels.values():
+            await kernel.stop()
+    return raw
+
+
+async def amain(args: argparse.Namespace, cwd: str) -> dict:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    return await benchmark(args, cwd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--starts", type=int, default=5, help="starts of each kernel (median)")
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="count the first start too (by default one uncounted start each)",
+    )
+    parser.add_argument("--executes", type=int, default=1000, help="timed executes per kernel")
+    parser.add_argument(
+        "--warmup-executes", type=int, default=50, help="untimed executes per kernel first"
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=100,
+        help="executes per kernel before switching to the other kernel",
+    )
+    parser.add_argument("--throughput-mb", type=int, default=50, help="MiB printed per run")
+    parser.add_argument("--throughput-runs", type=int, default=3, help="runs per kernel (median)")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds between ready and the memory reading"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "results", help="folder for latest.md and latest.json"
+    )
+    parser.add_argument("--note", default="", help="free text for the report's header")
+    args = parser.parse_args(argv)
+
+    env = environment(["benchmarks/run.py", *argv])
+    cwd = tempfile.mkdtemp(prefix="jsb-bench-")
+    os.chown(cwd, 1000, 1000)  # as a notebook folder: the sandboxed kernel runs as its owner
+    raw: dict | None = None
+    try:
+        raw = asyncio.run(amain(args, cwd))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted", file=sys.stderr)
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
+        left = check_leftovers()
+        if left:
+            print(f"ERROR: sandboxes left behind (now force-removed): {left}", file=sys.stderr)
+    if raw is None or left:
+        return 1
+
+    env["loadavg_end"] = loadavg()
+    raw["environment"] = env
+    raw["environment"]["sandboxes"] = sorted(started_sandboxes)
+    s = summarize(raw)
+    raw["summary"] = s
+    raw["verdicts"] = {m: verdict(m, s["gvisor"][m] / s["local"][m]) for m in TARGETS}
+    text = report(raw, s)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(text)
+    raw["args"]["out"] = str(args.out)
+    (args.out / "latest.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    print(f"written to {args.out / 'latest.md'} and latest.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
