@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ class Agent(asyncio.Protocol):
         self.reader = FrameReader(FROM_HOST, max_payload=MAX_CONTROL_PAYLOAD)
         self.out: asyncio.WriteTransport | None = None
         self.mux = Mux(self.send)
-        self.kernel: asyncio.subprocess.Process | None = None
+        self.kernel: subprocess.Popen | None = None
+        self.kernel_exit = self.loop.create_future()
         self.launched = asyncio.Event()
         self.launch: dict = {}
         self.done = self.loop.create_future()
@@ -106,11 +108,11 @@ class Agent(asyncio.Protocol):
         os.chown(connection_file, uid, gid)
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
-        self.kernel = await asyncio.create_subprocess_exec(
-            *argv,
+        self.kernel = subprocess.Popen(
+            argv,
             env=spec["env"],
             cwd=spec["cwd"],
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=sys.stderr,
             stderr=sys.stderr,
             user=uid,
@@ -119,13 +121,30 @@ class Agent(asyncio.Protocol):
             start_new_session=True,
             umask=0o077,
         )
+        self.reap_children()  # in case it ended before the handler could see it
+
+    def reap_children(self) -> None:
+        """As PID 1, collect every exited process: orphans too, or they pile up as zombies."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.kernel is not None and pid == self.kernel.pid:
+                code = os.waitstatus_to_exitcode(status)
+                self.kernel.returncode = code
+                if not self.kernel_exit.done():
+                    # a shell's convention: 128 + signal number for a killed kernel
+                    self.kernel_exit.set_result(128 - code if code < 0 else code)
 
     def signal_kernel(self, signum: int) -> None:
         if self.kernel is None or self.kernel.returncode is not None:
             return
         try:
             os.killpg(self.kernel.pid, signum)
-        except (ProcessLookupError, PermissionError, ValueError) as e:
+        except (OSError, ValueError) as e:
             log(f"signal {signum} not delivered: {e}")
 
     # -- streams ----------------------------------------------------------
@@ -173,22 +192,21 @@ class Agent(asyncio.Protocol):
         await asyncio.wait([launched, self.done], return_when=asyncio.FIRST_COMPLETED)
         if self.done.done():
             return self.done.result()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap_children)
         try:
             await self.start_kernel()
-        except (OSError, KeyError, TypeError, ValueError) as e:
+        except (OSError, KeyError, TypeError, ValueError, subprocess.SubprocessError) as e:
             self.send(encode_json(Kind.ERROR, {"error": f"cannot start the kernel: {e}"}))
             await self.drain()
             return 127
         assert self.kernel is not None
         self.send(encode_json(Kind.STARTED, {"pid": self.kernel.pid}))
-        exited = loop.create_task(self.kernel.wait())
-        await asyncio.wait([exited, self.done], return_when=asyncio.FIRST_COMPLETED)
-        if not exited.done():  # the host went away: take the kernel down with us
+        await asyncio.wait([self.kernel_exit, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if not self.kernel_exit.done():  # the host went away: take the kernel down with us
             self.signal_kernel(signal.SIGKILL)
-            await exited
+            await self.kernel_exit
             return self.done.result()
-        status = self.kernel.returncode
-        status = 128 - status if status < 0 else status
+        status = self.kernel_exit.result()
         self.mux.close_all()
         self.send(encode_json(Kind.EXIT, {"status": status}))
         await self.drain()

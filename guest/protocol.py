@@ -29,7 +29,9 @@ MAX_PAYLOAD = 64 * 1024
 WINDOW = 512 * 1024
 """Initial credit of each stream in each direction, in bytes."""
 MAX_CONTROL_PAYLOAD = 1024 * 1024
-"""Upper bound for the LAUNCH message, the only large control frame (host to guest)."""
+"""Frame bound for what the host sends: its LAUNCH message may be larger than a DATA frame."""
+MAX_GUEST_CONTROL = 4096
+"""Bound for the guest's JSON frames (HELLO, STARTED, EXIT, ERROR)."""
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
@@ -69,7 +71,7 @@ class Frame:
         """Decode a JSON payload, or raise ProtocolError."""
         try:
             value = json.loads(self.payload)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ProtocolError(f"{self.kind.name} payload is not JSON") from e
         if not isinstance(value, dict):
             raise ProtocolError(f"{self.kind.name} payload is not a JSON object")
@@ -92,15 +94,6 @@ def encode(kind: Kind, stream: int = 0, payload: bytes = b"") -> bytes:
 
 def encode_json(kind: Kind, value: dict, stream: int = 0) -> bytes:
     return encode(kind, stream, json.dumps(value, separators=(",", ":")).encode())
-
-
-def encode_data(stream: int, data: bytes) -> Iterator[bytes]:
-    """Split `data` into DATA frames no larger than MAX_PAYLOAD."""
-    view = memoryview(data)
-    for start in range(0, len(view), MAX_PAYLOAD):
-        chunk = view[start : start + MAX_PAYLOAD]
-        yield HEADER.pack(Kind.DATA, stream, len(chunk))
-        yield chunk
 
 
 class FrameReader:

@@ -71,7 +71,8 @@ class Stream(asyncio.Protocol):
         self.send_credit = WINDOW
         self.unsent = b""
         self.reading_paused = False
-        self.pending: list[bytes] = []  # peer data that arrived before the local socket connected
+        self.outbox: list[bytes] = []  # peer data not yet written to the local socket
+        self.flush_scheduled = False
         self.unacked = 0  # bytes received from the peer and not yet acknowledged
         self.owed = 0  # bytes written locally whose credit is not yet returned
         self.writing_paused = False
@@ -85,9 +86,7 @@ class Stream(asyncio.Protocol):
         if self.closed:
             transport.close()
             return
-        for data in self.pending:
-            self._write_local(data)
-        self.pending.clear()
+        self._flush_local()
 
     def data_received(self, data: bytes) -> None:
         if self.unsent:
@@ -121,15 +120,21 @@ class Stream(asyncio.Protocol):
     # -- peer side --------------------------------------------------------
 
     def peer_data(self, payload: bytes) -> None:
+        if not payload:
+            raise ProtocolError(f"empty DATA on stream {self.sid}")
         self.unacked += len(payload)
         if self.unacked > WINDOW:
             raise ProtocolError(f"stream {self.sid} sent beyond its credit window")
-        if self.transport is None:
-            self.pending.append(payload)
-        else:
-            self._write_local(payload)
+        # Written once per loop pass: a peer sending many tiny frames costs one
+        # send() per pass, not one per frame.
+        self.outbox.append(payload)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_local)
 
     def peer_credit(self, n: int) -> None:
+        if n == 0:
+            raise ProtocolError(f"zero CREDIT on stream {self.sid}")
         self.send_credit += n
         if self.send_credit > WINDOW:
             raise ProtocolError(f"stream {self.sid} granted credit beyond its window")
@@ -138,13 +143,21 @@ class Stream(asyncio.Protocol):
     def peer_closed(self) -> None:
         self.closed = True
         if self.transport is not None:
+            self._flush_local()
             self.transport.close()  # flushes what is buffered first
 
     # -- internals --------------------------------------------------------
 
-    def _write_local(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    def _flush_local(self) -> None:
+        self.flush_scheduled = False
+        transport = self.transport
+        if transport is None or not self.outbox:
+            return  # not connected yet: connection_made flushes
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        if transport.is_closing():
+            return
+        transport.write(data)
         self.owed += len(data)
         self._ack()
 

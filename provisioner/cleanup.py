@@ -23,8 +23,7 @@ _once = threading.Lock()
 _done = False
 
 
-def reap(record: Record, log: logging.Logger) -> None:
-    """Remove one sandbox's container, root mount, cgroup and bundle."""
+def _reap(record: Record, log: logging.Logger) -> None:
     gvisor.reap(record, log)
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
 
@@ -45,20 +44,25 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
     for record in records():
         known.add(record.sandbox_id)
         if include_live or not record.owner_alive():
-            reap(record, log)
+            _reap(record, log)
             reaped.append(record.sandbox_id)
     # Folders without a readable record (past the moment a starting sandbox writes
     # its record), then containers without a folder.
     if sandboxes_dir().is_dir():
         for folder in sandboxes_dir().iterdir():
             if folder.name not in known and time.time() - folder.stat().st_mtime > UNRECORDED_GRACE:
-                reap(_unrecorded(folder.name), log)
+                _reap(_unrecorded(folder.name), log)
                 reaped.append(folder.name)
     runsc = shutil.which("runsc")
     if runsc and runsc_root().is_dir():
         for sandbox_id in run_runsc(runsc, "list", "--quiet").stdout.split():
-            if sandbox_id.startswith("jsb-") and sandbox_id not in known | set(reaped):
-                reap(_unrecorded(sandbox_id), log)
+            # A starting sandbox has its folder before runsc knows it: spare those.
+            if (
+                sandbox_id.startswith("jsb-")
+                and sandbox_id not in known | set(reaped)
+                and not (sandboxes_dir() / sandbox_id).exists()
+            ):
+                _reap(_unrecorded(sandbox_id), log)
                 reaped.append(sandbox_id)
     return reaped
 

@@ -28,8 +28,13 @@ class Console(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     async def attach(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: self, os.fdopen(fd, "rb", buffering=0))
+        """Read `fd` from now on; it is the console's to close, even if this fails."""
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        try:
+            await asyncio.get_running_loop().connect_read_pipe(lambda: self, pipe)
+        except BaseException:
+            pipe.close()
+            raise
 
     def data_received(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")

@@ -33,9 +33,6 @@ def io_loop() -> asyncio.AbstractEventLoop:
 async def run_on_io(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro` on the shared loop and await its result from any loop."""
     loop = io_loop()
-    try:
-        if asyncio.get_running_loop() is loop:
-            return await coro
-    except RuntimeError:
-        pass
+    if asyncio.get_running_loop() is loop:
+        return await coro
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

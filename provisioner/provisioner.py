@@ -9,7 +9,6 @@ stays reachable whichever loop, if any, the caller runs.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import uuid
 from pathlib import Path
@@ -32,27 +31,12 @@ from .tunnel import Tunnel, TunnelError
 GUEST_HOME = "/home/sandbox"
 GUEST_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 FALLBACK_UID = 1000
-SYSTEM_DIRS = frozenset(
-    [
-        "/",
-        "/bin",
-        "/boot",
-        "/dev",
-        "/etc",
-        "/lib",
-        "/lib64",
-        "/opt",
-        "/proc",
-        "/run",
-        "/sbin",
-        "/sys",
-        "/usr",
-        "/var",
-        "/tmp",
-        "/home",
-    ]
-)
-"""Folders never mounted as a kernel's workspace: they would expose the host."""
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+                "/run", "/sbin", "/sys", "/usr", "/var/lib", "/var/run", "/var/log", "/var/cache",
+                "/var/spool", "/var/tmp")  # fmt: skip
+"""Folders that are never mounted as a kernel's workspace, nor is anything inside them."""
+SYSTEM_DIRS = frozenset({"/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp", "/var"})
+"""Folders never mounted themselves (their subfolders may be)."""
 
 
 class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -140,7 +124,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise SettingError(str(e)) from None
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
-        self.exit_status: int | None = None
         self.ports_cached = False
         self.sandbox_id = ""
 
@@ -168,6 +151,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"sandboxed kernels listen on the loopback interface only, not {km.ip!r}; "
                 "set the KernelManager's ip to 127.0.0.1"
             )
+        # CurveZMQ needs keys in the kernel's connection file, which the agent
+        # writes in the guest; until it passes them on, kernels run without it.
         kwargs.pop("transport_encryption", None)
         extra_arguments = kwargs.pop("extra_arguments", [])
         if km.cache_ports and not self.ports_cached:
@@ -185,7 +170,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.workspace == "none":
             return GUEST_HOME, (), None
         path = Path(cwd or Path.cwd()).resolve()
-        if str(path) in SYSTEM_DIRS or str(path).startswith(("/proc/", "/sys/", "/dev/", "/run/")):
+        if str(path) in SYSTEM_DIRS or any(path.is_relative_to(tree) for tree in SYSTEM_TREES):
             raise SandboxError(
                 f"will not mount {path} into a sandbox: it is a system folder. Start the "
                 "kernel from a project folder, or set workspace = 'none'"
@@ -203,7 +188,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return guest
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        cleanup.collect_stale_once(self.log)
+        await asyncio.to_thread(cleanup.collect_stale_once, self.log)
         rootfs = find_image(self.image)
         cwd, mounts, host_workspace = self._workspace(kwargs.get("cwd"))
         uid = gid = FALLBACK_UID
@@ -250,7 +235,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._start(sandbox, request, self.connection_info["ip"], ports)
         )
         self.sandbox = sandbox
-        self.exit_status = None
         return self.connection_info
 
     async def _start(
@@ -259,22 +243,20 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
         tunnel = Tunnel(self.log, sandbox.spec.sandbox_id, on_broken=sandbox.kill)
         console = Console(self.log, sandbox.spec.sandbox_id)
-        channel = None
         try:
             channel = await sandbox.start()
             await console.attach(channel.console_fd)
             await tunnel.attach(channel.read_fd, channel.write_fd)
-            channel = None
             await tunnel.launch(request, self.startup_timeout)
             await tunnel.listen(ip, ports)
             return tunnel
         except BaseException as e:
             tunnel.close()
-            if channel is not None:
-                for fd in (channel.read_fd, channel.write_fd, channel.console_fd):
-                    os.close(fd)
-            await sandbox.destroy()
-            if isinstance(e, TunnelError | SandboxError):
+            try:
+                await sandbox.destroy()
+            except Exception:
+                self.log.exception("could not remove sandbox %s", sandbox.spec.sandbox_id)
+            if isinstance(e, TunnelError | SandboxError | OSError):
                 await asyncio.wait([console.closed], timeout=2)
                 tail = console.tail_text()
                 detail = f"\n{type(sandbox).__name__} output:\n{tail}" if tail else ""
@@ -285,7 +267,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def has_process(self) -> bool:
-        return self.sandbox is not None and self.exit_status is None
+        return self.sandbox is not None and self.sandbox.poll() is None
 
     async def poll(self) -> int | None:
         if self.sandbox is None:
@@ -295,7 +277,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def wait(self) -> int | None:
         while (status := await self.poll()) is None:
             await asyncio.sleep(0.1)
-        self.exit_status = status
         return status
 
     async def send_signal(self, signum: int) -> None:

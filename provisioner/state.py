@@ -43,7 +43,6 @@ class Record:
     owner_pid: int = field(default_factory=os.getpid)
     owner_start: int | None = field(default_factory=lambda: process_start_time(os.getpid()))
     cgroup: str = ""
-    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:

@@ -21,6 +21,7 @@ from .guest.protocol import (
     CHANNELS,
     FROM_GUEST,
     I32,
+    MAX_GUEST_CONTROL,
     VERSION,
     Frame,
     FrameReader,
@@ -33,6 +34,11 @@ from .guest.streams import Mux, Stream
 
 MAX_STREAMS = 64
 """Concurrent client connections per kernel; more are refused."""
+MAX_UNREAD = 8 * 1024 * 1024
+"""Bytes queued for a guest that does not read its channel before it counts as broken."""
+
+
+_GUEST_JSON = frozenset({Kind.HELLO, Kind.STARTED, Kind.EXIT, Kind.ERROR})
 
 
 class TunnelError(RuntimeError):
@@ -66,7 +72,7 @@ class Tunnel(asyncio.Protocol):
         self.log = log
         self.name = name
         self.on_broken = on_broken
-        """Called once when the guest broke the protocol: stops the sandbox."""
+        """Stops the sandbox; called once the channel is broken or gone."""
         self._tasks: set[asyncio.Task] = set()
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
@@ -74,18 +80,23 @@ class Tunnel(asyncio.Protocol):
         self.servers: list[asyncio.Server] = []
         self.next_sid = 1
         self.closed = False
-        self.exit_status: int | None = None
+        self.transport_in: asyncio.ReadTransport | None = None
         self.broken_reason = ""
         self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
-        """Take over the channel's two pipe ends."""
+        """Take over the channel's two pipe ends: they are the tunnel's to close from now on."""
         loop = asyncio.get_running_loop()
-        self.out, _ = await loop.connect_write_pipe(
-            asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0)
-        )
-        await loop.connect_read_pipe(lambda: self, os.fdopen(read_fd, "rb", buffering=0))
+        reader = os.fdopen(read_fd, "rb", buffering=0)
+        writer = os.fdopen(write_fd, "wb", buffering=0)
+        try:
+            self.out, _ = await loop.connect_write_pipe(asyncio.Protocol, writer)
+            self.transport_in, _ = await loop.connect_read_pipe(lambda: self, reader)
+        except BaseException:
+            reader.close()
+            writer.close()
+            raise
 
     async def launch(self, request: dict, timeout: float) -> int:
         """Hand the kernel's launch to the agent; return the kernel's pid in the guest."""
@@ -122,8 +133,13 @@ class Tunnel(asyncio.Protocol):
         return True
 
     def send(self, frame: bytes) -> None:
-        if self.out is not None and not self.closed and not self.out.is_closing():
-            self.out.write(frame)
+        out = self.out
+        if out is None or self.closed or out.is_closing():
+            return
+        if out.get_write_buffer_size() > MAX_UNREAD:
+            self._broken(f"the guest stopped reading its channel ({MAX_UNREAD} bytes queued)")
+            return
+        out.write(frame)
 
     def close(self) -> None:
         """Stop listening, drop every stream and let go of the channel. Idempotent."""
@@ -143,9 +159,6 @@ class Tunnel(asyncio.Protocol):
 
     # -- channel input (asyncio.Protocol) ----------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport_in = transport
-
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
@@ -154,15 +167,22 @@ class Tunnel(asyncio.Protocol):
                 self._on_frame(frame)
         except ProtocolError as e:
             self._broken(f"protocol violation from the guest: {e}")
+        except Exception as e:  # guest input must never raise into the loop
+            self._broken(f"unhandled guest input ({type(e).__name__}: {e})")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport_in is not None:
+            self.transport_in.close()
         if not self.closed:
+            # The agent let go of its channel: the kernel is gone or unreachable.
             self.log.debug("sandbox %s closed its channel", self.name)
-        self.transport_in.close()
-        self.close()
+            self.close()
+            self._stop_sandbox()
 
     def _on_frame(self, frame: Frame) -> None:
         kind = frame.kind
+        if kind in _GUEST_JSON and len(frame.payload) > MAX_GUEST_CONTROL:
+            raise ProtocolError(f"{kind.name} frame of {len(frame.payload)} bytes")
         if kind is Kind.HELLO:
             version = frame.json().get("version")
             if version != VERSION:
@@ -181,7 +201,7 @@ class Tunnel(asyncio.Protocol):
                 self._started.set_exception(TunnelError(error))
         elif kind is Kind.EXIT:
             status = frame.json().get("status")
-            self.exit_status = status if isinstance(status, int) else None
+            self.log.info("sandbox %s: the kernel exited with status %r", self.name, status)
         else:
             self.mux.on_frame(frame)
 
@@ -196,9 +216,14 @@ class Tunnel(asyncio.Protocol):
         return stream
 
     def _broken(self, reason: str) -> None:
+        if self.closed:
+            return
         self.log.error("sandbox %s: %s; closing its tunnel", self.name, reason)
-        self.close()
         self.broken_reason = reason
+        self.close()
+        self._stop_sandbox()
+
+    def _stop_sandbox(self) -> None:
         task = asyncio.get_running_loop().create_task(self.on_broken())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -44,17 +44,18 @@ def require_sandbox() -> None:
 
 def our_sandboxes() -> set[str]:
     """Sandboxes recorded by this test process, plus containers runsc knows with no record."""
-    recorded = {r.sandbox_id: r.owner_pid for r in records()}
-    mine = {sid for sid, pid in recorded.items() if pid == os.getpid()}
-    if runsc_root().is_dir():
+    listing = []
+    if runsc_root().is_dir():  # listed before the records are read: a sandbox
+        # starting meanwhile has its record by then, so it is not taken for an orphan
         listing = subprocess.run(
             ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
             capture_output=True,
             text=True,
             check=False,
         ).stdout.split()
-        mine |= {sid for sid in listing if sid not in recorded}
-    return mine
+    recorded = {r.sandbox_id: r.owner_pid for r in records()}
+    mine = {sid for sid, pid in recorded.items() if pid == os.getpid()}
+    return mine | {sid for sid in listing if sid not in recorded}
 
 
 def leftover_cgroups() -> list[Path]:

@@ -109,10 +109,11 @@ async def test_missing_image_points_to_image_build(no_leftovers, workspace):
         await km.start_kernel(cwd=str(workspace))
 
 
-async def test_system_folder_is_never_mounted(no_leftovers):
+@pytest.mark.parametrize("folder", ["/etc", "/usr/local", "/var/lib", "/", "/home", "/tmp"])
+async def test_system_folder_is_never_mounted(no_leftovers, folder):
     km = make_km({})
     with pytest.raises(SandboxError, match="system folder"):
-        await km.start_kernel(cwd="/etc")
+        await km.start_kernel(cwd=folder)
 
 
 async def test_kernel_that_cannot_start_is_reported_and_removed(no_leftovers, tmp_path, workspace):

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import time
 
+import zmq
 from conftest import execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from provisioner.guest.protocol import CHANNELS
@@ -103,23 +104,35 @@ async def test_flood_does_not_hold_up_heartbeat_control_or_interrupt(kc, km):
     )
     await asyncio.sleep(2)
     assert not flood.done()
-    # control channel: a kernel_info_request answered while iopub floods
+    # heartbeat: echoed by the kernel's own thread, so this times the tunnel under the flood
+    hb = zmq.Context.instance().socket(zmq.REQ)
+    hb.linger = 0
+    hb.connect(f"tcp://127.0.0.1:{km.hb_port}")
+    echoes = []
+    try:
+        for _ in range(10):
+            started = time.monotonic()
+            hb.send(b"ping")
+            assert await asyncio.to_thread(hb.recv) == b"ping"
+            echoes.append(time.monotonic() - started)
+    finally:
+        hb.close()
+    # control: a kernel_info_request answered while iopub floods (the kernel's own
+    # control thread competes with the flooding one for the GIL, so allow seconds)
     started = time.monotonic()
     msg = kc.session.msg("kernel_info_request")
     kc.control_channel.send(msg)
     while True:
-        reply = await asyncio.wait_for(kc.control_channel.get_msg(), 10)
+        reply = await asyncio.wait_for(kc.control_channel.get_msg(), 20)
         if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
             break
     control_latency = time.monotonic() - started
-    assert kc.hb_channel.is_beating()
-    started = time.monotonic()
     await km.interrupt_kernel()
     content, text, _ = await asyncio.wait_for(flood, 60)
     assert content["ename"] == "KeyboardInterrupt"
     assert len(text) > 1_000_000  # it really flooded
-    assert control_latency < 2.0
-    assert time.monotonic() - started < 30
+    assert sorted(echoes)[5] < 0.5, echoes
+    assert control_latency < 10
 
 
 async def test_sync_manager_cleans_up(no_leftovers, workspace):
@@ -162,3 +175,20 @@ async def test_memory_limit_kills_an_overallocating_kernel(no_leftovers, workspa
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+async def test_orphans_are_reaped_by_the_agent(kc):
+    """Background processes whose parent exits land on PID 1, which must collect them."""
+    _, text, _ = await execute(
+        kc,
+        "import subprocess, time\n"
+        "for _ in range(20):\n"
+        "    subprocess.run('sleep 0.1 &', shell=True)\n"
+        "time.sleep(1.5)\n"
+        "states = [open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0]\n"
+        "          for p in __import__('os').listdir('/proc') if p.isdigit()]\n"
+        "print(len(states), states.count('Z'))",
+    )
+    processes, zombies = map(int, text.split())
+    assert processes >= 2  # the listing really saw the sandbox's processes
+    assert zombies == 0

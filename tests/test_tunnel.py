@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from provisioner.guest.protocol import (
     FROM_GUEST,
     HEADER,
+    MAX_GUEST_CONTROL,
     MAX_PAYLOAD,
     FrameReader,
     Kind,
@@ -162,6 +163,8 @@ async def test_relays_bytes_both_ways(tunnel_and_guest):
         (encode(Kind.DATA, 4242, b"x"), "never opened"),
         (encode(Kind.SIGNAL, 0, b"\0\0\0\x09"), "not allowed"),
         (encode(Kind.HELLO, 0, b"not json"), "not JSON"),
+        (encode(Kind.EXIT, 0, b"[" * 4000), "not JSON"),  # nesting that breaks json.loads
+        (encode(Kind.ERROR, 0, b" " * (MAX_GUEST_CONTROL + 1)), "ERROR frame of"),
     ],
 )
 async def test_forged_frame_closes_only_this_tunnel(tunnel_and_guest, forged, reason, caplog):
@@ -205,3 +208,49 @@ async def test_connections_beyond_the_stream_limit_are_refused(tunnel_and_guest)
         w.close()
     writer.close()
     assert not broken
+
+
+async def wait_broken(broken: list[str], seconds: float = 5) -> None:
+    for _ in range(int(seconds * 100)):
+        if broken:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (lambda sid: encode(Kind.DATA, sid), "empty DATA"),
+        (lambda sid: encode(Kind.CREDIT, sid, b"\0\0\0\0"), "zero CREDIT"),
+    ],
+)
+async def test_degenerate_frames_on_an_open_stream_are_violations(tunnel_and_guest, frame, reason):
+    _tunnel, guest, ports, broken = tunnel_and_guest
+    _reader, writer = await asyncio.open_connection("127.0.0.1", ports["shell"])
+    sid = (await guest.frames())[0].stream
+    await guest.write(frame(sid))
+    await wait_broken(broken)
+    assert broken and reason in broken[0]
+    writer.close()
+
+
+async def test_a_guest_that_stops_reading_is_cut_off(tunnel_and_guest):
+    """Clients keep sending; the guest never reads: queued bytes stay bounded."""
+    tunnel, _guest, ports, broken = tunnel_and_guest
+    clients = [await asyncio.open_connection("127.0.0.1", ports["shell"]) for _ in range(24)]
+    for _reader, writer in clients:
+        writer.write(b"z" * (512 * 1024))
+    await wait_broken(broken, 10)
+    assert broken and "stopped reading" in broken[0]
+    assert tunnel.closed
+    for _reader, writer in clients:
+        writer.close()
+
+
+async def test_a_guest_that_closes_its_channel_gets_its_sandbox_stopped(tunnel_and_guest):
+    tunnel, guest, _ports, broken = tunnel_and_guest
+    os.close(guest.to_host_w)
+    guest.to_host_w = -1
+    await wait_broken(broken)
+    assert broken == [""]  # stopped, though nothing was violated
+    assert tunnel.closed

@@ -134,7 +134,7 @@ class GVisorSandbox(Sandbox):
     async def start(self) -> Channel:
         self.record.save()
         bundle = self.record.directory
-        root = rootfs.mount(self.spec.rootfs, bundle)
+        root = await asyncio.to_thread(rootfs.mount, self.spec.rootfs, bundle)
         config = oci_spec(self.spec, root, self.record.cgroup)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ class GVisorSandbox(Sandbox):
         return proc.returncode or 0, out.decode(errors="replace").strip()
 
     async def kill(self) -> None:
-        if self.poll() is None:
+        if self.process is not None and self.poll() is None:
             code, out = await self._runsc("kill", "--all", self.spec.sandbox_id, "KILL")
             if code:
                 self.log.debug("runsc kill %s: %s", self.spec.sandbox_id, out)
@@ -208,9 +208,16 @@ def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
     """Remove a sandbox's container state, root mount, cgroup and bundle, whoever made it."""
     runsc = shutil.which(runsc) or runsc
     if runsc_root().is_dir():
-        result = run_runsc(runsc, "delete", "--force", record.sandbox_id)
-        output = result.stdout + result.stderr
-        if result.returncode and "does not exist" not in output and "not found" not in output:
-            log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
-    cgroups.remove(record.cgroup)
-    record.remove()
+        try:
+            result = run_runsc(runsc, "delete", "--force", record.sandbox_id)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("runsc delete %s: %s", record.sandbox_id, e)
+        else:
+            output = result.stdout + result.stderr
+            if result.returncode and "does not exist" not in output and "not found" not in output:
+                log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
+    cgroups.remove(record.cgroup)  # never raises: what cannot go yet is left for gc
+    try:
+        record.remove()
+    except OSError as e:
+        log.warning("could not remove the folder of sandbox %s: %s", record.sandbox_id, e)
