@@ -47,6 +47,30 @@ def memory_usage(cgroup: str) -> int | None:
     return None
 
 
+def cpu_seconds(cgroup: str) -> float | None:
+    """CPU time used by `cgroup` so far, in seconds, or None if it is not there."""
+    rel = cgroup.strip("/")
+    with contextlib.suppress(OSError, ValueError):
+        if is_v2():
+            stat = (ROOT / rel / "cpu.stat").read_text().split()
+            return int(stat[stat.index("usage_usec") + 1]) / 1e6
+        for controller in ("cpuacct", "cpu,cpuacct"):
+            path = ROOT / controller / rel / "cpuacct.usage"
+            if path.exists():
+                return int(path.read_text()) / 1e9
+    return None
+
+
+def oom_kills(cgroup: str) -> int:
+    """How often the host's OOM killer struck inside `cgroup` (0 if unknown)."""
+    rel = cgroup.strip("/")
+    for path in (ROOT / rel / "memory.events", ROOT / "memory" / rel / "memory.oom_control"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = path.read_text().split()
+            return int(fields[fields.index("oom_kill") + 1])
+    return 0
+
+
 def remove(cgroup: str) -> None:
     """Remove what is left of `cgroup` (children first). Only empty cgroups can go."""
     for path in directories(cgroup):

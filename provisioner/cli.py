@@ -6,7 +6,7 @@ import sys
 import time
 
 from jupyter_core.application import JupyterApp
-from traitlets import Bool, Unicode
+from traitlets import Bool, Float, Unicode
 
 from . import cgroups, cleanup, doctor
 from .images import ImageError, build_image
@@ -84,13 +84,19 @@ class ImageApp(_Sub):
 
 class PsApp(_Sub):
     name = "jupyter-sandbox-ps"
-    description = "List live sandboxes: kernel id, backend, age, memory."
+    description = "List live sandboxes: kernel id, backend, age, CPU, memory, owning server."
+    interval = Float(0.5, config=True, help="Seconds over which the CPU use is measured.")
 
     def start(self) -> None:
+        found = records()
+        before = {r.sandbox_id: cgroups.cpu_seconds(r.cgroup) for r in found}
+        time.sleep(self.interval)
         now = time.time()
-        rows = [("SANDBOX", "KERNEL", "BACKEND", "AGE", "MEMORY", "OWNER")]
-        for record in records():
+        rows = [("SANDBOX", "KERNEL", "BACKEND", "AGE", "CPU", "MEMORY", "OWNER")]
+        for record in found:
             memory = cgroups.memory_usage(record.cgroup)
+            used, was = cgroups.cpu_seconds(record.cgroup), before[record.sandbox_id]
+            cpu = "-" if used is None or was is None else f"{(used - was) / self.interval:.0%}"
             owner = str(record.owner_pid) if record.owner_alive() else f"{record.owner_pid} (gone)"
             rows.append(
                 (
@@ -98,6 +104,7 @@ class PsApp(_Sub):
                     record.kernel_id,
                     record.backend,
                     f"{now - record.created:.0f}s",
+                    cpu,
                     format_size(memory) if memory else "-",
                     owner,
                 )

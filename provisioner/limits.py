@@ -46,12 +46,16 @@ class Limits:
     """Bytes of RAM plus swap for every process of the sandbox, the runtime included."""
     pids: int | None = None
     """Processes and threads inside the sandbox."""
+    disk: int = 1 << 30
+    """Bytes of the sandbox's writable layer (memory-backed: it counts as memory too)."""
+    open_files: int = 4096
+    """Open file descriptors per process in the sandbox."""
 
     def describe(self) -> str:
         cpu = f"{self.cpu:g} CPU" if self.cpu else "unlimited CPU"
         memory = f"{format_size(self.memory)} memory" if self.memory else "unlimited memory"
         pids = f"{self.pids} processes" if self.pids else "unlimited processes"
-        return f"{cpu}, {memory}, {pids}"
+        return f"{cpu}, {memory}, {pids}, {format_size(self.disk)} disk, {self.open_files} files"
 
 
 def check_cpu(value: float) -> float:

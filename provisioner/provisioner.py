@@ -58,6 +58,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "2G", config=True, help='Memory for the whole sandbox, swap counted: "512M", "2G".'
     )
     pids_limit = Int(512, config=True, help="Processes and threads the sandbox may have.")
+    disk_limit = Unicode(
+        "1G",
+        config=True,
+        help='Size of the sandbox\'s writable layer ("512M", "2G"); it is memory, and counts '
+        "toward memory_limit too.",
+    )
+    open_files_limit = Int(4096, config=True, help="Open files per process in the sandbox.")
     env = Dict(
         value_trait=Unicode(),
         config=True,
@@ -79,12 +86,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
     )
 
-    @validate("memory_limit")
-    def _check_memory(self, proposal: dict) -> str:
+    @validate("memory_limit", "disk_limit")
+    def _check_size(self, proposal: dict) -> str:
         try:
             limits.parse_size(proposal["value"])
         except ValueError as e:
-            raise TraitError(f"invalid memory_limit: {e}") from None
+            raise TraitError(f"invalid {proposal['trait'].name}: {e}") from None
         return proposal["value"]
 
     @validate("cpu_limit")
@@ -94,13 +101,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except ValueError as e:
             raise TraitError(f"invalid cpu_limit: {e}") from None
 
-    @validate("pids_limit")
-    def _check_pids(self, proposal: dict) -> int:
-        if proposal["value"] < 16:
-            raise TraitError(
-                f"invalid pids_limit: expected an integer >= 16, got {proposal['value']}"
-            )
-        return proposal["value"]
+    @validate("pids_limit", "open_files_limit")
+    def _check_count(self, proposal: dict) -> int:
+        name, value = proposal["trait"].name, proposal["value"]
+        if value < 64:
+            raise TraitError(f"invalid {name}: expected an integer >= 64, got {value}")
+        return value
 
     @validate("kernel_uid")
     def _check_uid(self, proposal: dict) -> int | None:
@@ -124,6 +130,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise SettingError(str(e)) from None
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
+        self.stop_reason = ""
+        """Why the sandbox was stopped by a limit, once it was."""
         self.ports_cached = False
         self.sandbox_id = ""
 
@@ -140,6 +148,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             cpu=self.cpu_limit,
             memory=limits.parse_size(self.memory_limit),
             pids=self.pids_limit,
+            disk=limits.parse_size(self.disk_limit),
+            open_files=self.open_files_limit,
         )
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -235,6 +245,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._start(sandbox, request, self.connection_info["ip"], ports)
         )
         self.sandbox = sandbox
+        self.stop_reason = ""
         return self.connection_info
 
     async def _start(
@@ -270,9 +281,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.sandbox is not None and self.sandbox.poll() is None
 
     async def poll(self) -> int | None:
-        if self.sandbox is None:
+        sandbox = self.sandbox
+        if sandbox is None:
             return 0
-        return self.sandbox.poll()
+        status = sandbox.poll()
+        if not self.stop_reason and sandbox.out_of_memory():
+            self.stop_reason = f"the kernel exceeded its memory limit ({self.memory_limit})"
+            self.log.error("kernel %s: %s; stopping its sandbox", self.kernel_id, self.stop_reason)
+            if status is None:
+                await run_on_io(sandbox.kill())
+        return status
 
     async def wait(self) -> int | None:
         while (status := await self.poll()) is None:
@@ -328,9 +346,18 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await super().load_provisioner_info(provisioner_info)
         self.sandbox_id = provisioner_info.get("sandbox_id", "")
 
-    def memory_usage(self) -> int | None:
-        """Bytes used by every process of this kernel's sandbox."""
-        return None if self.sandbox is None else self.sandbox.memory_usage()
+    def usage(self) -> dict[str, float | int | None]:
+        """What this kernel's whole sandbox uses now: for a status bar or a server extension.
+
+        `memory` in bytes, `cpu_seconds` since the sandbox started, and the limits.
+        """
+        sandbox = self.sandbox
+        return {
+            "memory": None if sandbox is None else sandbox.memory_usage(),
+            "cpu_seconds": None if sandbox is None else sandbox.cpu_seconds(),
+            "memory_limit": limits.parse_size(self.memory_limit),
+            "cpu_limit": self.cpu_limit,
+        }
 
 
 class GVisorProvisioner(SandboxProvisioner):

@@ -1,9 +1,9 @@
-"""Each sandbox's own view of the guest image: a host overlay mount over it.
+"""Each sandbox's own root: an overlay of the read-only image with a writable layer.
 
-runsc creates missing mount points (a workspace's path) in the root folder it is
-given, on the host, before the sandbox's own memory layer exists. Giving it a
-per-sandbox overlay keeps those folders, and anything else, out of the shared
-image: the image stays read-only and one tenant's paths never show in another's.
+The writable layer lives on a tmpfs of `disk_limit` bytes, so a kernel that fills
+its disk gets ENOSPC, and the layer goes away with the sandbox. runsc also makes
+missing mount points (a workspace's path) here, on the host: with a root of its
+own per sandbox, those never reach the shared image or another tenant's view.
 """
 
 from __future__ import annotations
@@ -20,38 +20,39 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in mounts)
 
 
-def mount(image: Path, bundle: Path) -> Path:
-    """Mount `bundle`/rootfs as an overlay of `image` with a throwaway upper layer."""
-    root, upper, work = bundle / "rootfs", bundle / "upper", bundle / "work"
-    for folder in (root, upper, work):
-        folder.mkdir(mode=0o700, exist_ok=True)
-    upper.chmod(image.stat().st_mode & 0o7777)  # the merged root takes the upper's mode
-    options = f"lowerdir={image},upperdir={upper},workdir={work}"
-    result = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _mount(argv: list[str], what: str) -> None:
+    result = subprocess.run(["mount", *argv], capture_output=True, text=True, check=False)
     if result.returncode:
-        raise OSError(f"cannot mount the sandbox's root over {image}: {result.stderr.strip()}")
+        raise OSError(f"cannot mount {what}: {result.stderr.strip()}")
+
+
+def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
+    """Mount `bundle`/rootfs: `image` under a writable layer of at most `disk_limit` bytes."""
+    root, layer = bundle / "rootfs", bundle / "layer"
+    for folder in (root, layer):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    _mount(["-t", "tmpfs", "-o", f"size={disk_limit},mode=0700", "tmpfs", str(layer)],
+           "the sandbox's writable layer")  # fmt: skip
+    upper, work = layer / "upper", layer / "work"
+    upper.mkdir(mode=image.stat().st_mode & 0o7777)  # the merged root takes the upper's mode
+    work.mkdir(mode=0o700)
+    options = f"lowerdir={image},upperdir={upper},workdir={work}"
+    _mount(["-t", "overlay", "overlay", "-o", options, str(root)], f"a root over {image}")
     return root
 
 
-def unmount(bundle: Path) -> None:
-    """Undo `mount`, if it is mounted; safe to call at any point of a failed start."""
-    root = bundle / "rootfs"
-    if root.exists() and _mounted(root):
-        subprocess.run(["umount", str(root)], capture_output=True, check=False)
-        if _mounted(root):  # still busy: detach now, the kernel frees it when the last user goes
-            subprocess.run(["umount", "--lazy", str(root)], capture_output=True, check=False)
+def _unmount(path: Path) -> None:
+    if path.exists() and _mounted(path):
+        subprocess.run(["umount", str(path)], capture_output=True, check=False)
+        if _mounted(path):  # still busy: detach now, the kernel frees it when the last user goes
+            subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
 
 
 def remove_bundle(bundle: Path) -> None:
-    """Unmount and delete a sandbox's folder, never descending into a mounted root."""
-    unmount(bundle)
-    root = bundle / "rootfs"
-    if root.exists() and _mounted(root):
-        raise OSError(f"{root} is still mounted; not removing {bundle}")
+    """Unmount and delete a sandbox's folder, never descending into a mounted root or layer."""
+    for mounted in (bundle / "rootfs", bundle / "layer"):
+        _unmount(mounted)
+        if mounted.exists() and _mounted(mounted):
+            raise OSError(f"{mounted} is still mounted; not removing {bundle}")
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(bundle)

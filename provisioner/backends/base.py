@@ -78,3 +78,11 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     def memory_usage(self) -> int | None:
         """Bytes of memory charged to the whole sandbox, if known."""
+
+    @abc.abstractmethod
+    def out_of_memory(self) -> bool:
+        """Whether the host's OOM killer struck inside the sandbox. Must be cheap."""
+
+    @abc.abstractmethod
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by the whole sandbox so far, if known."""

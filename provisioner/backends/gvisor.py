@@ -27,6 +27,11 @@ AGENT_CAPABILITIES = [
 CPU_PERIOD_US = 100_000
 
 
+def host_pids_limit(guest_pids: int) -> int:
+    """Host tasks for a sandbox whose guest may have `guest_pids` tasks (measured, with margin)."""
+    return 2 * guest_pids + 256
+
+
 def find_runsc(path: str) -> str:
     found = shutil.which(path)
     if found is None:
@@ -51,7 +56,9 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
     if limits.cpu:
         resources["cpu"] = {"quota": int(limits.cpu * CPU_PERIOD_US), "period": CPU_PERIOD_US}
     if limits.pids:
-        resources["pids"] = {"limit": limits.pids}
+        # The host counts gVisor's own threads and stub processes here; the guest's
+        # processes are held by RLIMIT_NPROC below, and this is only the backstop.
+        resources["pids"] = {"limit": host_pids_limit(limits.pids)}
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
@@ -61,7 +68,6 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
         {
             "destination": AGENT_DIR,
@@ -90,10 +96,17 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
                 key: AGENT_CAPABILITIES for key in ("bounding", "effective", "permitted")
             },
             "noNewPrivileges": True,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "hard": limits.open_files, "soft": limits.open_files},
+                # per uid, processes and threads: binds the kernel, not the root agent
+                *(
+                    [{"type": "RLIMIT_NPROC", "hard": limits.pids, "soft": limits.pids}]
+                    if limits.pids
+                    else []
+                ),
+            ],
         },
-        # The sandbox's own overlay of the image (see rootfs.py). Not read-only:
-        # runsc adds a memory-backed writable layer (--overlay2=root:memory).
+        # The sandbox's own overlay of the image, writable up to disk_limit (rootfs.py).
         "root": {"path": str(root), "readonly": False},
         "hostname": "sandbox",
         "mounts": mounts,
@@ -127,14 +140,16 @@ class GVisorSandbox(Sandbox):
             f"--root={runsc_root()}",
             f"--platform={self.platform}",
             "--network=none",
-            "--overlay2=root:memory",
+            "--overlay2=none",  # the writable layer is the host overlay (see rootfs.py)
             *args,
         ]
 
     async def start(self) -> Channel:
         self.record.save()
         bundle = self.record.directory
-        root = await asyncio.to_thread(rootfs.mount, self.spec.rootfs, bundle)
+        root = await asyncio.to_thread(
+            rootfs.mount, self.spec.rootfs, bundle, self.spec.limits.disk
+        )
         config = oci_spec(self.spec, root, self.record.cgroup)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,6 +178,14 @@ class GVisorSandbox(Sandbox):
 
     def memory_usage(self) -> int | None:
         return cgroups.memory_usage(self.record.cgroup)
+
+    def cpu_seconds(self) -> float | None:
+        return cgroups.cpu_seconds(self.record.cgroup)
+
+    def out_of_memory(self) -> bool:
+        # The OOM killer may pick one of gVisor's helper processes and leave the
+        # sandbox alive but wedged; the provisioner then stops it as a whole.
+        return cgroups.oom_kills(self.record.cgroup) > 0
 
     async def _runsc(self, *args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
