@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from conftest import KERNEL, execute
@@ -30,6 +32,9 @@ async def kernel(workspace, **settings) -> AsyncIterator[tuple[AsyncIOLoopKernel
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+JUPYTER_SANDBOX = [str(Path(sys.executable).parent / "jupyter"), "sandbox"]
 
 
 def cgroup_of(km) -> str:
@@ -140,3 +145,25 @@ def test_the_host_backstop_leaves_room_for_gvisor_itself():
     # measured: ~30 host tasks at idle and ~2 per guest process
     assert host_pids_limit(64) >= 30 + 2 * 64
     assert host_pids_limit(512) >= 30 + 2 * 512
+
+
+async def test_usage_from_python_and_from_ps(no_leftovers, workspace):
+    async with kernel(workspace, cpu_limit=1.0, memory_limit="1G") as (km, kc):
+        idle = km.provisioner.usage()
+        assert idle["memory"] > 20 * 2**20  # a real sandbox holds tens of MiB
+        assert idle["memory_limit"] == 2**30
+        hog = asyncio.ensure_future(execute(kc, "while True: pass", timeout=60))
+        await asyncio.sleep(1)
+        ps = await asyncio.create_subprocess_exec(
+            *JUPYTER_SANDBOX, "ps", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await ps.communicate()
+        busy = km.provisioner.usage()
+        await km.interrupt_kernel()
+        await asyncio.wait_for(hog, 30)
+    assert busy["cpu_seconds"] > idle["cpu_seconds"] + 0.5
+    line = next(
+        line for line in out.decode().splitlines() if line.startswith(km.provisioner.sandbox_id)
+    )
+    cpu = next(cell for cell in line.split() if cell.endswith("%"))
+    assert 50 <= int(cpu[:-1]) <= 130  # one busy core, under a 1-CPU limit
