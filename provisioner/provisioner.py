@@ -9,6 +9,7 @@ stays reachable whichever loop, if any, the caller runs.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 
-from . import cleanup, guest, limits
+from . import cleanup, guest, limits, policy
 from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
 from .backends.gvisor import GVisorSandbox, find_runsc
 from .console import Console
@@ -82,6 +83,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Uid of the kernel in the sandbox; default: the workspace's owner, else 1000.",
     )
+    policy_file = Unicode(
+        "",
+        config=True,
+        help="The operator's policy (TOML); default: $JUPYTER_SANDBOX_POLICY. Its ceilings "
+        "bind every setting above; a kernelspec may ask for less, never more.",
+    )
     startup_timeout = Float(
         60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
     )
@@ -128,6 +135,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             super().__init__(**kwargs)
         except TraitError as e:
             raise SettingError(str(e)) from None
+        configured = {
+            name
+            for cls in type(self).__mro__
+            if cls.__name__ in self.config
+            for name in self.config[cls.__name__]
+        }
+        self.asked = {n: getattr(self, n) for n in policy.LIMITS if n in kwargs or n in configured}
+        """Limits the kernelspec or the server's config asked for (the policy bounds them)."""
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
         self.stop_reason = ""
@@ -152,7 +167,23 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             open_files=self.open_files_limit,
         )
 
+    def _apply_policy(self) -> None:
+        path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
+        if not path:
+            return
+        who = policy.current_identity()
+        ceilings = policy.policy_file(path, self.log).current().ceilings(who)
+        kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
+        granted = policy.apply(ceilings, self.asked, kernel_name, who)
+        try:
+            for name, value in granted.items():
+                setattr(self, name, value)
+        except TraitError as e:
+            raise policy.PolicyError(f"sandbox policy {path}: {e}") from None
+        self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
+
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        self._apply_policy()
         km = self.parent
         if km.transport != "tcp":
             raise SandboxError(f"sandboxed kernels need transport 'tcp', not {km.transport!r}")

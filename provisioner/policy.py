@@ -1,0 +1,199 @@
+"""The operator's policy: who may start which kernels, with how much.
+
+A TOML file maps users and groups to ceilings on the provisioner's limits. For
+each user the ceilings are the `[default]` tier, raised by the user's groups
+(the most generous group wins, setting by setting), then replaced by the user's
+own `[users.NAME]` entry. A kernelspec or config may ask for less than a
+ceiling, never more; a setting nobody asks for takes the ceiling itself.
+
+    [default]
+    memory_limit = "1G"
+    cpu_limit = 1.0
+    kernelspecs = ["python3-gvisor"]
+
+    [groups.instructors]
+    memory_limit = "8G"
+
+    [users.alice]
+    cpu_limit = 2.0
+
+The file is read again whenever it changes; a file that no longer parses is
+reported and the last good version stays in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SettingError
+from .limits import parse_size
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+POLICY_ENV = "JUPYTER_SANDBOX_POLICY"
+SIZES = ("memory_limit", "disk_limit")
+NUMBERS = ("cpu_limit", "pids_limit", "open_files_limit")
+LIMITS = SIZES + NUMBERS
+KEYS = frozenset((*LIMITS, "kernelspecs"))
+
+
+class PolicyError(SettingError):
+    """The policy file is invalid, or refuses a kernel."""
+
+    status = 403
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    groups: frozenset[str]
+
+
+def current_identity() -> Identity:
+    """The user this server runs for: JupyterHub's single-user name, else the OS user."""
+    os_user = pwd.getpwuid(os.getuid()).pw_name
+    user = os.environ.get("JUPYTERHUB_USER") or os_user
+    groups = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
+    with contextlib.suppress(KeyError):  # a Hub user may have no OS account
+        groups.add(grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name)
+    return Identity(user, frozenset(groups))
+
+
+def _magnitude(name: str, value: Any) -> float:
+    return parse_size(value) if name in SIZES else float(value)
+
+
+def _check_tier(where: str, tier: Any) -> dict[str, Any]:
+    if not isinstance(tier, dict):
+        raise PolicyError(f"policy: [{where}] must be a table")
+    unknown = set(tier) - KEYS
+    if unknown:
+        raise PolicyError(
+            f"policy: unknown setting {', '.join(sorted(unknown))} in [{where}]; "
+            f"known: {', '.join(sorted(KEYS))}"
+        )
+    for name, value in tier.items():
+        try:
+            if name == "kernelspecs":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError("expected a list of kernelspec names")
+            elif isinstance(value, bool) or _magnitude(name, value) <= 0:
+                raise ValueError("expected a positive value")
+        except (TypeError, ValueError) as e:
+            raise PolicyError(f"policy: [{where}] {name} = {value!r}: {e}") from None
+    return tier
+
+
+@dataclass(frozen=True)
+class Policy:
+    default: dict[str, Any]
+    groups: dict[str, dict[str, Any]]
+    users: dict[str, dict[str, Any]]
+
+    @classmethod
+    def parse(cls, text: str, source: str = "policy") -> Policy:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(f"{source}: {e}") from None
+        unknown = set(data) - {"default", "groups", "users"}
+        if unknown:
+            raise PolicyError(f"{source}: unknown section {', '.join(sorted(unknown))}")
+        return cls(
+            default=_check_tier("default", data.get("default", {})),
+            groups={n: _check_tier(f"groups.{n}", t) for n, t in data.get("groups", {}).items()},
+            users={n: _check_tier(f"users.{n}", t) for n, t in data.get("users", {}).items()},
+        )
+
+    def ceilings(self, who: Identity) -> dict[str, Any]:
+        """The settings that bound `who`: default, raised by groups, replaced by the user's."""
+        result = dict(self.default)
+        for group in sorted(who.groups & set(self.groups)):
+            for name, value in self.groups[group].items():
+                if name == "kernelspecs":
+                    result[name] = sorted({*result.get(name, []), *value})
+                elif name not in result or _magnitude(name, value) > _magnitude(name, result[name]):
+                    result[name] = value
+        result.update(self.users.get(who.user, {}))
+        return result
+
+
+class PolicyFile:
+    """A policy file, read again when it changes (checked on every kernel start)."""
+
+    def __init__(self, path: Path, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._policy: Policy | None = None
+
+    def current(self) -> Policy:
+        with self._lock:
+            try:
+                stat = self.path.stat()
+                stamp = (stat.st_mtime_ns, stat.st_size)
+                if stamp != self._stamp:
+                    self._policy = Policy.parse(self.path.read_text(), str(self.path))
+                    self._stamp = stamp
+                    self.log.info("sandbox policy loaded from %s", self.path)
+            except (OSError, PolicyError) as e:
+                if self._policy is None:
+                    raise PolicyError(f"no usable sandbox policy: {e}") from None
+                self.log.error("policy %s not reloaded, the last one stays: %s", self.path, e)
+                self._stamp = None
+            return self._policy
+
+
+_files: dict[Path, PolicyFile] = {}
+_files_lock = threading.Lock()
+
+
+def policy_file(path: str | os.PathLike[str], log: logging.Logger) -> PolicyFile:
+    """One PolicyFile per path per process, so reloads are noticed once."""
+    resolved = Path(path).resolve()
+    with _files_lock:
+        if resolved not in _files:
+            _files[resolved] = PolicyFile(resolved, log)
+        return _files[resolved]
+
+
+def apply(
+    ceilings: dict[str, Any], asked: dict[str, Any], kernel_name: str, who: Identity
+) -> dict[str, Any]:
+    """The settings a kernel gets: what it asked for within the ceilings, else the ceilings.
+
+    Raises PolicyError naming the rule when it asks for more, or for a kernelspec
+    the user may not start.
+    """
+    allowed = ceilings.get("kernelspecs")
+    if allowed is not None and kernel_name not in allowed:
+        raise PolicyError(
+            f"the sandbox policy does not let {who.user} start kernel {kernel_name!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    settings = {}
+    for name in LIMITS:
+        if name not in ceilings:
+            continue
+        ceiling = ceilings[name]
+        if name in asked:
+            if _magnitude(name, asked[name]) > _magnitude(name, ceiling):
+                raise PolicyError(
+                    f"{name} = {asked[name]!r} is more than the sandbox policy allows "
+                    f"{who.user}: at most {ceiling!r}"
+                )
+        else:
+            settings[name] = ceiling
+    return settings

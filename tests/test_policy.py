@@ -1,0 +1,128 @@
+"""The operator's policy: tiers, precedence, refusals that name the rule, reloads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+from conftest import KERNEL, execute
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from traitlets.config import Config
+
+from provisioner import cgroups, policy
+from provisioner.policy import Identity, Policy, PolicyError
+
+TEACHING = """
+[default]                       # students
+memory_limit = "512M"
+cpu_limit = 0.5
+kernelspecs = ["python3-gvisor"]
+
+[groups.tas]
+memory_limit = "1G"
+
+[groups.instructors]
+memory_limit = "4G"
+cpu_limit = 2.0
+
+[users.alice]                   # replaces what her groups give, setting by setting
+cpu_limit = 1.0
+"""
+
+student = Identity("bob", frozenset({"students"}))
+ta_and_instructor = Identity("carol", frozenset({"tas", "instructors"}))
+alice = Identity("alice", frozenset({"instructors"}))
+
+
+def test_tiers_groups_raise_users_replace():
+    p = Policy.parse(TEACHING)
+    assert p.ceilings(student) == {
+        "memory_limit": "512M",
+        "cpu_limit": 0.5,
+        "kernelspecs": ["python3-gvisor"],
+    }
+    assert p.ceilings(ta_and_instructor)["memory_limit"] == "4G"  # the most generous group
+    assert p.ceilings(ta_and_instructor)["cpu_limit"] == 2.0
+    assert p.ceilings(alice) == {
+        "memory_limit": "4G",
+        "cpu_limit": 1.0,
+        "kernelspecs": ["python3-gvisor"],
+    }
+
+
+def test_asking_for_less_is_granted_more_is_refused_naming_the_ceiling():
+    ceilings = Policy.parse(TEACHING).ceilings(student)
+    granted = policy.apply(ceilings, {"memory_limit": "256M"}, "python3-gvisor", student)
+    assert granted == {"cpu_limit": 0.5}  # memory stays as asked; cpu takes the ceiling
+    with pytest.raises(PolicyError, match=r"memory_limit = '2G'.*bob: at most '512M'"):
+        policy.apply(ceilings, {"memory_limit": "2G"}, "python3-gvisor", student)
+    with pytest.raises(PolicyError, match=r"bob start kernel 'python3'; allowed: python3-gvisor"):
+        policy.apply(ceilings, {}, "python3", student)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[default]\nmemory_limt = '1G'", "unknown setting memory_limt"),
+        ("[default]\nmemory_limit = '1 GB'", r"memory_limit = '1 GB'"),
+        ("[default]\ncpu_limit = -1", "positive"),
+        ("[defaults]\n", "unknown section defaults"),
+        ("[default\n", "policy"),
+    ],
+)
+def test_invalid_policies_are_refused_clearly(text, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy.parse(text)
+
+
+def test_policy_is_reloaded_when_it_changes_and_a_bad_edit_keeps_the_last(tmp_path, caplog):
+    path = tmp_path / "policy.toml"
+    path.write_text('[default]\nmemory_limit = "1G"\n')
+    watched = policy.PolicyFile(path, logging.getLogger("test-policy"))
+    assert watched.current().default["memory_limit"] == "1G"
+    path.write_text('[default]\nmemory_limit = "2G"\n')
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert watched.current().default["memory_limit"] == "2G"
+    path.write_text("[default\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    with caplog.at_level(logging.ERROR):
+        assert watched.current().default["memory_limit"] == "2G"
+    assert "not reloaded" in caplog.text
+
+
+def memory_ceiling_of(km) -> int:
+    cgroup = km.provisioner.sandbox.record.cgroup
+    return int((cgroups.ROOT / "memory" / cgroup.strip("/") / "memory.limit_in_bytes").read_text())
+
+
+async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path, monkeypatch):
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[default]\nmemory_limit = "512M"\n[users.alice]\nmemory_limit = "768M"\ncpu_limit = 0.5\n'
+    )
+    monkeypatch.setenv(policy.POLICY_ENV, str(path))
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    for asked, expected in ((None, 768), ("256M", 256)):
+        settings = {} if asked is None else {"memory_limit": asked}
+        km = AsyncIOLoopKernelManager(
+            kernel_name=KERNEL, config=Config({"GVisorProvisioner": settings})
+        )
+        await km.start_kernel(cwd=str(workspace))
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            assert memory_ceiling_of(km) == expected * 2**20  # what the host enforces
+            assert km.provisioner.cpu_limit == 0.5
+            _, text, _ = await execute(kc, "print(open('/proc/meminfo').readline().split()[1])")
+            assert int(text) == expected * 1024  # and what the kernel is told
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+    greedy = AsyncIOLoopKernelManager(
+        kernel_name=KERNEL, config=Config({"GVisorProvisioner": {"memory_limit": "4G"}})
+    )
+    with pytest.raises(PolicyError, match=r"alice: at most '768M'"):
+        await greedy.start_kernel(cwd=str(workspace))
