@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 from conftest import KERNEL, execute
@@ -126,3 +128,11 @@ async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path,
     )
     with pytest.raises(PolicyError, match=r"alice: at most '768M'"):
         await greedy.start_kernel(cwd=str(workspace))
+
+
+def test_the_readme_examples_are_valid_policies():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(examples) >= 2
+    for example in examples:
+        assert Policy.parse(example).default["kernelspecs"] == ["python3-gvisor"]
