@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from provisioner import cgroups
-from provisioner.backends.gvisor import runsc_root
 from provisioner.images import ImageError, find_image
 from provisioner.state import records, sandboxes_dir
 
@@ -44,15 +43,9 @@ def require_sandbox() -> None:
 
 def our_sandboxes() -> set[str]:
     """Sandboxes recorded by this test process, plus containers runsc knows with no record."""
-    listing = []
-    if runsc_root().is_dir():  # listed before the records are read: a sandbox
-        # starting meanwhile has its record by then, so it is not taken for an orphan
-        listing = subprocess.run(
-            ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.split()
+    # Listed before the records are read: a sandbox starting meanwhile has its
+    # record by then, so it is not taken for an orphan.
+    listing = runsc_list()
     recorded = {r.sandbox_id: r.owner_pid for r in records()}
     mine = {sid for sid, pid in recorded.items() if pid == os.getpid()}
     return mine | {sid for sid in listing if sid not in recorded}

@@ -21,17 +21,21 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def sandboxes_of(kernel_id: str) -> list[str]:
-    """Sandbox ids runsc knows for this kernel (other tests' sandboxes are ignored)."""
+def runsc_list() -> list[str]:
+    """Every container id under this project's runsc state root."""
     if not runsc_root().is_dir():
         return []
-    listing = subprocess.run(
+    return subprocess.run(
         ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    return [sid for sid in listing if kernel_id in sid]
+
+
+def sandboxes_of(kernel_id: str) -> list[str]:
+    """Sandbox ids runsc knows for this kernel (other tests' sandboxes are ignored)."""
+    return [sid for sid in runsc_list() if kernel_id in sid]
 
 
 def bundles_of(kernel_id: str) -> list[str]:
