@@ -1,9 +1,10 @@
-"""Each sandbox's own root: an overlay of the read-only image with a writable layer.
+"""Each sandbox's own root: an overlay of the read-only image, and a tmpfs for its writes.
 
-The writable layer lives on a tmpfs of `disk_limit` bytes, so a kernel that fills
-its disk gets ENOSPC, and the layer goes away with the sandbox. runsc also makes
-missing mount points (a workspace's path) here, on the host: with a root of its
-own per sandbox, those never reach the shared image or another tenant's view.
+The tmpfs (`layer`) is `disk_limit` bytes. gVisor keeps the sandbox's writable
+layer in a file there (`--overlay2=root:dir=`), so a kernel that fills its disk
+gets ENOSPC, and everything goes away with the sandbox. The host overlay gives
+runsc a root of the sandbox's own to make missing mount points in (a
+workspace's path): they never reach the shared image or another tenant's view.
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ def _mount(argv: list[str], what: str) -> None:
         raise OSError(f"cannot mount {what}: {result.stderr.strip()}")
 
 
+def layer(bundle: Path) -> Path:
+    """The sandbox's tmpfs of `disk_limit` bytes."""
+    return bundle / "layer"
+
+
 def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
     """Mount `bundle`/rootfs: `image` under a writable layer of at most `disk_limit` bytes."""
-    root, layer = bundle / "rootfs", bundle / "layer"
-    for folder in (root, layer):
+    root, writable = bundle / "rootfs", layer(bundle)
+    for folder in (root, writable):
         folder.mkdir(mode=0o700, exist_ok=True)
-    _mount(["-t", "tmpfs", "-o", f"size={disk_limit},mode=0700", "tmpfs", str(layer)],
+    _mount(["-t", "tmpfs", "-o", f"size={disk_limit},mode=0700", "tmpfs", str(writable)],
            "the sandbox's writable layer")  # fmt: skip
-    upper, work = layer / "upper", layer / "work"
+    upper, work = writable / "upper", writable / "work"
     upper.mkdir(mode=image.stat().st_mode & 0o7777)  # the merged root takes the upper's mode
     work.mkdir(mode=0o700)
     options = f"lowerdir={image},upperdir={upper},workdir={work}"
@@ -50,7 +56,7 @@ def _unmount(path: Path) -> None:
 
 def remove_bundle(bundle: Path) -> None:
     """Unmount and delete a sandbox's folder, never descending into a mounted root or layer."""
-    for mounted in (bundle / "rootfs", bundle / "layer"):
+    for mounted in (bundle / "rootfs", layer(bundle)):
         _unmount(mounted)
         if mounted.exists() and _mounted(mounted):
             raise OSError(f"{mounted} is still mounted; not removing {bundle}")
