@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
-from .images import ImageError, find_image, load_manifest
+from .images import ImageError, find_image, load_manifest, verify_image
 
 RUNSC_MIN_DATE = 20240729
 INSTALL = "run `make setup` in the jupyter-sandbox checkout (or `bash scripts/install-host.sh`)"
@@ -102,8 +102,11 @@ def run_checks(
     )
     try:
         rootfs = find_image(image)
-        manifest = load_manifest(image) or {}
-        checks.append(Check("image", True, f"{rootfs} (built {manifest.get('built_at', '?')})"))
+        manifest = load_manifest(image)
+        if manifest is not None:  # a named image: its files must still match its manifest
+            verify_image(image)
+        built = (manifest or {}).get("built_at", "?")
+        checks.append(Check("image", True, f"{rootfs} (built {built}, content verified)"))
     except ImageError as e:
-        checks.append(Check("image", False, str(e), "run `jupyter sandbox image build`"))
+        checks.append(Check("image", False, str(e), "run `jupyter sandbox image build --force`"))
     return checks

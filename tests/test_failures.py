@@ -201,3 +201,17 @@ def test_missing_runsc_fails_under_ci_instead_of_skipping(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "1 skipped" in local.stdout
+
+
+def test_doctor_passes_here_and_says_how_to_fix_a_missing_runsc(sandbox_host):
+    ok = subprocess.run([*JUPYTER_SANDBOX, "doctor"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    for check in ("runsc", "platform systrap", "cgroups", "image"):
+        assert f"[ok] {check}" in ok.stdout
+    assert "content verified" in ok.stdout
+    broken = subprocess.run(
+        [*JUPYTER_SANDBOX, "doctor", "--runsc=/nonexistent/runsc"], capture_output=True, text=True
+    )
+    assert broken.returncode == 1
+    assert "[FAIL] runsc" in broken.stdout
+    assert "fix: run `make setup`" in broken.stdout
