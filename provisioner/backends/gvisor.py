@@ -134,15 +134,6 @@ class GVisorSandbox(Sandbox):
         )
         self.process: subprocess.Popen | None = None
 
-    def runsc_argv(self, *args: str) -> list[str]:
-        return [
-            self.runsc,
-            f"--root={runsc_root()}",
-            f"--platform={self.platform}",
-            "--network=none",
-            *args,
-        ]
-
     async def start(self) -> Channel:
         self.record.save()
         bundle = self.record.directory
@@ -157,14 +148,18 @@ class GVisorSandbox(Sandbox):
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.process = subprocess.Popen(
-                self.runsc_argv(
+                [
+                    self.runsc,
+                    f"--root={runsc_root()}",
+                    f"--platform={self.platform}",
+                    "--network=none",
                     # Writes land in gVisor's own memory layer (fast: no host round
                     # trip), whose file lives on the sandbox's disk_limit tmpfs.
                     f"--overlay2=root:dir={rootfs.layer(bundle)}",
                     "run",
                     f"--bundle={bundle}",
                     self.spec.sandbox_id,
-                ),
+                ],
                 stdin=to_guest_r,
                 stdout=from_guest_w,
                 stderr=console_w,
@@ -193,21 +188,14 @@ class GVisorSandbox(Sandbox):
         # sandbox alive but wedged; the provisioner then stops it as a whole.
         return cgroups.oom_kills(self.record.cgroup) > 0
 
-    async def _runsc(self, *args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *self.runsc_argv(*args),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out.decode(errors="replace").strip()
-
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:
-            code, out = await self._runsc("kill", "--all", self.spec.sandbox_id, "KILL")
-            if code:
-                self.log.debug("runsc kill %s: %s", self.spec.sandbox_id, out)
+            sandbox_id = self.spec.sandbox_id
+            result = await asyncio.to_thread(
+                run_runsc, self.runsc, "kill", "--all", sandbox_id, "KILL"
+            )
+            if result.returncode:  # typically: it ended meanwhile
+                self.log.debug("runsc kill %s: %s", sandbox_id, result.stderr.strip())
 
     async def destroy(self) -> None:
         await self.kill()
