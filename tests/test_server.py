@@ -269,7 +269,13 @@ def test_execute_over_websocket_in_the_sandbox(server: JupyterServer, workspace:
         assert written.read_text() == "written by uid 1000"
         assert written.stat().st_uid == 1000
 
+        # the server tracks state from its own iopub subscription, which may
+        # see the closing "idle" a moment after this websocket did
+        deadline = time.monotonic() + 10
         model = server.get(f"/api/kernels/{kernel_id}").json()
+        while model["execution_state"] != "idle" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            model = server.get(f"/api/kernels/{kernel_id}").json()
         assert model["execution_state"] == "idle"
         assert model["connections"] == 1
     finally:
