@@ -12,7 +12,10 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and `python3-gvisor
   is reported too;
 - iopub throughput: a cell printing `--throughput-mb` MiB to stdout, until its
   `status: idle`, every byte of the stream counted;
-- idle memory: PSS of the kernel's processes (see README.md for what is counted).
+- idle memory: PSS of the kernel's processes (see README.md for what is counted);
+- noisy neighbour: a kernel's execute round trip p99 while a second kernel of the
+  same kind runs `while True: pass` (at its cpu_limit, 1 core by default), against
+  its own p99 with the second kernel idle.
 
 Local and gVisor measurements are interleaved (alternating starts, alternating
 blocks of executes) so that load from elsewhere on the machine hits both alike.
@@ -44,6 +47,9 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
+from provisioner import cgroups
+from provisioner.backends.gvisor import runsc_root
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 KERNELS = {"local": "python3", "gvisor": "python3-gvisor"}
@@ -57,6 +63,8 @@ TARGETS = {
     "execute_p50": (1.5, "max"),
     "throughput": (0.5, "min"),
 }
+NEIGHBOUR_TARGET = 2.0
+"""Most a CPU hog next door may stretch a gVisor kernel's execute p99 (loaded / idle)."""
 
 started_sandboxes: set[str] = set()
 """Every sandbox id this run created, to check at the end that none is left."""
@@ -100,6 +108,18 @@ class Kernel:
                 await asyncio.wait_for(self.km.cleanup_resources(), 60)
         except Exception as e:  # keep going: the leftover check at the end will tell
             print(f"warning: shutting down the {self.label} kernel: {e!r}", file=sys.stderr)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the kernel's processes so far (gVisor: the whole sandbox)."""
+        if self.label == "local":
+            ticks = os.sysconf("SC_CLK_TCK")
+            total = 0.0
+            for pid in process_tree(self.km.provisioner.pid):
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / ticks
+            return total
+        return self.km.provisioner.usage()["cpu_seconds"] or 0.0
 
     @property
     def sandbox_id(self) -> str:
@@ -231,6 +251,30 @@ async def measure_throughput(kernels: dict[str, Kernel], mib: int, runs: int) ->
     return results
 
 
+async def measure_neighbour(label: str, cwd: str, n: int) -> dict:
+    """A kernel's execute p99 with a second kernel idle, then while it hogs the CPU."""
+    async with running(label, cwd) as victim, running(label, cwd) as hog:
+        for _ in range(50):
+            await execute_once(victim.kc)
+        idle = [(await execute_once(victim.kc))[1] for _ in range(n)]
+        hog_request = hog.kc.execute("while True: pass")
+        await asyncio.sleep(1.0)  # the hog is at full speed
+        cpu_before = hog.cpu_seconds()
+        t0 = time.perf_counter()
+        loaded = [(await execute_once(victim.kc))[1] for _ in range(n)]
+        elapsed = time.perf_counter() - t0
+        hog_cores = (hog.cpu_seconds() - cpu_before) / elapsed
+        await hog.km.interrupt_kernel()
+        await wait_reply(hog.kc, hog_request)
+    p99_idle, p99_loaded = percentile(idle, 99), percentile(loaded, 99)
+    print(
+        f"  neighbour {label}: p99 {p99_idle * 1000:.1f} ms idle, {p99_loaded * 1000:.1f} ms "
+        f"beside a hog using {hog_cores:.2f} cores",
+        file=sys.stderr,
+    )
+    return {"idle": idle, "loaded": loaded, "hog_cores": hog_cores}
+
+
 # -- memory --------------------------------------------------------------------
 
 
@@ -305,7 +349,7 @@ def sum_smaps(pids: list[int]) -> dict[str, int]:
 
 
 def memory_cgroup(sandbox_id: str) -> Path:
-    return Path("/sys/fs/cgroup/memory/jupyter-sandbox") / sandbox_id
+    return cgroups.ROOT / "memory" / cgroups.find(sandbox_id).strip("/")
 
 
 def cgroup_procs(path: Path) -> list[int]:
@@ -376,8 +420,36 @@ def summarize(raw: dict) -> dict:
             "reply_p99": percentile(ex["reply"], 99),
             "throughput": statistics.median(r["mib_per_s"] for r in tp),
             "pss": raw["memory"][label]["pss"],
+            "neighbour_idle_p99": percentile(raw["neighbour"][label]["idle"], 99),
+            "neighbour_loaded_p99": percentile(raw["neighbour"][label]["loaded"], 99),
+            "neighbour_hog_cores": raw["neighbour"][label]["hog_cores"],
         }
+        s[label]["neighbour_ratio"] = (
+            s[label]["neighbour_loaded_p99"] / s[label]["neighbour_idle_p99"]
+        )
     return s
+
+
+def neighbour_table(raw: dict, s: dict) -> str:
+    n = raw["args"]["neighbour_executes"]
+    lines = [
+        f"| noisy neighbour (execute p99, n={n}) | idle neighbour | neighbour hogging "
+        "its CPU | loaded / idle | target | result |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for label, name in (("local", "local"), ("gvisor", "gVisor")):
+        m = s[label]
+        ratio = m["neighbour_ratio"]
+        target, result = ("", "")
+        if label == "gvisor":
+            target = f"≤ {NEIGHBOUR_TARGET:g}x"
+            result = "PASS" if ratio <= NEIGHBOUR_TARGET else "MISS"
+        lines.append(
+            f"| {name} | {m['neighbour_idle_p99'] * 1000:.2f} ms | "
+            f"{m['neighbour_loaded_p99'] * 1000:.2f} ms (hog at "
+            f"{m['neighbour_hog_cores']:.2f} cores) | {ratio:.2f}x | {target} | {result} |"
+        )
+    return "\n".join(lines)
 
 
 def table(raw: dict, s: dict) -> str:
@@ -456,7 +528,7 @@ def report(raw: dict, s: dict) -> str:
     ]
     if raw["args"].get("note"):
         header.append(f"- note: {raw['args']['note']}")
-    return "\n".join([*header, "", table(raw, s), ""])
+    return "\n".join([*header, "", table(raw, s), "", neighbour_table(raw, s), ""])
 
 
 def loadavg() -> str:
@@ -496,8 +568,6 @@ def environment(argv: list[str]) -> dict:
 
 
 def runsc_list() -> list[str]:
-    from provisioner.backends.gvisor import runsc_root
-
     if not runsc_root().is_dir():
         return []
     out = subprocess.run(
@@ -511,11 +581,7 @@ def runsc_list() -> list[str]:
 
 def check_leftovers() -> list[str]:
     """Our sandboxes still known to runsc or still owning a cgroup; force-remove them."""
-    from provisioner.backends.gvisor import runsc_root
-
-    left = sorted(
-        sid for sid in started_sandboxes if sid in runsc_list() or memory_cgroup(sid).exists()
-    )
+    left = sorted(sid for sid in started_sandboxes if sid in runsc_list() or cgroups.find(sid))
     for sid in left:
         subprocess.run(
             ["runsc", f"--root={runsc_root()}", "delete", "--force", sid],
@@ -553,6 +619,10 @@ async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
     finally:
         for kernel in kernels.values():
             await kernel.stop()
+    print(f"noisy neighbour: {args.neighbour_executes} executes each", file=sys.stderr)
+    raw["neighbour"] = {
+        label: await measure_neighbour(label, cwd, args.neighbour_executes) for label in KERNELS
+    }
     return raw
 
 
@@ -583,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         help="executes per kernel before switching to the other kernel",
     )
     parser.add_argument("--throughput-mb", type=int, default=50, help="MiB printed per run")
+    parser.add_argument(
+        "--neighbour-executes", type=int, default=500, help="executes per phase of the neighbour"
+    )
     parser.add_argument("--throughput-runs", type=int, default=3, help="runs per kernel (median)")
     parser.add_argument(
         "--settle", type=float, default=2.0, help="seconds between ready and the memory reading"
@@ -615,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     s = summarize(raw)
     raw["summary"] = s
     raw["verdicts"] = {m: verdict(m, s["gvisor"][m] / s["local"][m]) for m in TARGETS}
+    raw["verdicts"]["neighbour"] = (
+        "PASS" if s["gvisor"]["neighbour_ratio"] <= NEIGHBOUR_TARGET else "MISS"
+    )
     text = report(raw, s)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

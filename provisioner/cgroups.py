@@ -1,11 +1,18 @@
-"""Reading and removing a sandbox's cgroups, on cgroup v1 (hybrid) and v2 hosts."""
+"""A sandbox's cgroups, on cgroup v1 (hybrid) and v2 hosts.
+
+Every sandbox's cgroup sits under its user's, `/jupyter-sandbox/users/<user>/<sandbox>`:
+the user's cgroup carries the user's memory quota, so that whatever its kernels
+do, together they never use more.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+SANDBOXES = "/jupyter-sandbox"
 V1_CONTROLLERS = (
     "memory",
     "cpu",
@@ -26,6 +33,44 @@ V1_CONTROLLERS = (
 
 def is_v2() -> bool:
     return (ROOT / "cgroup.controllers").exists()
+
+
+def user_cgroup(user: str) -> str:
+    """The cgroup of all of `user`'s sandboxes; any user name maps to one safe folder name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", lambda m: f"%{ord(m.group()):02x}", user)
+    return f"{SANDBOXES}/users/u-{safe}"
+
+
+def find(sandbox_id: str) -> str:
+    """The cgroup of a sandbox known only by its id (its record is gone), or ""."""
+    base = ROOT if is_v2() else ROOT / "memory"
+    for path in base.glob(f"{SANDBOXES.strip('/')}/users/*/{sandbox_id}"):
+        return "/" + str(path.relative_to(base))
+    return ""
+
+
+def set_memory_limit(cgroup: str, limit: int | None) -> None:
+    """Create `cgroup` for memory if needed and cap it (memory plus swap) at `limit` bytes."""
+    rel = cgroup.strip("/")
+    if is_v2():
+        parts = Path(rel).parts
+        for depth in range(len(parts) + 1):  # each level hands the memory controller down
+            level = ROOT.joinpath(*parts[:depth])
+            level.mkdir(exist_ok=True)
+            (level / "cgroup.subtree_control").write_text("+memory")
+        (ROOT / rel / "memory.max").write_text("max" if limit is None else str(limit))
+        return
+    path = ROOT / "memory" / rel
+    path.mkdir(parents=True, exist_ok=True)
+    value = "-1" if limit is None else str(limit)
+    files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+    files = [name for name in files if (path / name).exists()]
+    try:  # memory may never exceed memory+swap: lower memory first, raise memory+swap first
+        for name in files:
+            (path / name).write_text(value)
+    except OSError:
+        for name in reversed(files):
+            (path / name).write_text(value)
 
 
 def directories(cgroup: str) -> list[Path]:
@@ -69,6 +114,13 @@ def oom_kills(cgroup: str) -> int:
             fields = path.read_text().split()
             return int(fields[fields.index("oom_kill") + 1])
     return 0
+
+
+def remove_if_empty(cgroup: str) -> None:
+    """Remove `cgroup` itself where it has no child cgroups and no processes left."""
+    for path in directories(cgroup):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def remove(cgroup: str) -> None:

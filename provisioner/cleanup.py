@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 
+from . import cgroups, network
 from .backends import gvisor
 from .backends.gvisor import run_runsc, runsc_root
 from .state import Record, records, sandboxes_dir
@@ -29,11 +30,15 @@ def _reap(record: Record, log: logging.Logger) -> None:
 
 
 def _unrecorded(sandbox_id: str) -> Record:
+    names = network.names(sandbox_id)  # removing what does not exist is harmless
     return Record(
         sandbox_id=sandbox_id,
         kernel_id="?",
         backend="gvisor",
-        cgroup=f"/jupyter-sandbox/{sandbox_id}",
+        cgroup=cgroups.find(sandbox_id),
+        netns=names.netns,
+        veth=names.veth,
+        nft_table=names.table,
     )
 
 
@@ -64,6 +69,13 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
             ):
                 _reap(_unrecorded(sandbox_id), log)
                 reaped.append(sandbox_id)
+    # Network namespaces, links and tables of no recorded sandbox. Listed before the
+    # records are read again: a starting sandbox records itself before making any.
+    objects = network.host_objects()
+    orphans = objects.without(records())
+    if orphans:
+        log.info("removing network objects of no sandbox: %s", orphans)
+        network.remove_objects(orphans, log)
     return reaped
 
 

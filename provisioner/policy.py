@@ -1,18 +1,22 @@
 """The operator's policy: who may start which kernels, with how much.
 
-A TOML file maps users and groups to ceilings on the provisioner's limits. For
-each user the ceilings are the `[default]` tier, raised by the user's groups
-(the most generous group wins, setting by setting), then replaced by the user's
-own `[users.NAME]` entry. A kernelspec or config may ask for less than a
-ceiling, never more; a setting nobody asks for takes the ceiling itself.
+A TOML file maps users and groups to ceilings on the provisioner's limits and
+network, allowed kernelspecs, and per-user quotas. For each user the ceilings
+are the `[default]` tier, raised by the user's groups (the most generous group
+wins, setting by setting), then replaced by the user's own `[users.NAME]`
+entry. A kernelspec or config may ask for less than a ceiling, never more; a
+setting nobody asks for takes the ceiling itself.
 
     [default]
     memory_limit = "1G"
     cpu_limit = 1.0
     kernelspecs = ["python3-gvisor"]
+    max_kernels = 2                 # quotas: per user, across all kernels (quotas.py)
 
     [groups.instructors]
     memory_limit = "8G"
+    network = "egress"
+    egress_allow = ["pypi.org:443", "files.pythonhosted.org:443"]
 
     [users.alice]
     cpu_limit = 2.0
@@ -25,16 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
 import threading
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SettingError
 from .limits import parse_size
+from .network import MODES as NETWORK_MODES
+from .network import parse_bandwidth, parse_destination
 
 try:
     import tomllib
@@ -42,10 +51,16 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 POLICY_ENV = "JUPYTER_SANDBOX_POLICY"
-SIZES = ("memory_limit", "disk_limit")
-NUMBERS = ("cpu_limit", "pids_limit", "open_files_limit")
-LIMITS = SIZES + NUMBERS
-KEYS = frozenset((*LIMITS, "kernelspecs"))
+SIZES = ("memory_limit", "disk_limit", "max_memory")
+NUMBERS = ("cpu_limit", "pids_limit", "open_files_limit", "max_kernels")
+LIMITS = ("memory_limit", "disk_limit", "cpu_limit", "pids_limit", "open_files_limit",
+          "network_bandwidth")  # fmt: skip
+"""Provisioner settings the policy bounds from above."""
+SETTINGS = (*LIMITS, "network", "egress_allow")
+"""Every provisioner setting the policy governs."""
+QUOTAS = ("max_kernels", "max_memory")
+"""Per user, across all of the user's kernels."""
+KEYS = frozenset((*SETTINGS, *QUOTAS, "kernelspecs"))
 
 
 class PolicyError(SettingError):
@@ -60,17 +75,75 @@ class Identity:
     groups: frozenset[str]
 
 
-def current_identity() -> Identity:
-    """The user this server runs for: JupyterHub's single-user name, else the OS user."""
+HUB_GROUPS_TTL = 60.0
+"""Seconds the groups the Hub gave for a user are used before it is asked again."""
+_hub_groups: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+_hub_lock = threading.Lock()
+_hub_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Asks the Hub directly, never through $http_proxy (which would be sent the token)."""
+
+
+def hub_groups(api_url: str, token: str, user: str, log: logging.Logger) -> frozenset[str]:
+    """The user's groups from the Hub's REST API, asked with the server's own token, cached.
+
+    Any token may read its own owner's name and groups at /user (JupyterHub's
+    implicit identify scopes), so the default server token is enough. If the Hub
+    cannot say, the user has no Hub groups (the default tier): the policy never
+    grants more because the Hub is down, nor keeps an expired answer.
+    """
+    key = (api_url, user)
+    with _hub_lock:
+        cached = _hub_groups.get(key)
+        if cached and time.monotonic() - cached[0] < HUB_GROUPS_TTL:
+            return cached[1]
+    request = urllib.request.Request(
+        f"{api_url.rstrip('/')}/user", headers={"Authorization": f"token {token}"}
+    )
+    try:
+        with _hub_opener.open(request, timeout=5) as response:
+            model = json.loads(response.read(1 << 20))
+    except (OSError, ValueError) as e:
+        log.warning("could not ask the Hub for %s's groups (%s); using none", user, e)
+        return frozenset()
+    name = model.get("name") if isinstance(model, dict) else None
+    groups = model.get("groups") if isinstance(model, dict) else None
+    if name != user or not isinstance(groups, list):
+        log.warning(
+            "the Hub's answer for the server token is about %r, not %s, or has no groups; "
+            "using none",
+            name,
+            user,
+        )
+        groups = []
+    found = frozenset(g for g in groups if isinstance(g, str))
+    with _hub_lock:
+        _hub_groups[key] = (time.monotonic(), found)
+    return found
+
+
+def current_identity(log: logging.Logger) -> Identity:
+    """The user this server runs for: JupyterHub's single-user name, else the OS user.
+
+    Groups are the user's OS groups and, in a single-user server, the Hub's groups.
+    """
     os_user = pwd.getpwuid(os.getuid()).pw_name
     user = os.environ.get("JUPYTERHUB_USER") or os_user
     groups = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
     with contextlib.suppress(KeyError):  # a Hub user may have no OS account
         groups.add(grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name)
+    api_url, token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    if os.environ.get("JUPYTERHUB_USER") and api_url and token:
+        groups |= hub_groups(api_url, token, user, log)
     return Identity(user, frozenset(groups))
 
 
 def _magnitude(name: str, value: Any) -> float:
+    """How much a setting gives, to compare it with another value of the same setting."""
+    if name == "network":
+        return NETWORK_MODES.index(value)
+    if name == "network_bandwidth":
+        rate = parse_bandwidth(value)
+        return float("inf") if rate is None else rate
     return parse_size(value) if name in SIZES else float(value)
 
 
@@ -85,9 +158,17 @@ def _check_tier(where: str, tier: Any) -> dict[str, Any]:
         )
     for name, value in tier.items():
         try:
-            if name == "kernelspecs":
+            if name in ("kernelspecs", "egress_allow"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ValueError("expected a list of kernelspec names")
+                    raise ValueError("expected a list of strings")
+                if name == "egress_allow":
+                    for entry in value:
+                        parse_destination(entry)
+            elif name == "network":
+                if value not in NETWORK_MODES:  # ordered from closed to open
+                    raise ValueError(f"expected one of {', '.join(NETWORK_MODES)}")
+            elif name == "network_bandwidth":
+                parse_bandwidth(value)
             elif isinstance(value, bool) or _magnitude(name, value) <= 0:
                 raise ValueError("expected a positive value")
         except (TypeError, ValueError) as e:
@@ -121,7 +202,7 @@ class Policy:
         result = dict(self.default)
         for group in sorted(who.groups & set(self.groups)):
             for name, value in self.groups[group].items():
-                if name == "kernelspecs":
+                if name in ("kernelspecs", "egress_allow"):
                     result[name] = sorted({*result.get(name, []), *value})
                 elif name not in result or _magnitude(name, value) > _magnitude(name, result[name]):
                     result[name] = value
@@ -184,7 +265,7 @@ def apply(
             f"allowed: {', '.join(allowed) or 'none'}"
         )
     settings = {}
-    for name in LIMITS:
+    for name in (*LIMITS, "network"):
         if name not in ceilings:
             continue
         ceiling = ceilings[name]
@@ -196,4 +277,14 @@ def apply(
                 )
         else:
             settings[name] = ceiling
+    allowed_hosts = ceilings.get("egress_allow")
+    if allowed_hosts is not None:
+        beyond = sorted(set(asked.get("egress_allow", ())) - set(allowed_hosts))
+        if beyond:
+            raise PolicyError(
+                f"egress_allow {', '.join(beyond)} is more than the sandbox policy allows "
+                f"{who.user}: at most {', '.join(allowed_hosts) or 'nothing'}"
+            )
+        if "egress_allow" not in asked:
+            settings["egress_allow"] = allowed_hosts
     return settings

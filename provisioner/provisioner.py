@@ -19,7 +19,7 @@ from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 
-from . import cleanup, guest, limits, policy
+from . import cleanup, guest, limits, policy, quotas
 from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
 from .backends.gvisor import GVisorSandbox, find_runsc
 from .console import Console
@@ -27,6 +27,8 @@ from .errors import SettingError
 from .guest.protocol import CHANNELS
 from .images import find_image
 from .ioloop import run_on_io
+from .network import MODES as NETWORK_MODES
+from .network import NetworkSpec, parse_bandwidth, parse_destination
 from .tunnel import Tunnel, TunnelError
 
 GUEST_HOME = "/home/sandbox"
@@ -89,6 +91,27 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="The operator's policy (TOML); default: $JUPYTER_SANDBOX_POLICY. Its ceilings "
         "bind every setting above; a kernelspec may ask for less, never more.",
     )
+    network = Enum(
+        list(NETWORK_MODES),
+        "none",
+        config=True,
+        help="The kernel's network: none (no device at all), egress (only egress_allow, "
+        "names through a DNS responder) or open (anything but the host, other sandboxes, "
+        "link-local/metadata and multicast addresses).",
+    )
+    egress_allow = List(
+        Unicode(),
+        [],
+        config=True,
+        help='Where an egress kernel may connect: "host", "host:port", "IP", "IP:port", '
+        '"CIDR" or "CIDR:port" (IPv4; TCP and UDP), e.g. ["pypi.org:443", "10.0.0.0/8"].',
+    )
+    network_bandwidth = Unicode(
+        "",
+        config=True,
+        help='Cap on the kernel\'s network in each direction, bits per second: "10M", "512k"; '
+        '"" for none.',
+    )
     startup_timeout = Float(
         60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
     )
@@ -99,6 +122,23 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             limits.parse_size(proposal["value"])
         except ValueError as e:
             raise TraitError(f"invalid {proposal['trait'].name}: {e}") from None
+        return proposal["value"]
+
+    @validate("egress_allow")
+    def _check_egress_allow(self, proposal: dict) -> list[str]:
+        for entry in proposal["value"]:
+            try:
+                parse_destination(entry)
+            except ValueError as e:
+                raise TraitError(f"invalid egress_allow entry: {e}") from None
+        return proposal["value"]
+
+    @validate("network_bandwidth")
+    def _check_bandwidth(self, proposal: dict) -> str:
+        try:
+            parse_bandwidth(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"invalid network_bandwidth: {e}") from None
         return proposal["value"]
 
     @validate("cpu_limit")
@@ -141,7 +181,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if cls.__name__ in self.config
             for name in self.config[cls.__name__]
         }
-        self.asked = {n: getattr(self, n) for n in policy.LIMITS if n in kwargs or n in configured}
+        self.asked = {
+            n: getattr(self, n)
+            for n in policy.SETTINGS
+            if self.has_trait(n) and (n in kwargs or n in configured)
+        }
         """Limits the kernelspec or the server's config asked for (the policy bounds them)."""
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
@@ -149,6 +193,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Why the sandbox was stopped by a limit, once it was."""
         self.ports_cached = False
         self.sandbox_id = ""
+        self.user = ""
+        """Whose kernel this is (see `policy.current_identity`), set at each launch."""
+        self.quota = quotas.Quota()
 
     # -- what a backend provides --------------------------------------------
 
@@ -167,11 +214,27 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             open_files=self.open_files_limit,
         )
 
-    def _apply_policy(self) -> None:
+    @property
+    def network_spec(self) -> NetworkSpec:
+        """The kernel's network, from the network traits (already validated)."""
+        if self.egress_allow and self.network != "egress":
+            self.log.warning(
+                "egress_allow is set but network = %r: it only applies to network = 'egress'",
+                self.network,
+            )
+        return NetworkSpec(
+            mode=self.network,
+            allow=tuple(parse_destination(entry) for entry in self.egress_allow),
+            bandwidth=parse_bandwidth(self.network_bandwidth),
+        )
+
+    async def _apply_policy(self) -> None:
+        """Find whose kernel this is, and bound its settings and quota by the policy."""
+        who = await asyncio.to_thread(policy.current_identity, self.log)
+        self.user, self.quota = who.user, quotas.Quota()
         path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
         if not path:
             return
-        who = policy.current_identity()
         ceilings = policy.policy_file(path, self.log).current().ceilings(who)
         kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
         granted = policy.apply(ceilings, self.asked, kernel_name, who)
@@ -180,10 +243,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 setattr(self, name, value)
         except TraitError as e:
             raise policy.PolicyError(f"sandbox policy {path}: {e}") from None
+        max_memory = ceilings.get("max_memory")
+        self.quota = quotas.Quota(
+            max_kernels=int(ceilings["max_kernels"]) if "max_kernels" in ceilings else None,
+            max_memory=None if max_memory is None else limits.parse_size(max_memory),
+            rule=f"the sandbox policy {path}",
+        )
         self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        self._apply_policy()
+        await self._apply_policy()
         km = self.parent
         if km.transport != "tcp":
             raise SandboxError(f"sandboxed kernels need transport 'tcp', not {km.transport!r}")
@@ -248,6 +317,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             agent_dir=Path(guest.__file__).parent,
             limits=self.limits,
             mounts=mounts,
+            user=self.user,
+            network=self.network_spec,
         )
         request = {
             "argv": [arg.replace(connection_file, "{connection_file}") for arg in cmd],
@@ -265,6 +336,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             request["connection"]["key"] = request["connection"]["key"].decode()
         ports = {channel: self.connection_info[f"{channel}_port"] for channel in CHANNELS}
         sandbox = self.create_sandbox(spec)
+        await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,
@@ -283,7 +355,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self, sandbox: Sandbox, request: dict, ip: str, ports: dict[str, int]
     ) -> Tunnel:
         """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
-        tunnel = Tunnel(self.log, sandbox.spec.sandbox_id, on_broken=sandbox.kill)
+        key = self.connection_info.get("key", b"")
+        tunnel = Tunnel(
+            self.log,
+            sandbox.spec.sandbox_id,
+            on_broken=sandbox.kill,
+            explain=lambda: self._limit_reason(sandbox),
+            signing=(
+                key.encode() if isinstance(key, str) else key,
+                self.connection_info.get("signature_scheme", "hmac-sha256"),
+            ),
+        )
         console = Console(self.log, sandbox.spec.sandbox_id)
         try:
             channel = await sandbox.start()
@@ -316,12 +398,18 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if sandbox is None:
             return 0
         status = sandbox.poll()
-        if not self.stop_reason and sandbox.out_of_memory():
-            self.stop_reason = f"the kernel exceeded its memory limit ({self.memory_limit})"
-            self.log.error("kernel %s: %s; stopping its sandbox", self.kernel_id, self.stop_reason)
-            if status is None:
-                await run_on_io(sandbox.kill())
+        if not self.stop_reason and self._limit_reason(sandbox) and status is None:
+            # The OOM killer may take one of the runtime's processes and leave the
+            # sandbox wedged: stop all of it (the tunnel then tells the notebook).
+            await run_on_io(sandbox.kill())
         return status
+
+    def _limit_reason(self, sandbox: Sandbox) -> str:
+        """Why a limit stopped `sandbox`, or "". Cheap: reads one cgroup file."""
+        if not self.stop_reason and sandbox.out_of_memory():
+            self.stop_reason = f"it exceeded its memory limit, memory_limit = {self.memory_limit}"
+            self.log.error("kernel %s: %s; stopping its sandbox", self.kernel_id, self.stop_reason)
+        return self.stop_reason
 
     async def wait(self) -> int | None:
         while (status := await self.poll()) is None:

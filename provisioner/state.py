@@ -43,6 +43,16 @@ class Record:
     owner_pid: int = field(default_factory=os.getpid)
     owner_start: int | None = field(default_factory=lambda: process_start_time(os.getpid()))
     cgroup: str = ""
+    user: str = ""
+    """Whose quota the sandbox counts against."""
+    memory: int = 0
+    """Bytes of the user's memory quota the sandbox holds (its memory limit)."""
+    netns: str = ""
+    """The sandbox's network namespace, veth (host end), nftables table and /30 (network.py);
+    each recorded before it is made, so that gc can remove what a crash left."""
+    veth: str = ""
+    nft_table: str = ""
+    subnet: str = ""
 
     @property
     def directory(self) -> Path:

@@ -31,6 +31,7 @@ from .guest.protocol import (
     encode_json,
 )
 from .guest.streams import Mux, Stream
+from .notices import IopubFollower, stderr_notice
 
 MAX_STREAMS = 64
 """Concurrent client connections per kernel; more are refused."""
@@ -52,10 +53,31 @@ class _ClientStream(Stream):
         super().__init__(tunnel.mux, sid)
         self.tunnel = tunnel
         self.channel = channel
+        self.follower = IopubFollower() if channel == "iopub" else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.tunnel.send(encode(Kind.OPEN, self.sid, self.channel.encode()))
+
+    def peer_data(self, payload: bytes) -> None:
+        super().peer_data(payload)
+        if self.follower is not None:
+            self.follower.feed(payload)
+
+    def tell(self, text: str, key: bytes, signature_scheme: str) -> bool:
+        """Send `text` to the client's stderr after all the kernel sent, and close.
+
+        Returns False where no whole message can be added (not iopub, or cut mid-message).
+        """
+        follower, transport = self.follower, self.transport
+        self._flush_local()
+        if follower is None or transport is None or not follower.at_boundary:
+            return False
+        transport.write(stderr_notice(text, follower.parent, key, signature_scheme))
+        self.closed = True
+        self.mux.discard(self.sid)
+        transport.close()  # after the buffered bytes are out
+        return True
 
 
 class _Refused(asyncio.Protocol):
@@ -67,12 +89,21 @@ class Tunnel(asyncio.Protocol):
     """Host end of one sandbox's channel. Create and use it on the I/O loop only."""
 
     def __init__(
-        self, log: logging.Logger, name: str, on_broken: Callable[[], Awaitable[None]]
+        self,
+        log: logging.Logger,
+        name: str,
+        on_broken: Callable[[], Awaitable[None]],
+        explain: Callable[[], str] = str,
+        signing: tuple[bytes, str] = (b"", "hmac-sha256"),
     ) -> None:
         self.log = log
         self.name = name
         self.on_broken = on_broken
         """Stops the sandbox; called once the channel is broken or gone."""
+        self.explain = explain
+        """Why a limit stopped the sandbox, or "": told to the notebook when the channel ends."""
+        self.signing = signing
+        """The kernel's key and signature scheme, to sign what the host tells the notebook."""
         self._tasks: set[asyncio.Task] = set()
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
@@ -176,8 +207,24 @@ class Tunnel(asyncio.Protocol):
         if not self.closed:
             # The agent let go of its channel: the kernel is gone or unreachable.
             self.log.debug("sandbox %s closed its channel", self.name)
+            reason = self.explain()
+            if reason:
+                self.tell(f"The sandbox stopped this kernel: {reason}.")
             self.close()
             self._stop_sandbox()
+
+    def tell(self, text: str) -> None:
+        """Show `text` in every attached notebook, on stderr of the request it last ran."""
+        key, scheme = self.signing
+        line = f"\n[jupyter-sandbox] {text}\n"
+        iopub = [
+            s
+            for s in self.mux.streams.values()
+            if isinstance(s, _ClientStream) and s.channel == "iopub"
+        ]
+        untold = sum(not stream.tell(line, key, scheme) for stream in iopub)
+        if untold:
+            self.log.warning("sandbox %s: %d notebook(s) not told: %s", self.name, untold, text)
 
     def _on_frame(self, frame: Frame) -> None:
         kind = frame.kind

@@ -13,12 +13,12 @@ set -euo pipefail
 HOST_PACKAGES=(
     debootstrap     # builds the guest root filesystem
     e2fsprogs       # mkfs.ext4 -d: guest rootfs image for microVMs
-    iproute2        # per-kernel network namespaces
-    nftables        # egress firewall for kernels that may use the network
+    iproute2        # per-kernel network namespaces, veths, tc bandwidth caps (network.py)
+    nftables        # per-kernel firewall for kernels that may use the network
     ca-certificates # TLS to the Debian archive and PyPI while building images
     python3-venv    # the project's own virtualenv
-    util-linux      # nsenter, mount, unshare
-    procps          # ps / pkill used by diagnostics
+    util-linux      # nsenter (runsc inside a kernel's network namespace), mount, unshare
+    procps          # sysctl inside network namespaces; ps / pkill used by diagnostics
 )
 RUNSC=${RUNSC:-/usr/local/bin/runsc} # override only to test this script
 RUNSC_MIN_DATE=20240729

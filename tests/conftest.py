@@ -15,7 +15,7 @@ import pytest
 from helpers import runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
-from provisioner import cgroups
+from provisioner import cgroups, network
 from provisioner.images import ImageError, find_image
 from provisioner.state import records, sandboxes_dir
 
@@ -52,14 +52,21 @@ def our_sandboxes() -> set[str]:
 
 
 def leftover_cgroups() -> list[Path]:
-    """cgroups of sandboxes that have no record (any recorded one is still in use)."""
-    live = {r.sandbox_id for r in records()}
-    return [
-        child
-        for d in cgroups.directories("/jupyter-sandbox")
-        for child in d.glob("jsb-*")
-        if child.name not in live
-    ]
+    """cgroups of sandboxes that have no record (any recorded one is still in use), and
+    users' cgroups left empty by their last sandbox."""
+    live = records()
+    sandboxes = {r.sandbox_id for r in live}
+    users = {cgroups.user_cgroup(r.user).rsplit("/", 1)[1] for r in live}
+    found = []
+    for base in cgroups.directories(f"{cgroups.SANDBOXES}/users"):
+        for user in base.iterdir():
+            if not user.is_dir():
+                continue
+            children = [c for c in user.iterdir() if c.is_dir()]
+            found += [c for c in children if c.name not in sandboxes]
+            if not children and user.name not in users:
+                found.append(user)
+    return found
 
 
 def leftover_mounts() -> list[str]:
@@ -71,6 +78,11 @@ def leftover_mounts() -> list[str]:
     return [p for p in points if p.startswith(base) and p[len(base) :].split("/")[0] not in live]
 
 
+def leftover_network() -> network.HostObjects:
+    """Our network namespaces, veths and nftables tables whose sandbox has no record."""
+    return network.host_objects().without(records())
+
+
 @pytest.fixture(scope="session")
 def sandbox_host() -> None:
     require_sandbox()
@@ -78,13 +90,14 @@ def sandbox_host() -> None:
 
 @pytest.fixture
 def no_leftovers(sandbox_host: None):
-    """Assert that the test left no sandbox, bundle or cgroup behind."""
+    """Assert that the test left no sandbox, bundle, cgroup or network behind."""
     before = our_sandboxes()
     yield
     left = our_sandboxes() - before
     assert not left, f"sandboxes left behind: {left}"
     assert not leftover_cgroups(), f"cgroups left behind: {leftover_cgroups()}"
     assert not leftover_mounts(), f"mounts left behind: {leftover_mounts()}"
+    assert not leftover_network(), f"network left behind: {leftover_network()}"
 
 
 @pytest.fixture

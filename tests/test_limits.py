@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -127,7 +128,7 @@ async def test_memory_bomb_dies_and_the_neighbour_does_not_notice(no_leftovers, 
         kernel(workspace) as (_, neighbour),
     ):
         # b"x" * n touches every page (a bare bytearray(n) would not use memory yet)
-        bomb.execute("chunks = []\nwhile True: chunks.append(b'x' * (50 * 2**20))")
+        request = bomb.execute("chunks = []\nwhile True: chunks.append(b'x' * (50 * 2**20))")
         deadline = time.monotonic() + 60
         slowest = 0.0
         while await bomb_km.is_alive():
@@ -137,8 +138,23 @@ async def test_memory_bomb_dies_and_the_neighbour_does_not_notice(no_leftovers, 
             slowest = max(slowest, time.monotonic() - started)
             assert text == "499500\n"
         assert await bomb_km.provisioner.poll() != 0
-        assert "memory limit (512M)" in bomb_km.provisioner.stop_reason
+        reason = "it exceeded its memory limit, memory_limit = 512M"
+        assert bomb_km.provisioner.stop_reason == reason  # what the server log says
         assert slowest < 2.0
+        # and the notebook is told, under the cell that ran the bomb
+        told = []
+        with contextlib.suppress(queue.Empty):
+            while not told:
+                message = await bomb.get_iopub_msg(timeout=5)
+                if (
+                    message["msg_type"] == "stream"
+                    and "jupyter-sandbox" in message["content"]["text"]
+                ):
+                    told.append(message)
+        assert told, "the notebook was not told why its kernel died"
+        assert told[0]["content"]["name"] == "stderr"
+        assert reason in told[0]["content"]["text"]
+        assert told[0]["parent_header"]["msg_id"] == request
 
 
 def test_the_host_backstop_leaves_room_for_gvisor_itself():

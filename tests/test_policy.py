@@ -64,10 +64,50 @@ def test_asking_for_less_is_granted_more_is_refused_naming_the_ceiling():
         policy.apply(ceilings, {}, "python3", student)
 
 
+NETWORKED = """
+[default]
+network = "none"
+
+[groups.researchers]
+network = "egress"
+egress_allow = ["pypi.org:443", "10.9.0.0/16"]
+network_bandwidth = "10M"
+
+[groups.staff]
+network = "open"
+"""
+
+
+def test_network_modes_and_allowlists_are_ceilings_too():
+    p = Policy.parse(NETWORKED)
+    researcher = Identity("rita", frozenset({"researchers"}))
+    assert policy.apply(p.ceilings(student), {}, "k", student) == {"network": "none"}
+    with pytest.raises(PolicyError, match=r"network = 'egress' .* bob: at most 'none'"):
+        policy.apply(p.ceilings(student), {"network": "egress"}, "k", student)
+    granted = policy.apply(p.ceilings(researcher), {}, "k", researcher)
+    assert granted == {
+        "network": "egress",
+        "egress_allow": ["10.9.0.0/16", "pypi.org:443"],
+        "network_bandwidth": "10M",
+    }
+    narrower = {"egress_allow": ["pypi.org:443"], "network_bandwidth": "1M"}
+    assert policy.apply(p.ceilings(researcher), narrower, "k", researcher) == {"network": "egress"}
+    with pytest.raises(PolicyError, match=r"egress_allow example.org .* at most 10.9.0.0/16, pypi"):
+        policy.apply(p.ceilings(researcher), {"egress_allow": ["example.org"]}, "k", researcher)
+    with pytest.raises(PolicyError, match=r"network_bandwidth = '' .* at most '10M'"):
+        policy.apply(p.ceilings(researcher), {"network_bandwidth": ""}, "k", researcher)
+    staff = Identity("sam", frozenset({"researchers", "staff"}))
+    assert p.ceilings(staff)["network"] == "open"  # the most open group wins
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("[default]\nmemory_limt = '1G'", "unknown setting memory_limt"),
+        ("[default]\nnetwork = 'wide'", r"network = 'wide': expected one of none, egress, open"),
+        ("[default]\negress_allow = ['169.254.169.254']", r"egress_allow"),
+        ("[default]\nnetwork_bandwidth = '10MB'", r"network_bandwidth = '10MB'"),
+        ("[default]\nmax_kernels = 0", "positive"),
         ("[default]\nmemory_limit = '1 GB'", r"memory_limit = '1 GB'"),
         ("[default]\ncpu_limit = -1", "positive"),
         ("[defaults]\n", "unknown section defaults"),
@@ -103,6 +143,7 @@ async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path,
     path = tmp_path / "policy.toml"
     path.write_text(
         '[default]\nmemory_limit = "512M"\n[users.alice]\nmemory_limit = "768M"\ncpu_limit = 0.5\n'
+        'network = "egress"\negress_allow = ["10.9.0.1:80"]\n'
     )
     monkeypatch.setenv(policy.POLICY_ENV, str(path))
     monkeypatch.setenv("JUPYTERHUB_USER", "alice")
@@ -120,6 +161,9 @@ async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path,
             assert km.provisioner.cpu_limit == 0.5
             _, text, _ = await execute(kc, "print(open('/proc/meminfo').readline().split()[1])")
             assert int(text) == expected * 1024  # and what the kernel is told
+            assert km.provisioner.network == "egress"  # the policy's network, with a device
+            _, text, _ = await execute(kc, "import socket; print(socket.if_nameindex())")
+            assert "eth0" in text
         finally:
             kc.stop_channels()
             await km.shutdown_kernel(now=True)

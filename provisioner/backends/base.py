@@ -7,8 +7,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import cgroups, quotas
 from ..errors import SandboxError
 from ..limits import Limits
+from ..network import NetworkSpec
+from ..state import Record
 
 __all__ = ["SandboxError"]
 
@@ -32,6 +35,10 @@ class SandboxSpec:
     """Host folder with the guest agent, mounted read-only at `AGENT_DIR` in the guest."""
     limits: Limits
     mounts: tuple[Mount, ...] = field(default_factory=tuple)
+    user: str = ""
+    """Whose sandbox it is: its cgroup sits in the user's, which holds the user's quota."""
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
 
 
 AGENT_DIR = "/opt/jupyter-sandbox"
@@ -58,6 +65,15 @@ class Sandbox(abc.ABC):
     def __init__(self, spec: SandboxSpec, log: logging.Logger) -> None:
         self.spec = spec
         self.log = log
+        self.record = Record(
+            sandbox_id=spec.sandbox_id,
+            kernel_id=spec.kernel_id,
+            backend=self.backend,
+            cgroup=f"{cgroups.user_cgroup(spec.user)}/{spec.sandbox_id}",
+            user=spec.user,
+            memory=spec.limits.memory or 0,
+        )
+        """What the host keeps of the sandbox, saved before anything is made for it."""
 
     @abc.abstractmethod
     async def start(self) -> Channel:
@@ -86,3 +102,15 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
+
+
+def forget(record: Record, log: logging.Logger) -> None:
+    """Remove what the host keeps of any backend's sandbox once it has ended: its cgroup,
+    its user's cgroup if that is now empty, and its folder. Never raises."""
+    cgroups.remove(record.cgroup)  # what cannot go yet is left for gc
+    try:
+        if record.user:
+            quotas.release(record.user)
+        record.remove()
+    except OSError as e:
+        log.warning("could not remove the folder of sandbox %s: %s", record.sandbox_id, e)

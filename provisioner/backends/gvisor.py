@@ -10,9 +10,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import cgroups, rootfs
+from .. import cgroups, network, rootfs
 from ..state import Record, runtime_dir
-from .base import AGENT_ARGV, AGENT_DIR, Channel, Sandbox, SandboxError, SandboxSpec
+from .base import (
+    AGENT_ARGV,
+    AGENT_DIR,
+    Channel,
+    Mount,
+    Sandbox,
+    SandboxError,
+    SandboxSpec,
+    forget,
+)
 
 AGENT_CAPABILITIES = [
     # The agent (sandbox root, inside gVisor only) needs these to start the kernel
@@ -46,8 +55,8 @@ def runsc_root() -> Path:
     return runtime_dir() / "runsc"
 
 
-def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
-    """The OCI runtime config of one sandbox."""
+def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...] = ()) -> dict:
+    """The OCI runtime config of one sandbox; `files` are extra mounts (resolv.conf)."""
     limits = spec.limits
     resources: dict = {}
     if limits.memory:
@@ -76,7 +85,7 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
             "options": ["rbind", "ro"],
         },
     ]
-    for mount in spec.mounts:
+    for mount in (*spec.mounts, *files):
         mounts.append(
             {
                 "destination": mount.destination,
@@ -112,7 +121,13 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str) -> dict:
         "mounts": mounts,
         "annotations": {"jupyter-sandbox.kernel-id": spec.kernel_id},
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            # With a network, runsc is started inside the sandbox's own namespace and
+            # passes it on (--network=host): asking for a new one would leave only lo.
+            "namespaces": [
+                {"type": t}
+                for t in ("pid", "network", "ipc", "uts", "mount")
+                if t != "network" or spec.network.mode == "none"
+            ],
             "cgroupsPath": cgroup,
             "resources": resources,
         },
@@ -126,13 +141,8 @@ class GVisorSandbox(Sandbox):
         super().__init__(spec, log)
         self.runsc = runsc
         self.platform = platform
-        self.record = Record(
-            sandbox_id=spec.sandbox_id,
-            kernel_id=spec.kernel_id,
-            backend=self.backend,
-            cgroup=f"/jupyter-sandbox/{spec.sandbox_id}",
-        )
         self.process: subprocess.Popen | None = None
+        self.network: network.SandboxNetwork | None = None
 
     async def start(self) -> Channel:
         self.record.save()
@@ -140,7 +150,20 @@ class GVisorSandbox(Sandbox):
         root = await asyncio.to_thread(
             rootfs.mount, self.spec.rootfs, bundle, self.spec.limits.disk
         )
-        config = oci_spec(self.spec, root, self.record.cgroup)
+        files: tuple[Mount, ...] = ()
+        prefix: list[str] = []
+        if self.spec.network.mode != "none":
+            self.network = network.SandboxNetwork(self.spec.network, self.record, self.log)
+            await self.network.open()
+            files = tuple(
+                Mount(source=source, destination=destination, read_only=True)
+                for source, destination in self.network.guest_files(bundle)
+            )
+            # nsenter, not `ip netns exec`: that remounts /sys, and runsc then cannot
+            # find the cgroups. nsenter execs runsc, so the process is runsc itself.
+            nsenter = shutil.which("nsenter") or "nsenter"
+            prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
+        config = oci_spec(self.spec, root, self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
         to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)
@@ -149,10 +172,12 @@ class GVisorSandbox(Sandbox):
         try:
             self.process = subprocess.Popen(
                 [
+                    *prefix,
                     self.runsc,
                     f"--root={runsc_root()}",
                     f"--platform={self.platform}",
-                    "--network=none",
+                    # host: the guest's sockets are the namespace's, behind its firewall
+                    "--network=host" if self.network else "--network=none",
                     # Writes land in gVisor's own memory layer (fast: no host round
                     # trip), whose file lives on the sandbox's disk_limit tmpfs.
                     f"--overlay2=root:dir={rootfs.layer(bundle)}",
@@ -207,6 +232,8 @@ class GVisorSandbox(Sandbox):
             else:
                 self.process.kill()
                 self.process.wait()
+        if self.network is not None:
+            self.network.close()
         await asyncio.to_thread(reap, self.record, self.log, self.runsc)
 
 
@@ -222,7 +249,7 @@ def run_runsc(runsc: str, *args: str, timeout: float = 60) -> subprocess.Complet
 
 
 def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
-    """Remove a sandbox's container state, root mount, cgroup and bundle, whoever made it."""
+    """Remove a sandbox's container, network, root mount, cgroup and bundle, whoever made it."""
     runsc = shutil.which(runsc) or runsc
     if runsc_root().is_dir():
         try:
@@ -233,8 +260,5 @@ def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
             output = result.stdout + result.stderr
             if result.returncode and "does not exist" not in output and "not found" not in output:
                 log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
-    cgroups.remove(record.cgroup)  # never raises: what cannot go yet is left for gc
-    try:
-        record.remove()
-    except OSError as e:
-        log.warning("could not remove the folder of sandbox %s: %s", record.sandbox_id, e)
+    network.remove(record, log)  # never raises
+    forget(record, log)
