@@ -15,11 +15,12 @@ host:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml kernelspecs/python3-gvisor/kernel.json
+$(VENV)/.installed: pyproject.toml kernelspecs/python3-gvisor/kernel.json kernelspecs/python3-microvm/kernel.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,lab]'
 	$(BIN)/jupyter kernelspec install kernelspecs/python3-gvisor --sys-prefix --replace
+	$(BIN)/jupyter kernelspec install kernelspecs/python3-microvm --sys-prefix --replace
 	touch $@
 
 image: host venv

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -39,6 +40,19 @@ CONNECT_TIMEOUT = 120.0
 """How long a stream waits for the kernel to bind its socket."""
 
 
+def oom_kills() -> int:
+    """How often the (guest) kernel's OOM killer struck so far; 0 where it does not say."""
+    try:
+        with open("/proc/vmstat") as vmstat:
+            for line in vmstat:
+                name, _, value = line.partition(" ")
+                if name == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def log(msg: str) -> None:
     sys.stderr.write(f"agent: {msg}\n")
     sys.stderr.flush()
@@ -55,6 +69,7 @@ class Agent(asyncio.Protocol):
         self.launched = asyncio.Event()
         self.launch: dict = {}
         self.done = self.loop.create_future()
+        self.oom_kills_at_start = 0
 
     def send(self, frame: bytes) -> None:
         assert self.out is not None
@@ -108,6 +123,17 @@ class Agent(asyncio.Protocol):
         os.chown(connection_file, uid, gid)
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
+        rlimits = {
+            getattr(resource, f"RLIMIT_{name.upper()}"): int(value)
+            for name, value in spec.get("rlimits", {}).items()
+            if name in ("nproc", "nofile")
+        }
+
+        def limit() -> None:  # in the child, after it became the kernel's user
+            for which, value in rlimits.items():
+                resource.setrlimit(which, (value, value))
+
+        self.oom_kills_at_start = oom_kills()
         self.kernel = subprocess.Popen(
             argv,
             env=spec["env"],
@@ -120,6 +146,7 @@ class Agent(asyncio.Protocol):
             extra_groups=[],
             start_new_session=True,
             umask=0o077,
+            preexec_fn=limit if rlimits else None,
         )
         self.reap_children()  # in case it ended before the handler could see it
 
@@ -208,7 +235,9 @@ class Agent(asyncio.Protocol):
             return self.done.result()
         status = self.kernel_exit.result()
         self.mux.close_all()
-        self.send(encode_json(Kind.EXIT, {"status": status}))
+        # In a VM the guest kernel's own OOM killer may have ended the kernel.
+        oom_killed = status == 128 + signal.SIGKILL and oom_kills() > self.oom_kills_at_start
+        self.send(encode_json(Kind.EXIT, {"status": status, "oom_killed": oom_killed}))
         await self.drain()
         return status
 

@@ -116,6 +116,33 @@ def oom_kills(cgroup: str) -> int:
     return 0
 
 
+CPU_PERIOD_US = 100_000
+
+
+def create(cgroup: str, memory: int | None, cpu: float | None, pids: int | None) -> list[Path]:
+    """Make `cgroup` with these limits for a process the host starts itself (a VM).
+
+    Returns the `cgroup.procs` files the process joins it by, one per hierarchy.
+    """
+    set_memory_limit(cgroup, memory)
+    rel = cgroup.strip("/")
+    quota = "max" if cpu is None else str(int(cpu * CPU_PERIOD_US))
+    if is_v2():
+        path = ROOT / rel
+        for level in (path.parent, path):
+            (level / "cgroup.subtree_control").write_text("+cpu +pids")
+        (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        (path / "pids.max").write_text("max" if pids is None else str(pids))
+        return [path / "cgroup.procs"]
+    folders = {name: ROOT / name / rel for name in ("memory", "cpu", "cpuacct", "pids")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    (folders["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+    (folders["cpu"] / "cpu.cfs_quota_us").write_text("-1" if cpu is None else quota)
+    (folders["pids"] / "pids.max").write_text("max" if pids is None else str(pids))
+    return sorted({(folder / "cgroup.procs").resolve() for folder in folders.values()})
+
+
 def remove_if_empty(cgroup: str) -> None:
     """Remove `cgroup` itself where it has no child cgroups and no processes left."""
     for path in directories(cgroup):

@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import cgroups, network
-from .backends import gvisor
+from .backends import gvisor, microvm
 from .backends.gvisor import run_runsc, runsc_root
 from .state import Record, records, sandboxes_dir
 
@@ -25,7 +25,10 @@ _done = False
 
 
 def _reap(record: Record, log: logging.Logger) -> None:
-    gvisor.reap(record, log)
+    if record.backend == "microvm":
+        microvm.reap(record, log)
+    else:
+        gvisor.reap(record, log)
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
 
 

@@ -11,6 +11,7 @@ from traitlets import Bool, Float, Unicode
 from . import cgroups, cleanup, doctor
 from .images import ImageError, build_image
 from .limits import format_size
+from .microvm_image import build_boot_files
 from .state import records
 
 __version__ = "0.1.0"
@@ -64,10 +65,14 @@ class ImageBuildApp(_Sub):
         started = time.monotonic()
         try:
             rootfs = build_image(self.image, force=self.force, log=self.log)
+            boot = build_boot_files(self.image, rootfs, self.log)
         except ImageError as e:
             self.log.error("%s", e)
             self.exit(1)
-        self.out(f"image {self.image} ready at {rootfs} ({time.monotonic() - started:.1f} s)")
+        self.out(
+            f"image {self.image} ready at {rootfs}, microVM boot files in "
+            f"{boot.kernel.parent} ({time.monotonic() - started:.1f} s)"
+        )
 
 
 class ImageApp(_Sub):

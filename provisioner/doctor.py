@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
+from .accel import choose as choose_accel
 from .images import ImageError, find_image, load_manifest, verify_image
+from .microvm_image import find_boot_files
 
 RUNSC_MIN_DATE = 20240729
 INSTALL = "run `make setup` in the jupyter-sandbox checkout (or `bash scripts/install-host.sh`)"
@@ -63,6 +65,25 @@ def check_platform(runsc: str, platform: str) -> Check:
     return Check(f"platform {platform}", True, "a test sandbox ran")
 
 
+NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
+                 "conntrack": "conntrack"}  # fmt: skip
+"""Host tools kernels with a network (egress, open) need, and their Debian packages."""
+
+
+def check_network_tools() -> Check:
+    """The tools network.py runs: without conntrack, say, a removed kernel's flows linger."""
+    missing = [tool for tool in NETWORK_TOOLS if shutil.which(tool) is None]
+    if not missing:
+        return Check("network tools", True, ", ".join(NETWORK_TOOLS))
+    packages = " ".join(NETWORK_TOOLS[tool] for tool in missing)
+    return Check(
+        "network tools",
+        False,
+        f"missing {', '.join(missing)} (needed for network = 'egress' or 'open')",
+        f"apt-get install {packages}, or {INSTALL}",
+    )
+
+
 def run_checks(
     runsc_path: str = "runsc", platform: str = "systrap", image: str = "python3"
 ) -> list[Check]:
@@ -100,6 +121,7 @@ def run_checks(
             "mount the cgroup memory controller; limits cannot be enforced without it",
         )
     )
+    checks.append(check_network_tools())
     try:
         rootfs = find_image(image)
         manifest = load_manifest(image)
@@ -109,4 +131,21 @@ def run_checks(
         checks.append(Check("image", True, f"{rootfs} (built {built}, content verified)"))
     except ImageError as e:
         checks.append(Check("image", False, str(e), "run `jupyter sandbox image build --force`"))
+    checks += microvm_checks(image)
+    return checks
+
+
+def microvm_checks(image: str, qemu_path: str = "qemu-system-x86_64") -> list[Check]:
+    """QEMU, the boot files, and which accelerator VMs get (probed once per host boot)."""
+    qemu = shutil.which(qemu_path)
+    if qemu is None:
+        return [Check("microVM: qemu", False, f"{qemu_path!r} not found", INSTALL)]
+    checks = [Check("microVM: qemu", True, qemu)]
+    try:
+        boot = find_boot_files(image)
+    except ImageError as e:
+        return [*checks, Check("microVM: boot files", False, str(e), "run `make setup`")]
+    checks.append(Check("microVM: boot files", True, f"{boot.kernel.parent}"))
+    chosen = choose_accel(qemu, boot.kernel)
+    checks.append(Check("microVM: accelerator", True, f"{chosen.name.upper()}: {chosen.reason}"))
     return checks

@@ -277,7 +277,7 @@ def verify_image(name: str = DEFAULT_IMAGE) -> None:
 # --------------------------------------------------------------------------- build
 
 
-def _run(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
+def run_logged(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
          env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
     """Run a command with umask 022, its output going to the logger, not the terminal.
 
@@ -325,7 +325,7 @@ def _run(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
         )
 
 
-def _capture(argv: Sequence[str | os.PathLike[str]], what: str) -> str:
+def capture(argv: Sequence[str | os.PathLike[str]], what: str) -> str:
     """Run a short command and return its stdout (for facts we record in the manifest)."""
     args = [os.fspath(a) for a in argv]
     try:
@@ -466,7 +466,7 @@ def _download_wheels(
         "--platform", "manylinux_2_28_x86_64", "--platform", "any",
         "--find-links", WHEEL_CACHE, "--dest", staging, "--requirement", requirements,
     ]  # fmt: skip
-    _run(cmd, log, "downloading Python wheels on the host (pip download)", env=_host_env())
+    run_logged(cmd, log, "downloading Python wheels on the host (pip download)", env=_host_env())
     for wheel in staging.glob("*.whl"):
         cached = WHEEL_CACHE / wheel.name
         if not cached.exists():
@@ -575,7 +575,7 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
 
     t = _step(log, f"debootstrap {DEBIAN_SUITE} (minbase + {', '.join(packages)})")
     DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
-    _run(
+    run_logged(
         [
             "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
             f"--cache-dir={DEBOOTSTRAP_CACHE}", DEBIAN_SUITE, root, DEBIAN_MIRROR,
@@ -586,9 +586,9 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
 
     def chroot(*argv: str, what: str, user: str | None = None, **env: str) -> None:
         spec = [f"--userspec={user}"] if user else []
-        _run(["chroot", *spec, root, *argv], log, what, env={**_CHROOT_ENV, **env})
+        run_logged(["chroot", *spec, root, *argv], log, what, env={**_CHROOT_ENV, **env})
 
-    py_version = _capture(
+    py_version = capture(
         ["chroot", root, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
         "finding the guest's Python version",
     ).strip()
@@ -648,10 +648,10 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
     )  # fmt: skip
 
     _step(log, "writing the manifest")
-    debs = _capture(
+    debs = capture(
         ["chroot", root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], "dpkg-query"
     )
-    pys = _capture(
+    pys = capture(
         [
             "chroot", root, GUEST_PYTHON, "-c",
             "import json, importlib.metadata as m, platform; print(json.dumps({'python': "

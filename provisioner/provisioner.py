@@ -20,13 +20,16 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 
 from . import cleanup, guest, limits, policy, quotas
+from .accel import choose as choose_accel
 from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
 from .backends.gvisor import GVisorSandbox, find_runsc
+from .backends.microvm import MicroVMSandbox, find_qemu
 from .console import Console
 from .errors import SettingError
 from .guest.protocol import CHANNELS
 from .images import find_image
 from .ioloop import run_on_io
+from .microvm_image import find_boot_files
 from .network import MODES as NETWORK_MODES
 from .network import NetworkSpec, parse_bandwidth, parse_destination
 from .tunnel import Tunnel, TunnelError
@@ -199,7 +202,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- what a backend provides --------------------------------------------
 
-    def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
+    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
         raise NotImplementedError
 
     # -- launch ---------------------------------------------------------------
@@ -319,6 +322,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             mounts=mounts,
             user=self.user,
             network=self.network_spec,
+            owner=(uid, gid),
         )
         request = {
             "argv": [arg.replace(connection_file, "{connection_file}") for arg in cmd],
@@ -326,6 +330,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "cwd": cwd,
             "uid": uid,
             "gid": gid,
+            # the kernel's own: under gVisor the sandbox has them too; a VM has only these
+            "rlimits": {"nproc": self.pids_limit, "nofile": self.open_files_limit},
             "connection": {
                 key: self.connection_info[key]
                 for key in ("key", "signature_scheme", "kernel_name")
@@ -335,7 +341,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if isinstance(request["connection"].get("key"), bytes):
             request["connection"]["key"] = request["connection"]["key"].decode()
         ports = {channel: self.connection_info[f"{channel}_port"] for channel in CHANNELS}
-        sandbox = self.create_sandbox(spec)
+        sandbox = await self.create_sandbox(spec)
         await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
@@ -360,7 +366,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.log,
             sandbox.spec.sandbox_id,
             on_broken=sandbox.kill,
-            explain=lambda: self._limit_reason(sandbox),
+            explain=lambda: self._limit_reason(sandbox, tunnel),
             signing=(
                 key.encode() if isinstance(key, str) else key,
                 self.connection_info.get("signature_scheme", "hmac-sha256"),
@@ -398,15 +404,24 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if sandbox is None:
             return 0
         status = sandbox.poll()
-        if not self.stop_reason and self._limit_reason(sandbox) and status is None:
+        tunnel = self.tunnel
+        reported = tunnel.exit_report.get("status") if tunnel is not None else None
+        if status is not None and type(reported) is int and reported:
+            status = reported  # the kernel's own, as the agent saw it (a VM's QEMU exits 0)
+        if not self.stop_reason and self._limit_reason(sandbox, tunnel) and status is None:
             # The OOM killer may take one of the runtime's processes and leave the
             # sandbox wedged: stop all of it (the tunnel then tells the notebook).
             await run_on_io(sandbox.kill())
         return status
 
-    def _limit_reason(self, sandbox: Sandbox) -> str:
-        """Why a limit stopped `sandbox`, or "". Cheap: reads one cgroup file."""
-        if not self.stop_reason and sandbox.out_of_memory():
+    def _limit_reason(self, sandbox: Sandbox, tunnel: Tunnel | None) -> str:
+        """Why a limit stopped `sandbox`, or "". Cheap: reads one cgroup file.
+
+        The host's OOM killer ends a whole gVisor sandbox; in a VM the guest
+        kernel's ends the kernel, and the agent says so.
+        """
+        guest_oom = tunnel is not None and tunnel.exit_report.get("oom_killed") is True
+        if not self.stop_reason and (guest_oom or sandbox.out_of_memory()):
             self.stop_reason = f"it exceeded its memory limit, memory_limit = {self.memory_limit}"
             self.log.error("kernel %s: %s; stopping its sandbox", self.kernel_id, self.stop_reason)
         return self.stop_reason
@@ -490,5 +505,33 @@ class GVisorProvisioner(SandboxProvisioner):
         help="gVisor platform. systrap is fast and needs nothing from the host.",
     )
 
-    def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
+    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
         return GVisorSandbox(spec, self.log, find_runsc(self.runsc_path), self.platform)
+
+
+class MicroVMProvisioner(SandboxProvisioner):
+    """Runs each kernel in its own QEMU microVM, with its own guest kernel."""
+
+    qemu_path = Unicode(
+        "qemu-system-x86_64", config=True, help="The QEMU binary (a name on PATH, or a path)."
+    )
+    accel = Enum(
+        ["auto", "kvm", "tcg"],
+        "auto",
+        config=True,
+        help="auto: KVM where a probe guest boots under it (once per host boot), else TCG. "
+        "`jupyter sandbox doctor` says which and why.",
+    )
+    startup_timeout = Float(
+        120.0, config=True, help="Seconds for the VM to boot and start the kernel."
+    )
+
+    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        if Path(self.image).is_absolute():
+            raise SandboxError(
+                "microVM kernels need a built image name (image = 'python3'), not a rootfs path"
+            )
+        qemu = find_qemu(self.qemu_path)
+        boot = find_boot_files(self.image)
+        chosen = await asyncio.to_thread(choose_accel, qemu, boot.kernel, self.accel)
+        return MicroVMSandbox(spec, self.log, qemu, boot, chosen)

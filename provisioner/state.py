@@ -47,6 +47,9 @@ class Record:
     """Whose quota the sandbox counts against."""
     memory: int = 0
     """Bytes of the user's memory quota the sandbox holds (its memory limit)."""
+    vm_pid: int = 0
+    """A microVM's QEMU process, and its start time (to tell it from a later pid)."""
+    vm_start: int | None = None
     netns: str = ""
     """The sandbox's network namespace, veth (host end), nftables table and /30 (network.py);
     each recorded before it is made, so that gc can remove what a crash left."""

@@ -64,20 +64,40 @@ class _ClientStream(Stream):
         if self.follower is not None:
             self.follower.feed(payload)
 
+    def peer_closed(self) -> None:
+        if self.follower is not None and not self.tunnel.closed:
+            # The kernel's iopub socket went away (it exited). Hold the client's
+            # connection until the exit is explained: the notebook may need telling.
+            self._flush_local()
+            self.closed = True
+            self.tunnel.held.append(self)
+            return
+        super().peer_closed()
+
     def tell(self, text: str, key: bytes, signature_scheme: str) -> bool:
         """Send `text` to the client's stderr after all the kernel sent, and close.
 
-        Returns False where no whole message can be added (not iopub, or cut mid-message).
+        Returns False where no whole message can be added (gone, or cut mid-message).
         """
         follower, transport = self.follower, self.transport
         self._flush_local()
-        if follower is None or transport is None or not follower.at_boundary:
-            return False
-        transport.write(stderr_notice(text, follower.parent, key, signature_scheme))
+        told = (
+            follower is not None
+            and transport is not None
+            and not transport.is_closing()
+            and follower.at_boundary
+        )
+        if told:
+            transport.write(stderr_notice(text, follower.parent, key, signature_scheme))
+        self.release()
+        return told
+
+    def release(self) -> None:
+        """Close the client's connection once what was written to it is out."""
         self.closed = True
         self.mux.discard(self.sid)
-        transport.close()  # after the buffered bytes are out
-        return True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class _Refused(asyncio.Protocol):
@@ -104,6 +124,11 @@ class Tunnel(asyncio.Protocol):
         """Why a limit stopped the sandbox, or "": told to the notebook when the channel ends."""
         self.signing = signing
         """The kernel's key and signature scheme, to sign what the host tells the notebook."""
+        self.held: list[_ClientStream] = []
+        """iopub connections whose kernel socket closed, kept until the exit is explained."""
+        self.exit_report: dict = {}
+        """What the agent said of the kernel's end (EXIT): status, oom_killed."""
+        self.explained = False
         self._tasks: set[asyncio.Task] = set()
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
@@ -180,6 +205,9 @@ class Tunnel(asyncio.Protocol):
         for server in self.servers:
             server.close()
         self.servers.clear()
+        for stream in self.held:
+            stream.release()
+        self.held.clear()
         self.mux.close_all()
         if self.out is not None:
             self.out.close()
@@ -207,24 +235,32 @@ class Tunnel(asyncio.Protocol):
         if not self.closed:
             # The agent let go of its channel: the kernel is gone or unreachable.
             self.log.debug("sandbox %s closed its channel", self.name)
-            reason = self.explain()
-            if reason:
-                self.tell(f"The sandbox stopped this kernel: {reason}.")
+            self._explain_end()
             self.close()
             self._stop_sandbox()
 
-    def tell(self, text: str) -> None:
-        """Show `text` in every attached notebook, on stderr of the request it last ran."""
-        key, scheme = self.signing
-        line = f"\n[jupyter-sandbox] {text}\n"
+    def _explain_end(self) -> None:
+        """Once the kernel ended: tell the notebooks if a limit ended it, let go of held ones."""
+        if self.explained:
+            return
+        self.explained = True
+        reason = self.explain()
         iopub = [
             s
             for s in self.mux.streams.values()
             if isinstance(s, _ClientStream) and s.channel == "iopub"
         ]
-        untold = sum(not stream.tell(line, key, scheme) for stream in iopub)
+        if not reason:
+            for stream in self.held:
+                stream.release()
+            self.held.clear()
+            return
+        key, scheme = self.signing
+        line = f"\n[jupyter-sandbox] The sandbox stopped this kernel: {reason}.\n"
+        untold = sum(not stream.tell(line, key, scheme) for stream in [*iopub, *self.held])
+        self.held.clear()
         if untold:
-            self.log.warning("sandbox %s: %d notebook(s) not told: %s", self.name, untold, text)
+            self.log.warning("sandbox %s: %d notebook(s) not told: %s", self.name, untold, reason)
 
     def _on_frame(self, frame: Frame) -> None:
         kind = frame.kind
@@ -247,8 +283,11 @@ class Tunnel(asyncio.Protocol):
             if not self._started.done():
                 self._started.set_exception(TunnelError(error))
         elif kind is Kind.EXIT:
-            status = frame.json().get("status")
+            report = frame.json()
+            self.exit_report = report if isinstance(report, dict) else {}
+            status = self.exit_report.get("status")
             self.log.info("sandbox %s: the kernel exited with status %r", self.name, status)
+            self._explain_end()
         else:
             self.mux.on_frame(frame)
 

@@ -15,10 +15,16 @@ HOST_PACKAGES=(
     e2fsprogs       # mkfs.ext4 -d: guest rootfs image for microVMs
     iproute2        # per-kernel network namespaces, veths, tc bandwidth caps (network.py)
     nftables        # per-kernel firewall for kernels that may use the network
+    conntrack       # drops a removed kernel's flows: none reach the next on its addresses
     ca-certificates # TLS to the Debian archive and PyPI while building images
     python3-venv    # the project's own virtualenv
     util-linux      # nsenter (runsc inside a kernel's network namespace), mount, unshare
     procps          # sysctl inside network namespaces; ps / pkill used by diagnostics
+    qemu-system-x86 # the microVM backend (QEMU -M microvm)
+    busybox-static  # the microVM initramfs's shell and tools
+    cpio            # packs the microVM initramfs
+    kmod            # modprobe --show-depends / depmod for the guest kernel's modules
+    binutils        # readelf: checks the guest kernel's PVH entry point
 )
 RUNSC=${RUNSC:-/usr/local/bin/runsc} # override only to test this script
 RUNSC_MIN_DATE=20240729

@@ -8,30 +8,42 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import runsc_list
+from helpers import microvm_list, runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from provisioner import cgroups, network
 from provisioner.images import ImageError, find_image
+from provisioner.microvm_image import find_boot_files
 from provisioner.state import records, sandboxes_dir
 
-KERNEL = "python3-gvisor"
+BACKENDS = {"gvisor": "python3-gvisor", "microvm": "python3-microvm"}
+"""Every backend and its kernelspec: tests that take `kernel_name` run against each."""
+KERNEL = BACKENDS["gvisor"]
+"""For tests of what only the gVisor backend has."""
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+READY_TIMEOUT = 180
+"""A microVM under TCG may take a minute to be ready on a loaded machine."""
 
 
-def require_sandbox() -> None:
-    """Skip (locally) or fail (under CI) when this host cannot run sandboxes."""
+def require_sandbox(backend: str | None = "gvisor") -> None:
+    """Skip (locally) or fail (under CI) when this host cannot run `backend`'s sandboxes
+    (None: what every backend needs)."""
     problems = []
-    if shutil.which("runsc") is None:
+    if backend == "gvisor" and shutil.which("runsc") is None:
         problems.append("runsc is not installed")
+    if backend == "microvm" and shutil.which("qemu-system-x86_64") is None:
+        problems.append("QEMU is not installed")
     if os.geteuid() != 0:
         problems.append("sandboxes need root")
     try:
         find_image("python3")
+        if backend == "microvm":
+            find_boot_files("python3")
     except ImageError as e:
         problems.append(str(e))
     if problems:
@@ -42,10 +54,10 @@ def require_sandbox() -> None:
 
 
 def our_sandboxes() -> set[str]:
-    """Sandboxes recorded by this test process, plus containers runsc knows with no record."""
+    """Sandboxes recorded by this test process, plus containers and VMs with no record."""
     # Listed before the records are read: a sandbox starting meanwhile has its
     # record by then, so it is not taken for an orphan.
-    listing = runsc_list()
+    listing = runsc_list() + microvm_list()
     recorded = {r.sandbox_id: r.owner_pid for r in records()}
     mine = {sid for sid, pid in recorded.items() if pid == os.getpid()}
     return mine | {sid for sid in listing if sid not in recorded}
@@ -85,7 +97,7 @@ def leftover_network() -> network.HostObjects:
 
 @pytest.fixture(scope="session")
 def sandbox_host() -> None:
-    require_sandbox()
+    require_sandbox(None)
 
 
 @pytest.fixture
@@ -101,18 +113,31 @@ def no_leftovers(sandbox_host: None):
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    """A notebook folder owned by an ordinary user, as on a real server."""
-    folder = tmp_path / "work"
-    folder.mkdir()
+def workspace() -> Iterator[Path]:
+    """A notebook folder owned by an ordinary user, as on a real server.
+
+    Not under pytest's tmp_path, which only root may enter: a microVM's QEMU runs
+    as the workspace's owner and opens it by path, as it would in a user's home.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="jsb-work-", dir="/tmp"))
     os.chown(folder, 1000, 1000)
-    return folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=list(BACKENDS))
+def kernel_name(request: pytest.FixtureRequest) -> str:
+    """Each backend's kernelspec in turn (the test runs once per backend)."""
+    require_sandbox(request.param)
+    return BACKENDS[request.param]
 
 
 @pytest.fixture
-async def km(no_leftovers: None, workspace: Path) -> AsyncIterator[AsyncIOLoopKernelManager]:
+async def km(
+    no_leftovers: None, workspace: Path, kernel_name: str
+) -> AsyncIterator[AsyncIOLoopKernelManager]:
     """A started sandboxed kernel, shut down (and checked for leftovers) afterwards."""
-    manager = AsyncIOLoopKernelManager(kernel_name=KERNEL)
+    manager = AsyncIOLoopKernelManager(kernel_name=kernel_name)
     await manager.start_kernel(cwd=str(workspace))
     try:
         yield manager
@@ -127,7 +152,7 @@ async def km(no_leftovers: None, workspace: Path) -> AsyncIterator[AsyncIOLoopKe
 async def kc(km: AsyncIOLoopKernelManager):
     client = km.client()
     client.start_channels()
-    await client.wait_for_ready(timeout=60)
+    await client.wait_for_ready(timeout=READY_TIMEOUT)
     try:
         yield client
     finally:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
+from pathlib import Path
 
 from provisioner.backends.gvisor import runsc_root
 from provisioner.state import sandboxes_dir
@@ -23,7 +27,7 @@ def port_open(port: int) -> bool:
 
 def runsc_list() -> list[str]:
     """Every container id under this project's runsc state root."""
-    if not runsc_root().is_dir():
+    if not runsc_root().is_dir() or shutil.which("runsc") is None:
         return []
     return subprocess.run(
         ["runsc", f"--root={runsc_root()}", "list", "--quiet"],
@@ -41,3 +45,27 @@ def sandboxes_of(kernel_id: str) -> list[str]:
 def bundles_of(kernel_id: str) -> list[str]:
     """The kernel's sandbox folders under /run/jupyter-sandbox/sandboxes."""
     return sorted(p.name for p in sandboxes_dir().glob(f"jsb-{kernel_id}-*"))
+
+
+def microvm_list() -> list[str]:
+    """Sandbox ids of every running QEMU of the microVM backend (named by `-name`)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-name" in argv[:-1] and b"process=jsb-microvm" in argv[argv.index(b"-name") + 1]:
+            found.append(argv[argv.index(b"-name") + 1].split(b",")[0].decode())
+    return found
+
+
+def kill_from_outside(sandbox) -> None:
+    """Kill a sandbox the way a crash or an operator would: not through the provisioner."""
+    if sandbox.backend == "microvm":
+        os.kill(sandbox.record.vm_pid, signal.SIGKILL)
+    else:
+        subprocess.run(
+            ["runsc", f"--root={runsc_root()}", "kill", "--all", sandbox.spec.sandbox_id, "KILL"],
+            check=True,
+        )

@@ -181,9 +181,9 @@ def test_gc_reaps_sandboxes_of_a_server_that_died(sandbox_host, workspace):
     assert cgroups.find(sandbox_id) == ""
 
 
-def test_missing_runsc_fails_under_ci_instead_of_skipping(tmp_path):
+def test_missing_runsc_or_qemu_fails_under_ci_instead_of_skipping(tmp_path):
     """A skipped isolation test would be a hidden failure: under CI=true it must fail."""
-    bin_dir = tmp_path / "bin"  # a PATH with python but without runsc
+    bin_dir = tmp_path / "bin"  # a PATH with python but without runsc and QEMU
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = {**os.environ, "PATH": str(bin_dir), "CI": "true"}
@@ -193,14 +193,15 @@ def test_missing_runsc_fails_under_ci_instead_of_skipping(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 1, run.stdout
-    assert "runsc is not installed" in run.stdout
-    assert "1 error" in run.stdout or "1 failed" in run.stdout
+    assert "runsc is not installed" in run.stdout  # the test's gVisor run
+    assert "QEMU is not installed" in run.stdout  # and its microVM run
+    assert "2 errors" in run.stdout
     env["CI"] = ""
     local = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert "1 skipped" in local.stdout
+    assert "2 skipped" in local.stdout
 
 
 def test_doctor_passes_here_and_says_how_to_fix_a_missing_runsc(sandbox_host):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import KERNEL, execute
+from conftest import READY_TIMEOUT, execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
@@ -20,15 +20,17 @@ from provisioner.backends.gvisor import host_pids_limit
 
 
 @contextlib.asynccontextmanager
-async def kernel(workspace, **settings) -> AsyncIterator[tuple[AsyncIOLoopKernelManager, object]]:
+async def kernel(
+    workspace, kernel_name: str, **settings
+) -> AsyncIterator[tuple[AsyncIOLoopKernelManager, object]]:
     km = AsyncIOLoopKernelManager(
-        kernel_name=KERNEL, config=Config({"GVisorProvisioner": settings}), autorestart=False
+        kernel_name=kernel_name, config=Config({"SandboxProvisioner": settings}), autorestart=False
     )
     await km.start_kernel(cwd=str(workspace))
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=60)
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
         yield km, kc
     finally:
         kc.stop_channels()
@@ -42,8 +44,8 @@ def cgroup_of(km) -> str:
     return km.provisioner.sandbox.record.cgroup
 
 
-async def test_fork_bomb_is_held_at_the_pids_limit(no_leftovers, workspace):
-    async with kernel(workspace, pids_limit=64) as (km, kc):
+async def test_fork_bomb_is_held_at_the_pids_limit(no_leftovers, workspace, kernel_name):
+    async with kernel(workspace, kernel_name, pids_limit=64) as (km, kc):
         _, text, _ = await execute(
             kc,
             "import subprocess\n"
@@ -66,8 +68,8 @@ async def test_fork_bomb_is_held_at_the_pids_limit(no_leftovers, workspace):
         assert text == "still answering\n"
 
 
-async def test_open_files_are_held_at_the_limit(no_leftovers, workspace):
-    async with kernel(workspace, open_files_limit=256) as (_km, kc):
+async def test_open_files_are_held_at_the_limit(no_leftovers, workspace, kernel_name):
+    async with kernel(workspace, kernel_name, open_files_limit=256) as (_km, kc):
         _, text, _ = await execute(
             kc,
             "import errno\n"
@@ -85,8 +87,8 @@ async def test_open_files_are_held_at_the_limit(no_leftovers, workspace):
         assert 150 < int(opened) < 256  # the kernel itself holds some files
 
 
-async def test_disk_filling_stops_at_the_disk_limit(no_leftovers, workspace):
-    async with kernel(workspace, disk_limit="100M") as (km, kc):
+async def test_disk_filling_stops_at_the_disk_limit(no_leftovers, workspace, kernel_name):
+    async with kernel(workspace, kernel_name, disk_limit="100M") as (km, kc):
         _, text, _ = await execute(
             kc,
             "import errno, os\n"
@@ -109,8 +111,8 @@ async def test_disk_filling_stops_at_the_disk_limit(no_leftovers, workspace):
         assert await km.is_alive()
 
 
-async def test_cpu_hog_is_held_to_its_cpu_limit(no_leftovers, workspace):
-    async with kernel(workspace, cpu_limit=0.5) as (km, kc):
+async def test_cpu_hog_is_held_to_its_cpu_limit(no_leftovers, workspace, kernel_name):
+    async with kernel(workspace, kernel_name, cpu_limit=0.5) as (km, kc):
         hog = asyncio.ensure_future(execute(kc, "while True: pass", timeout=60))
         await asyncio.sleep(1)
         cgroup = cgroup_of(km)
@@ -122,10 +124,12 @@ async def test_cpu_hog_is_held_to_its_cpu_limit(no_leftovers, workspace):
     assert share == pytest.approx(0.5, rel=0.2)
 
 
-async def test_memory_bomb_dies_and_the_neighbour_does_not_notice(no_leftovers, workspace):
+async def test_memory_bomb_dies_and_the_neighbour_does_not_notice(
+    no_leftovers, workspace, kernel_name
+):
     async with (
-        kernel(workspace, memory_limit="512M") as (bomb_km, bomb),
-        kernel(workspace) as (_, neighbour),
+        kernel(workspace, kernel_name, memory_limit="512M") as (bomb_km, bomb),
+        kernel(workspace, kernel_name) as (_, neighbour),
     ):
         # b"x" * n touches every page (a bare bytearray(n) would not use memory yet)
         request = bomb.execute("chunks = []\nwhile True: chunks.append(b'x' * (50 * 2**20))")
@@ -163,8 +167,8 @@ def test_the_host_backstop_leaves_room_for_gvisor_itself():
     assert host_pids_limit(512) >= 30 + 2 * 512
 
 
-async def test_usage_from_python_and_from_ps(no_leftovers, workspace):
-    async with kernel(workspace, cpu_limit=1.0, memory_limit="1G") as (km, kc):
+async def test_usage_from_python_and_from_ps(no_leftovers, workspace, kernel_name):
+    async with kernel(workspace, kernel_name, cpu_limit=1.0, memory_limit="1G") as (km, kc):
         idle = km.provisioner.usage()
         assert idle["memory"] > 20 * 2**20  # a real sandbox holds tens of MiB
         assert idle["memory_limit"] == 2**30

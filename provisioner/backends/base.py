@@ -37,6 +37,8 @@ class SandboxSpec:
     mounts: tuple[Mount, ...] = field(default_factory=tuple)
     user: str = ""
     """Whose sandbox it is: its cgroup sits in the user's, which holds the user's quota."""
+    owner: tuple[int, int] = (1000, 1000)
+    """Host uid and gid the sandbox acts as (the kernel's; the workspace's owner)."""
     network: NetworkSpec = field(default_factory=NetworkSpec)
     """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
 

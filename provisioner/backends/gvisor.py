@@ -33,7 +33,6 @@ AGENT_CAPABILITIES = [
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
 ]
-CPU_PERIOD_US = 100_000
 
 
 def host_pids_limit(guest_pids: int) -> int:
@@ -63,7 +62,8 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
         # memory+swap equal to memory: swap counts against the limit
         resources["memory"] = {"limit": limits.memory, "swap": limits.memory}
     if limits.cpu:
-        resources["cpu"] = {"quota": int(limits.cpu * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+        period = cgroups.CPU_PERIOD_US
+        resources["cpu"] = {"quota": int(limits.cpu * period), "period": period}
     if limits.pids:
         # The host counts gVisor's own threads and stub processes here; the guest's
         # processes are held by RLIMIT_NPROC below, and this is only the backstop.

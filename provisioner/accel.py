@@ -1,0 +1,99 @@
+"""Which accelerator microVMs use: KVM where the host really runs a guest under it, else TCG.
+
+The presence of /dev/kvm proves nothing: some hosts' KVM only runs guests with
+special (PVM) kernels, and a stock guest hangs there without a word. So the
+answer comes from a short probe boot of the real guest kernel under KVM,
+watched for its first console output, and is kept for the rest of the host's
+uptime (in /run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .state import runtime_dir
+
+PROBE_TIMEOUT = 5.0
+"""Seconds a KVM guest gets to boot to its root-mount step (a working one needs under 1)."""
+BOOTED = b"VFS: "
+"""What the guest kernel prints once it is up and looks for a root (the probe gives none)."""
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str
+    """"kvm" or "tcg"."""
+    reason: str
+
+
+def _cache() -> Path:
+    return runtime_dir() / "accel.json"
+
+
+def probe(qemu: str, kernel: Path, accel: str = "kvm", timeout: float = PROBE_TIMEOUT) -> Accel:
+    """Boot `kernel` under `accel` until it wants a root disk, or give up after `timeout`.
+
+    Not the first output: a bzImage's setup code prints even where the kernel then hangs.
+    """
+    if accel == "kvm":
+        try:
+            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            return Accel("tcg", f"/dev/kvm cannot be opened ({e.strerror})")
+    command_line = "console=ttyS0 earlyprintk=ttyS0 panic=-1 tsc_early_khz=2000000 tsc=reliable"
+    argv = [qemu, "-M", "microvm", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-kernel", str(kernel), "-append", command_line, "-serial", "stdio"]  # fmt: skip
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except OSError as e:
+        return Accel("tcg", f"cannot run {qemu}: {e}")
+    assert process.stdout is not None
+    output = b""
+    try:
+        while BOOTED not in output and len(output) < 1 << 20:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+                break
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        process.kill()
+        _, errors = process.communicate()
+    seconds = time.monotonic() - started
+    if BOOTED in output:
+        return Accel(accel, f"a probe guest booted under {accel.upper()} in {seconds:.1f} s")
+    detail = errors.decode(errors="replace").strip().splitlines()[-1:] or ["no error"]
+    return Accel(
+        "tcg",
+        f"/dev/kvm is there but a probe guest did not boot under {accel.upper()} in {timeout:g} s "
+        f"({len(output)} bytes of console, {detail[0]}); it may run only special guests "
+        "(e.g. PVM)",
+    )
+
+
+def choose(qemu: str, kernel: Path, wanted: str = "auto") -> Accel:
+    """The accelerator for new VMs: `wanted` if forced, else the cached or probed answer."""
+    if wanted in ("kvm", "tcg"):
+        return Accel(wanted, "set by configuration (accel)")
+    try:
+        return Accel(**json.loads(_cache().read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    found = probe(qemu, kernel)
+    _cache().parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = _cache().with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(found)))
+    tmp.replace(_cache())
+    return found

@@ -1,0 +1,203 @@
+"""The microVM backend: one QEMU `-M microvm` per kernel, with its own guest kernel.
+
+The VM boots the image's boot files (`microvm_image`): the image as a read-only
+disk under a tmpfs layer of `disk_limit`, the agent's folder and the workspace
+over virtio-9p, and the tunnel's channel on two virtio-serial ports (one per
+direction, so that the host's ends behave like the gVisor backend's pipes).
+
+QEMU runs with the least the host allows: as the workspace's owner (not root:
+the 9p share then creates files as that user, and a guest that took root inside
+the VM can do no more on the host than that user), with QEMU's seccomp sandbox
+on, no network device unless the kernel's network mode asks for one, and in a
+cgroup of its own that holds the VM's memory, CPU quota and the host tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+from .. import cgroups
+from ..accel import Accel
+from ..microvm_image import BootFiles
+from ..state import Record, process_start_time
+from .base import Channel, Sandbox, SandboxError, SandboxSpec, forget
+
+PORT = "org.jupyter.sandbox"
+"""Names of the channel's virtio-serial ports: PORT.in (to the guest), PORT.out."""
+TB_CACHE_MIB = 256
+"""TCG's translated-code cache; QEMU's default (1 GiB) would be charged to every VM."""
+QEMU_OVERHEAD = (TB_CACHE_MIB + 192) << 20
+"""Host memory a VM needs beyond its RAM: QEMU itself and TCG's cache."""
+HOST_TASKS = 64
+"""QEMU's own threads (vCPUs, I/O workers): the guest's processes are not host tasks."""
+POWER_OFF_GRACE = 3.0
+"""Seconds a VM whose channel closed gets to power itself off before it is killed."""
+MSIZE = 524288
+
+
+def find_qemu(path: str) -> str:
+    found = shutil.which(path)
+    if found is None:
+        raise SandboxError(
+            f"QEMU not found (qemu_path = {path!r}); run `make setup` or "
+            "`apt-get install qemu-system-x86`, and `jupyter sandbox doctor`"
+        )
+    return found
+
+
+def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
+              channel_fds: tuple[int, int]) -> list[str]:  # fmt: skip
+    """QEMU's command line for one sandbox."""
+    limits = spec.limits
+    memory_mib = (limits.memory or 2 << 30) >> 20
+    cpus = max(1, math.ceil(limits.cpu or 1))
+    command_line = [
+        "console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests",
+        # under TCG the TSC calibration hangs at random without these (HOST-NOTES.md)
+        "tsc_early_khz=2000000", "tsc=reliable",
+        f"jsb.tmp={limits.disk}",
+    ]  # fmt: skip
+    argv = [
+        qemu, "-name", f"{spec.sandbox_id},process=jsb-microvm", "-M", "microvm",
+        "-accel", "kvm" if accel.name == "kvm" else f"tcg,tb-size={TB_CACHE_MIB}",
+        "-cpu", "host" if accel.name == "kvm" else "max",  # numpy needs max under TCG
+        "-m", str(memory_mib), "-smp", str(cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(boot.kernel), "-initrd", str(boot.initramfs),
+        "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
+        "-drive", f"file={boot.root_disk},format=raw,if=none,id=root,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-fsdev", f"local,id=agent,path={spec.agent_dir},security_model=none,readonly=on",
+        "-device", "virtio-9p-device,fsdev=agent,mount_tag=agent",
+        "-device", "virtio-serial-device,max_ports=3",
+        "-chardev", f"socket,id=in,fd={channel_fds[0]}",
+        "-device", f"virtserialport,chardev=in,name={PORT}.in",
+        "-chardev", f"socket,id=out,fd={channel_fds[1]}",
+        "-device", f"virtserialport,chardev=out,name={PORT}.out",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]  # fmt: skip
+    for mount in spec.mounts:  # the workspace, at the same path
+        argv += [
+            "-fsdev", f"local,id=workspace,path={mount.source},security_model=passthrough"
+            + (",readonly=on" if mount.read_only else ""),
+            "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
+        ]  # fmt: skip
+        command_line += [f"jsb.ws={mount.destination}", f"jsb.ws_ro={int(mount.read_only)}"]
+    return [*argv, "-append", " ".join(command_line)]
+
+
+class MicroVMSandbox(Sandbox):
+    backend = "microvm"
+
+    def __init__(self, spec: SandboxSpec, log: logging.Logger, qemu: str, boot: BootFiles,
+                 accel: Accel) -> None:  # fmt: skip
+        super().__init__(spec, log)
+        self.qemu = qemu
+        self.boot = boot
+        self.accel = accel
+        self.process: subprocess.Popen | None = None
+
+    async def start(self) -> Channel:
+        if self.spec.network.mode != "none":
+            raise SandboxError(
+                f"network = {self.spec.network.mode!r} is not available for microVM kernels "
+                "yet; use network = 'none' or the gVisor backend"
+            )
+        if " " in "".join(m.destination for m in self.spec.mounts):
+            raise SandboxError("a microVM workspace path may not contain spaces")
+        self.record.save()
+        limits = self.spec.limits
+        memory = None if limits.memory is None else limits.memory + QEMU_OVERHEAD
+        procs = await asyncio.to_thread(
+            cgroups.create, self.record.cgroup, memory, limits.cpu, HOST_TASKS
+        )
+        to_guest, qemu_in = socket.socketpair()
+        from_guest, qemu_out = socket.socketpair()
+        console_r, console_w = os.pipe2(os.O_CLOEXEC)
+        uid, gid = self.spec.owner
+        # The shell joins QEMU's cgroups before anything of QEMU runs, then becomes
+        # QEMU (as the workspace's owner, without capabilities) through setpriv.
+        join = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done'
+        argv = [
+            "/bin/sh", "-c", f'{join}; shift; exec "$@"', "sh", *map(str, procs), "--",
+            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all", "--no-new-privs",
+            *qemu_argv(self.spec, self.qemu, self.boot, self.accel,
+                       (qemu_in.fileno(), qemu_out.fileno())),
+        ]  # fmt: skip
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=console_w,
+                stderr=console_w,
+                pass_fds=(qemu_in.fileno(), qemu_out.fileno()),
+                start_new_session=True,
+            )
+        except OSError:
+            for end in (to_guest, from_guest):
+                end.close()
+            os.close(console_r)
+            raise
+        finally:
+            qemu_in.close()
+            qemu_out.close()
+            os.close(console_w)
+        self.record.vm_pid = self.process.pid
+        self.record.vm_start = process_start_time(self.process.pid)
+        self.record.save()
+        return Channel(
+            read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
+        )
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def memory_usage(self) -> int | None:
+        return cgroups.memory_usage(self.record.cgroup)
+
+    def cpu_seconds(self) -> float | None:
+        return cgroups.cpu_seconds(self.record.cgroup)
+
+    def out_of_memory(self) -> bool:
+        # The guest's own OOM killer acts first (the agent reports it); this is
+        # the host's, for a QEMU that outgrew its overhead.
+        return cgroups.oom_kills(self.record.cgroup) > 0
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    async def destroy(self) -> None:
+        process = self.process
+        if process is not None:
+            # The agent powers the VM off once its channel closes: give it a moment.
+            for _ in range(int(POWER_OFF_GRACE / 0.05)):
+                if process.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        await asyncio.to_thread(reap, self.record, self.log)
+
+
+def reap(record: Record, log: logging.Logger) -> None:
+    """Stop a microVM sandbox's QEMU if it still runs, and remove what it had on the host."""
+    pid = record.vm_pid
+    if pid and process_start_time(pid) == record.vm_start:  # not a later process's pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while process_start_time(pid) == record.vm_start and time.monotonic() < deadline:
+            time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
+    forget(record, log)
