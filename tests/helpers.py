@@ -38,8 +38,8 @@ def runsc_list() -> list[str]:
 
 
 def sandboxes_of(kernel_id: str) -> list[str]:
-    """Sandbox ids runsc knows for this kernel (other tests' sandboxes are ignored)."""
-    return [sid for sid in runsc_list() if kernel_id in sid]
+    """Running sandboxes of this kernel, either backend (other tests' are ignored)."""
+    return [sid for sid in runsc_list() + microvm_list() if kernel_id in sid]
 
 
 def bundles_of(kernel_id: str) -> list[str]:

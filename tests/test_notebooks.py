@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
-from conftest import KERNEL
+from conftest import KERNEL, READY_TIMEOUT
 from helpers import bundles_of, sandboxes_of
 from jupyter_client import BlockingKernelClient, KernelManager
 from nbclient import NotebookClient
@@ -38,7 +38,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_nbclient_runs_a_notebook_in_the_sandbox(no_leftovers, workspace: Path):
+def test_nbclient_runs_a_notebook_in_the_sandbox(no_leftovers, workspace: Path, kernel_name: str):
     nb = new_notebook(
         cells=[
             new_code_cell("6 * 7"),
@@ -62,10 +62,16 @@ def test_nbclient_runs_a_notebook_in_the_sandbox(no_leftovers, workspace: Path):
                 "print(os.getcwd(), socket.gethostname(), os.getuid())"
             ),
         ],
-        metadata={"kernelspec": {"name": KERNEL, "display_name": "ignored", "language": "python"}},
+        metadata={
+            "kernelspec": {"name": kernel_name, "display_name": "ignored", "language": "python"}
+        },
     )
     client = NotebookClient(
-        nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(workspace)}}
+        nb,
+        kernel_name=kernel_name,
+        timeout=120,
+        startup_timeout=READY_TIMEOUT,
+        resources={"metadata": {"path": str(workspace)}},
     )
     kernel_ids: list[str] = []
     client.on_notebook_start = lambda notebook: kernel_ids.append(client.km.kernel_id)

@@ -249,8 +249,10 @@ def test_kernelspecs_list_the_sandboxed_kernel(server: JupyterServer):
     assert logo.content.startswith(b"\x89PNG")
 
 
-def test_execute_over_websocket_in_the_sandbox(server: JupyterServer, workspace: Path):
-    kernel_id = server.start_kernel()
+def test_execute_over_websocket_in_the_sandbox(
+    server: JupyterServer, workspace: Path, kernel_name: str
+):
+    kernel_id = server.start_kernel(kernel_name)
     ws = KernelSocket(server, kernel_id)
     try:
         assert len(sandboxes_of(kernel_id)) == 1
