@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from conftest import KERNEL, our_sandboxes
+from conftest import BACKENDS, KERNEL, our_sandboxes, require_sandbox
+from helpers import microvm_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
-from provisioner import cgroups, limits
+from provisioner import accel, cgroups, limits
 from provisioner.backends.base import SandboxError
 from provisioner.errors import SettingError
+from provisioner.microvm_image import find_boot_files
 from provisioner.state import records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +138,33 @@ async def test_kernel_that_cannot_start_is_reported_and_removed(no_leftovers, tm
     assert listening_ports() - ports_before == set()
 
 
+async def test_microvm_that_does_not_boot_in_time_is_killed_and_reported(no_leftovers, workspace):
+    require_sandbox("microvm")
+    km = AsyncIOLoopKernelManager(
+        kernel_name=BACKENDS["microvm"],
+        config=Config({"MicroVMProvisioner": {"startup_timeout": 1.0}}),
+    )
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match=r"did not start the kernel within 1 s"):
+        await km.start_kernel(cwd=str(workspace))
+    assert time.monotonic() - started < 15  # killed, not waited for
+    assert not [sid for sid in microvm_list() if km.kernel_id in sid]  # its QEMU is gone
+
+
+def test_the_kvm_probe_decides_by_a_real_boot(sandbox_host):
+    require_sandbox("microvm")
+    qemu, kernel = shutil.which("qemu-system-x86_64"), find_boot_files().kernel
+    under_tcg = accel.probe(qemu, kernel, "tcg", timeout=60)
+    assert (under_tcg.name, under_tcg.reason.split(" in ")[0]) == (
+        "tcg",
+        "a probe guest booted under TCG",
+    )
+    verdict = accel.choose(qemu, kernel)  # what VMs get here: cached for the host's uptime
+    assert verdict == accel.choose(qemu, kernel, "auto")
+    assert verdict.name in ("kvm", "tcg") and verdict.reason
+    assert accel.choose(qemu, kernel, "tcg").reason == "set by configuration (accel)"
+
+
 async def test_port_taken_fails_cleanly(no_leftovers, workspace):
     km = make_km({})
     blocker = socket.socket()
@@ -207,8 +238,11 @@ def test_missing_runsc_or_qemu_fails_under_ci_instead_of_skipping(tmp_path):
 def test_doctor_passes_here_and_says_how_to_fix_a_missing_runsc(sandbox_host):
     ok = subprocess.run([*JUPYTER_SANDBOX, "doctor"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
-    for check in ("runsc", "platform systrap", "cgroups", "image"):
+    for check in ("runsc", "platform systrap", "cgroups", "image", "microVM: qemu",
+                  "microVM: boot files", "microVM: accelerator"):  # fmt: skip
         assert f"[ok] {check}" in ok.stdout
+    accelerator = next(line for line in ok.stdout.splitlines() if "accelerator" in line)
+    assert ": KVM: a probe guest booted" in accelerator or ": TCG: " in accelerator  # and why
     assert "content verified" in ok.stdout
     broken = subprocess.run(
         [*JUPYTER_SANDBOX, "doctor", "--runsc=/nonexistent/runsc"], capture_output=True, text=True
