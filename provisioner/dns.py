@@ -1,11 +1,12 @@
 """A tiny DNS responder for one sandbox: A records for the names it may use, nothing else.
 
 The guest is hostile, so this is deliberately small: it answers only standard
-queries with exactly one question, from the sandbox's own address, in one UDP
-datagram of at most 512 bytes; anything else is dropped without a reply. Names
-are never forwarded as queries: the caller's `lookup` decides (for egress, from
-the allowlist) and resolves with the host's resolver, which also lets it open
-the firewall for the addresses it hands out before the guest can use them.
+queries with exactly one question, from the sandbox's own address and arriving
+on the sandbox's own link, in one UDP datagram of at most 512 bytes; anything
+else is dropped without a reply. Names are never forwarded as queries: the
+caller's `lookup` decides (for egress, from the allowlist) and resolves with
+the host's resolver, which also lets it open the firewall for the addresses it
+hands out before the guest can use them.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class Responder(asyncio.DatagramProtocol):
         else:
             try:
                 found = await self.lookup(query.name)
-            except Exception as e:  # the host's resolver failed or timed out
+            except Exception as e:  # the host's resolver failed, timed out, or is busy
                 self.log.debug("sandbox %s: DNS %s: %s", self.label, query.name, e)
                 rcode = SERVFAIL
             else:
@@ -150,11 +151,27 @@ class Responder(asyncio.DatagramProtocol):
 
 
 async def serve(
-    address: str, port: int, client: str, lookup: Lookup, log: logging.Logger, label: str
+    address: str,
+    port: int,
+    client: str,
+    lookup: Lookup,
+    log: logging.Logger,
+    label: str,
+    device: str = "",
 ) -> Responder:
-    """Start a responder on `address`:`port` (UDP) answering only `client`."""
-    loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_datagram_endpoint(
-        lambda: Responder(lookup, client, log, label), local_addr=(address, port)
-    )
+    """Start a responder on `address`:`port` (UDP) answering only `client`; with `device`,
+    only datagrams that arrive on that link (a query spoofed from elsewhere never reaches it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        sock.bind((address, port))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: Responder(lookup, client, log, label), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
     return protocol

@@ -6,33 +6,42 @@ A sandbox whose mode is not `none` gets, on the host (root of everything here):
 - a veth pair: `jsbv` + 11 hex digits of a hash of the sandbox id on the host,
   `eth0` inside (made in the namespace directly, so it never appears outside);
 - a /30 of `POOL`: the host end is .1, the sandbox .2, default route via .1.
-  The /30 is picked at random among those no host address uses, under a lock
-  file, and assigned before the lock is released: concurrent starts, in any
-  process, never collide;
+  The /30 is picked at random among those no host address uses and none freed
+  in the last `REUSE_DELAY` seconds, under a host-wide lock file, and assigned
+  before the lock is released: concurrent starts, in any process and any
+  runtime dir, never collide;
 - one nftables table `inet jsb_<id>` with every rule of that sandbox (deleting
   it removes them all at once): nothing from the sandbox to the host itself
-  (any of its addresses) but DNS to the responder; nothing to `ALWAYS_BLOCKED`
-  (link-local and so the metadata service, loopback, multicast, broadcast,
-  other sandboxes); nothing from outside into the sandbox but replies; in
-  `egress` only the allowed destinations; masquerade for what leaves;
+  (any of its addresses, or a service it publishes by DNAT) but DNS to the
+  responder; nothing to `ALWAYS_BLOCKED` (link-local and so the metadata
+  service, the other clouds' metadata addresses, loopback, multicast,
+  broadcast, other sandboxes); nothing from outside or from the host into the
+  sandbox but replies; in `egress` only the allowed destinations; masquerade
+  for what leaves;
 - tbf qdiscs on both ends when a bandwidth is set;
-- a DNS responder (`dns.py`) on the host end's address, named in the guest's
-  resolv.conf: allowed names only in `egress`, any name in `open`.
+- a DNS responder (`dns.py`) on the host end's address, bound to the host end
+  of the link, named in the guest's resolv.conf: allowed names only in
+  `egress`, any name in `open`. Lookups run on their own few threads, at most
+  `LOOKUPS_PER_SANDBOX` per sandbox, so one guest cannot stall the others.
 
 Refused packets get an ICMP "administratively prohibited", so a blocked
-connect fails at once with EHOSTUNREACH rather than hanging. IPv4 forwarding
-is switched on for the host (net.ipv4.ip_forward = 1) when the first such
-sandbox starts, and left on. The backend then starts the sandbox inside the
+connect fails at once with EHOSTUNREACH rather than hanging. Replies to
+sandboxes need IPv4 forwarding: if the host did not forward already, the
+first sandbox link turns it on behind a guard table (`inet jsbhost`, which
+forwards only to and from sandbox links), and the last one to go turns it off
+again and removes the guard. The backend then starts the sandbox inside the
 namespace; for runsc that is `nsenter --net=... runsc --network=host`.
 
 Everything is recorded in the sandbox's `Record` before it is made, so
 `remove` (from the backend's reap, or `jupyter sandbox gc`) can take it away
-after a crash, idempotently.
+after a crash, idempotently: link, namespace, the link's conntrack entries,
+then the table (the firewall stays until nothing can pass).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -44,6 +53,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,7 +61,7 @@ from pathlib import Path
 
 from . import dns
 from .errors import SandboxError
-from .state import Record, runtime_dir
+from .state import Record
 
 MODES = ("none", "egress", "open")
 POOL = ipaddress.IPv4Network("10.223.0.0/16")
@@ -61,24 +71,52 @@ ALWAYS_BLOCKED = tuple(
     for n in (
         "0.0.0.0/8",  # "this network"
         "127.0.0.0/8",  # loopback
-        "169.254.0.0/16",  # link-local: cloud metadata services live here
+        "169.254.0.0/16",  # link-local: most clouds' metadata services live here
+        "100.100.100.200/32",  # Alibaba Cloud's metadata service
+        "168.63.129.16/32",  # Azure's WireServer (and its DNS, health probes)
         "224.0.0.0/3",  # multicast, reserved, limited broadcast
         str(POOL),  # other sandboxes
     )
 )
 NETNS_DIR = Path("/run/netns")
+HOST_STATE = Path("/run/jupyter-sandbox-network")
+"""Host-wide, whatever JUPYTER_SANDBOX_RUNTIME_DIR says: the pool's lock, the forwarding
+state and recently freed /30s, shared by every server on the host."""
 GUEST_IF = "eth0"
 DNS_PORT = 53
 LOOKUP_TIMEOUT = 5.0
+LOOKUP_THREADS = 8
+LOOKUPS_PER_SANDBOX = 4
+"""Host lookups one sandbox may have running (or queued) at once; more get SERVFAIL at once."""
 CACHE_SECONDS = 2.0
 """How long a name's addresses are reused: enough to answer A and AAAA from one lookup, short
 enough that a changed record reaches the guest (and its firewall) almost at once."""
+NEGATIVE_CACHE_SECONDS = 30.0
+"""How long "no such name" and a failed or timed-out lookup are reused: a guest asking again
+and again for a name that does not resolve, or resolves slowly, costs one lookup per 30 s."""
 CACHE_SIZE = 256
 MAX_ADDRESSES = 16
-"""Addresses a name may open in the firewall per lookup (and answer with)."""
+"""Addresses a name may have open in the firewall at once (and answers carry)."""
+OPEN_SECONDS = 300
+"""How long an address a name resolved to stays open in `egress` unless the name is resolved
+again: a name that moves elsewhere does not leave its old addresses open for good."""
+REUSE_DELAY = 300.0
+"""Seconds before a freed /30 is handed out again, unless the pool has no other."""
 VETH_PREFIX = "jsbv"
 TABLE_PREFIX = "jsb_"
 NETNS_PREFIX = "jsb-"
+GUARD_TABLE = "jsbhost"
+"""The table that keeps the host from forwarding anything but sandbox traffic (not `jsb_`:
+it is no sandbox's)."""
+GUARD_RULESET = f"""
+table inet {GUARD_TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+    }}
+}}
+flush chain inet {GUARD_TABLE} forward
+add rule inet {GUARD_TABLE} forward iifname != "{VETH_PREFIX}*" oifname != "{VETH_PREFIX}*" drop
+"""
 
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$"
@@ -87,6 +125,10 @@ _BANDWIDTH = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)(?:bit)?$", re.IGNORECASE)
 _BANDWIDTH_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 BANDWIDTH_FORM = 'bits per second such as "512k", "10M" or "1G" (decimal units), or "" for none'
 MIN_BANDWIDTH = 8_000
+
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="sandbox-dns")
+"""Every sandbox's host lookups, apart from the loop's default executor: a lookup that hangs
+holds its thread until the host's resolver gives up, and must not hold up kernel starts."""
 
 
 # -- settings -------------------------------------------------------------------
@@ -133,7 +175,8 @@ def parse_destination(text: str) -> Destination:
             if net.subnet_of(blocked):
                 raise ValueError(
                     f"{text!r} is always blocked for sandboxes (it is inside {blocked}: "
-                    "loopback, link-local/metadata, multicast or the sandboxes' own pool)"
+                    "loopback, link-local, a cloud metadata service, multicast or the "
+                    "sandboxes' own pool)"
                 )
         return Destination(net=net, port=port)
     host = where.lower().rstrip(".")
@@ -229,20 +272,11 @@ def _write_sysctl(path: str, value: str) -> None:
         file.write_text(value)
 
 
-def enable_forwarding(log: logging.Logger) -> None:
-    """Turn on IPv4 forwarding for the host, once: replies to sandboxes need it."""
-    try:
-        if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
-            _write_sysctl("net/ipv4/ip_forward", "1")
-            log.info("enabled IPv4 forwarding (net.ipv4.ip_forward = 1) for sandbox networks")
-    except OSError as e:
-        raise SandboxError(f"network setup: cannot enable IPv4 forwarding: {e}") from None
-
-
 @contextlib.contextmanager
 def _pool_lock() -> Iterator[None]:
-    runtime_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(runtime_dir() / "network.lock", "a") as lock:
+    """Host-wide: every server on the host shares the pool, the links and the forwarding."""
+    HOST_STATE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(HOST_STATE / "pool.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -250,22 +284,129 @@ def _pool_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# -- IPv4 forwarding (with the pool lock held) ---------------------------------------
+
+_FORWARDING = "net/ipv4/ip_forward"
+_FORWARDING_BEFORE = HOST_STATE / "ip_forward.before"
+"""The host's own net.ipv4.ip_forward, recorded when the first sandbox link was made."""
+
+
+def _sandbox_links() -> list[str]:
+    """The host ends of every sandbox's link, whichever server made it."""
+    return sorted(p.name for p in Path("/sys/class/net").glob(f"{VETH_PREFIX}*"))
+
+
+def _guard_exists() -> bool:
+    result = subprocess.run(
+        ["nft", "list", "table", "inet", GUARD_TABLE], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+def _hold_forwarding(log: logging.Logger) -> None:
+    """Forward for sandboxes; if the host did not forward, forward nothing else (the guard)."""
+    try:
+        now = (Path("/proc/sys") / _FORWARDING).read_text().strip()
+        if now != "1" or not _FORWARDING_BEFORE.exists():
+            _FORWARDING_BEFORE.write_text(now)  # not forwarding now: ours to turn on and off
+        if _FORWARDING_BEFORE.read_text().strip() == "0":
+            _run(["nft", "-f", "-"], input=GUARD_RULESET)  # the guard first, then forwarding
+            if now != "1":
+                _write_sysctl(_FORWARDING, "1")
+                log.info("IPv4 forwarding on, for sandbox links only (nftables table %s)",
+                         GUARD_TABLE)  # fmt: skip
+    except OSError as e:
+        raise SandboxError(f"network setup: cannot enable IPv4 forwarding: {e}") from None
+
+
+def _release_forwarding(log: logging.Logger) -> None:
+    """Once no sandbox link is left: give the host back the forwarding it had."""
+    if _sandbox_links() or not (_FORWARDING_BEFORE.exists() or _guard_exists()):
+        return
+    try:
+        if _FORWARDING_BEFORE.exists() and _FORWARDING_BEFORE.read_text().strip() == "0":
+            _write_sysctl(_FORWARDING, "0")  # forwarding off first, then the guard
+            log.info("IPv4 forwarding off again: no sandbox link is left")
+        _FORWARDING_BEFORE.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not restore IPv4 forwarding: %s", e)
+        return
+    _quietly(["nft", "delete", "table", "inet", GUARD_TABLE], log, ("No such file",))
+
+
+# -- the /30 pool (with the pool lock held) --------------------------------------------
+
+_RECENTLY_FREED = HOST_STATE / "recently-freed.json"
+
+
+def _recently_freed() -> dict[str, float]:
+    """Subnets freed less than REUSE_DELAY ago -> when."""
+    try:
+        freed = json.loads(_RECENTLY_FREED.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(freed, dict):
+        return {}
+    horizon = time.time() - REUSE_DELAY
+    return {s: t for s, t in freed.items() if isinstance(t, (int, float)) and t > horizon}
+
+
+def _note_freed(subnet: str) -> None:
+    """A /30 just freed: its old flows may still be in flight, so it waits before reuse."""
+    freed = _recently_freed()
+    freed[subnet] = time.time()
+    tmp = _RECENTLY_FREED.with_suffix(".tmp")
+    tmp.write_text(json.dumps(freed))
+    tmp.replace(_RECENTLY_FREED)
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
-    """A /30 of POOL that no host address is in. Call with the pool lock held."""
+    """A /30 of POOL that no host address is in, not freed recently if another is free."""
     used = set()
     for link in json.loads(_run(["ip", "-j", "-4", "addr", "show"]) or "[]"):
         for info in link.get("addr_info", []):
             address = ipaddress.IPv4Address(info["local"])
             if address in POOL:
                 used.add(int(address) >> 2)
-    base, slots = int(POOL.network_address) >> 2, POOL.num_addresses // 4
-    free = (base + random.randrange(slots) for _ in range(64))
-    slot = next((s for s in free if s not in used), None)
+    recent = {int(ipaddress.IPv4Network(s).network_address) >> 2 for s in _recently_freed()}
+    slot = _pick_slot(used | recent)
     if slot is None:
-        slot = next((base + i for i in range(slots) if base + i not in used), None)
+        slot = _pick_slot(used)
     if slot is None:
         raise SandboxError(f"network setup: every /30 of {POOL} is in use")
     return ipaddress.IPv4Network((slot << 2, 30))
+
+
+def _pick_slot(avoid: set[int]) -> int | None:
+    """A random /30 slot of POOL not in `avoid` (by index of /30), or None if there is none."""
+    base, slots = int(POOL.network_address) >> 2, POOL.num_addresses // 4
+    free = (base + random.randrange(slots) for _ in range(64))
+    slot = next((s for s in free if s not in avoid), None)
+    if slot is None:
+        slot = next((base + i for i in range(slots) if base + i not in avoid), None)
+    return slot
+
+
+# -- host lookups -----------------------------------------------------------------------
+
+
+class LookupFailed(Exception):
+    """The host's resolver failed or did not answer in time (the guest gets SERVFAIL)."""
+
+
+class LookupBusy(LookupFailed):
+    """The sandbox already has LOOKUPS_PER_SANDBOX lookups running (SERVFAIL, not cached)."""
+
+
+def _host_addresses(name: str) -> list[str]:
+    """The host resolver's IPv4 addresses for `name`; [] if it has none. Blocks: DNS threads."""
+    try:
+        infos = socket.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return []
+        raise LookupFailed(f"{name}: {e}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))[:MAX_ADDRESSES]
 
 
 # -- one sandbox's network ------------------------------------------------------------
@@ -286,8 +427,11 @@ class SandboxNetwork:
         for dest in spec.allow if spec.mode == "egress" else ():
             if dest.host:
                 self._ports.setdefault(dest.host, set()).add(dest.port)
-        self._cache: dict[str, tuple[float, list[str]]] = {}
-        self._opened: set[tuple[str, int | None]] = set()
+        self._cache: dict[str, tuple[float, list[str] | None]] = {}
+        """name -> (until when, its addresses, or None for a failed lookup)."""
+        self._lookup_slots = threading.BoundedSemaphore(LOOKUPS_PER_SANDBOX)
+        self._opened: dict[str, dict[str, float]] = {}
+        """name -> {address open in the firewall for it: until when (monotonic)}."""
 
     @property
     def netns_path(self) -> Path:
@@ -297,11 +441,11 @@ class SandboxNetwork:
         """Make all of it; on any failure remove what was made. I/O loop."""
         await asyncio.to_thread(self._create)
         try:
-            await asyncio.gather(*(self._resolve_at_start(host) for host in self._ports))
+            await self._resolve_allowed_names()
             try:
                 self.responder = await dns.serve(
                     self.host_ip, DNS_PORT, self.guest_ip, self._lookup, self.log,
-                    self.record.sandbox_id,
+                    self.record.sandbox_id, device=self.names.veth,
                 )  # fmt: skip
             except OSError as e:
                 raise SandboxError(
@@ -339,7 +483,6 @@ class SandboxNetwork:
         record.netns, record.veth, record.nft_table = n.netns, n.veth, n.table
         record.save()  # before anything exists: after a crash, gc knows what to remove
         try:
-            enable_forwarding(self.log)
             _run(["ip", "netns", "add", n.netns])
             self._in_netns(
                 ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
@@ -350,6 +493,7 @@ class SandboxNetwork:
                 self.host_ip, self.guest_ip = str(subnet[1]), str(subnet[2])
                 record.subnet = str(subnet)
                 record.save()
+                _hold_forwarding(self.log)  # with the lock: the last link's removal waits
                 _run(["ip", "link", "add", n.veth, "type", "veth",
                       "peer", "name", GUEST_IF, "netns", n.netns])  # fmt: skip
                 _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", n.veth])
@@ -393,7 +537,7 @@ class SandboxNetwork:
         if self.spec.mode == "open":
             verdicts = ["accept"]
         else:
-            verdicts = []
+            verdicts = ["ct state established accept"]  # outlives its address's timeout
             for dest in self.spec.allow:
                 if dest.net is None:
                     continue
@@ -411,14 +555,15 @@ class SandboxNetwork:
         body = "\n        ".join(verdicts)
         return f"""
 table inet {n.table} {{
-    set allow_any {{ type ipv4_addr; }}
-    set allow_port {{ type ipv4_addr . inet_service; }}
+    set allow_any {{ type ipv4_addr; flags timeout; }}
+    set allow_port {{ type ipv4_addr . inet_service; flags timeout; }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname "{n.veth}" jump from_sandbox
         oifname "{n.veth}" jump to_sandbox
     }}
     chain from_sandbox {{
+        ct status dnat {refuse}
         meta nfproto != ipv4 drop
         ip saddr != {guest} drop
         ip daddr {{ {blocked} }} {refuse}
@@ -431,10 +576,20 @@ table inet {n.table} {{
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
+        ip daddr {host} iifname != "lo" iifname != "{VETH_PREFIX}*" drop
         iifname "{n.veth}" jump from_sandbox_to_host
     }}
     chain from_sandbox_to_host {{
         ip saddr {guest} ip daddr {host} udp dport {DNS_PORT} accept
+        {refuse}
+    }}
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        oifname "{n.veth}" jump from_host_to_sandbox
+    }}
+    chain from_host_to_sandbox {{
+        ip saddr {host} udp sport {DNS_PORT} accept
+        ct state established,related accept
         {refuse}
     }}
     chain refuse {{
@@ -449,12 +604,19 @@ table inet {n.table} {{
 
     # -- DNS (I/O loop) --
 
+    async def _resolve_allowed_names(self) -> None:
+        """Open the firewall for allowed names before the guest asks: then their IPs work too.
+        A few at a time: the sandbox's lookups are capped."""
+        hosts = list(self._ports)
+        for start in range(0, len(hosts), LOOKUPS_PER_SANDBOX):
+            batch = hosts[start : start + LOOKUPS_PER_SANDBOX]
+            await asyncio.gather(*(self._resolve_at_start(host) for host in batch))
+
     async def _resolve_at_start(self, name: str) -> None:
-        """Open the firewall for an allowed name before the guest asks: then its IP works too."""
         try:
             found = await self._lookup(name)
-        except (OSError, asyncio.TimeoutError) as e:
-            found, why = None, str(e) or type(e).__name__
+        except LookupFailed as e:
+            found, why = None, str(e)
         else:
             why = "no IPv4 address"
         if not found:
@@ -465,117 +627,241 @@ table inet {n.table} {{
             )  # fmt: skip
 
     async def _lookup(self, name: str) -> list[str] | None:
-        """The addresses the guest may use for `name`, the firewall opened for them first."""
+        """The addresses the guest may use for `name`, the firewall opened for them first.
+        None: not a name for this sandbox, or none; LookupFailed: SERVFAIL."""
         if self.spec.mode == "egress" and name not in self._ports:
             return None
-        now = time.monotonic()
-        cached = self._cache.get(name)
-        if cached is not None and cached[0] > now:
-            addresses = cached[1]
-        else:
-            addresses = await self._resolve(name)
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[name] = (now + CACHE_SECONDS, addresses)
+        addresses = await self._cached_resolve(name)
         if addresses and self.spec.mode == "egress":
             await self._open_firewall(name, addresses)
         return addresses or None
 
+    async def _cached_resolve(self, name: str) -> list[str]:
+        """`_resolve` behind a cache that keeps failures and "no address" longer than addresses."""
+        now = time.monotonic()
+        cached = self._cache.get(name)
+        if cached is None or cached[0] <= now:
+            try:
+                found: list[str] | None = await self._resolve(name)
+            except LookupBusy:
+                raise  # about this sandbox, not the name
+            except LookupFailed as e:
+                self.log.debug("sandbox %s: %s", self.record.sandbox_id, e)
+                found = None
+            seconds = CACHE_SECONDS if found else NEGATIVE_CACHE_SECONDS
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            cached = self._cache[name] = (now + seconds, found)
+        if cached[1] is None:
+            raise LookupFailed(f"{name}: the host's resolver failed (kept for a while)")
+        return cached[1]
+
     async def _resolve(self, name: str) -> list[str]:
-        loop = asyncio.get_running_loop()
+        """Look `name` up on the DNS threads; the slot is freed when the lookup ends, not when
+        we stop waiting for it, so a hanging resolver holds this sandbox's slots only."""
+        if not self._lookup_slots.acquire(blocking=False):
+            raise LookupBusy(f"{name}: {LOOKUPS_PER_SANDBOX} lookups of this sandbox pending")
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM),
-                LOOKUP_TIMEOUT,
-            )
-        except socket.gaierror as e:
-            self.log.debug("sandbox %s: %s does not resolve: %s", self.record.sandbox_id, name, e)
-            return []
-        found = dict.fromkeys(str(info[4][0]) for info in infos)
-        return list(found)[:MAX_ADDRESSES]
+            future = _LOOKUPS.submit(_host_addresses, name)
+        except BaseException:
+            self._lookup_slots.release()
+            raise
+        future.add_done_callback(lambda _: self._lookup_slots.release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), LOOKUP_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise LookupFailed(f"{name}: no answer in {LOOKUP_TIMEOUT:g} s") from None
+
+    def _may_open(self, address: str) -> bool:
+        """Whether a name may open `address`: a public one, or one inside a listed network
+        (a name pointing at a private address must not open the host's LAN)."""
+        ip = ipaddress.IPv4Address(address)
+        if any(ip in blocked for blocked in ALWAYS_BLOCKED):
+            return False
+        return ip.is_global or any(d.net is not None and ip in d.net for d in self.spec.allow)
 
     async def _open_firewall(self, name: str, addresses: list[str]) -> None:
-        new = [
-            (address, port)
-            for address in addresses
-            if not any(ipaddress.IPv4Address(address) in b for b in ALWAYS_BLOCKED)
-            for port in self._ports[name]
-            if (address, port) not in self._opened
-        ]
-        if not new:
-            return
-        anywhere = [a for a, port in new if port is None]
-        ported = [f"{a} . {port}" for a, port in new if port is not None]
-        commands = "".join(
-            f"add element inet {self.names.table} {set_name} {{ {', '.join(elements)} }}\n"
-            for set_name, elements in (("allow_any", anywhere), ("allow_port", ported))
-            if elements
-        )
-        await asyncio.to_thread(_run, ["nft", "-f", "-"], commands)
-        self._opened.update(new)
-        self.log.debug("sandbox %s: %s opened for %s", self.record.sandbox_id, name, new)
+        """Open (or keep open) `name`'s ports on its addresses for OPEN_SECONDS. A name keeps
+        at most MAX_ADDRESSES open: its latest ones (one that rotates through many addresses,
+        like a bucket of a big object store, closes the oldest; open connections stay)."""
+        now = time.monotonic()
+        opened = {a: t for a, t in self._opened.get(name, {}).items() if t > now}
+        usable = [a for a in addresses if self._may_open(a)]
+        if len(usable) < len(addresses):
+            kept_shut = sorted(set(addresses) - set(usable))
+            self.log.debug("sandbox %s: %s: %s not opened (not public, in no listed network)",
+                           self.record.sandbox_id, name, kept_shut)  # fmt: skip
+        refresh = [a for a in usable if opened.get(a, 0) - now < OPEN_SECONDS / 2]
+        opened.update((a, now + OPEN_SECONDS) for a in refresh)
+        by_age = sorted(opened, key=lambda a: (a in usable, opened[a]))
+        closed = by_age[: max(0, len(opened) - MAX_ADDRESSES)]
+        for address in closed:
+            del opened[address]
+        self._opened[name] = opened
+        if refresh or closed:
+            commands = self._open_commands(name, refresh) + self._close_commands(name, closed)
+            await asyncio.to_thread(_run, ["nft", "-f", "-"], commands)
+            self.log.debug("sandbox %s: %s open on %s, closed on %s",
+                           self.record.sandbox_id, name, refresh, closed)  # fmt: skip
+
+    def _elements(self, name: str, address: str) -> Iterator[tuple[str, str]]:
+        """(set, key) of each element that opens `name`'s ports on `address`."""
+        for port in self._ports[name]:
+            where = "allow_any" if port is None else "allow_port"
+            key = address if port is None else f"{address} . {port}"
+            yield f"element inet {self.names.table} {where}", key
+
+    def _open_commands(self, name: str, addresses: list[str]) -> str:
+        """nft input that adds each element with a fresh timeout: add, delete and add again
+        in one transaction (a plain add keeps an existing element's old expiry)."""
+        lines = []
+        for address in addresses:
+            for target, key in self._elements(name, address):
+                lines += [
+                    f"add {target} {{ {key} timeout {OPEN_SECONDS}s }}",
+                    f"delete {target} {{ {key} }}",
+                    f"add {target} {{ {key} timeout {OPEN_SECONDS}s }}",
+                ]
+        return "".join(f"{line}\n" for line in lines)
+
+    def _close_commands(self, name: str, addresses: list[str]) -> str:
+        """nft input that deletes the elements, even one that has just timed out (the add
+        makes sure there is one to delete; a failed delete would fail the transaction)."""
+        lines = []
+        for address in addresses:
+            for target, key in self._elements(name, address):
+                lines += [f"add {target} {{ {key} timeout 1s }}", f"delete {target} {{ {key} }}"]
+        return "".join(f"{line}\n" for line in lines)
 
 
 # -- removal ----------------------------------------------------------------------------
 
 
 def remove(record: Record, log: logging.Logger) -> None:
-    """Remove a sandbox's table, link and namespace, whatever of them exists. Never raises."""
-    if record.nft_table:
-        _quietly(["nft", "delete", "table", "inet", record.nft_table], log, ("No such file",))
+    """Remove a sandbox's link, namespace, flows and table, whatever of them exists; the
+    firewall goes last, once nothing can pass it. Never raises."""
+    subnet = record.subnet
     if record.veth and Path("/sys/class/net", record.veth).exists():
+        subnet = subnet or _link_subnet(record.veth)
         _quietly(["ip", "link", "del", record.veth], log, ("Cannot find device",))
     if record.netns and netns_path(record.netns).exists():
         _quietly(["ip", "netns", "del", record.netns], log, ("No such file",))
+    if subnet:
+        _forget_flows(str(ipaddress.IPv4Network(subnet)[2]), log)
+    if record.nft_table:
+        _quietly(["nft", "delete", "table", "inet", record.nft_table], log, ("No such file",))
+    if record.veth:
+        _after_link_removed(subnet, log)
+
+
+def _link_subnet(veth: str) -> str:
+    """The /30 of a host-end link (for one no record names); "" if it has none."""
+    result = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show", "dev", veth], capture_output=True, text=True
+    )
+    for link in json.loads(result.stdout or "[]") if result.returncode == 0 else []:
+        for info in link.get("addr_info", []):
+            network = ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False)
+            if network.subnet_of(POOL):
+                return str(network)
+    return ""
+
+
+def _forget_flows(guest: str, log: logging.Logger) -> None:
+    """Delete the conntrack entries of a sandbox's address: left in place, replies to its old
+    flows would reach the next sandbox given the same /30."""
+    conntrack = shutil.which("conntrack")
+    if conntrack is None:
+        log.warning("conntrack (Debian package conntrack) is not installed: the flows of "
+                    "sandbox address %s stay until they time out", guest)  # fmt: skip
+        return
+    for direction in ("--orig-src", "--orig-dst"):
+        _quietly([conntrack, "-D", direction, guest], log, ("0 flow entries",))
+
+
+def _after_link_removed(subnet: str, log: logging.Logger) -> None:
+    """Hold a freed /30 back for a while; if it was the last link, restore forwarding."""
+    try:
+        with _pool_lock():
+            if subnet:
+                _note_freed(subnet)
+            _release_forwarding(log)
+    except OSError as e:
+        log.warning("network cleanup: %s", e)
 
 
 @dataclass
 class HostObjects:
-    """This project's namespaces, host-end links and tables present on the host."""
+    """This project's namespaces, host-end links and tables present on the host, and whether
+    forwarding is still held for sandboxes when none has a link."""
 
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
+    forwarding: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.netns or self.links or self.tables)
+        return bool(self.netns or self.links or self.tables or self.forwarding)
 
     def without(self, live: Iterable[Record]) -> HostObjects:
-        """Those that belong to none of the `live` sandboxes."""
+        """Those that belong to none of the `live` sandboxes, and to no namespace a process
+        still runs in (a sandbox of another runtime dir, whose records we do not see)."""
         keep: set[str] = set()
+        for sandbox in [*(r.sandbox_id for r in live), *_namespaces_in_use(self.netns)]:
+            n = names(sandbox)
+            keep |= {n.netns, n.veth, n.table}
         for r in live:
-            n = names(r.sandbox_id)
-            keep |= {r.netns, r.veth, r.nft_table, n.netns, n.veth, n.table}
+            keep |= {r.netns, r.veth, r.nft_table}
         return HostObjects(
             [x for x in self.netns if x not in keep],
             [x for x in self.links if x not in keep],
             [x for x in self.tables if x not in keep],
+            self.forwarding,
         )
 
 
+def _namespaces_in_use(candidates: list[str]) -> list[str]:
+    """Those of the named namespaces some process is in (sandbox ids: ours are named so)."""
+    wanted = {}
+    for name in candidates:
+        with contextlib.suppress(OSError):
+            wanted[netns_path(name).stat().st_ino] = name
+    found = set()
+    for proc in Path("/proc").iterdir() if wanted else ():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                inode = (proc / "ns" / "net").stat().st_ino
+                if inode in wanted:
+                    found.add(wanted[inode])
+    return sorted(found)
+
+
 def host_objects() -> HostObjects:
-    """List what of ours exists now (namespaces, links, nftables tables)."""
+    """List what of ours exists now (namespaces, links, nftables tables, forwarding)."""
     found = HostObjects()
     if NETNS_DIR.is_dir():
         found.netns = sorted(p.name for p in NETNS_DIR.glob(f"{NETNS_PREFIX}*"))
-    found.links = sorted(p.name for p in Path("/sys/class/net").glob(f"{VETH_PREFIX}*"))
+    found.links = _sandbox_links()
     if shutil.which("nft"):
         result = subprocess.run(
             ["nft", "list", "tables", "inet"], capture_output=True, text=True, check=False
         )
-        found.tables = sorted(
-            line.split()[2]
-            for line in result.stdout.splitlines()
-            if line.startswith("table inet ") and line.split()[2].startswith(TABLE_PREFIX)
+        tables = [line.split()[2] for line in result.stdout.splitlines()
+                  if line.startswith("table inet ")]  # fmt: skip
+        found.tables = sorted(t for t in tables if t.startswith(TABLE_PREFIX))
+        found.forwarding = not found.links and (
+            GUARD_TABLE in tables or _FORWARDING_BEFORE.exists()
         )
     return found
 
 
 def remove_objects(objects: HostObjects, log: logging.Logger) -> None:
-    """Remove listed objects (orphans found by `gc`). Never raises."""
-    for table in objects.tables:
-        remove(Record(sandbox_id="?", kernel_id="?", backend="?", nft_table=table), log)
+    """Remove listed objects (orphans found by `gc`), links first, tables last. Never raises."""
     for link in objects.links:
         remove(Record(sandbox_id="?", kernel_id="?", backend="?", veth=link), log)
     for netns in objects.netns:
         remove(Record(sandbox_id="?", kernel_id="?", backend="?", netns=netns), log)
+    for table in objects.tables:
+        remove(Record(sandbox_id="?", kernel_id="?", backend="?", nft_table=table), log)
+    if objects.forwarding:
+        _after_link_removed("", log)

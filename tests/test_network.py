@@ -10,22 +10,33 @@ fail with the firewall's own answer (EHOSTUNREACH: ICMP "administratively
 prohibited") unless the target is structurally absent (the guest's own
 loopback: ECONNREFUSED; in `none`, gVisor's stack with loopback only has no
 route: EHOSTUNREACH, there without any firewall).
+
+Attacks on the host side are played for real and checked twice: that the attempt
+reached where it would do harm (a counter in a scratch nftables table of the
+test's own, a conntrack entry, a host listener that works) and that it failed
+there. Nothing leaves the machine: names come from /etc/hosts lines the tests
+add, and the DNS flood runs its server in a private mount namespace whose
+resolver is a silent socket on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -42,7 +53,10 @@ from provisioner.state import Record, records
 
 JUPYTER_SANDBOX = [str(Path(sys.executable).parent / "jupyter"), "sandbox"]
 ALLOWED, BLOCKED, META = "10.224.1.2", "10.224.2.2", "169.254.42.1"
-HOSTS_LINES = f"{ALLOWED} allowed.jsb-test\n{BLOCKED} blocked.jsb-test\n{ALLOWED} later.jsb-test\n"
+HOSTS_LINES = (
+    f"{ALLOWED} allowed.jsb-test\n{BLOCKED} blocked.jsb-test\n{ALLOWED} later.jsb-test\n"
+    f"{BLOCKED} private.jsb-test\n"
+)
 
 SERVER = textwrap.dedent(
     """
@@ -299,6 +313,8 @@ def exists(record: Record) -> dict[str, bool]:
         ({"network": "wide"}, r"network.*'none', 'egress', 'open'"),
         ({"egress_allow": ["169.254.169.254"]}, r"egress_allow.*always blocked"),
         ({"egress_allow": ["127.0.0.1:80"]}, r"egress_allow.*always blocked"),
+        ({"egress_allow": ["100.100.100.200"]}, r"egress_allow.*always blocked"),
+        ({"egress_allow": ["168.63.129.16:80"]}, r"egress_allow.*always blocked"),
         ({"egress_allow": ["[2001:db8::1]:443"]}, r"egress_allow.*IPv6"),
         ({"egress_allow": ["pypi.org:99999"]}, r"egress_allow.*port.*1 to 65535"),
         ({"egress_allow": ["pypi.org:"]}, r"egress_allow.*port"),
@@ -342,6 +358,46 @@ def test_destinations_as_operators_write_them(text, expected):
 )
 def test_bandwidths_as_operators_write_them(text, rate):
     assert network.parse_bandwidth(text) == rate
+
+
+def bare_network(mode: str = "open", allow: tuple[str, ...] = ()) -> network.SandboxNetwork:
+    """A sandbox network object with addresses but nothing made on the host."""
+    spec = network.NetworkSpec(mode=mode, allow=tuple(map(network.parse_destination, allow)))
+    record = Record(sandbox_id=f"jsb-unit-{os.getpid()}", kernel_id="?", backend="?")
+    net = network.SandboxNetwork(spec, record, logging.getLogger("test"))
+    net.host_ip, net.guest_ip = "10.223.0.1", "10.223.0.2"
+    return net
+
+
+def test_cloud_metadata_addresses_are_always_blocked(sandbox_host):
+    for text in ("100.100.100.200", "100.100.100.200/32", "168.63.129.16:80"):
+        with pytest.raises(ValueError, match="always blocked"):
+            network.parse_destination(text)
+    rules = bare_network().ruleset()
+    blocked = next(line for line in rules.splitlines() if "ip daddr {" in line)
+    assert (
+        "100.100.100.200" in blocked and "168.63.129.16" in blocked and "169.254.0.0/16" in blocked
+    )
+    check = subprocess.run(["nft", "-c", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr  # the kernel accepts it as written
+
+
+def test_pool_lock_is_host_wide_whatever_the_runtime_dir(sandbox_host, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_SANDBOX_RUNTIME_DIR", str(tmp_path))
+    with network._pool_lock():
+        assert (network.HOST_STATE / "pool.lock").exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_freed_subnet_waits_before_it_is_handed_out_again(sandbox_host, tmp_path, monkeypatch):
+    monkeypatch.setattr(network, "_RECENTLY_FREED", tmp_path / "recently-freed.json")
+    fixed = types.SimpleNamespace(randrange=lambda n: n // 2)  # "random": the middle of the pool
+    monkeypatch.setattr(network, "random", fixed)
+    first = network._free_subnet()
+    network._note_freed(str(first))
+    assert network._free_subnet() != first
+    monkeypatch.setattr(network, "REUSE_DELAY", 0.0)  # long ago: free again
+    assert network._free_subnet() == first
 
 
 # -- the DNS responder, alone -----------------------------------------------------------
@@ -417,6 +473,146 @@ async def test_dns_responder_serves_only_its_sandbox():
         responder.close()
 
 
+async def ask(sock: socket.socket, names: list[str], timeout: float = 5) -> dict:
+    """Send one query per name at once: name -> (rcode, seconds until its answer)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for ident, name in enumerate(names):
+        sock.send(query(name, ident=ident))
+    got: dict[str, tuple[int, float]] = {}
+    while len(got) < len(names):
+        reply = await asyncio.wait_for(loop.sock_recv(sock, 600), timeout)
+        ident, flags = struct.unpack_from("!2H", reply)
+        got[names[ident]] = (flags & 0xF, round(loop.time() - started, 2))
+    return got
+
+
+async def test_dns_lookups_are_capped_per_sandbox_and_failures_remembered(monkeypatch):
+    """The host's resolver, made to hang for names starting with "slow" (a real one would hold
+    its thread just as long); everything else is the sandbox's real lookup path."""
+    release, calls, threads = threading.Event(), [], set()
+
+    def host_addresses(name: str) -> list[str]:
+        calls.append(name)
+        threads.add(threading.current_thread().name.split("_")[0])
+        if name.startswith("slow"):
+            release.wait(30)
+            raise network.LookupFailed(f"{name}: the resolver gave up (test)")
+        return [] if name.startswith("none") else ["192.0.2.7"]
+
+    monkeypatch.setattr(network, "_host_addresses", host_addresses)
+    monkeypatch.setattr(network, "LOOKUP_TIMEOUT", 0.5)
+    net, port = bare_network("open"), free_port()
+    log = logging.getLogger("test")
+    responder = await dns.serve("127.0.0.1", port, "127.0.0.1", net._lookup, log, "t")
+    cap = network.LOOKUPS_PER_SANDBOX
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.connect(("127.0.0.1", port))
+            # A burst: `cap` lookups start and time out; the rest are refused at once.
+            burst = [f"slow-{i}.example" for i in range(cap + 3)]
+            answers = await ask(s, burst)
+            assert {rcode for rcode, _ in answers.values()} == {dns.SERVFAIL}
+            assert sorted(calls) == burst[:cap]
+            assert all(answers[n][1] < 0.3 for n in burst[cap:]), answers
+            assert all(answers[n][1] >= 0.5 for n in burst[:cap]), answers
+            # Timed out, but the lookups still hold their threads: so they hold their slots.
+            rcode, took = (await ask(s, ["ok.example"]))["ok.example"]
+            assert rcode == dns.SERVFAIL and took < 0.3
+            assert len(calls) == cap
+            release.set()
+            await asyncio.sleep(0.3)
+            # Slots free again; a failed name is not looked up again for a while, nor is
+            # a name with no address, and both answers come at once.
+            first = await ask(s, ["ok.example", "none.example", burst[0]])
+            again = await ask(s, ["none.example", burst[0]])
+        assert first["ok.example"][0] == dns.NOERROR
+        assert first["none.example"][0] == again["none.example"][0] == dns.NXDOMAIN
+        assert first[burst[0]][0] == again[burst[0]][0] == dns.SERVFAIL
+        assert len(calls) == cap + 2 and sorted(calls[cap:]) == ["none.example", "ok.example"]
+        assert threads == {"sandbox-dns"}
+    finally:
+        release.set()
+        responder.close()
+
+
+async def test_dns_responder_bound_to_its_link_ignores_other_links():
+    """Bound to a device, the responder gets only what arrives there: a query through
+    loopback reaches it bound to `lo`, not bound to another link."""
+    other = next((name for _, name in socket.if_nameindex() if name != "lo"), None)
+    if other is None:
+        pytest.skip("this host has no link but loopback")
+
+    async def lookup(name: str) -> list[str]:
+        return ["192.0.2.7"]
+
+    loop = asyncio.get_running_loop()
+    got = {}
+    for device in ("lo", other):
+        port = free_port()
+        responder = await dns.serve(
+            "127.0.0.1", port, "127.0.0.1", lookup, logging.getLogger("test"), "t", device=device
+        )
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setblocking(False)
+                s.connect(("127.0.0.1", port))
+                s.send(query("a.example"))
+                try:
+                    reply = await asyncio.wait_for(loop.sock_recv(s, 600), 1)
+                    got[device] = struct.unpack_from("!6H", reply)[3]
+                except (asyncio.TimeoutError, ConnectionRefusedError) as e:
+                    got[device] = type(e).__name__
+        finally:
+            responder.close()
+    assert got["lo"] == 1
+    assert got[other] in ("TimeoutError", "ConnectionRefusedError")
+
+
+def test_names_open_public_addresses_and_private_ones_only_in_listed_networks():
+    net = bare_network("egress", ("internal.example:443", "10.1.0.0/16:22"))
+    assert net._may_open("8.8.8.8")  # decided locally: no traffic anywhere
+    assert net._may_open("10.1.2.3")
+    for address in ("10.2.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254", "100.100.100.200",
+                    "168.63.129.16", "127.0.0.1", "10.223.0.5"):  # fmt: skip
+        assert not net._may_open(address), address
+
+
+async def test_a_name_keeps_its_latest_addresses_open_and_for_a_while(sandbox_host, monkeypatch):
+    """A sandbox's ruleset, loaded in a namespace of the test's own: the elements a name's
+    lookups leave in its sets, through the real nft."""
+    net = bare_network("egress", ("cdn.example:443", "10.1.0.0/16:22"))
+    netns, calls = f"nettest-nft-{os.getpid()}", []
+    real_run = network._run
+
+    def run_inside(argv: list[str], input: str | None = None) -> str:
+        calls.append(input)
+        return real_run(["ip", "netns", "exec", netns, *argv], input)
+
+    def open_now() -> list[str]:
+        listing = run_inside(["nft", "list", "set", "inet", net.names.table, "allow_port"])
+        assert all("timeout 5m expires" in line for line in listing.split(",")[1:])
+        return sorted(re.findall(r"(10\.1\.0\.\d+) \. 443", listing), key=ipaddress.ip_address)
+
+    sh("ip", "netns", "add", netns)
+    try:
+        monkeypatch.setattr(network, "_run", run_inside)
+        run_inside(["nft", "-f", "-"], net.ruleset())
+        addresses = [f"10.1.0.{i}" for i in range(1, 21)]  # inside the listed network
+        await net._open_firewall("cdn.example", addresses[:10])
+        assert open_now() == addresses[:10]
+        # The name moved on to 15 addresses, 10 of them new: 16 stay open, the latest.
+        await net._open_firewall("cdn.example", addresses[5:])
+        latest = open_now()
+        assert len(latest) == network.MAX_ADDRESSES and set(addresses[5:]) <= set(latest)
+        before = len(calls)
+        await net._open_firewall("cdn.example", addresses[5:])  # still fresh: nothing to do
+        assert len(calls) == before
+    finally:
+        sh("ip", "netns", "del", netns)
+
+
 # -- sandboxes --------------------------------------------------------------------------
 
 
@@ -436,7 +632,9 @@ async def test_none_reaches_nothing_and_has_only_lo(no_leftovers, workspace, tes
 
 async def test_egress_reaches_only_what_is_allowed(no_leftovers, workspace, test_hosts, hosts_file):
     host_port = test_hosts["host_port"]
-    allow = [f"{ALLOWED}:8080", "allowed.jsb-test:8081", "later.jsb-test:8080"]
+    # Names open private addresses only inside a listed network: the IP entries cover the
+    # hosts (port 9 of the other one: nothing listens there).
+    allow = [f"{ALLOWED}:8080", "allowed.jsb-test:8081", "later.jsb-test:8080", f"{BLOCKED}:9"]
     async with kernel(workspace, network="egress", egress_allow=allow) as (km, kc):
         record = record_of(km)
         assert exists(record) == {"netns": True, "veth": True, "table": True}
@@ -510,6 +708,418 @@ async def test_open_reaches_the_network_but_not_the_host_metadata_or_other_sandb
         assert down_a == down_b == up_a == up_b == size
         assert 0.8 <= t_down_b < 5 and 0.8 <= t_up_b < 5, (t_down_b, t_up_b)
         assert t_down_a < 0.5 and t_up_a < 0.5, (t_down_a, t_up_a)
+
+
+@contextlib.contextmanager
+def nft_scratch(ruleset: str) -> Iterator[None]:
+    """A table of the test's own (not ours: no `jsb_` name), deleted after."""
+    family, name = ruleset.split()[1:3]
+    subprocess.run(["nft", "-f", "-"], input=ruleset, check=True, text=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", family, name], check=True)
+
+
+async def test_open_refuses_what_the_host_publishes_by_dnat(no_leftovers, workspace, test_hosts):
+    """Docker's -p and NodePorts: a host port forwarded to a host behind it. The host uses it;
+    a sandbox, which may reach that host directly, may not reach it as the host's port."""
+    port = free_port()
+    dnat = f"fib daddr type local tcp dport {port} dnat to {ALLOWED}:8082"
+    with nft_scratch(
+        f"""table ip nettest_dnat {{
+            chain prerouting {{
+                type nat hook prerouting priority -100; policy accept;
+                {dnat}
+            }}
+            chain output {{
+                type nat hook output priority -100; policy accept;
+                {dnat}
+            }}
+        }}"""
+    ):
+        # The DNAT works (through the host address the "allowed" host can answer: it has
+        # no default route).
+        assert host_reaches("10.224.1.1", port) == "allowed"
+        published = host_addresses()
+        async with kernel(workspace, network="open") as (km, kc):
+            record = record_of(km)
+            targets = [(ALLOWED, 8082), (host_end(record), port)]
+            targets += [(address, port) for address in published]
+            answers = await probes(kc, targets)
+    assert answers[0] == "allowed"
+    assert set(answers[1:]) == {"EHOSTUNREACH"}, list(zip(targets, answers, strict=True))
+
+
+async def test_the_host_cannot_send_into_a_sandbox_but_its_dns_answers(
+    no_leftovers, workspace, test_hosts, hosts_file
+):
+    async with kernel(workspace, network="open") as (km, kc):
+        guest = guest_address(record_of(km))
+        await run(
+            kc,
+            "listen(9000, 'guest')\n"
+            "udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "udp.bind(('0.0.0.0', 9001))\nudp.settimeout(2)",
+        )
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(3):
+                with contextlib.suppress(OSError):  # the refusal may come back as an error
+                    s.sendto(b"from the host", (guest, 9001))
+        try:
+            socket.create_connection((guest, 9000), timeout=5).close()
+            tcp = "connected"
+        except OSError as e:
+            tcp = errno.errorcode.get(e.errno, str(e))
+        inside = await run(
+            kc,
+            "try:\n    got = udp.recv(100).decode()\nexcept socket.timeout:\n    got = 'nothing'\n"
+            "print(json.dumps([got, probe(socket.gethostbyname('allowed.jsb-test'), 8080),\n"
+            f"    probe('{guest}', 9000)]))",
+        )
+    # Nothing arrived, though the guest listens there (it reaches itself) and DNS works.
+    assert inside == ["nothing", "allowed", "guest"]
+    assert tcp == "EHOSTUNREACH"  # refused on the way out, not after the guest's answer
+
+
+async def test_dns_ignores_queries_spoofed_from_another_link(
+    no_leftovers, workspace, test_hosts, hosts_file
+):
+    """The "blocked" host sends the sandbox's DNS server a query in the sandbox's name: the
+    answer would land in the sandbox (and the lookup cost the host). It must not be served."""
+    async with kernel(workspace, network="open") as (km, kc):
+        record = record_of(km)
+        host, guest = host_end(record), guest_address(record)
+        await run(
+            kc,
+            "replies = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "replies.bind(('0.0.0.0', 5300))\nreplies.settimeout(2)",
+        )
+        count = f'iifname "ntblock" ip saddr {guest} udp dport 53 counter'
+        spoofer = textwrap.dedent(
+            f"""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("{guest}", 5300))
+            for _ in range(3):
+                s.sendto(bytes.fromhex("{query("allowed.jsb-test").hex()}"), ("{host}", 53))
+            """
+        )
+        ns = ["ip", "-n", "nettest-blocked"]
+        sh(*ns, "addr", "add", f"{guest}/32", "dev", "eth0")
+        try:
+            sh(*ns, "route", "add", f"{host}/32", "via", "10.224.2.1", "src", guest)
+            with nft_scratch(
+                f"""table ip nettest_spoof {{
+                    chain prerouting {{
+                        type filter hook prerouting priority raw; policy accept;
+                        {count}
+                    }}
+                }}"""
+            ):
+                sh("nsenter", "--net=/run/netns/nettest-blocked", "--", sys.executable, "-c",
+                   spoofer)  # fmt: skip
+                inside = await run(
+                    kc,
+                    "try:\n    got = replies.recv(600).hex()\nexcept socket.timeout:\n"
+                    "    got = 'nothing'\nprint(json.dumps([got, resolve('allowed.jsb-test')]))",
+                )
+                listing = ["nft", "list", "table", "ip", "nettest_spoof"]
+                counted = subprocess.run(listing, capture_output=True, text=True).stdout
+        finally:
+            sh(*ns, "addr", "del", f"{guest}/32", "dev", "eth0")  # its route goes with it
+    assert "counter packets 3 " in counted  # the spoofed queries did reach the host
+    assert inside == ["nothing", [ALLOWED]]  # no answer reached the sandbox; its own DNS works
+
+
+async def test_egress_names_open_private_addresses_only_inside_listed_networks(
+    no_leftovers, workspace, test_hosts, hosts_file
+):
+    """private.jsb-test points at the "blocked" host: a name must not open a private address
+    (the host's LAN, say) unless the operator listed a network holding it."""
+    allow = ["private.jsb-test:8080", "allowed.jsb-test:8080", "10.224.1.0/24:9"]
+    async with kernel(workspace, network="egress", egress_allow=allow) as (km, kc):
+        answers = await run(
+            kc,
+            "print(json.dumps([resolve('private.jsb-test'), probe('private.jsb-test', 8080),\n"
+            f"    probe('allowed.jsb-test', 8080), probe('{ALLOWED}', 8081)]))",
+        )
+        listed = subprocess.run(
+            ["nft", "list", "set", "inet", record_of(km).nft_table, "allow_port"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    # Answered (the guest knows the address), not opened; the covered one opened, with a
+    # timeout, on its own port only.
+    assert answers == [[BLOCKED], "EHOSTUNREACH", "allowed", "EHOSTUNREACH"]
+    assert f"{ALLOWED} . 8080 timeout 5m expires" in listed and BLOCKED not in listed, listed
+
+
+def forwarding() -> str:
+    return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+
+
+def set_forwarding(value: str) -> None:
+    Path("/proc/sys/net/ipv4/ip_forward").write_text(value)
+
+
+def between_test_hosts() -> str:
+    """What the "allowed" host gets from the "blocked" one, routed through this host."""
+    code = textwrap.dedent(
+        f"""
+        import socket
+        try:
+            socket.create_connection(("{BLOCKED}", 8080), timeout=1).close()
+            print("connected")
+        except OSError as e:
+            print(type(e).__name__)
+        """
+    )
+    out = subprocess.run(
+        ["nsenter", "--net=/run/netns/nettest-allowed", "--", sys.executable, "-c", code],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return out.strip()
+
+
+async def test_forwarding_is_for_sandboxes_only_and_undone_after_the_last(
+    no_leftovers, workspace, test_hosts
+):
+    if network.host_objects().links:
+        pytest.skip("another server's sandboxes are using forwarding now")
+    original = forwarding()
+    routes = [("nettest-allowed", "10.224.2.0/30", "10.224.1.1"),
+              ("nettest-blocked", "10.224.1.0/30", "10.224.2.1")]  # fmt: skip
+    try:
+        for netns, where, via in routes:
+            sh("ip", "-n", netns, "route", "add", where, "via", via)
+        set_forwarding("1")  # what the old code left: the host routes between the test hosts
+        assert between_test_hosts() == "connected"
+        set_forwarding("0")
+        allow = [f"{ALLOWED}:8080"]
+        async with kernel(workspace, network="egress", egress_allow=allow) as (_, kc):
+            during = (forwarding(), network._guard_exists(), between_test_hosts())
+            reached = await probes(kc, [(ALLOWED, 8080)])
+        after = (forwarding(), network._guard_exists(), network._FORWARDING_BEFORE.exists())
+    finally:
+        for netns, where, via in routes:
+            subprocess.run(["ip", "-n", netns, "route", "del", where, "via", via])
+        set_forwarding(original)
+    assert during == ("1", True, "TimeoutError")  # the guard drops what is not a sandbox's
+    assert reached == ["allowed"]
+    assert after == ("0", False, False)
+
+
+UDP_TARGET = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[1], 7777))
+    print("ready", flush=True)
+    data, peer = s.recvfrom(100)
+    s.sendto(b"reply", peer)
+    sys.stdin.readline()  # later, on the test's word: to the same peer, through the old flow
+    s.sendto(b"late", peer)
+    print("sent", flush=True)
+    """
+)
+
+
+def flows_of(address: str) -> list[str]:
+    found = []
+    for direction in ("--orig-src", "--orig-dst"):
+        listing = subprocess.run(["conntrack", "-L", direction, address], capture_output=True,
+                                 text=True)  # fmt: skip
+        found += listing.stdout.splitlines()
+    return found
+
+
+async def test_a_sandbox_flows_do_not_reach_the_next_one_on_its_subnet(
+    no_leftovers, workspace, test_hosts, monkeypatch
+):
+    """Sandbox A talks UDP with the "allowed" host and goes; B gets A's /30 (forced here: the
+    random pick avoids it). The host sends again to A's old flow: B must get nothing."""
+    target = subprocess.Popen(
+        ["nsenter", "--net=/run/netns/nettest-allowed", "--", sys.executable, "-c", UDP_TARGET,
+         ALLOWED],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    b_record = b_net = listener = None
+    try:
+        assert target.stdout.readline().strip() == "ready"
+        async with kernel(workspace, network="open") as (km, kc):
+            a_record = record_of(km)
+            got = await run(
+                kc,
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.bind(('0.0.0.0', 5000))\ns.settimeout(5)\n"
+                f"s.sendto(b'hi', ('{ALLOWED}', 7777))\n"
+                "print(json.dumps(s.recv(100).decode()))",
+            )
+            assert got == "reply"
+            guest = guest_address(a_record)
+            assert flows_of(guest)  # the flow a later packet could ride
+        assert not flows_of(guest)
+        monkeypatch.setattr(network, "_free_subnet", lambda: ipaddress.IPv4Network(a_record.subnet))
+        b_record = Record(sandbox_id=f"jsb-nettest-{os.getpid()}", kernel_id="?", backend="gvisor")
+        b_net = network.SandboxNetwork(network.NetworkSpec(mode="egress"), b_record,
+                                       logging.getLogger("test"))  # fmt: skip
+        await b_net.open()
+        assert b_net.guest_ip == guest
+        listener = subprocess.Popen(
+            ["nsenter", f"--net={b_net.netns_path}", "--", sys.executable, "-c",
+             "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "s.bind(('0.0.0.0', 5000))\ns.settimeout(3)\nprint('ready', flush=True)\n"
+             "try:\n    print(s.recv(100).decode())\nexcept socket.timeout:\n    print('nothing')"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert listener.stdout.readline().strip() == "ready"
+        target.stdin.write("go\n")
+        target.stdin.flush()
+        assert target.stdout.readline().strip() == "sent"
+        assert listener.communicate(timeout=10)[0].strip() == "nothing"
+    finally:
+        for process in (target, listener):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        if b_net is not None:
+            b_net.close()
+        if b_record is not None:
+            network.remove(b_record, logging.getLogger("test"))
+            b_record.remove()
+
+
+async def test_gc_of_another_runtime_dir_spares_live_sandboxes(
+    no_leftovers, workspace, test_hosts, tmp_path
+):
+    """Two servers on one host with their own runtime dirs: each one's gc sees only its own
+    records, and must leave the other's running sandboxes' networks alone."""
+    async with kernel(workspace, network="open") as (km, kc):
+        record = record_of(km)
+        env = {**os.environ, "JUPYTER_SANDBOX_RUNTIME_DIR": str(tmp_path / "other")}
+        gc = subprocess.run([*JUPYTER_SANDBOX, "gc"], env=env, capture_output=True, text=True)
+        assert gc.returncode == 0, gc.stderr
+        assert exists(record) == {"netns": True, "veth": True, "table": True}
+        assert await probes(kc, [(ALLOWED, 8080)]) == ["allowed"]
+
+
+# The guest's side of the flood: 16 queries for names nobody knows every 0.5 s, the rate that
+# used to starve the server's thread pool; it counts the answers by kind.
+GUEST_FLOOD = textwrap.dedent(
+    """
+    import collections, json, random, socket, struct, time
+    def query(name, ident):
+        labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0"
+        return struct.pack("!6H", ident, 0x0100, 1, 0, 0, 0) + labels + b"\\0\\1\\0\\1"
+    server = open("/etc/resolv.conf").read().split()[1]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    answers, fast, sent, end = collections.Counter(), 0, {}, time.monotonic() + SECONDS
+    while time.monotonic() < end:
+        for _ in range(16):
+            ident = len(sent) & 0xFFFF
+            sent[ident] = time.monotonic()
+            s.sendto(query(f"x{len(sent)}-{random.randrange(10**9)}.jsb-slow", ident), (server, 53))
+        time.sleep(0.5)
+        while True:
+            try:
+                reply = s.recv(600)
+            except BlockingIOError:
+                break
+            ident, flags = struct.unpack_from("!2H", reply)
+            answers[flags & 0xF] += 1
+            fast += time.monotonic() - sent[ident] < 1
+    print(json.dumps({"sent": len(sent), "answers": answers, "fast": fast}))
+    """
+)
+
+# The server, in a mount namespace of its own whose resolv.conf names a resolver that never
+# answers (a socket of this process on loopback): every lookup of an unknown name hangs, as
+# with a slow upstream, and none leaves the machine.
+FLOOD_SERVER = textwrap.dedent(
+    """
+    import asyncio, json, socket, sys, time
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+    from traitlets.config import Config
+    from provisioner.ioloop import run_on_io
+
+    kernel_name, workspace, flood = sys.argv[1:4]
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.77", 53))  # never read: queries wait, no error comes back
+    EGRESS = {"network": "egress", "egress_allow": ["allowed.jsb-test:8080"]}
+
+    async def start(**settings):
+        km = AsyncIOLoopKernelManager(
+            kernel_name=kernel_name, config=Config({"GVisorProvisioner": settings})
+        )
+        started = time.monotonic()
+        await km.start_kernel(cwd=workspace)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        return km, kc, time.monotonic() - started
+
+    async def stop(km, kc):
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+    async def thread_pool_delay():
+        started = time.monotonic()
+        await run_on_io(asyncio.to_thread(lambda: None))
+        return time.monotonic() - started
+
+    async def start_and_stop(**settings):
+        km, kc, took = await start(**settings)
+        await stop(km, kc)
+        return took
+
+    async def main():
+        await start_and_stop(**EGRESS)  # warms the caches the later ones find warm
+        alone = await start_and_stop(**EGRESS)
+        flooder, fc, _ = await start(network="open")
+        try:
+            out = []
+            flooding = asyncio.ensure_future(fc.execute_interactive(
+                flood, timeout=120, output_hook=out.append))
+            await asyncio.sleep(3)
+            delay = await thread_pool_delay()
+            during = await start_and_stop(**EGRESS)
+            await flooding
+        finally:
+            await stop(flooder, fc)
+        text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+        print(json.dumps({"alone": alone, "during": during, "delay": delay,
+                          "guest": json.loads(text.strip().splitlines()[-1])}))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_dns_flood_does_not_hold_up_other_kernels(no_leftovers, workspace, hosts_file, tmp_path):
+    """One open kernel floods its DNS with unknown names while the resolver hangs; another
+    user's kernel, started meanwhile, starts about as fast as alone."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.77\noptions timeout:5 attempts:2\n")
+    seconds = 10
+    flood = GUEST_FLOOD.replace("SECONDS", str(seconds))
+    server = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+         str(resolv), sys.executable, "-c", FLOOD_SERVER, KERNEL, str(workspace), flood],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert server.returncode == 0, server.stderr[-3000:]
+    result = json.loads(server.stdout.strip().splitlines()[-1])
+    guest = result["guest"]
+    # The flood happened and met a hanging resolver: SERVFAIL only (never NXDOMAIN), nearly
+    # all at once (the sandbox's lookup slots were full), a few after the lookup timeout.
+    assert guest["sent"] >= 16 * seconds
+    assert set(guest["answers"]) == {str(dns.SERVFAIL)}, guest
+    assert guest["fast"] >= guest["sent"] - 2 * network.LOOKUPS_PER_SANDBOX * seconds, guest
+    # Meanwhile the server's own threads stayed free, and another kernel started in time.
+    assert result["delay"] < 0.5, result
+    assert result["during"] < result["alone"] + 3, result
+    assert not leftover_network()
 
 
 async def test_failed_network_setup_leaves_nothing(no_leftovers, workspace, monkeypatch):
