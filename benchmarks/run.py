@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark the sandboxed kernel against the local one, in the same run, as ratios.
+"""Benchmark the sandboxed kernels against the local one, in the same run, as ratios.
 
     sudo .venv/bin/python benchmarks/run.py [--starts 5] [--executes 1000] [--throughput-mb 50]
+        [--backends gvisor,microvm] [--microvm-starts 3] [--microvm-executes 200]
+        [--microvm-throughput-mb 10]
 
-Measures, for the kernelspecs `python3` (local, unsandboxed) and `python3-gvisor`:
+Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--backends`
+(`python3-gvisor`, `python3-microvm`):
 
 - start: `AsyncKernelManager.start_kernel()` until `client.wait_for_ready()` returns
   (the first kernel_info_reply), median of `--starts` starts;
@@ -17,8 +20,11 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and `python3-gvisor
   same kind runs `while True: pass` (at its cpu_limit, 1 core by default), against
   its own p99 with the second kernel idle.
 
-Local and gVisor measurements are interleaved (alternating starts, alternating
-blocks of executes) so that load from elsewhere on the machine hits both alike.
+The microVM backend is slow under TCG (a start takes 15-30 s, an execute 50-150 ms),
+so it gets its own, smaller counts (`--microvm-*`); its ratios are still against the
+same local kernel. Measurements are interleaved (alternating starts, alternating
+blocks of executes, alternating floods) so that load from elsewhere on the machine
+hits every kernel alike.
 Prints a markdown table and writes it to `<out>/latest.md`, raw numbers to
 `<out>/latest.json`. Every kernel is shut down, and the script checks that none
 of its sandboxes is left behind.
@@ -31,6 +37,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -52,22 +59,32 @@ from provisioner.backends.gvisor import runsc_root
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-KERNELS = {"local": "python3", "gvisor": "python3-gvisor"}
+KERNELS = {"local": "python3", "gvisor": "python3-gvisor", "microvm": "python3-microvm"}
+"""label -> kernelspec"""
+NAMES = {"local": "local", "gvisor": "gVisor", "microvm": "microVM"}
+BACKENDS = ("gvisor", "microvm")
+QEMU = "qemu-system-x86_64"
+"""For the report's header only: the provisioner finds its own (`qemu_path`)."""
 MIB = 1024 * 1024
 READY_TIMEOUT = 120.0
 MSG_TIMEOUT = 60.0
 
 TARGETS = {
-    # metric: (maximum or minimum of gvisor / local, direction)
+    # gVisor's targets. metric: (maximum or minimum of gvisor / local, direction)
     "start": (3.0, "max"),
     "execute_p50": (1.5, "max"),
     "throughput": (0.5, "min"),
 }
+MICROVM_START_TARGET = 10.0
+"""microVM's only target: seconds from start_kernel() to ready (absolute, under TCG)."""
 NEIGHBOUR_TARGET = 2.0
-"""Most a CPU hog next door may stretch a gVisor kernel's execute p99 (loaded / idle)."""
+"""Most a CPU hog next door may stretch a gVisor kernel's execute p99 (loaded / idle).
+Shown for microVM too, for information only."""
 
 started_sandboxes: set[str] = set()
 """Every sandbox id this run created, to check at the end that none is left."""
+microvm_accels: set[str] = set()
+"""The accelerators ("tcg", "kvm") the microVMs of this run used."""
 
 
 # -- kernels -------------------------------------------------------------------
@@ -91,6 +108,9 @@ class Kernel:
         finally:
             if self.sandbox_id:
                 started_sandboxes.add(self.sandbox_id)
+        accel = getattr(getattr(self.km.provisioner, "sandbox", None), "accel", None)
+        if accel is not None:
+            microvm_accels.add(accel.name)
         self.kc = self.km.client()
         self.kc.start_channels()
         await self.kc.wait_for_ready(timeout=READY_TIMEOUT)
@@ -110,7 +130,7 @@ class Kernel:
             print(f"warning: shutting down the {self.label} kernel: {e!r}", file=sys.stderr)
 
     def cpu_seconds(self) -> float:
-        """CPU time of the kernel's processes so far (gVisor: the whole sandbox)."""
+        """CPU time of the kernel's processes so far (sandboxes: their whole cgroup)."""
         if self.label == "local":
             ticks = os.sysconf("SC_CLK_TCK")
             total = 0.0
@@ -161,11 +181,14 @@ async def wait_idle(kc, msg_id: str, on_msg=None) -> None:
 # -- metrics -------------------------------------------------------------------
 
 
-async def measure_starts(n: int, warmup: bool, cwd: str) -> dict[str, list[float]]:
-    """Alternate local and gVisor starts; each kernel is shut down before the next start."""
-    times: dict[str, list[float]] = {label: [] for label in KERNELS}
-    for i in range(-1 if warmup else 0, n):
-        for label in KERNELS:
+async def measure_starts(counts: dict[str, int], warmup: bool, cwd: str) -> dict[str, list[float]]:
+    """Alternate the kernels' starts, `counts[label]` of each (a kernel with fewer
+    drops out of the later rounds); each kernel is shut down before the next start."""
+    times: dict[str, list[float]] = {label: [] for label in counts}
+    for i in range(-1 if warmup else 0, max(counts.values())):
+        for label, n in counts.items():
+            if i >= n:
+                continue
             async with running(label, cwd) as kernel:
                 if i >= 0:
                     times[label].append(kernel.start_seconds)
@@ -187,22 +210,30 @@ async def execute_once(kc, code: str = "pass") -> tuple[float, float]:
     return t1 - t0, t2 - t0
 
 
-async def measure_executes(kernels: dict[str, Kernel], n: int, warmup: int, block: int) -> dict:
+async def measure_executes(
+    kernels: dict[str, Kernel], counts: dict[str, int], warmup: int, block: int
+) -> dict:
+    """`counts[label]` timed executes of each kernel, in alternating blocks.
+
+    The kernel with the most executes does blocks of `block`; the others' blocks are
+    scaled down so that all of them spread over the same rounds (200 microVM executes
+    beside 1000 local ones: blocks of 20 beside blocks of 100).
+    """
     for kernel in kernels.values():
         for _ in range(warmup):
             await execute_once(kernel.kc)
     samples: dict[str, dict[str, list[float]]] = {
         label: {"reply": [], "idle": []} for label in kernels
     }
-    done = 0
-    while done < n:
-        size = min(block, n - done)
+    rounds = max(1, -(-max(counts.values()) // block))
+    sizes = {label: max(1, -(-n // rounds)) for label, n in counts.items()}
+    while any(len(samples[label]["idle"]) < n for label, n in counts.items()):
         for label, kernel in kernels.items():
+            size = min(sizes[label], counts[label] - len(samples[label]["idle"]))
             for _ in range(size):
                 reply, idle = await execute_once(kernel.kc)
                 samples[label]["reply"].append(reply)
                 samples[label]["idle"].append(idle)
-        done += size
     return samples
 
 
@@ -241,20 +272,21 @@ async def throughput_once(kc, mib: int) -> dict:
     }
 
 
-async def measure_throughput(kernels: dict[str, Kernel], mib: int, runs: int) -> dict:
+async def measure_throughput(kernels: dict[str, Kernel], mib: dict[str, int], runs: int) -> dict:
+    """`runs` floods of each kernel, alternating; `mib[label]` MiB each."""
     results: dict[str, list[dict]] = {label: [] for label in kernels}
     for _ in range(runs):
         for label, kernel in kernels.items():
-            r = await throughput_once(kernel.kc, mib)
+            r = await throughput_once(kernel.kc, mib[label])
             print(f"  throughput {label}: {r['mib_per_s']:.1f} MiB/s", file=sys.stderr)
             results[label].append(r)
     return results
 
 
-async def measure_neighbour(label: str, cwd: str, n: int) -> dict:
+async def measure_neighbour(label: str, cwd: str, n: int, warmup: int) -> dict:
     """A kernel's execute p99 with a second kernel idle, then while it hogs the CPU."""
     async with running(label, cwd) as victim, running(label, cwd) as hog:
-        for _ in range(50):
+        for _ in range(warmup):
             await execute_once(victim.kc)
         idle = [(await execute_once(victim.kc))[1] for _ in range(n)]
         hog_request = hog.kc.execute("while True: pass")
@@ -272,7 +304,7 @@ async def measure_neighbour(label: str, cwd: str, n: int) -> dict:
         f"beside a hog using {hog_cores:.2f} cores",
         file=sys.stderr,
     )
-    return {"idle": idle, "loaded": loaded, "hog_cores": hog_cores}
+    return {"idle": idle, "loaded": loaded, "hog_cores": hog_cores, "n": n}
 
 
 # -- memory --------------------------------------------------------------------
@@ -366,23 +398,33 @@ def measure_memory(kernel: Kernel) -> dict[str, Any]:
         mem = sum_smaps(pids)
         return {"pss": mem["Pss"], "rss": mem["Rss"], "smaps": mem, "pids": pids}
     cgroup = memory_cgroup(kernel.sandbox_id)
-    pids = cgroup_procs(cgroup)
-    mem = sum_smaps(pids)
+    cgroup_pids = cgroup_procs(cgroup)
     stat = {}
     for line in (cgroup / "memory.stat").read_text().splitlines():
         name, value = line.split()
         if name in ("rss", "cache", "shmem", "mapped_file", "total_rss", "total_cache"):
             stat[name] = int(value)
-    wrapper = provisioner.sandbox.process.pid  # `runsc run`: outside the sandbox's cgroup
+    result: dict[str, Any] = {
+        "cgroup_usage": int((cgroup / "memory.usage_in_bytes").read_text()),
+        "cgroup_stat": stat,
+        "cgroup_pids": cgroup_pids,
+    }
+    if kernel.label == "microvm":
+        # QEMU (the shell that starts it execs setpriv, which execs QEMU: one pid)
+        # runs inside the VM's cgroup; the guest's memory is QEMU's own.
+        pids = process_tree(provisioner.sandbox.process.pid)
+    else:
+        pids = cgroup_pids
+        wrapper = provisioner.sandbox.process.pid  # `runsc run`: outside the sandbox's cgroup
+        result["runsc_run_pss"] = sum_smaps([wrapper])["Pss"]
+    mem = sum_smaps(pids)
     return {
         "pss": mem["Pss"],
         "rss": mem["Rss"],
         "smaps": mem,
         "pids": pids,
         "address_spaces": address_spaces(pids),
-        "cgroup_usage": int((cgroup / "memory.usage_in_bytes").read_text()),
-        "cgroup_stat": stat,
-        "runsc_run_pss": sum_smaps([wrapper])["Pss"],
+        **result,
     }
 
 
@@ -397,6 +439,7 @@ def percentile(samples: list[float], p: float) -> float:
 
 
 def verdict(metric: str, ratio: float) -> str:
+    """gVisor's verdict on one of TARGETS."""
     limit, direction = TARGETS[metric]
     ok = ratio <= limit if direction == "max" else ratio >= limit
     return "PASS" if ok else "MISS"
@@ -407,9 +450,27 @@ def target_text(metric: str) -> str:
     return f"≤ {limit:g}x" if direction == "max" else f"≥ {limit:g}x"
 
 
+def verdicts(s: dict, backends: list[str]) -> dict[str, dict[str, str]]:
+    """backend -> metric -> PASS / MISS. microVM's neighbour verdict is informational."""
+    out: dict[str, dict[str, str]] = {}
+    if "gvisor" in backends:
+        gv, loc = s["gvisor"], s["local"]
+        out["gvisor"] = {m: verdict(m, gv[m] / loc[m]) for m in TARGETS}
+        out["gvisor"]["neighbour"] = "PASS" if gv["neighbour_ratio"] <= NEIGHBOUR_TARGET else "MISS"
+    if "microvm" in backends:
+        vm = s["microvm"]
+        out["microvm"] = {
+            "start": "PASS" if vm["start"] <= MICROVM_START_TARGET else "MISS",
+            "neighbour_informational": (
+                "PASS" if vm["neighbour_ratio"] <= NEIGHBOUR_TARGET else "MISS"
+            ),
+        }
+    return out
+
+
 def summarize(raw: dict) -> dict:
     s: dict[str, dict[str, float]] = {}
-    for label in KERNELS:
+    for label in raw["labels"]:
         ex = raw["executes"][label]
         tp = raw["throughput"][label]
         s[label] = {
@@ -431,21 +492,25 @@ def summarize(raw: dict) -> dict:
 
 
 def neighbour_table(raw: dict, s: dict) -> str:
-    n = raw["args"]["neighbour_executes"]
+    v = raw["verdicts"]
     lines = [
-        f"| noisy neighbour (execute p99, n={n}) | idle neighbour | neighbour hogging "
+        "| noisy neighbour (execute p99) | idle neighbour | neighbour hogging "
         "its CPU | loaded / idle | target | result |",
         "|---|---:|---:|---:|---:|:---:|",
     ]
-    for label, name in (("local", "local"), ("gvisor", "gVisor")):
+    for label in raw["labels"]:
         m = s[label]
         ratio = m["neighbour_ratio"]
         target, result = ("", "")
         if label == "gvisor":
             target = f"≤ {NEIGHBOUR_TARGET:g}x"
-            result = "PASS" if ratio <= NEIGHBOUR_TARGET else "MISS"
+            result = v["gvisor"]["neighbour"]
+        elif label == "microvm":
+            target = f"(≤ {NEIGHBOUR_TARGET:g}x, informational)"
+            result = f"({v['microvm']['neighbour_informational']})"
         lines.append(
-            f"| {name} | {m['neighbour_idle_p99'] * 1000:.2f} ms | "
+            f"| {NAMES[label]} (n={raw['neighbour'][label]['n']}) | "
+            f"{m['neighbour_idle_p99'] * 1000:.2f} ms | "
             f"{m['neighbour_loaded_p99'] * 1000:.2f} ms (hog at "
             f"{m['neighbour_hog_cores']:.2f} cores) | {ratio:.2f}x | {target} | {result} |"
         )
@@ -453,15 +518,27 @@ def neighbour_table(raw: dict, s: dict) -> str:
 
 
 def table(raw: dict, s: dict) -> str:
-    args = raw["args"]
-    loc, gv = s["local"], s["gvisor"]
+    plan, backends, v = raw["plan"], raw["backends"], raw["verdicts"]
+    loc = s["local"]
+    accel = "/".join(sorted(raw["environment"].get("microvm_accel", []))).upper() or "?"
 
-    def row(name, metric, fmt, target_metric=None):
-        ratio = gv[metric] / loc[metric]
-        target = target_text(target_metric) if target_metric else ""
-        result = verdict(target_metric, ratio) if target_metric else ""
-        values = f"{fmt(loc[metric])} | {fmt(gv[metric])} | {ratio:.2f}x"
-        return f"| {name} | {values} | {target} | {result} |"
+    def line(name: str, local: str, cells: dict[str, tuple[str, str]], targets=(), results=()):
+        """cells: backend -> (value, ratio); a backend missing from cells gets empty cells."""
+        values = [local]
+        for b in backends:
+            values += cells.get(b, ("", ""))
+        return f"| {name} | {' | '.join(values)} | {'; '.join(targets)} | {', '.join(results)} |"
+
+    def row(name, metric, fmt, gvisor_target=None):
+        cells = {b: (fmt(s[b][metric]), f"{s[b][metric] / loc[metric]:.2f}x") for b in backends}
+        targets, results = [], []
+        if gvisor_target and "gvisor" in backends:
+            targets.append(f"gVisor {target_text(gvisor_target)}")
+            results.append(f"gVisor {v['gvisor'][gvisor_target]}")
+        if metric == "start" and "microvm" in backends:
+            targets.append(f"microVM ≤ {MICROVM_START_TARGET:g} s ({accel})")
+            results.append(f"microVM {v['microvm']['start']}")
+        return line(name, fmt(loc[metric]), cells, targets, results)
 
     def ms(v):
         return f"{v * 1000:.2f} ms"
@@ -479,14 +556,34 @@ def table(raw: dict, s: dict) -> str:
         sm = m["smaps"]
         return " / ".join(f"{sm[k] / MIB:.1f}" for k in ("Pss_Anon", "Pss_File", "Pss_Shmem"))
 
-    mem = raw["memory"]["gvisor"]
-    n = args["executes"]
+    def counts(key: str, unit: str = "") -> str:
+        """`5` if every kernel had the same count, else `local 5, microVM 3`."""
+        values = {label: plan[label][key] for label in raw["labels"]}
+        if len(set(values.values())) == 1:
+            return f"{values['local']}{unit}"
+        return ", ".join(f"{NAMES[label]} {n}{unit}" for label, n in values.items())
+
+    mem = raw["memory"]
+    header = ["metric", "local"]
+    for b in backends:
+        header += [NAMES[b], f"{NAMES[b]} / local"]
+    header += ["target", "result"]
+    pss_how = {
+        "gvisor": "gVisor: all processes in the sandbox's cgroup",
+        "microvm": "microVM: the QEMU process tree",
+    }
     lines = [
-        "| metric | local | gVisor | gVisor / local | target | result |",
-        "|---|---:|---:|---:|---:|:---:|",
-        row(f"start → first kernel_info_reply (median of {args['starts']})", "start", sec, "start"),
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 2) + ":---:|",
         row(
-            f"execute round trip p50 (`pass`, request → reply **and** iopub idle; n={n})",
+            f"start → first kernel_info_reply (median of {counts('starts')})",
+            "start",
+            sec,
+            "start",
+        ),
+        row(
+            "execute round trip p50 (`pass`, request → reply **and** iopub idle; "
+            f"n={counts('executes')})",
             "execute_p50",
             ms,
             "execute_p50",
@@ -495,37 +592,55 @@ def table(raw: dict, s: dict) -> str:
         row("execute request → execute_reply only, p50", "reply_p50", ms),
         row("execute request → execute_reply only, p99", "reply_p99", ms),
         row(
-            f"iopub throughput ({args['throughput_mb']} MiB stdout → idle, median of "
-            f"{args['throughput_runs']}; ratio = gVisor relative to local)",
+            f"iopub throughput ({counts('throughput_mb', ' MiB')} stdout → idle, median of "
+            f"{raw['args']['throughput_runs']}; ratio = sandbox relative to local)",
             "throughput",
             mibs,
             "throughput",
         ),
         row(
-            "idle memory, PSS (local: kernel process tree; gVisor: all processes in the "
-            "sandbox's cgroup)",
+            "idle memory, PSS (local: kernel process tree; "
+            + "; ".join(pss_how[b] for b in backends)
+            + ")",
             "pss",
             mib,
         ),
-        f"| idle PSS split: anon / file / shmem | {split(raw['memory']['local'])} | "
-        f"{split(mem)} | | | |",
-        f"| gVisor sandbox cgroup `memory.usage_in_bytes` | | {mib(mem['cgroup_usage'])} | | | |",
-        f"| gVisor `runsc run` parent process PSS (outside the cgroup, not counted above) | | "
-        f"{mib(mem['runsc_run_pss'])} | | | |",
+        line(
+            "idle PSS split: anon / file / shmem",
+            split(mem["local"]),
+            {b: (split(mem[b]), "") for b in backends},
+        ),
+        line(
+            "sandbox cgroup `memory.usage_in_bytes`",
+            "",
+            {b: (mib(mem[b]["cgroup_usage"]), "") for b in backends},
+        ),
     ]
+    if "gvisor" in backends:
+        lines.append(
+            line(
+                "gVisor `runsc run` parent process PSS (outside the cgroup, not counted above)",
+                "",
+                {"gvisor": (mib(mem["gvisor"]["runsc_run_pss"]), "")},
+            )
+        )
     return "\n".join(lines)
 
 
 def report(raw: dict, s: dict) -> str:
     env = raw["environment"]
+    title = " vs ".join(NAMES[label] for label in raw["labels"])
     header = [
-        "# jupyter-sandbox benchmark: local vs gVisor",
+        f"# jupyter-sandbox benchmark: {title}",
         "",
         f"- run: {env['date']}, git {env['git']}, {env['cpus']} CPUs ({env['cpu_model']}), "
         f"Linux {env['kernel']}, {env['runsc']}",
         f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
         f"- command: `{env['command']}`",
     ]
+    if "microvm" in raw["backends"]:
+        accel = "/".join(sorted(env.get("microvm_accel", []))).upper() or "?"
+        header.append(f"- microVM: {env['qemu']}, accelerator {accel}")
     if raw["args"].get("note"):
         header.append(f"- note: {raw['args']['note']}")
     return "\n".join([*header, "", table(raw, s), "", neighbour_table(raw, s), ""])
@@ -535,7 +650,7 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def environment(argv: list[str]) -> dict:
+def environment(argv: list[str], qemu: bool = False) -> dict:
     def run(*cmd: str) -> str:
         try:
             return subprocess.run(
@@ -561,6 +676,7 @@ def environment(argv: list[str]) -> dict:
         "python": sys.version.split()[0],
         "loadavg_start": loadavg(),
         "command": shlex.join(["python", *argv]),
+        "qemu": (run(QEMU, "--version").splitlines() or ["?"])[0] if qemu else "",
     }
 
 
@@ -579,49 +695,128 @@ def runsc_list() -> list[str]:
     return out.split()
 
 
+def qemu_processes(sandbox_ids: set[str]) -> dict[str, list[int]]:
+    """sandbox id -> pids of processes started with `-name <sandbox id>,...` (a microVM's
+    QEMU, or the shell and setpriv that become it), from /proc/*/cmdline."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for flag, value in itertools.pairwise(argv):
+            sid = value.split(",", 1)[0]
+            if flag == "-name" and sid in sandbox_ids:
+                found.setdefault(sid, []).append(int(entry.name))
+    return found
+
+
 def check_leftovers() -> list[str]:
-    """Our sandboxes still known to runsc or still owning a cgroup; force-remove them."""
-    left = sorted(sid for sid in started_sandboxes if sid in runsc_list() or cgroups.find(sid))
-    for sid in left:
-        subprocess.run(
-            ["runsc", f"--root={runsc_root()}", "delete", "--force", sid],
-            capture_output=True,
-            check=False,
-        )
+    """Our sandboxes still known to runsc, still owning a cgroup or still with a QEMU
+    process; force-remove them. Returns `<sandbox id> (what was left)` for each."""
+    known = set(runsc_list())
+    qemus = qemu_processes(started_sandboxes)
+    left = []
+    for sid in sorted(started_sandboxes):
+        what = []
+        if sid in known:
+            what.append("runsc container")
+        if cgroups.find(sid):
+            what.append("cgroup")
+        if sid in qemus:
+            what.append(f"QEMU pids {qemus[sid]}")
+        if not what:
+            continue
+        left.append(f"{sid} ({', '.join(what)})")
+        if sid in known:
+            subprocess.run(
+                ["runsc", f"--root={runsc_root()}", "delete", "--force", sid],
+                capture_output=True,
+                check=False,
+            )
+        for pid in qemus.get(sid, []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while sid in qemu_processes({sid}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cgroup = cgroups.find(sid)
+        if cgroup:
+            cgroups.remove(cgroup)
     return left
 
 
 # -- main ------------------------------------------------------------------------
 
 
+def plan(args: argparse.Namespace, labels: list[str]) -> dict[str, dict[str, int]]:
+    """How many of each measurement each kernel gets: microVM has its own, smaller counts."""
+    counts = {}
+    for label in labels:
+        if label == "microvm":
+            counts[label] = {
+                "starts": args.microvm_starts,
+                "executes": args.microvm_executes,
+                "throughput_mb": args.microvm_throughput_mb,
+                "neighbour_executes": args.microvm_executes,
+            }
+        else:
+            counts[label] = {
+                "starts": args.starts,
+                "executes": args.executes,
+                "throughput_mb": args.throughput_mb,
+                "neighbour_executes": args.neighbour_executes,
+            }
+    return counts
+
+
 async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
-    raw: dict[str, Any] = {"args": dict(vars(args))}
-    print(f"starts: {args.starts} of each kernel, alternating", file=sys.stderr)
-    raw["starts"] = await measure_starts(args.starts, not args.no_warmup, cwd)
+    labels = ["local", *args.backends]
+    counts = plan(args, labels)
+
+    def each(key: str) -> dict[str, int]:
+        return {label: counts[label][key] for label in labels}
+
+    def said(key: str) -> str:
+        return ", ".join(f"{label} {n}" for label, n in each(key).items())
+
+    raw: dict[str, Any] = {
+        "args": dict(vars(args)),
+        "labels": labels,
+        "backends": list(args.backends),
+        "plan": counts,
+    }
+    print(f"starts ({said('starts')}), alternating", file=sys.stderr)
+    raw["starts"] = await measure_starts(each("starts"), not args.no_warmup, cwd)
 
     kernels: dict[str, Kernel] = {}
     try:
-        for label in KERNELS:
+        for label in labels:
             kernel = Kernel(label, cwd)
             kernels[label] = kernel
             await kernel.start()
         await asyncio.sleep(args.settle)
         print("memory", file=sys.stderr)
         raw["memory"] = {label: measure_memory(k) for label, k in kernels.items()}
-        print(f"executes: {args.executes} of each kernel", file=sys.stderr)
+        print(f"executes ({said('executes')})", file=sys.stderr)
         raw["executes"] = await measure_executes(
-            kernels, args.executes, args.warmup_executes, args.block
+            kernels, each("executes"), args.warmup_executes, args.block
         )
-        print(f"throughput: {args.throughput_mb} MiB x {args.throughput_runs}", file=sys.stderr)
+        print(
+            f"throughput (MiB: {said('throughput_mb')}) x {args.throughput_runs}", file=sys.stderr
+        )
         raw["throughput"] = await measure_throughput(
-            kernels, args.throughput_mb, args.throughput_runs
+            kernels, each("throughput_mb"), args.throughput_runs
         )
     finally:
         for kernel in kernels.values():
             await kernel.stop()
-    print(f"noisy neighbour: {args.neighbour_executes} executes each", file=sys.stderr)
+    print(f"noisy neighbour (executes per phase: {said('neighbour_executes')})", file=sys.stderr)
     raw["neighbour"] = {
-        label: await measure_neighbour(label, cwd, args.neighbour_executes) for label in KERNELS
+        label: await measure_neighbour(label, cwd, n, args.warmup_executes)
+        for label, n in each("neighbour_executes").items()
     }
     return raw
 
@@ -633,9 +828,26 @@ async def amain(args: argparse.Namespace, cwd: str) -> dict:
     return await benchmark(args, cwd)
 
 
+def backend_list(text: str) -> list[str]:
+    chosen = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(BACKENDS)}, got {text!r}"
+        )
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backends",
+        type=backend_list,
+        default=list(BACKENDS),
+        help="sandboxed kernels to measure besides local, comma-separated "
+        f"(default: {','.join(BACKENDS)})",
+    )
     parser.add_argument("--starts", type=int, default=5, help="starts of each kernel (median)")
     parser.add_argument(
         "--no-warmup",
@@ -644,19 +856,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--executes", type=int, default=1000, help="timed executes per kernel")
     parser.add_argument(
-        "--warmup-executes", type=int, default=50, help="untimed executes per kernel first"
+        "--warmup-executes",
+        type=int,
+        default=50,
+        help="untimed executes per kernel first (and before each noisy-neighbour run)",
     )
     parser.add_argument(
         "--block",
         type=int,
         default=100,
-        help="executes per kernel before switching to the other kernel",
+        help="executes per kernel before switching to the next kernel (scaled down for "
+        "kernels with fewer executes)",
     )
     parser.add_argument("--throughput-mb", type=int, default=50, help="MiB printed per run")
     parser.add_argument(
         "--neighbour-executes", type=int, default=500, help="executes per phase of the neighbour"
     )
     parser.add_argument("--throughput-runs", type=int, default=3, help="runs per kernel (median)")
+    parser.add_argument(
+        "--microvm-starts", type=int, default=3, help="starts of the microVM kernel (median)"
+    )
+    parser.add_argument(
+        "--microvm-executes",
+        type=int,
+        default=200,
+        help="timed executes of the microVM kernel, and per phase of its neighbour",
+    )
+    parser.add_argument(
+        "--microvm-throughput-mb",
+        type=int,
+        default=10,
+        help="MiB the microVM kernel prints per run",
+    )
     parser.add_argument(
         "--settle", type=float, default=2.0, help="seconds between ready and the memory reading"
     )
@@ -665,8 +896,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--note", default="", help="free text for the report's header")
     args = parser.parse_args(argv)
+    counts = [args.starts, args.executes, args.throughput_mb, args.throughput_runs]
+    counts += [args.neighbour_executes, args.block, args.microvm_starts]
+    counts += [args.microvm_executes, args.microvm_throughput_mb]
+    if min(counts) < 1:
+        parser.error("every count must be at least 1")
 
-    env = environment(["benchmarks/run.py", *argv])
+    env = environment(["benchmarks/run.py", *argv], qemu="microvm" in args.backends)
     cwd = tempfile.mkdtemp(prefix="jsb-bench-")
     os.chown(cwd, 1000, 1000)  # as a notebook folder: the sandboxed kernel runs as its owner
     raw: dict | None = None
@@ -683,14 +919,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     env["loadavg_end"] = loadavg()
+    env["microvm_accel"] = sorted(microvm_accels)
     raw["environment"] = env
     raw["environment"]["sandboxes"] = sorted(started_sandboxes)
     s = summarize(raw)
     raw["summary"] = s
-    raw["verdicts"] = {m: verdict(m, s["gvisor"][m] / s["local"][m]) for m in TARGETS}
-    raw["verdicts"]["neighbour"] = (
-        "PASS" if s["gvisor"]["neighbour_ratio"] <= NEIGHBOUR_TARGET else "MISS"
-    )
+    raw["verdicts"] = verdicts(s, raw["backends"])
     text = report(raw, s)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
