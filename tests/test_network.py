@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KERNEL, execute, leftover_network
+from conftest import KERNEL, READY_TIMEOUT, execute, leftover_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
@@ -254,16 +254,17 @@ def hosts_file() -> Iterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def kernel(workspace: Path, **settings) -> AsyncIterator[tuple]:
-    """A started kernel with these provisioner settings and `PROBE` defined in it."""
+async def kernel(workspace: Path, kernel_name: str = KERNEL, **settings) -> AsyncIterator[tuple]:
+    """A started kernel (gVisor unless named) with these provisioner settings and `PROBE`
+    defined in it."""
     km = AsyncIOLoopKernelManager(
-        kernel_name=KERNEL, config=Config({"GVisorProvisioner": settings})
+        kernel_name=kernel_name, config=Config({"SandboxProvisioner": settings})
     )
     await km.start_kernel(cwd=str(workspace))
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=60)
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
         await run(kc, PROBE)
         yield km, kc
     finally:
@@ -630,12 +631,15 @@ async def test_none_reaches_nothing_and_has_only_lo(no_leftovers, workspace, tes
     assert result == ["self", "EHOSTUNREACH", "EHOSTUNREACH", "no-dns", ["lo"]]
 
 
-async def test_egress_reaches_only_what_is_allowed(no_leftovers, workspace, test_hosts, hosts_file):
+async def test_egress_reaches_only_what_is_allowed(
+    no_leftovers, workspace, test_hosts, hosts_file, kernel_name
+):
     host_port = test_hosts["host_port"]
     # Names open private addresses only inside a listed network: the IP entries cover the
     # hosts (port 9 of the other one: nothing listens there).
     allow = [f"{ALLOWED}:8080", "allowed.jsb-test:8081", "later.jsb-test:8080", f"{BLOCKED}:9"]
-    async with kernel(workspace, network="egress", egress_allow=allow) as (km, kc):
+    settings = {"network": "egress", "egress_allow": allow}
+    async with kernel(workspace, kernel_name, **settings) as (km, kc):
         record = record_of(km)
         assert exists(record) == {"netns": True, "veth": True, "table": True}
         assert len(record.veth) <= 15
