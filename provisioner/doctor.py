@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -135,12 +136,26 @@ def run_checks(
     return checks
 
 
+def check_tun() -> Check:
+    """A microVM with a network has a tap device, opened by QEMU as the kernel's user."""
+    name, tun = "microVM: tap devices", Path("/dev/net/tun")
+    try:
+        mode = tun.stat().st_mode
+    except OSError as e:
+        return Check(name, False, f"{tun}: {e} (needed for network = 'egress' or 'open')",
+                     "modprobe tun (or run the server where /dev/net/tun exists)")  # fmt: skip
+    if not stat.S_ISCHR(mode) or mode & 0o006 != 0o006:
+        return Check(name, False, f"{tun} is not a device every user may open",
+                     f"chmod 0666 {tun}")  # fmt: skip
+    return Check(name, True, str(tun))
+
+
 def microvm_checks(image: str, qemu_path: str = "qemu-system-x86_64") -> list[Check]:
     """QEMU, the boot files, and which accelerator VMs get (probed once per host boot)."""
     qemu = shutil.which(qemu_path)
     if qemu is None:
         return [Check("microVM: qemu", False, f"{qemu_path!r} not found", INSTALL)]
-    checks = [Check("microVM: qemu", True, qemu)]
+    checks = [Check("microVM: qemu", True, qemu), check_tun()]
     try:
         boot = find_boot_files(image)
     except ImageError as e:

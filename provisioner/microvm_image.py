@@ -36,7 +36,7 @@ MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", 
            "9pnet_virtio", "9p")  # fmt: skip
 """What the guest loads at boot (their dependencies are found and loaded first)."""
 BUSYBOX_APPLETS = ("sh", "mount", "mkdir", "insmod", "switch_root", "cat", "cp", "sleep",
-                   "poweroff", "reboot", "ip")  # fmt: skip
+                   "poweroff", "reboot", "ip", "rm")  # fmt: skip
 GUEST_FILES = Path(guest.__file__).parent / "microvm"
 PVH_NOTE = "Unknown note type: (0x00000012)"  # XEN_ELFNOTE_PHYS32_ENTRY, as readelf names it
 

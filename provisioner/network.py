@@ -32,6 +32,19 @@ forwards only to and from sandbox links), and the last one to go turns it off
 again and removes the guard. The backend then starts the sandbox inside the
 namespace; for runsc that is `nsenter --net=... runsc --network=host`.
 
+A microVM (`tap_owner` given) has its own kernel, so the sandbox's address
+lives in the guest, not in the namespace: the namespace's `eth0` gets no
+address and is bridged (`br0`) with a tap device `tap0` owned by the user QEMU
+runs as, and QEMU, started inside the namespace, attaches its virtio-net device
+to it. A bridge rather than routing: the namespace stays a plain piece of wire,
+so what reaches the host end is exactly what gVisor's namespace would send,
+from the same address and MAC-level peer, and every host rule (which match the
+host end and the sandbox's address) applies unchanged; routing would need the
+namespace to answer ARP for both ends (proxy ARP) and to forward. Only IPv4 and
+ARP cross the bridge, and only with the sandbox's address from the guest's side
+(an nftables `bridge` table in the namespace): the guest's raw frames never
+reach the host as anything gVisor's stack could not have sent.
+
 Everything is recorded in the sandbox's `Record` before it is made, so
 `remove` (from the backend's reap, or `jupyter sandbox gc`) can take it away
 after a crash, idempotently: link, namespace, the link's conntrack entries,
@@ -83,7 +96,11 @@ HOST_STATE = Path("/run/jupyter-sandbox-network")
 """Host-wide, whatever JUPYTER_SANDBOX_RUNTIME_DIR says: the pool's lock, the forwarding
 state and recently freed /30s, shared by every server on the host."""
 GUEST_IF = "eth0"
+TAP_IF = "tap0"
+BRIDGE_IF = "br0"
 DNS_PORT = 53
+RESOLV_OPTIONS = "options timeout:2 attempts:2"
+"""resolv.conf's options line (the microVM's init writes the same one)."""
 LOOKUP_TIMEOUT = 5.0
 LOOKUP_THREADS = 8
 LOOKUPS_PER_SANDBOX = 4
@@ -415,10 +432,14 @@ def _host_addresses(name: str) -> list[str]:
 class SandboxNetwork:
     """One sandbox's namespace, link, firewall and DNS, from `open` to `remove`."""
 
-    def __init__(self, spec: NetworkSpec, record: Record, log: logging.Logger) -> None:
+    def __init__(self, spec: NetworkSpec, record: Record, log: logging.Logger,
+                 tap_owner: tuple[int, int] | None = None) -> None:  # fmt: skip
+        """`tap_owner`: (uid, gid) of a microVM's QEMU: the address goes to the guest behind
+        a tap device in the namespace, not to the namespace's eth0."""
         self.spec = spec
         self.record = record
         self.log = log
+        self.tap_owner = tap_owner
         self.names = names(record.sandbox_id)
         self.host_ip = ""
         self.guest_ip = ""
@@ -466,9 +487,14 @@ class SandboxNetwork:
     def guest_files(self, folder: Path) -> list[tuple[Path, str]]:
         """Files the guest needs, written in `folder`: (host path, path in the guest)."""
         resolv = folder / "resolv.conf"
-        resolv.write_text(f"nameserver {self.host_ip}\noptions timeout:2 attempts:2\n")
+        resolv.write_text(f"nameserver {self.host_ip}\n{RESOLV_OPTIONS}\n")
         resolv.chmod(0o644)
         return [(resolv, "/etc/resolv.conf")]
+
+    def kernel_arguments(self) -> list[str]:
+        """A microVM guest's equivalent of `guest_files`: its address, gateway and resolver,
+        for the guest's init (guest/microvm/init) to set up."""
+        return [f"jsb.ip={self.guest_ip}/30", f"jsb.gw={self.host_ip}", f"jsb.dns={self.host_ip}"]
 
     def close(self) -> None:
         """Stop the DNS responder (the host objects go with `remove`)."""
@@ -506,21 +532,56 @@ class SandboxNetwork:
                 _write_sysctl(path, value)
             _run(["nft", "-f", "-"], input=self.ruleset())  # rules first, then links up
             _run(["ip", "link", "set", n.veth, "alias", record.sandbox_id, "up"])
-            _run(
-                ["ip", "-n", n.netns, "-batch", "-"],
-                input=f"addr add {self.guest_ip}/30 dev {GUEST_IF}\n"
-                f"link set {GUEST_IF} up\nlink set lo up\n"
-                f"route add default via {self.host_ip}\n",
-            )
+            if self.tap_owner is None:
+                _run(
+                    ["ip", "-n", n.netns, "-batch", "-"],
+                    input=f"addr add {self.guest_ip}/30 dev {GUEST_IF}\n"
+                    f"link set {GUEST_IF} up\nlink set lo up\n"
+                    f"route add default via {self.host_ip}\n",
+                )
+            else:
+                self._make_tap(*self.tap_owner)
             if self.spec.bandwidth:
                 self._limit_bandwidth(self.spec.bandwidth)
         except BaseException:
             remove(record, self.log)
             raise
 
-    def _in_netns(self, argv: list[str]) -> str:
+    def _in_netns(self, argv: list[str], input: str | None = None) -> str:
         nsenter = shutil.which("nsenter") or "nsenter"
-        return _run([nsenter, f"--net={self.netns_path}", "--", *argv])
+        return _run([nsenter, f"--net={self.netns_path}", "--", *argv], input=input)
+
+    def _make_tap(self, uid: int, gid: int) -> None:
+        """A microVM's path: the namespace's eth0 (no address) bridged with a tap device
+        that QEMU, running as `uid`, may attach to; the bridge's filter first."""
+        self._in_netns(["nft", "-f", "-"], input=self.bridge_ruleset())
+        _run(
+            ["ip", "-n", self.names.netns, "-batch", "-"],
+            # Two ports and no learning: whatever one port receives goes out by the other,
+            # and a guest sending from made-up MACs fills no forwarding table.
+            input=f"link add {BRIDGE_IF} type bridge stp_state 0 mcast_snooping 0\n"
+            f"tuntap add dev {TAP_IF} mode tap user {uid} group {gid}\n"
+            + "".join(
+                f"link set {port} master {BRIDGE_IF}\n"
+                f"link set {port} type bridge_slave learning off\nlink set {port} up\n"
+                for port in (GUEST_IF, TAP_IF)
+            )
+            + f"link set {BRIDGE_IF} up\nlink set lo up\n",
+        )
+
+    def bridge_ruleset(self) -> str:
+        """The namespace's own filter for a microVM: across the bridge, only IPv4 and ARP, and
+        from the guest only with its own address (the host's rules do the rest)."""
+        return f"""
+table bridge jsb {{
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        iifname "{TAP_IF}" ether type ip ip saddr {self.guest_ip} accept
+        iifname "{TAP_IF}" ether type arp arp saddr ip {self.guest_ip} accept
+        iifname "{GUEST_IF}" ether type {{ ip, arp }} accept
+    }}
+}}
+"""
 
     def _limit_bandwidth(self, rate: int) -> None:
         # burst: 10 ms at the rate, at least a few full frames

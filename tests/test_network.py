@@ -41,13 +41,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KERNEL, execute, leftover_network
+from conftest import BACKENDS, KERNEL, READY_TIMEOUT, execute, leftover_network, require_sandbox
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from provisioner import dns, network
+from provisioner import cgroups, dns, network
 from provisioner.errors import SandboxError, SettingError
 from provisioner.state import Record, records
 
@@ -254,16 +254,17 @@ def hosts_file() -> Iterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def kernel(workspace: Path, **settings) -> AsyncIterator[tuple]:
-    """A started kernel with these provisioner settings and `PROBE` defined in it."""
+async def kernel(workspace: Path, kernel_name: str = KERNEL, **settings) -> AsyncIterator[tuple]:
+    """A started kernel (gVisor unless named) with these provisioner settings and `PROBE`
+    defined in it."""
     km = AsyncIOLoopKernelManager(
-        kernel_name=KERNEL, config=Config({"GVisorProvisioner": settings})
+        kernel_name=kernel_name, config=Config({"SandboxProvisioner": settings})
     )
     await km.start_kernel(cwd=str(workspace))
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=60)
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
         await run(kc, PROBE)
         yield km, kc
     finally:
@@ -616,8 +617,10 @@ async def test_a_name_keeps_its_latest_addresses_open_and_for_a_while(sandbox_ho
 # -- sandboxes --------------------------------------------------------------------------
 
 
-async def test_none_reaches_nothing_and_has_only_lo(no_leftovers, workspace, test_hosts):
-    async with kernel(workspace) as (km, kc):
+async def test_none_reaches_nothing_and_has_only_lo(
+    no_leftovers, workspace, test_hosts, kernel_name
+):
+    async with kernel(workspace, kernel_name) as (km, kc):
         assert record_of(km).netns == ""  # no namespace, veth or table was made
         result = await run(
             kc,
@@ -626,16 +629,21 @@ async def test_none_reaches_nothing_and_has_only_lo(no_leftovers, workspace, tes
             f"    probe('{META}', 8080), resolve('allowed.jsb-test'),\n"
             "    sorted(name for _, name in socket.if_nameindex())]))",
         )
-    # gVisor's own network stack, with loopback only, has no route anywhere else
-    assert result == ["self", "EHOSTUNREACH", "EHOSTUNREACH", "no-dns", ["lo"]]
+    # With loopback only there is no route anywhere else: gVisor's own stack says so with
+    # EHOSTUNREACH, the microVM's Linux with ENETUNREACH (it has no network device at all).
+    unreachable = "EHOSTUNREACH" if kernel_name == KERNEL else "ENETUNREACH"
+    assert result == ["self", unreachable, unreachable, "no-dns", ["lo"]]
 
 
-async def test_egress_reaches_only_what_is_allowed(no_leftovers, workspace, test_hosts, hosts_file):
+async def test_egress_reaches_only_what_is_allowed(
+    no_leftovers, workspace, test_hosts, hosts_file, kernel_name
+):
     host_port = test_hosts["host_port"]
     # Names open private addresses only inside a listed network: the IP entries cover the
     # hosts (port 9 of the other one: nothing listens there).
     allow = [f"{ALLOWED}:8080", "allowed.jsb-test:8081", "later.jsb-test:8080", f"{BLOCKED}:9"]
-    async with kernel(workspace, network="egress", egress_allow=allow) as (km, kc):
+    settings = {"network": "egress", "egress_allow": allow}
+    async with kernel(workspace, kernel_name, **settings) as (km, kc):
         record = record_of(km)
         assert exists(record) == {"netns": True, "veth": True, "table": True}
         assert len(record.veth) <= 15
@@ -677,12 +685,12 @@ async def test_egress_reaches_only_what_is_allowed(no_leftovers, workspace, test
 
 
 async def test_open_reaches_the_network_but_not_the_host_metadata_or_other_sandboxes(
-    no_leftovers, workspace, test_hosts, hosts_file
+    no_leftovers, workspace, test_hosts, hosts_file, kernel_name
 ):
     host_port = test_hosts["host_port"]
     async with (
-        kernel(workspace, network="open") as (km_a, kc_a),
-        kernel(workspace, network="open", network_bandwidth="8M") as (km_b, kc_b),
+        kernel(workspace, kernel_name, network="open") as (km_a, kc_a),
+        kernel(workspace, kernel_name, network="open", network_bandwidth="8M") as (km_b, kc_b),
     ):
         a, b = guest_address(record_of(km_a)), guest_address(record_of(km_b))
         targets = [(ALLOWED, 8080), (ALLOWED, 8082), (BLOCKED, 8080), ("blocked.jsb-test", 8080),
@@ -1122,21 +1130,63 @@ def test_a_dns_flood_does_not_hold_up_other_kernels(no_leftovers, workspace, hos
     assert not leftover_network()
 
 
-async def test_failed_network_setup_leaves_nothing(no_leftovers, workspace, monkeypatch):
+async def test_failed_network_setup_leaves_nothing(
+    no_leftovers, workspace, monkeypatch, kernel_name
+):
     seen: dict[str, bool] = {}
 
     def fail(self, rate: int) -> None:
         seen.update(exists(self.record))  # made so far: namespace, veth, table
+        if kernel_name != KERNEL:  # and the microVM's tap and bridge
+            seen["tap"] = bool(in_netns(self.record, "ip", "link", "show", network.TAP_IF))
         raise SandboxError("tc failed (injected by the test)")
 
     monkeypatch.setattr(network.SandboxNetwork, "_limit_bandwidth", fail)
     km = AsyncIOLoopKernelManager(
-        kernel_name=KERNEL,
-        config=Config({"GVisorProvisioner": {"network": "open", "network_bandwidth": "1M"}}),
+        kernel_name=kernel_name,
+        config=Config({"SandboxProvisioner": {"network": "open", "network_bandwidth": "1M"}}),
     )
     with pytest.raises(SandboxError, match="injected by the test"):
         await km.start_kernel(cwd=str(workspace))
-    assert seen == {"netns": True, "veth": True, "table": True}
+    made = {"netns": True, "veth": True, "table": True}
+    assert seen == (made if kernel_name == KERNEL else {**made, "tap": True})
+    assert not leftover_network()
+
+
+def in_netns(record: Record, *argv: str) -> str:
+    """What a command run in a sandbox's namespace prints ("" if it fails)."""
+    result = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{record.netns}", "--", *argv],
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout if result.returncode == 0 else ""
+
+
+async def test_microvm_start_failing_after_its_network_leaves_nothing(
+    no_leftovers, workspace, monkeypatch
+):
+    """The network is made, then the VM cannot start (its cgroup fails): all of it goes."""
+    require_sandbox("microvm")
+    seen: dict[str, object] = {}
+
+    def fail(*args, **kwargs):
+        record = next(r for r in records() if r.backend == "microvm" and r.netns)
+        seen.update(exists(record))
+        seen["ports"] = sorted(
+            re.findall(rf"\d+: (\w+)(?:@\w+)?: .*master {network.BRIDGE_IF}",
+                       in_netns(record, "ip", "-o", "link", "show"))
+        )  # fmt: skip
+        raise SandboxError("cgroup failed (injected by the test)")
+
+    monkeypatch.setattr(cgroups, "create", fail)
+    km = AsyncIOLoopKernelManager(
+        kernel_name=BACKENDS["microvm"], config=Config({"SandboxProvisioner": {"network": "open"}})
+    )
+    with pytest.raises(SandboxError, match="injected by the test"):
+        await km.start_kernel(cwd=str(workspace))
+    ports = sorted([network.GUEST_IF, network.TAP_IF])
+    assert seen == {"netns": True, "veth": True, "table": True, "ports": ports}
     assert not leftover_network()
 
 
@@ -1170,6 +1220,31 @@ def test_gc_removes_the_network_of_a_server_that_died(sandbox_host, workspace):
     assert "removed" in gc.stdout
     assert exists(record) == {"netns": False, "veth": False, "table": False}
     assert sandbox_id not in {r.sandbox_id for r in records()}
+    assert not leftover_network()
+
+
+async def test_microvm_reap_removes_its_network(sandbox_host):
+    """What `gc` does for a microVM sandbox whose server died: its reap removes the network
+    too (namespace with tap and bridge, link, table), the record naming them."""
+    from provisioner.backends import microvm
+
+    record = Record(sandbox_id=f"jsb-reap-{os.getpid()}", kernel_id="?", backend="microvm")
+    spec = network.NetworkSpec(mode="open")
+    net = network.SandboxNetwork(spec, record, logging.getLogger("test"), tap_owner=(1000, 1000))
+    await net.open()
+    net.close()
+    try:
+        assert exists(record) == {"netns": True, "veth": True, "table": True}
+        tap = in_netns(record, "ip", "-d", "link", "show", network.TAP_IF)
+        assert "tun type tap" in tap and f"master {network.BRIDGE_IF}" in tap
+        owner = subprocess.run(
+            ["ip", "netns", "exec", record.netns, "cat", f"/sys/class/net/{network.TAP_IF}/owner"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert owner.stdout.strip() == "1000"  # QEMU's user may attach to it, no one else
+    finally:
+        microvm.reap(record, logging.getLogger("test"))
+    assert exists(record) == {"netns": False, "veth": False, "table": False}
     assert not leftover_network()
 
 

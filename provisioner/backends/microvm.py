@@ -10,12 +10,19 @@ the 9p share then creates files as that user, and a guest that took root inside
 the VM can do no more on the host than that user), with QEMU's seccomp sandbox
 on, no network device unless the kernel's network mode asks for one, and in a
 cgroup of its own that holds the VM's memory, CPU quota and the host tasks.
+
+With a network mode other than none, the sandbox gets the same namespace,
+link, firewall and DNS responder as a gVisor one (`network.py`); QEMU runs
+inside that namespace and its virtio-net device is backed by a tap device
+there, bridged with the namespace's end of the link, and the guest's init
+takes the sandbox's address, gateway and resolver from the kernel command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -25,7 +32,7 @@ import socket
 import subprocess
 import time
 
-from .. import cgroups
+from .. import cgroups, network
 from ..accel import Accel
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
@@ -54,9 +61,16 @@ def find_qemu(path: str) -> str:
     return found
 
 
+def guest_mac(sandbox_id: str) -> str:
+    """A locally administered MAC of QEMU's range, the same for the same sandbox."""
+    digest = hashlib.sha256(sandbox_id.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
-              channel_fds: tuple[int, int]) -> list[str]:  # fmt: skip
-    """QEMU's command line for one sandbox."""
+              channel_fds: tuple[int, int],
+              net: network.SandboxNetwork | None = None) -> list[str]:  # fmt: skip
+    """QEMU's command line for one sandbox; with `net`, a virtio-net device on its tap."""
     limits = spec.limits
     memory_mib = (limits.memory or 2 << 30) >> 20
     cpus = max(1, math.ceil(limits.cpu or 1))
@@ -92,6 +106,13 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
             "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
         ]  # fmt: skip
         command_line += [f"jsb.ws={mount.destination}", f"jsb.ws_ro={int(mount.read_only)}"]
+    if net is not None:
+        # The tap exists already (network.py), owned by QEMU's user: no script, no helper.
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={network.TAP_IF},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={guest_mac(spec.sandbox_id)}",
+        ]  # fmt: skip
+        command_line += net.kernel_arguments()
     return [*argv, "-append", " ".join(command_line)]
 
 
@@ -105,16 +126,22 @@ class MicroVMSandbox(Sandbox):
         self.boot = boot
         self.accel = accel
         self.process: subprocess.Popen | None = None
+        self.network: network.SandboxNetwork | None = None
 
     async def start(self) -> Channel:
-        if self.spec.network.mode != "none":
-            raise SandboxError(
-                f"network = {self.spec.network.mode!r} is not available for microVM kernels "
-                "yet; use network = 'none' or the gVisor backend"
-            )
         if " " in "".join(m.destination for m in self.spec.mounts):
             raise SandboxError("a microVM workspace path may not contain spaces")
         self.record.save()
+        uid, gid = self.spec.owner
+        prefix: list[str] = []
+        if self.spec.network.mode != "none":
+            self.network = network.SandboxNetwork(
+                self.spec.network, self.record, self.log, tap_owner=(uid, gid)
+            )
+            await self.network.open()  # removes what it made if it fails
+            # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
+            nsenter = shutil.which("nsenter") or "nsenter"
+            prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
         limits = self.spec.limits
         memory = None if limits.memory is None else limits.memory + QEMU_OVERHEAD
         procs = await asyncio.to_thread(
@@ -123,16 +150,15 @@ class MicroVMSandbox(Sandbox):
         to_guest, qemu_in = socket.socketpair()
         from_guest, qemu_out = socket.socketpair()
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
-        uid, gid = self.spec.owner
         # The shell joins QEMU's cgroups before anything of QEMU runs, then becomes
         # QEMU (as the workspace's owner, without capabilities) through setpriv.
         join = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done'
         argv = [
             "/bin/sh", "-c", f'{join}; shift; exec "$@"', "sh", *map(str, procs), "--",
-            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            *prefix, "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
             "--inh-caps=-all", "--no-new-privs",
             *qemu_argv(self.spec, self.qemu, self.boot, self.accel,
-                       (qemu_in.fileno(), qemu_out.fileno())),
+                       (qemu_in.fileno(), qemu_out.fileno()), self.network),
         ]  # fmt: skip
         try:
             self.process = subprocess.Popen(
@@ -188,11 +214,14 @@ class MicroVMSandbox(Sandbox):
             else:
                 process.kill()
                 await asyncio.to_thread(process.wait)
+        if self.network is not None:
+            self.network.close()
         await asyncio.to_thread(reap, self.record, self.log)
 
 
 def reap(record: Record, log: logging.Logger) -> None:
-    """Stop a microVM sandbox's QEMU if it still runs, and remove what it had on the host."""
+    """Stop a microVM sandbox's QEMU if it still runs, and remove what it had on the host
+    (its network too, whoever made it)."""
     pid = record.vm_pid
     if pid and process_start_time(pid) == record.vm_start:  # not a later process's pid
         with contextlib.suppress(ProcessLookupError):
@@ -200,4 +229,5 @@ def reap(record: Record, log: logging.Logger) -> None:
         deadline = time.monotonic() + 5
         while process_start_time(pid) == record.vm_start and time.monotonic() < deadline:
             time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
+    network.remove(record, log)  # never raises; the tap and bridge go with the namespace
     forget(record, log)
