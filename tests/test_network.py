@@ -41,7 +41,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKENDS, KERNEL, READY_TIMEOUT, execute, leftover_network, require_sandbox
+from conftest import (
+    BACKENDS,
+    KERNEL,
+    READY_TIMEOUT,
+    execute,
+    leftover_network,
+    require_sandbox,
+    skip_or_fail,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
@@ -543,7 +551,7 @@ async def test_dns_responder_bound_to_its_link_ignores_other_links():
     loopback reaches it bound to `lo`, not bound to another link."""
     other = next((name for _, name in socket.if_nameindex() if name != "lo"), None)
     if other is None:
-        pytest.skip("this host has no link but loopback")
+        skip_or_fail("this host has no link but loopback")
 
     async def lookup(name: str) -> list[str]:
         return ["192.0.2.7"]
@@ -893,7 +901,7 @@ async def test_forwarding_is_for_sandboxes_only_and_undone_after_the_last(
     no_leftovers, workspace, test_hosts
 ):
     if network.host_objects().links:
-        pytest.skip("another server's sandboxes are using forwarding now")
+        skip_or_fail("another server's sandboxes are using forwarding now")
     original = forwarding()
     routes = [("nettest-allowed", "10.224.2.0/30", "10.224.1.1"),
               ("nettest-blocked", "10.224.1.0/30", "10.224.2.1")]  # fmt: skip

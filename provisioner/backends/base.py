@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,14 +77,16 @@ class Sandbox(abc.ABC):
             memory=spec.limits.memory or 0,
         )
         """What the host keeps of the sandbox, saved before anything is made for it."""
+        self.process: subprocess.Popen | None = None
+        """The host process the sandbox lives in (`runsc run`, QEMU), once started."""
 
     @abc.abstractmethod
     async def start(self) -> Channel:
         """Create and start the sandbox with the agent as its first process."""
 
-    @abc.abstractmethod
     def poll(self) -> int | None:
         """Exit status once the sandbox has ended, else None. Must be cheap."""
+        return None if self.process is None else self.process.poll()
 
     @abc.abstractmethod
     async def kill(self) -> None:
@@ -93,17 +96,21 @@ class Sandbox(abc.ABC):
     async def destroy(self) -> None:
         """Kill if needed and remove everything the sandbox had on the host. Idempotent."""
 
-    @abc.abstractmethod
     def memory_usage(self) -> int | None:
         """Bytes of memory charged to the whole sandbox, if known."""
+        return cgroups.memory_usage(self.record.cgroup)
 
-    @abc.abstractmethod
     def out_of_memory(self) -> bool:
-        """Whether the host's OOM killer struck inside the sandbox. Must be cheap."""
+        """Whether the host's OOM killer struck inside the sandbox's cgroup. Must be cheap.
 
-    @abc.abstractmethod
+        It may take one of the runtime's own processes (a gVisor helper, QEMU) and
+        leave the sandbox wedged: the provisioner then stops all of it.
+        """
+        return cgroups.oom_kills(self.record.cgroup) > 0
+
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
+        return cgroups.cpu_seconds(self.record.cgroup)
 
 
 def forget(record: Record, log: logging.Logger) -> None:

@@ -141,7 +141,6 @@ class GVisorSandbox(Sandbox):
         super().__init__(spec, log)
         self.runsc = runsc
         self.platform = platform
-        self.process: subprocess.Popen | None = None
         self.network: network.SandboxNetwork | None = None
 
     async def start(self) -> Channel:
@@ -198,20 +197,6 @@ class GVisorSandbox(Sandbox):
             for fd in (to_guest_r, from_guest_w, console_w):
                 os.close(fd)
         return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
-
-    def poll(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def memory_usage(self) -> int | None:
-        return cgroups.memory_usage(self.record.cgroup)
-
-    def cpu_seconds(self) -> float | None:
-        return cgroups.cpu_seconds(self.record.cgroup)
-
-    def out_of_memory(self) -> bool:
-        # The OOM killer may pick one of gVisor's helper processes and leave the
-        # sandbox alive but wedged; the provisioner then stops it as a whole.
-        return cgroups.oom_kills(self.record.cgroup) > 0
 
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:

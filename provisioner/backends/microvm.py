@@ -125,7 +125,6 @@ class MicroVMSandbox(Sandbox):
         self.qemu = qemu
         self.boot = boot
         self.accel = accel
-        self.process: subprocess.Popen | None = None
         self.network: network.SandboxNetwork | None = None
 
     async def start(self) -> Channel:
@@ -184,20 +183,6 @@ class MicroVMSandbox(Sandbox):
         return Channel(
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
-
-    def poll(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def memory_usage(self) -> int | None:
-        return cgroups.memory_usage(self.record.cgroup)
-
-    def cpu_seconds(self) -> float | None:
-        return cgroups.cpu_seconds(self.record.cgroup)
-
-    def out_of_memory(self) -> bool:
-        # The guest's own OOM killer acts first (the agent reports it); this is
-        # the host's, for a QEMU that outgrew its overhead.
-        return cgroups.oom_kills(self.record.cgroup) > 0
 
     async def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
