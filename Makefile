@@ -1,6 +1,7 @@
 # Everything installs itself, idempotently: run as root on Debian 12.
 #   make demo   a sandboxed kernel runs examples/tour.ipynb and prints what it shows
 #   make test   the whole test suite, against the real runsc and the real guest image
+#   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -34,6 +35,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# The fuzzers of the tunnel's host end and of the other parsers of guest bytes, for
+# JSB_FUZZ_SECONDS per test (make test runs them briefly). No sandbox is started.
+JSB_FUZZ_SECONDS ?= 300
+fuzz: venv
+	JSB_FUZZ=1 JSB_FUZZ_SECONDS=$(JSB_FUZZ_SECONDS) $(BIN)/python -m pytest -rA -m fuzz \
+		-p no:logging --timeout=$$(( 3 * $(JSB_FUZZ_SECONDS) + 600 )) tests/test_tunnel_fuzz.py
 
 lint: venv
 	$(BIN)/ruff check .

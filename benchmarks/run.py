@@ -15,6 +15,8 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--bac
   is reported too;
 - iopub throughput: a cell printing `--throughput-mb` MiB to stdout, until its
   `status: idle`, every byte of the stream counted;
+- the same execute round trip from a client the kernel starts beside itself (inside
+  its sandbox): the part of the ratio the sandbox costs without the tunnel;
 - idle memory: PSS of the kernel's processes (see README.md for what is counted);
 - noisy neighbour: a kernel's execute round trip p99 while a second kernel of the
   same kind runs `while True: pass` (at its cpu_limit, 1 core by default), against
@@ -307,6 +309,71 @@ async def measure_neighbour(label: str, cwd: str, n: int, warmup: int) -> dict:
     return {"idle": idle, "loaded": loaded, "hog_cores": hog_cores, "n": n}
 
 
+INSIDE_CLIENT = """
+import json, sys, time
+from jupyter_client import BlockingKernelClient
+kc = BlockingKernelClient(connection_file=sys.argv[1])
+kc.load_connection_file()
+kc.start_channels()
+def once():
+    t0 = time.perf_counter()
+    msg_id = kc.execute("pass")
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"):
+            break
+    while kc.get_shell_msg(timeout=60)["parent_header"].get("msg_id") != msg_id:
+        pass
+    return time.perf_counter() - t0
+for _ in range({warmup}):
+    once()
+print(json.dumps([once() for _ in range({n})]))
+"""
+
+
+async def measure_inside(kernel: Kernel, n: int, warmup: int) -> list[float]:
+    """Execute round trips of a client started by the kernel itself, beside it.
+
+    In a sandbox that client talks to the kernel's own sockets, without the tunnel:
+    what is left is the cost of running the kernel (and this client) in the sandbox.
+    The cell that starts the client returns at once, so the kernel is free to answer.
+    """
+    code = INSIDE_CLIENT.format(warmup=warmup, n=n)
+    start = (
+        "import subprocess as _sp, sys as _sys, tempfile as _tf\n"
+        "from ipykernel.connect import get_connection_file as _cf\n"
+        "_inside_out = _tf.TemporaryFile()\n"
+        f"_inside = _sp.Popen([_sys.executable, '-c', {code!r}, _cf()],\n"
+        "    stdout=_inside_out, stderr=_sp.STDOUT)\n"
+    )
+    msg_id = kernel.kc.execute(start)
+    await wait_reply(kernel.kc, msg_id)
+    while True:
+        await asyncio.sleep(1.0)
+        msg_id = kernel.kc.execute("_inside.poll()", user_expressions={"rc": "_inside.poll()"})
+        reply = await wait_reply(kernel.kc, msg_id)
+        if reply["content"]["user_expressions"]["rc"]["data"]["text/plain"] != "None":
+            break
+    printed: list[str] = []
+    msg_id = kernel.kc.execute("_inside_out.seek(0); print(_inside_out.read().decode())")
+    await wait_idle(
+        kernel.kc,
+        msg_id,
+        lambda m: printed.append(m["content"]["text"]) if m["msg_type"] == "stream" else None,
+    )
+    try:
+        samples = json.loads("".join(printed))
+    except ValueError:
+        output = "".join(printed)[-2000:]
+        raise RuntimeError(
+            f"the client inside the {kernel.label} kernel failed:\n{output}"
+        ) from None
+    if len(samples) != n:
+        raise RuntimeError(f"the client inside the {kernel.label} kernel measured {len(samples)}")
+    return samples
+
+
 # -- memory --------------------------------------------------------------------
 
 
@@ -479,6 +546,7 @@ def summarize(raw: dict) -> dict:
             "execute_p99": percentile(ex["idle"], 99),
             "reply_p50": percentile(ex["reply"], 50),
             "reply_p99": percentile(ex["reply"], 99),
+            "inside_p50": percentile(raw["inside"][label], 50),
             "throughput": statistics.median(r["mib_per_s"] for r in tp),
             "pss": raw["memory"][label]["pss"],
             "neighbour_idle_p99": percentile(raw["neighbour"][label]["idle"], 99),
@@ -589,6 +657,12 @@ def table(raw: dict, s: dict) -> str:
             "execute_p50",
         ),
         row("execute round trip p99 (same)", "execute_p99", ms),
+        row(
+            "execute round trip p50, client started by the kernel itself, beside it "
+            "(in a sandbox: no tunnel, the sandbox's own cost)",
+            "inside_p50",
+            ms,
+        ),
         row("execute request → execute_reply only, p50", "reply_p50", ms),
         row("execute request → execute_reply only, p99", "reply_p99", ms),
         row(
@@ -804,6 +878,11 @@ async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
         raw["executes"] = await measure_executes(
             kernels, each("executes"), args.warmup_executes, args.block
         )
+        print(f"executes from inside each kernel ({said('executes')})", file=sys.stderr)
+        raw["inside"] = {
+            label: await measure_inside(kernel, counts[label]["executes"], args.warmup_executes)
+            for label, kernel in kernels.items()
+        }
         print(
             f"throughput (MiB: {said('throughput_mb')}) x {args.throughput_runs}", file=sys.stderr
         )

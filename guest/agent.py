@@ -13,6 +13,7 @@ the host reads into its own log.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import resource
@@ -36,6 +37,8 @@ from protocol import (
 from streams import Mux, Stream
 
 RUNTIME_DIR = Path("/run/kernel")
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_NO_NEW_PRIVS = 38
 CONNECT_TIMEOUT = 120.0
 """How long a stream waits for the kernel to bind its socket."""
 
@@ -132,6 +135,10 @@ class Agent(asyncio.Protocol):
         def limit() -> None:  # in the child, after it became the kernel's user
             for which, value in rlimits.items():
                 resource.setrlimit(which, (value, value))
+            # No way back up: setuid programs in the image run without their privilege
+            # (gVisor's OCI spec says the same; a VM's guest kernel needs telling).
+            if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
 
         self.oom_kills_at_start = oom_kills()
         self.kernel = subprocess.Popen(
@@ -146,7 +153,7 @@ class Agent(asyncio.Protocol):
             extra_groups=[],
             start_new_session=True,
             umask=0o077,
-            preexec_fn=limit if rlimits else None,
+            preexec_fn=limit,
         )
         self.reap_children()  # in case it ended before the handler could see it
 

@@ -9,10 +9,11 @@ One byte channel joins host and guest. It carries frames::
 Each client TCP connection on the host becomes one *stream*; the host picks
 stream ids, in increasing order, so a frame for an id the host never opened is
 a protocol violation, while one for an id that was opened and closed is a late
-frame and is dropped. Every stream has a credit window per direction: a side may
-only send DATA up to the credit the other side granted, so one flooded stream
-(iopub) cannot starve the others (heartbeat, control) or grow memory without
-bound.
+frame and is dropped, up to what could still have been in flight (more is a
+violation, see `streams.Mux.closed_here`). HELLO, STARTED and EXIT come once
+each. Every stream has a credit window per direction: a side may only send DATA
+up to the credit the other side granted, so one flooded stream (iopub) cannot
+starve the others (heartbeat, control) or grow memory without bound.
 """
 
 from __future__ import annotations

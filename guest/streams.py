@@ -6,7 +6,9 @@ kernel's ipc socket in the guest) to its twin on the other side of the channel.
 
 Memory stays bounded whatever the peer does: a stream never receives more than
 `WINDOW` unacknowledged bytes (more is a protocol violation), and stops reading
-its local socket while it has no credit to forward what it read.
+its local socket while it has no credit to forward what it read. Frames for a
+stream this side closed are bounded too: the peer may send only what it could
+have had in flight when it learnt of the close (see `Mux.closed_here`).
 """
 
 from __future__ import annotations
@@ -30,18 +32,29 @@ class Mux:
         self.send = send
         self.streams: dict[int, Stream] = {}
         self.highest_opened = 0
+        self.late_allowance = 0
+        """What the peer may still send on streams closed on this side, in bytes of DATA
+        and CREDIT (a frame costs at least 1): grown by `closed_here`, spent by late frames."""
 
     def add(self, stream: Stream) -> None:
         self.streams[stream.sid] = stream
         self.highest_opened = max(self.highest_opened, stream.sid)
 
     def discard(self, sid: int) -> None:
+        """Forget a stream the peer closed: it sends nothing more on it."""
         self.streams.pop(sid, None)
+
+    def closed_here(self, stream: Stream) -> None:
+        """Forget a stream closed on this side. Until the peer learns of it, it may still
+        send DATA up to the credit it has, CREDIT for what this side sent, and its own
+        CLOSE: the late allowance grows by that much. No-op for a stream already gone."""
+        if self.streams.pop(stream.sid, None) is stream:
+            self.late_allowance += 2 * WINDOW - stream.unacked - stream.send_credit + 1
 
     def close_all(self) -> None:
         for stream in list(self.streams.values()):
+            self.closed_here(stream)
             stream.abort()
-        self.streams.clear()
 
     def on_frame(self, frame: Frame) -> None:
         """Handle DATA, CREDIT and CLOSE. Frames for closed streams are late and dropped."""
@@ -49,6 +62,18 @@ class Mux:
         if stream is None:
             if frame.stream == 0 or frame.stream > self.highest_opened:
                 raise ProtocolError(f"{frame.kind.name} for stream {frame.stream} never opened")
+            if frame.kind is Kind.DATA:
+                cost = len(frame.payload)
+            elif frame.kind is Kind.CREDIT:
+                cost = frame.u32()
+            else:
+                cost = 0
+            self.late_allowance -= max(cost, 1)
+            if self.late_allowance < 0:
+                raise ProtocolError(
+                    f"{frame.kind.name} for stream {frame.stream} after it closed, beyond "
+                    "what could still have been in flight"
+                )
             return
         if frame.kind is Kind.DATA:
             stream.peer_data(frame.payload)
@@ -101,7 +126,7 @@ class Stream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
             self.closed = True
-            self.mux.discard(self.sid)
+            self.mux.closed_here(self)
             self.mux.send(encode(Kind.CLOSE, self.sid))
 
     def pause_writing(self) -> None:

@@ -131,14 +131,23 @@ def zmtp_message(frames: list[bytes]) -> bytes:
     return bytes(out)
 
 
+def parent_header(parent: bytes) -> dict:
+    """The header `parent` (guest bytes) if a message can carry it as it is, else {}.
+
+    Never raises: whatever JSON it holds, however nested, with NaN or lone surrogates.
+    """
+    try:
+        header = json.loads(parent)
+        json.dumps(header, ensure_ascii=False, allow_nan=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def stderr_notice(text: str, parent: bytes, key: bytes, signature_scheme: str) -> bytes:
     """A signed iopub stream message showing `text` on stderr of the request `parent`."""
     session = Session(key=key, signature_scheme=signature_scheme, username="jupyter-sandbox")
-    try:
-        parent_header = json.loads(parent) if parent else {}
-    except ValueError:
-        parent_header = {}
-    if not isinstance(parent_header, dict):
-        parent_header = {}
-    message = session.msg("stream", {"name": "stderr", "text": text}, parent=parent_header)
+    message = session.msg("stream", {"name": "stderr", "text": text})
+    # Set here, not passed as `parent=`: Session.msg would take it apart (KeyError, TypeError).
+    message["parent_header"] = parent_header(parent)
     return zmtp_message(session.serialize(message, ident=b"stream"))

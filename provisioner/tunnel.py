@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 from .guest.protocol import (
     CHANNELS,
@@ -35,6 +35,8 @@ from .notices import IopubFollower, stderr_notice
 
 MAX_STREAMS = 64
 """Concurrent client connections per kernel; more are refused."""
+EXPLAIN_TRIES, EXPLAIN_INTERVAL = 10, 0.05
+"""How long a closed channel waits for a limit's trace before it is taken as no limit's doing."""
 MAX_UNREAD = 8 * 1024 * 1024
 """Bytes queued for a guest that does not read its channel before it counts as broken."""
 
@@ -95,7 +97,7 @@ class _ClientStream(Stream):
     def release(self) -> None:
         """Close the client's connection once what was written to it is out."""
         self.closed = True
-        self.mux.discard(self.sid)
+        self.mux.closed_here(self)
         if self.transport is not None:
             self.transport.close()
 
@@ -128,7 +130,11 @@ class Tunnel(asyncio.Protocol):
         """iopub connections whose kernel socket closed, kept until the exit is explained."""
         self.exit_report: dict = {}
         """What the agent said of the kernel's end (EXIT): status, oom_killed."""
+        self._seen: set[Kind] = set()
+        """Which of HELLO, STARTED and EXIT the agent sent: each comes once (`_once`)."""
         self.explained = False
+        self.ending = False
+        """The channel closed; the tunnel closes once the end is explained."""
         self._tasks: set[asyncio.Task] = set()
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
@@ -169,17 +175,31 @@ class Tunnel(asyncio.Protocol):
         return await self._started
 
     async def listen(self, ip: str, ports: dict[str, int]) -> None:
-        """Listen on the kernel's ports (names from `CHANNELS`) on the host."""
+        """Listen on the kernel's ports (names from `CHANNELS`) on the host.
+
+        Raises TunnelError if the channel is, or meanwhile gets, closed: a guest may
+        break the protocol in the very chunk that carried its STARTED, and a closed
+        tunnel must own no listening socket (its `close` has already run).
+        """
         loop = asyncio.get_running_loop()
-        try:
-            for channel in CHANNELS:
+        for channel in CHANNELS:
+            if self.closed:
+                break
+            try:
                 server = await loop.create_server(
                     lambda channel=channel: self._accept(channel), ip, ports[channel]
                 )
-                self.servers.append(server)
-        except OSError as e:
-            self.close()
-            raise TunnelError(f"cannot listen on {ip}:{ports[channel]} for {channel}: {e}") from e
+            except OSError as e:
+                self.close()
+                raise TunnelError(
+                    f"cannot listen on {ip}:{ports[channel]} for {channel}: {e}"
+                ) from e
+            if self.closed:
+                server.close()
+                break
+            self.servers.append(server)
+        if self.closed:
+            raise TunnelError(self.broken_reason or "the sandbox closed its channel")
 
     def signal(self, signum: int) -> bool:
         """Ask the agent to signal the kernel's process group; False if the channel is gone."""
@@ -232,12 +252,22 @@ class Tunnel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport_in is not None:
             self.transport_in.close()
-        if not self.closed:
+        if not self.closed and not self.ending:
             # The agent let go of its channel: the kernel is gone or unreachable.
             self.log.debug("sandbox %s closed its channel", self.name)
-            self._explain_end()
-            self.close()
-            self._stop_sandbox()
+            self.ending = True
+            self._spawn(self._end_of_channel())
+
+    async def _end_of_channel(self) -> None:
+        """Explain, close, stop. The host's OOM killer counts its kill only after it sent
+        the signal, so a channel closed by that kill may be seen first: look again, briefly."""
+        for _ in range(EXPLAIN_TRIES):
+            if self.explained or self.closed or self.explain():
+                break
+            await asyncio.sleep(EXPLAIN_INTERVAL)
+        self._explain_end()
+        self.close()
+        await self.on_broken()
 
     def _explain_end(self) -> None:
         """Once the kernel ended: tell the notebooks if a limit ended it, let go of held ones."""
@@ -268,22 +298,26 @@ class Tunnel(asyncio.Protocol):
             raise ProtocolError(f"{kind.name} frame of {len(frame.payload)} bytes")
         if kind is Kind.HELLO:
             version = frame.json().get("version")
+            self._once(kind)
             if version != VERSION:
                 raise ProtocolError(f"agent speaks version {version!r}, expected {VERSION}")
             if not self._hello.done():
                 self._hello.set_result(None)
         elif kind is Kind.STARTED:
             pid = frame.json().get("pid")
+            self._once(kind)
             if not isinstance(pid, int):
                 raise ProtocolError("STARTED without a pid")
             if not self._started.done():
                 self._started.set_result(pid)
         elif kind is Kind.ERROR:
+            if self._started.done():
+                raise ProtocolError("ERROR once the launch was settled")
             error = str(frame.json().get("error", "unknown error"))[:2000]
-            if not self._started.done():
-                self._started.set_exception(TunnelError(error))
+            self._started.set_exception(TunnelError(error))
         elif kind is Kind.EXIT:
             report = frame.json()
+            self._once(kind)
             self.exit_report = report if isinstance(report, dict) else {}
             status = self.exit_report.get("status")
             self.log.info("sandbox %s: the kernel exited with status %r", self.name, status)
@@ -291,8 +325,15 @@ class Tunnel(asyncio.Protocol):
         else:
             self.mux.on_frame(frame)
 
+    def _once(self, kind: Kind) -> None:
+        """Note a frame the agent sends once: a second is a violation, not work (a log line)."""
+        if kind in self._seen:
+            raise ProtocolError(f"a second {kind.name}")
+        self._seen.add(kind)
+
     def _accept(self, channel: str) -> asyncio.Protocol:
-        if self.closed or len(self.mux.streams) >= MAX_STREAMS:
+        # held connections count: each keeps its client's socket open
+        if self.closed or len(self.mux.streams) + len(self.held) >= MAX_STREAMS:
             self.log.warning("sandbox %s: refusing a connection to %s", self.name, channel)
             return _Refused()
         sid = self.next_sid
@@ -310,6 +351,9 @@ class Tunnel(asyncio.Protocol):
         self._stop_sandbox()
 
     def _stop_sandbox(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.on_broken())
+        self._spawn(self.on_broken())
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import attack_report
 import pytest
 from helpers import microvm_list, runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
@@ -20,6 +21,9 @@ from provisioner import cgroups, network
 from provisioner.images import ImageError, find_image
 from provisioner.microvm_image import find_boot_files
 from provisioner.state import records, sandboxes_dir
+
+pytest_plugins = ["security.kit"]
+"""The security suite's shared attack target (a plugin: one kernel per backend)."""
 
 BACKENDS = {"gvisor": "python3-gvisor", "microvm": "python3-microvm"}
 """Every backend and its kernelspec: tests that take `kernel_name` run against each."""
@@ -169,3 +173,34 @@ async def execute(client, code: str, timeout: float = 60) -> tuple[dict, str, li
     reply = await client.execute_interactive(code, timeout=timeout, output_hook=messages.append)
     text = "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
     return reply["content"], text, messages
+
+
+# -- the security suite's table (see attack_report) ---------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "attack(category, what): an attack of the security suite, with its table row"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        attack_report.record(item, report.outcome, str(report.longrepr or ""))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    attack_report.write_table(session.config)
+
+
+@pytest.fixture
+def verdict(request: pytest.FixtureRequest):
+    """Say why the attack failed; the text goes into SECURITY.md's table."""
+
+    def say(text: str) -> None:
+        request.node.attack_verdict = text
+
+    return say

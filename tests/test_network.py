@@ -643,8 +643,9 @@ async def test_none_reaches_nothing_and_has_only_lo(
     assert result == ["self", unreachable, unreachable, "no-dns", ["lo"]]
 
 
+@pytest.mark.attack("network", "egress mode: reach hosts, ports and names off its allowlist")
 async def test_egress_reaches_only_what_is_allowed(
-    no_leftovers, workspace, test_hosts, hosts_file, kernel_name
+    no_leftovers, workspace, test_hosts, hosts_file, kernel_name, verdict
 ):
     host_port = test_hosts["host_port"]
     # Names open private addresses only inside a listed network: the IP entries cover the
@@ -688,12 +689,19 @@ async def test_egress_reaches_only_what_is_allowed(
             kc, "print(json.dumps([resolve('later.jsb-test'), probe('later.jsb-test', 8080)]))"
         )
         assert later == [[BLOCKED], "blocked"]
+        verdict(
+            "EHOSTUNREACH (firewall) for other hosts, ports, the metadata stand-in and the "
+            "host's addresses; names off the list get no DNS answer"
+        )
     assert exists(record) == {"netns": False, "veth": False, "table": False}
     assert not leftover_network()
 
 
+@pytest.mark.attack(
+    "network", "open mode: reach the host, a link-local metadata stand-in, other sandboxes"
+)
 async def test_open_reaches_the_network_but_not_the_host_metadata_or_other_sandboxes(
-    no_leftovers, workspace, test_hosts, hosts_file, kernel_name
+    no_leftovers, workspace, test_hosts, hosts_file, kernel_name, verdict
 ):
     host_port = test_hosts["host_port"]
     async with (
@@ -724,6 +732,10 @@ async def test_open_reaches_the_network_but_not_the_host_metadata_or_other_sandb
         assert down_a == down_b == up_a == up_b == size
         assert 0.8 <= t_down_b < 5 and 0.8 <= t_up_b < 5, (t_down_b, t_up_b)
         assert t_down_a < 0.5 and t_up_a < 0.5, (t_down_a, t_up_a)
+    verdict(
+        "EHOSTUNREACH (firewall) for the host's addresses, 169.254.42.1 and the other "
+        "sandbox; ECONNREFUSED on 127.0.0.1, the guest's own"
+    )
 
 
 @contextlib.contextmanager
@@ -737,7 +749,10 @@ def nft_scratch(ruleset: str) -> Iterator[None]:
         subprocess.run(["nft", "delete", "table", family, name], check=True)
 
 
-async def test_open_refuses_what_the_host_publishes_by_dnat(no_leftovers, workspace, test_hosts):
+@pytest.mark.attack("network", "open mode: reach a host port published by DNAT (Docker's -p)")
+async def test_open_refuses_what_the_host_publishes_by_dnat(
+    no_leftovers, workspace, test_hosts, verdict
+):
     """Docker's -p and NodePorts: a host port forwarded to a host behind it. The host uses it;
     a sandbox, which may reach that host directly, may not reach it as the host's port."""
     port = free_port()
@@ -765,6 +780,7 @@ async def test_open_refuses_what_the_host_publishes_by_dnat(no_leftovers, worksp
             answers = await probes(kc, targets)
     assert answers[0] == "allowed"
     assert set(answers[1:]) == {"EHOSTUNREACH"}, list(zip(targets, answers, strict=True))
+    verdict("EHOSTUNREACH: refused before the host's NAT, while the host itself uses it")
 
 
 async def test_the_host_cannot_send_into_a_sandbox_but_its_dns_answers(
@@ -798,8 +814,9 @@ async def test_the_host_cannot_send_into_a_sandbox_but_its_dns_answers(
     assert tcp == "EHOSTUNREACH"  # refused on the way out, not after the guest's answer
 
 
+@pytest.mark.attack("network", "spoof DNS queries in a sandbox's name from another link")
 async def test_dns_ignores_queries_spoofed_from_another_link(
-    no_leftovers, workspace, test_hosts, hosts_file
+    no_leftovers, workspace, test_hosts, hosts_file, verdict
 ):
     """The "blocked" host sends the sandbox's DNS server a query in the sandbox's name: the
     answer would land in the sandbox (and the lookup cost the host). It must not be served."""
@@ -846,6 +863,7 @@ async def test_dns_ignores_queries_spoofed_from_another_link(
             sh(*ns, "addr", "del", f"{guest}/32", "dev", "eth0")  # its route goes with it
     assert "counter packets 3 " in counted  # the spoofed queries did reach the host
     assert inside == ["nothing", [ALLOWED]]  # no answer reached the sandbox; its own DNS works
+    verdict("the 3 spoofed queries reached the host and got no answer")
 
 
 async def test_egress_names_open_private_addresses_only_inside_listed_networks(

@@ -16,6 +16,7 @@ from provisioner.guest.protocol import (
     HEADER,
     MAX_GUEST_CONTROL,
     MAX_PAYLOAD,
+    WINDOW,
     FrameReader,
     Kind,
     ProtocolError,
@@ -23,7 +24,7 @@ from provisioner.guest.protocol import (
     encode_json,
 )
 
-from provisioner.tunnel import MAX_STREAMS, Tunnel
+from provisioner.tunnel import MAX_STREAMS, Tunnel, TunnelError
 
 log = logging.getLogger("test-tunnel")
 
@@ -254,3 +255,68 @@ async def test_a_guest_that_closes_its_channel_gets_its_sandbox_stopped(tunnel_a
     await wait_broken(broken)
     assert broken == [""]  # stopped, though nothing was violated
     assert tunnel.closed
+
+
+async def test_a_violation_in_the_chunk_of_started_leaves_no_port_listening():
+    """The guest breaks the protocol right behind its STARTED: the start fails, no port stays."""
+    broken: list[str] = []
+
+    async def stop_sandbox() -> None:
+        broken.append(tunnel.broken_reason)
+
+    tunnel = Tunnel(log, "test", stop_sandbox)
+    guest = FakeGuest()
+    await tunnel.attach(guest.to_host_r, guest.from_host_w)
+    ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
+    await guest.write(encode_json(Kind.HELLO, {"version": 1}))
+    launch = asyncio.ensure_future(tunnel.launch({"argv": []}, timeout=5))
+    await guest.frames()
+    await guest.write(encode_json(Kind.STARTED, {"pid": 7}) + HEADER.pack(Kind.DATA, 1, 1 << 30))
+    assert await launch == 7
+    with pytest.raises(TunnelError, match="exceeds"):
+        await tunnel.listen("127.0.0.1", ports)
+    await wait_broken(broken)
+    assert broken and "exceeds" in broken[0]
+    for port in ports.values():
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    tunnel.close()
+    guest.close()
+
+
+@pytest.mark.parametrize(
+    "again, reason",
+    [
+        (encode_json(Kind.HELLO, {"version": 1}), "a second HELLO"),
+        (encode_json(Kind.STARTED, {"pid": 8}), "a second STARTED"),
+        (encode_json(Kind.ERROR, {"error": "late"}), "ERROR once the launch was settled"),
+        (encode_json(Kind.EXIT, {"status": 0}) * 2, "a second EXIT"),
+    ],
+)
+async def test_one_shot_frames_come_once(tunnel_and_guest, again, reason):
+    """Replayed without end they would cost the host work and log lines, and mean nothing."""
+    _tunnel, guest, _ports, broken = tunnel_and_guest
+    await guest.write(again)
+    await wait_broken(broken)
+    assert broken and reason in broken[0]
+
+
+async def test_late_frames_are_bounded_by_what_could_be_in_flight(tunnel_and_guest):
+    """Frames for a stream the host closed are dropped, up to what the guest could still
+    have sent; a guest that keeps the stream going is cut off."""
+    tunnel, guest, ports, broken = tunnel_and_guest
+    _reader, writer = await asyncio.open_connection("127.0.0.1", ports["stdin"])
+    sid = (await guest.frames())[0].stream
+    writer.close()
+    for _ in range(500):
+        if sid not in tunnel.mux.streams:
+            break
+        await asyncio.sleep(0.01)
+    assert sid not in tunnel.mux.streams
+    in_flight = encode(Kind.DATA, sid, b"x" * MAX_PAYLOAD) * (WINDOW // MAX_PAYLOAD)
+    await guest.write(in_flight + encode(Kind.CLOSE, sid))
+    await asyncio.sleep(0.2)
+    assert not broken, "frames that could have been in flight are a violation"
+    await guest.write(encode(Kind.DATA, sid, b"x" * MAX_PAYLOAD))
+    await wait_broken(broken)
+    assert broken and f"DATA for stream {sid} after it closed" in broken[0]

@@ -1,0 +1,180 @@
+"""Files: the host's filesystem is not the sandbox's, and the workspace mount is no door.
+
+Each attack proves it ran (a listing that worked, a control file it did find) and
+that the host's file stayed out of reach for the sandbox's reason: the path does
+not exist in the guest (ENOENT), or the kernel's user may not open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+import pytest
+
+from provisioner.images import find_image
+
+NOT_THERE = {"ENOENT"}
+REFUSED = {"EACCES", "EPERM", "ENOENT", "EROFS"}
+
+
+@pytest.mark.attack("files", "read a file planted on the host, by its path")
+def test_host_file_by_path(target, verdict):
+    path = target.planted["host_secret"]
+    found = target.run(
+        f"report(var_tmp=attempt(os.listdir, '/var/tmp')[0], secret=attempt(open, {path!r})[0])"
+    )
+    assert found["var_tmp"] == "ok"  # the directory is there to look in: the guest's own
+    assert found["secret"] in NOT_THERE, found
+    verdict(f"{found['secret']}: the guest's /var/tmp is the image's, the host's file is absent")
+
+
+@pytest.mark.attack("files", "search the whole filesystem for a secret planted on the host")
+def test_host_file_by_search(target, verdict):
+    needle = f"host-secret-{target.planted['token']}"
+    control = target.workspace / f"control-{secrets.token_hex(4)}.txt"
+    control.write_text(needle + "\n")  # the same text in the workspace: the search works
+    control.chmod(0o644)
+    try:
+        found = target.run(
+            f"needle = {needle[::-1]!r}[::-1]\n"  # the cell's source must not match itself
+            "hits = subprocess.run(['grep', '-rlsF', needle, '/', '--exclude-dir=proc',"
+            " '--exclude-dir=sys', '--exclude-dir=dev'], capture_output=True, text=True)\n"
+            "report(hits=hits.stdout.split())",
+            timeout=600,
+        )
+    finally:
+        control.unlink()
+    assert found["hits"] == [str(control)], found
+    verdict("only the workspace's control copy found: no host file is in the sandbox")
+
+
+@pytest.mark.attack("files", "reach the host's root through /proc/1/root")
+def test_proc_1_root(target, verdict):
+    secret = target.planted["host_secret"]
+    found = target.run(
+        "report(pid1=attempt(os.listdir, '/proc/1/root')[0],"
+        f" through=attempt(open, '/proc/1/root' + {secret!r})[0],"
+        " own=attempt(os.listdir, '/proc/self/root')[0])"
+    )
+    assert found["own"] == "ok"  # /proc/<pid>/root works for the kernel's own processes
+    assert found["pid1"] in REFUSED and found["through"] in REFUSED, found
+    verdict(
+        f"{found['pid1']} (PID 1 is the sandbox's own agent, not the host's init); "
+        "the host's file is not behind it"
+    )
+
+
+@pytest.mark.attack("files", "read kernel memory through /proc/kcore, /dev/mem, /dev/kmem")
+def test_kernel_memory(target, verdict):
+    found = target.run(
+        "report(**{p: attempt(open, p, 'rb')[0] for p in "
+        "('/proc/kcore', '/dev/mem', '/dev/kmem', '/dev/port')},"
+        " proc=attempt(os.listdir, '/proc')[0])"
+    )
+    assert found.pop("proc") == "ok"
+    assert set(found.values()) <= REFUSED, found
+    verdict(", ".join(f"{p}: {e}" for p, e in found.items()))
+
+
+@pytest.mark.attack("files", "read the host's firmware tables under /sys/firmware")
+def test_sys_firmware(target, verdict):
+    host = Path("/sys/firmware/acpi/tables/DSDT")
+    host_hash = hashlib.sha256(host.read_bytes()).hexdigest() if host.exists() else ""
+    found = target.run(
+        "import hashlib\n"
+        "def read(p):\n"
+        "    return hashlib.sha256(open(p, 'rb').read()).hexdigest()\n"
+        "report(listing=attempt(os.listdir, '/sys/firmware'),"
+        " dsdt=attempt(read, '/sys/firmware/acpi/tables/DSDT'),"
+        " sys=attempt(os.listdir, '/sys')[0])"
+    )
+    assert found["sys"] == "ok"
+    status, value = found["dsdt"]
+    assert status != "ok" or value != host_hash, "the host's ACPI table is readable"
+    verdict(f"DSDT: {status}; /sys/firmware: {found['listing'][0]} {found['listing'][1]}")
+
+
+@pytest.mark.attack("files", "open the host's disks and devices, make one with mknod, a tun link")
+def test_device_nodes(target, verdict):
+    devices = [*sorted(p.name for p in Path("/sys/block").iterdir()), "kvm", "vhost-net"]
+    found = target.run(
+        "assert_sandboxed()\n"
+        "import fcntl, struct\n"
+        f"opened = {{d: attempt(open, '/dev/' + d, 'rb')[0] for d in {devices!r}}}\n"
+        "made = attempt(os.mknod, '/tmp/disk', 0o600 | 0o060000, os.makedev(7, 0))[0]\n"
+        "made_opens = attempt(open, '/tmp/disk', 'rb')[0] if made == 'ok' else made\n"
+        "def tun():\n"
+        "    with open('/dev/net/tun', 'r+b', buffering=0) as t:\n"
+        "        fcntl.ioctl(t, 0x400454CA, struct.pack('16sH', b'jsb0', 0x0002))\n"
+        "report(opened=opened, mknod=made, mknod_open=made_opens, tun=attempt(tun)[0],"
+        " dev=sorted(os.listdir('/dev')))"
+    )
+    assert found["dev"], "nothing listed in /dev"
+    opened = found["opened"]
+    assert set(opened.values()) <= REFUSED, [(d, e) for d, e in opened.items() if e == "ok"]
+    # A node for the host's loop0 (7:0): refused, or (gVisor, whose devices are all its
+    # own) made in the sandbox's layer but leading to no device.
+    assert found["mknod"] in {"EPERM", "EACCES"} or found["mknod_open"] in {"ENXIO", "ENODEV"}
+    assert found["tun"] in REFUSED, found  # TUNSETIFF needs CAP_NET_ADMIN
+    mknod = found["mknod"] if found["mknod"] != "ok" else f"made, opens {found['mknod_open']}"
+    verdict(
+        f"host disks and /dev/kvm: {', '.join(sorted(set(opened.values())))}; "
+        f"mknod 7:0: {mknod}; a tun link: {found['tun']}"
+    )
+
+
+@pytest.mark.attack("files", "climb out of the workspace mount with ..")
+def test_dotdot_out_of_the_workspace(target, verdict):
+    sibling = target.planted["sibling_secret"]
+    relative = "../" * 6 + sibling.lstrip("/")
+    found = target.run(
+        f"os.chdir({str(target.workspace)!r})\n"
+        f"report(up=attempt(os.listdir, '..')[0], sibling=attempt(open, {relative!r})[0],"
+        f" direct=attempt(open, {sibling!r})[0])"
+    )
+    assert found["up"] == "ok"
+    assert found["sibling"] in NOT_THERE and found["direct"] in NOT_THERE, found
+    verdict(f"{found['sibling']}: above the workspace is the guest's own /tmp")
+
+
+@pytest.mark.attack("files", "follow a symlink made in the workspace to a host path")
+def test_symlink_out_of_the_workspace(target, verdict):
+    secret = target.planted["host_secret"]
+    link, root_link = target.workspace / "escape", target.workspace / "root"
+    found = target.run(
+        f"os.symlink({secret!r}, {str(link)!r}); os.symlink('/', {str(root_link)!r})\n"
+        f"report(link=attempt(open, {str(link)!r})[0],"
+        f" via_root=attempt(open, {str(root_link)!r} + {secret!r})[0],"
+        f" made=os.path.islink({str(link)!r}))"
+    )
+    assert found["made"] and link.is_symlink()  # the link exists, on the host too
+    assert found["link"] in NOT_THERE and found["via_root"] in NOT_THERE, found
+    # The host never follows it on the guest's behalf: it is only a link in a folder.
+    assert link.resolve() == Path(secret)
+    verdict(f"{found['link']}: links resolve inside the sandbox, where the target is absent")
+
+
+@pytest.mark.attack("files", "write into the image and the system folders")
+def test_writes_stay_in_the_throwaway_layer(target, verdict):
+    rootfs = find_image("python3")
+    passwd = rootfs / "etc" / "passwd"
+    before = hashlib.sha256(passwd.read_bytes()).hexdigest()
+    found = target.run(
+        "assert_sandboxed()\n"
+        "wrote = {p: attempt(lambda p: open(p, 'a').write('jsb-attack\\n'), p)[0]"
+        " for p in ('/etc/passwd', '/usr/lib/os-release', '/opt/venv/bin/python3')}\n"
+        "made = {p: attempt(lambda p: open(p, 'w').write('x'), p)[0]"
+        " for p in ('/jsb-attack', '/usr/jsb-attack', '/tmp/jsb-attack')}\n"
+        "report(wrote=wrote, made=made)"
+    )
+    assert found["made"]["/tmp/jsb-attack"] == "ok"  # the kernel can write where it may
+    assert hashlib.sha256(passwd.read_bytes()).hexdigest() == before
+    assert not (rootfs / "jsb-attack").exists() and not Path("/jsb-attack").exists()
+    refused = {p: e for p, e in {**found["wrote"], **found["made"]}.items() if e != "ok"}
+    assert set(refused.values()) <= REFUSED, found
+    verdict(
+        f"refused as the kernel's user ({', '.join(sorted(set(refused.values())))}); "
+        "the image on the host unchanged"
+    )
