@@ -104,9 +104,10 @@ async def test_unknown_kernelspec_setting_is_refused(
 
 async def test_missing_runsc_points_to_doctor(no_leftovers, workspace):
     km = make_km({"runsc_path": "/nonexistent/runsc"})
+    before = {r.sandbox_id for r in records() if r.owner_pid == os.getpid()}
     with pytest.raises(SandboxError, match="jupyter sandbox doctor"):
         await km.start_kernel(cwd=str(workspace))
-    assert not [r for r in records() if r.owner_pid == os.getpid()]
+    assert {r.sandbox_id for r in records() if r.owner_pid == os.getpid()} == before
 
 
 async def test_missing_image_points_to_image_build(no_leftovers, workspace):

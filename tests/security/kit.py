@@ -1,7 +1,7 @@
 """What every attack needs: a sandboxed kernel to attack from, and things worth stealing.
 
-One kernel per backend serves all the attacks that leave it alive (a session-scoped
-fixture: a microVM under TCG takes half a minute to start). Before it starts, the
+One kernel per backend serves all the attacks of a module that leave it alive (a
+microVM under TCG takes half a minute to start). Before it starts, the
 host is seeded with secrets an attacker would look for: a file outside any
 workspace, another user's home, a server environment variable, another kernel's
 connection file. Each attack runs through the ordinary execute path and prints
@@ -142,9 +142,10 @@ def start_kernel(kernel_name: str, workspace: Path, env_token: str) -> tuple[Ker
     return km, kc
 
 
-@pytest.fixture(scope="session", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=list(BACKENDS))
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """One sandboxed kernel per backend, attacked by many tests in turn."""
+    """One sandboxed kernel per backend and module, attacked by its tests in turn (and gone
+    before the next module: other tests count what this process has running)."""
     require_sandbox(request.param)
     before = our_sandboxes()
     workspace = Path(tempfile.mkdtemp(prefix="jsb-attack-", dir="/tmp"))
