@@ -76,8 +76,9 @@ class FakeGuest:
                 os.close(fd)
 
 
-@pytest.fixture
-async def tunnel_and_guest():
+async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict, list[str]]:
+    """A tunnel whose fake guest said HELLO and STARTED (followed by `behind_started`, in the
+    same write); the list collects why the sandbox was stopped, once per stop."""
     broken: list[str] = []
 
     async def stop_sandbox() -> None:
@@ -91,8 +92,14 @@ async def tunnel_and_guest():
     launch = asyncio.ensure_future(tunnel.launch({"argv": []}, timeout=5))
     frames = await guest.frames()
     assert frames and frames[0].kind is Kind.LAUNCH
-    await guest.write(encode_json(Kind.STARTED, {"pid": 7}))
+    await guest.write(encode_json(Kind.STARTED, {"pid": 7}) + behind_started)
     assert await launch == 7
+    return tunnel, guest, ports, broken
+
+
+@pytest.fixture
+async def tunnel_and_guest():
+    tunnel, guest, ports, broken = await started()
     await tunnel.listen("127.0.0.1", ports)
     yield tunnel, guest, ports, broken
     tunnel.close()
@@ -259,20 +266,7 @@ async def test_a_guest_that_closes_its_channel_gets_its_sandbox_stopped(tunnel_a
 
 async def test_a_violation_in_the_chunk_of_started_leaves_no_port_listening():
     """The guest breaks the protocol right behind its STARTED: the start fails, no port stays."""
-    broken: list[str] = []
-
-    async def stop_sandbox() -> None:
-        broken.append(tunnel.broken_reason)
-
-    tunnel = Tunnel(log, "test", stop_sandbox)
-    guest = FakeGuest()
-    await tunnel.attach(guest.to_host_r, guest.from_host_w)
-    ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
-    await guest.write(encode_json(Kind.HELLO, {"version": 1}))
-    launch = asyncio.ensure_future(tunnel.launch({"argv": []}, timeout=5))
-    await guest.frames()
-    await guest.write(encode_json(Kind.STARTED, {"pid": 7}) + HEADER.pack(Kind.DATA, 1, 1 << 30))
-    assert await launch == 7
+    tunnel, guest, ports, broken = await started(HEADER.pack(Kind.DATA, 1, 1 << 30))
     with pytest.raises(TunnelError, match="exceeds"):
         await tunnel.listen("127.0.0.1", ports)
     await wait_broken(broken)
