@@ -113,6 +113,8 @@ class Agent(asyncio.Protocol):
     async def start_kernel(self) -> None:
         spec = self.launch
         uid, gid = int(spec["uid"]), int(spec["gid"])
+        if uid <= 0 or gid <= 0:  # whoever holds the channel asks; the kernel is never root
+            raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
         RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(RUNTIME_DIR, uid, gid)
         connection = dict(spec["connection"])

@@ -24,7 +24,8 @@ _once = threading.Lock()
 _done = False
 
 
-def _reap(record: Record, log: logging.Logger) -> None:
+def reap(record: Record, log: logging.Logger) -> None:
+    """Remove everything of a recorded sandbox, whichever backend made it."""
     if record.backend == "microvm":
         microvm.reap(record, log)
     else:
@@ -52,14 +53,14 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
     for record in records():
         known.add(record.sandbox_id)
         if include_live or not record.owner_alive():
-            _reap(record, log)
+            reap(record, log)
             reaped.append(record.sandbox_id)
     # Folders without a readable record (past the moment a starting sandbox writes
     # its record), then containers without a folder.
     if sandboxes_dir().is_dir():
         for folder in sandboxes_dir().iterdir():
             if folder.name not in known and time.time() - folder.stat().st_mtime > UNRECORDED_GRACE:
-                _reap(_unrecorded(folder.name), log)
+                reap(_unrecorded(folder.name), log)
                 reaped.append(folder.name)
     runsc = shutil.which("runsc")
     if runsc and runsc_root().is_dir():
@@ -70,7 +71,7 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
                 and sandbox_id not in known | set(reaped)
                 and not (sandboxes_dir() / sandbox_id).exists()
             ):
-                _reap(_unrecorded(sandbox_id), log)
+                reap(_unrecorded(sandbox_id), log)
                 reaped.append(sandbox_id)
     # Network namespaces, links and tables of no recorded sandbox. Listed before the
     # records are read again: a starting sandbox records itself before making any.

@@ -1,7 +1,9 @@
-"""`jupyter sandbox`: doctor, image build, ps, gc."""
+"""`jupyter sandbox`: doctor, image build, ps, gc, serve."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import time
 
@@ -9,9 +11,12 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Unicode
 
 from . import cgroups, cleanup, doctor
+from .errors import SandboxError, SettingError
 from .images import ImageError, build_image
 from .limits import format_size
 from .microvm_image import build_boot_files
+from .provisioner import GVisorProvisioner, MicroVMProvisioner
+from .service.server import SandboxService
 from .state import records
 
 __version__ = "0.1.0"
@@ -97,7 +102,7 @@ class PsApp(_Sub):
         before = {r.sandbox_id: cgroups.cpu_seconds(r.cgroup) for r in found}
         time.sleep(self.interval)
         now = time.time()
-        rows = [("SANDBOX", "KERNEL", "BACKEND", "AGE", "CPU", "MEMORY", "OWNER")]
+        rows = [("SANDBOX", "KERNEL", "USER", "BACKEND", "AGE", "CPU", "MEMORY", "OWNER")]
         for record in found:
             memory = cgroups.memory_usage(record.cgroup)
             used, was = cgroups.cpu_seconds(record.cgroup), before[record.sandbox_id]
@@ -107,6 +112,7 @@ class PsApp(_Sub):
                 (
                     record.sandbox_id,
                     record.kernel_id,
+                    record.user or "-",
                     record.backend,
                     f"{now - record.created:.0f}s",
                     cpu,
@@ -131,6 +137,32 @@ class GcApp(_Sub):
         self.out(f"removed {len(reaped)} sandbox(es)")
 
 
+class ServeApp(_Sub):
+    name = "jupyter-sandbox-serve"
+    description = (
+        "Run the sandbox service (as root): it makes sandboxes for Jupyter servers that are "
+        "not root, under the operator's policy, for the user the kernel says called."
+    )
+    classes = [SandboxService, GVisorProvisioner, MicroVMProvisioner]
+    aliases = {
+        "socket": "SandboxService.socket_path",
+        "policy": "SandboxService.policy_file",
+        "grace-period": "SandboxService.grace_period",
+        "log-level": "Application.log_level",
+    }
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            self.log.critical("the sandbox service makes sandboxes, and must run as root")
+            self.exit(1)
+        self.log.setLevel(min(self.log.level, 20))  # INFO at least: it is a daemon's journal
+        try:
+            asyncio.run(SandboxService(parent=self, log=self.log).run())
+        except (SettingError, SandboxError) as e:
+            self.log.critical("%s", e)
+            self.exit(1)
+
+
 class SandboxApp(_Sub):
     name = "jupyter-sandbox"
     description = "Sandboxed Jupyter kernels (gVisor, microVM): check, build, list, clean up."
@@ -139,6 +171,7 @@ class SandboxApp(_Sub):
         "image": (ImageApp, ImageApp.description),
         "ps": (PsApp, PsApp.description),
         "gc": (GcApp, GcApp.description),
+        "serve": (ServeApp, ServeApp.description),
     }
 
     def start(self) -> None:

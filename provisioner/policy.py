@@ -121,20 +121,22 @@ def hub_groups(api_url: str, token: str, user: str, log: logging.Logger) -> froz
     return found
 
 
-def current_identity(log: logging.Logger) -> Identity:
-    """The user this server runs for: JupyterHub's single-user name, else the OS user.
-
-    Groups are the user's OS groups and, in a single-user server, the Hub's groups.
-    """
-    os_user = pwd.getpwuid(os.getuid()).pw_name
-    user = os.environ.get("JUPYTERHUB_USER") or os_user
+def identity_of(user: str, log: logging.Logger, hub: tuple[str, str] | None = None) -> Identity:
+    """`user` with the user's OS groups and, given the Hub's (API URL, token), its Hub groups."""
     groups = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
     with contextlib.suppress(KeyError):  # a Hub user may have no OS account
         groups.add(grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name)
-    api_url, token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
-    if os.environ.get("JUPYTERHUB_USER") and api_url and token:
-        groups |= hub_groups(api_url, token, user, log)
+    if hub is not None:
+        groups |= hub_groups(*hub, user, log)
     return Identity(user, frozenset(groups))
+
+
+def current_identity(log: logging.Logger) -> Identity:
+    """The user this server runs for: JupyterHub's single-user name, else the OS user."""
+    user = os.environ.get("JUPYTERHUB_USER") or pwd.getpwuid(os.getuid()).pw_name
+    api_url, token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    hub = (api_url, token) if os.environ.get("JUPYTERHUB_USER") and api_url and token else None
+    return identity_of(user, log, hub)
 
 
 def _magnitude(name: str, value: Any) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 
 from . import cleanup, guest, limits, policy, quotas
 from .accel import choose as choose_accel
@@ -32,6 +32,7 @@ from .ioloop import run_on_io
 from .microvm_image import find_boot_files
 from .network import MODES as NETWORK_MODES
 from .network import NetworkSpec, parse_bandwidth, parse_destination
+from .service.client import DEFAULT_SOCKET, SOCKET_ENV, service_client
 from .tunnel import Tunnel, TunnelError
 
 GUEST_HOME = "/home/sandbox"
@@ -45,8 +46,19 @@ SYSTEM_DIRS = frozenset({"/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp",
 """Folders never mounted themselves (their subfolders may be)."""
 
 
+def _owned_folder(path: Path, uid: int) -> bool:
+    """Whether `path` is a folder that `uid` owns (looked at without following a last link)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and path.stat().st_uid == uid
+    except OSError:
+        return False
+
+
 class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Lifecycle and settings shared by every sandbox backend."""
+
+    backend = ""
+    """The backend's name, as the sandbox service knows it."""
 
     image = Unicode(
         "python3",
@@ -118,6 +130,23 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     startup_timeout = Float(
         60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
     )
+    mode = Enum(
+        ["auto", "in-process", "service"],
+        "auto",
+        config=True,
+        help="Who makes the sandboxes. in-process: this server (it must be root). service: "
+        "the sandbox service (`jupyter sandbox serve`) on service_socket, for this server's "
+        "user and under the operator's policy; this server's policy_file and kernel_uid are "
+        "then not used. auto: service if this server is not root and the socket exists.",
+    )
+    service_socket = Unicode(
+        config=True,
+        help=f"The sandbox service's socket; default: ${SOCKET_ENV}, else {DEFAULT_SOCKET}.",
+    )
+
+    @default("service_socket")
+    def _default_socket(self) -> str:
+        return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
     @validate("memory_limit", "disk_limit")
     def _check_size(self, proposal: dict) -> str:
@@ -231,9 +260,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             bandwidth=parse_bandwidth(self.network_bandwidth),
         )
 
-    async def _apply_policy(self) -> None:
-        """Find whose kernel this is, and bound its settings and quota by the policy."""
-        who = await asyncio.to_thread(policy.current_identity, self.log)
+    @property
+    def through_service(self) -> bool:
+        """Whether the sandbox service makes this kernel's sandbox (see `mode`)."""
+        if self.mode == "auto":
+            return os.geteuid() != 0 and Path(self.service_socket).exists()
+        return self.mode == "service"
+
+    async def apply_policy(self, who: policy.Identity | None = None) -> None:
+        """Bound the settings and quota by the policy for `who` (default: this server's user)."""
+        if who is None:
+            who = await asyncio.to_thread(policy.current_identity, self.log)
         self.user, self.quota = who.user, quotas.Quota()
         path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
         if not path:
@@ -255,7 +292,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        await self._apply_policy()
+        if not self.through_service:  # else the service applies it, for the caller it sees
+            await self.apply_policy()
         km = self.parent
         if km.transport != "tcp":
             raise SandboxError(f"sandboxed kernels need transport 'tcp', not {km.transport!r}")
@@ -278,8 +316,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
-    def _workspace(self, cwd: str | None) -> tuple[str, tuple[Mount, ...], Path | None]:
-        """The kernel's cwd in the guest, its mounts, and the host folder behind it."""
+    def workspace_mount(
+        self, cwd: str | None, caller_uid: int | None = None
+    ) -> tuple[str, tuple[Mount, ...], Path | None]:
+        """The kernel's cwd in the guest, its mounts, and the host folder behind it.
+
+        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns.
+        """
         if self.workspace == "none":
             return GUEST_HOME, (), None
         path = Path(cwd or Path.cwd()).resolve()
@@ -288,10 +331,42 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"will not mount {path} into a sandbox: it is a system folder. Start the "
                 "kernel from a project folder, or set workspace = 'none'"
             )
+        if caller_uid not in (None, 0) and not _owned_folder(path, caller_uid):
+            # the same words whether or not it exists: callers learn nothing of others' files
+            raise SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
         if not path.is_dir():
             raise SandboxError(f"the kernel's working directory {path} does not exist")
         mount = Mount(source=path, destination=str(path), read_only=self.workspace == "ro")
         return str(path), (mount,), path
+
+    def kernel_owner(self, host_workspace: Path | None) -> tuple[int, int]:
+        """Host uid and gid of the kernel: this server's user unless that is root, then
+        the workspace's owner, else 1000 (or kernel_uid)."""
+        if os.getuid() != 0:
+            return os.getuid(), os.getgid()
+        uid = gid = FALLBACK_UID
+        if host_workspace is not None:
+            owner = host_workspace.stat()
+            if owner.st_uid != 0:
+                uid, gid = owner.st_uid, owner.st_gid
+        if self.kernel_uid is not None:
+            uid = gid = self.kernel_uid
+        return uid, gid
+
+    def sandbox_spec(self, mounts: tuple[Mount, ...], owner: tuple[int, int]) -> SandboxSpec:
+        """The sandbox of this kernel, with the settings as they are now (policy applied)."""
+        self.sandbox_id = f"jsb-{self.kernel_id}-{uuid.uuid4().hex[:8]}"
+        return SandboxSpec(
+            sandbox_id=self.sandbox_id,
+            kernel_id=self.kernel_id,
+            rootfs=find_image(self.image),
+            agent_dir=Path(guest.__file__).parent,
+            limits=self.limits,
+            mounts=mounts,
+            user=self.user,
+            network=self.network_spec,
+            owner=owner,
+        )
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {"PATH": GUEST_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
@@ -300,55 +375,49 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         guest.update(self.env)
         return guest
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        await asyncio.to_thread(cleanup.collect_stale_once, self.log)
-        rootfs = find_image(self.image)
-        cwd, mounts, host_workspace = self._workspace(kwargs.get("cwd"))
-        uid = gid = FALLBACK_UID
-        if host_workspace is not None:
-            owner = host_workspace.stat()
-            if owner.st_uid != 0:
-                uid, gid = owner.st_uid, owner.st_gid
-        if self.kernel_uid is not None:
-            uid = gid = self.kernel_uid
+    def _launch_request(self, cmd: list[str], env: dict[str, str], cwd: str,
+                        owner: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
+        """What the agent is asked to start: the kernel's argv, env, cwd, user and rlimits."""
         connection_file = self.parent.connection_file
-        self.sandbox_id = f"jsb-{self.kernel_id}-{uuid.uuid4().hex[:8]}"
-        spec = SandboxSpec(
-            sandbox_id=self.sandbox_id,
-            kernel_id=self.kernel_id,
-            rootfs=rootfs,
-            agent_dir=Path(guest.__file__).parent,
-            limits=self.limits,
-            mounts=mounts,
-            user=self.user,
-            network=self.network_spec,
-            owner=(uid, gid),
-        )
-        request = {
+        key = self.connection_info.get("key", b"")
+        return {
             "argv": [arg.replace(connection_file, "{connection_file}") for arg in cmd],
-            "env": self._guest_env(kwargs.get("env", {})),
+            "env": self._guest_env(env),
             "cwd": cwd,
-            "uid": uid,
-            "gid": gid,
+            "uid": owner[0],
+            "gid": owner[1],
             # the kernel's own: under gVisor the sandbox has them too; a VM has only these
             "rlimits": {"nproc": self.pids_limit, "nofile": self.open_files_limit},
             "connection": {
-                key: self.connection_info[key]
-                for key in ("key", "signature_scheme", "kernel_name")
-                if key in self.connection_info
+                "key": key.decode() if isinstance(key, bytes) else key,
+                **{
+                    name: self.connection_info[name]
+                    for name in ("signature_scheme", "kernel_name")
+                    if name in self.connection_info
+                },
             },
         }
-        if isinstance(request["connection"].get("key"), bytes):
-            request["connection"]["key"] = request["connection"]["key"].decode()
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        cwd, mounts, host_workspace = self.workspace_mount(kwargs.get("cwd"))
+        owner = self.kernel_owner(host_workspace)
+        if self.through_service:
+            sandbox = await run_on_io(
+                service_client(self.service_socket, self.log).create(self, cwd)
+            )
+            self.sandbox_id = sandbox.record.sandbox_id
+        else:
+            await asyncio.to_thread(cleanup.collect_stale_once, self.log)
+            sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
+            await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
+        request = self._launch_request(cmd, kwargs.get("env", {}), cwd, owner)
         ports = {channel: self.connection_info[f"{channel}_port"] for channel in CHANNELS}
-        sandbox = await self.create_sandbox(spec)
-        await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,
             sandbox.backend,
             self.sandbox_id,
-            spec.limits.describe(),
+            self.limits.describe(),
         )
         self.tunnel = await run_on_io(
             self._start(sandbox, request, self.connection_info["ip"], ports)
@@ -364,7 +433,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         key = self.connection_info.get("key", b"")
         tunnel = Tunnel(
             self.log,
-            sandbox.spec.sandbox_id,
+            sandbox.record.sandbox_id,
             on_broken=sandbox.kill,
             explain=lambda: self._limit_reason(sandbox, tunnel),
             signing=(
@@ -372,7 +441,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.connection_info.get("signature_scheme", "hmac-sha256"),
             ),
         )
-        console = Console(self.log, sandbox.spec.sandbox_id)
+        console = Console(self.log, sandbox.record.sandbox_id)
         try:
             channel = await sandbox.start()
             await console.attach(channel.console_fd)
@@ -385,7 +454,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             try:
                 await sandbox.destroy()
             except Exception:
-                self.log.exception("could not remove sandbox %s", sandbox.spec.sandbox_id)
+                self.log.exception("could not remove sandbox %s", sandbox.record.sandbox_id)
             if isinstance(e, TunnelError | SandboxError | OSError):
                 await asyncio.wait([console.closed], timeout=2)
                 tail = console.tail_text()
@@ -497,6 +566,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 class GVisorProvisioner(SandboxProvisioner):
     """Runs each kernel in its own gVisor (runsc) sandbox."""
 
+    backend = "gvisor"
+
     runsc_path = Unicode("runsc", config=True, help="The runsc binary (a name on PATH, or a path).")
     platform = Enum(
         ["systrap", "ptrace", "kvm"],
@@ -511,6 +582,8 @@ class GVisorProvisioner(SandboxProvisioner):
 
 class MicroVMProvisioner(SandboxProvisioner):
     """Runs each kernel in its own QEMU microVM, with its own guest kernel."""
+
+    backend = "microvm"
 
     qemu_path = Unicode(
         "qemu-system-x86_64", config=True, help="The QEMU binary (a name on PATH, or a path)."

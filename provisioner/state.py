@@ -47,9 +47,13 @@ class Record:
     """Whose quota the sandbox counts against."""
     memory: int = 0
     """Bytes of the user's memory quota the sandbox holds (its memory limit)."""
-    vm_pid: int = 0
-    """A microVM's QEMU process, and its start time (to tell it from a later pid)."""
-    vm_start: int | None = None
+    pid: int = 0
+    """The host process the sandbox lives in (`runsc run`, QEMU), and its start time (to
+    tell it from a later process with the same pid)."""
+    pid_start: int | None = None
+    uid: int | None = None
+    """The caller's uid, for a sandbox the sandbox service made (`service/`): only that
+    uid may touch it, and a restarted service adopts it."""
     netns: str = ""
     """The sandbox's network namespace, veth (host end), nftables table and /30 (network.py);
     each recorded before it is made, so that gc can remove what a crash left."""
@@ -60,6 +64,14 @@ class Record:
     @property
     def directory(self) -> Path:
         return sandboxes_dir() / self.sandbox_id
+
+    def process_alive(self) -> bool:
+        """Whether the sandbox's host process still runs (not a zombie, not a later pid)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return False
+        return bool(self.pid) and fields[0] not in "ZX" and int(fields[19]) == self.pid_start
 
     def owner_alive(self) -> bool:
         """Whether the server that made this sandbox still runs (not just its pid)."""

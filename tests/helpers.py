@@ -63,9 +63,9 @@ def microvm_list() -> list[str]:
 def kill_from_outside(sandbox) -> None:
     """Kill a sandbox the way a crash or an operator would: not through the provisioner."""
     if sandbox.backend == "microvm":
-        os.kill(sandbox.record.vm_pid, signal.SIGKILL)
+        os.kill(sandbox.record.pid, signal.SIGKILL)
     else:
         subprocess.run(
-            ["runsc", f"--root={runsc_root()}", "kill", "--all", sandbox.spec.sandbox_id, "KILL"],
+            ["runsc", f"--root={runsc_root()}", "kill", "--all", sandbox.record.sandbox_id, "KILL"],
             check=True,
         )

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from .. import cgroups, network, rootfs
-from ..state import Record, runtime_dir
+from ..state import Record, process_start_time, runtime_dir
 from .base import (
     AGENT_ARGV,
     AGENT_DIR,
@@ -196,6 +196,9 @@ class GVisorSandbox(Sandbox):
         finally:
             for fd in (to_guest_r, from_guest_w, console_w):
                 os.close(fd)
+        self.record.pid = self.process.pid
+        self.record.pid_start = process_start_time(self.process.pid)
+        self.record.save()
         return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
 
     async def kill(self) -> None:

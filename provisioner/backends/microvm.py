@@ -177,8 +177,8 @@ class MicroVMSandbox(Sandbox):
             qemu_in.close()
             qemu_out.close()
             os.close(console_w)
-        self.record.vm_pid = self.process.pid
-        self.record.vm_start = process_start_time(self.process.pid)
+        self.record.pid = self.process.pid
+        self.record.pid_start = process_start_time(self.process.pid)
         self.record.save()
         return Channel(
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
@@ -207,12 +207,12 @@ class MicroVMSandbox(Sandbox):
 def reap(record: Record, log: logging.Logger) -> None:
     """Stop a microVM sandbox's QEMU if it still runs, and remove what it had on the host
     (its network too, whoever made it)."""
-    pid = record.vm_pid
-    if pid and process_start_time(pid) == record.vm_start:  # not a later process's pid
+    pid = record.pid
+    if record.process_alive():  # not a later process's pid
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while process_start_time(pid) == record.vm_start and time.monotonic() < deadline:
+        while process_start_time(pid) == record.pid_start and time.monotonic() < deadline:
             time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
     network.remove(record, log)  # never raises; the tap and bridge go with the namespace
     forget(record, log)

@@ -1,0 +1,244 @@
+"""A provisioner's side of the sandbox service: one connection per server process.
+
+The service makes the sandbox and hands over its channel; the tunnel runs
+here as it does in-process. If the connection drops (the service restarts),
+this side connects again and attaches its sandboxes before the service's
+grace period ends: the kernels never notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .. import quotas
+from ..backends.base import Channel, Sandbox
+from ..errors import SandboxError, SettingError
+from ..policy import PolicyError
+from ..state import Record
+from .wire import Connection, WireError, close_fds
+
+if TYPE_CHECKING:
+    from ..provisioner import SandboxProvisioner
+
+SOCKET_ENV = "JUPYTER_SANDBOX_SOCKET"
+DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
+RECONNECT_INTERVAL = 0.5
+ERRORS: dict[str, type[Exception]] = {
+    "quota": quotas.QuotaError,
+    "policy": PolicyError,
+    "setting": SettingError,
+}
+"""The service's error kinds, raised here as the in-process provisioner raises them."""
+
+
+class ServiceError(SandboxError):
+    """The sandbox service cannot be reached, or refused a request."""
+
+
+class RemoteSandbox(Sandbox):
+    """A sandbox the service made: its channel is here; the rest is asked of the service.
+
+    Memory and CPU are read from the sandbox's cgroup, as in-process (cgroup v2
+    lets anyone read them); the exit status comes from the service's events.
+    """
+
+    def __init__(self, client: ServiceClient, record: Record, channel: Channel,
+                 log: logging.Logger) -> None:  # fmt: skip
+        self.client = client
+        self.record = record
+        self.backend = record.backend
+        self.log = log
+        self.process = None
+        self.status: int | None = None
+        self._channel: Channel | None = channel
+
+    async def start(self) -> Channel:
+        channel, self._channel = self._channel, None
+        if channel is None:
+            raise SandboxError(f"sandbox {self.record.sandbox_id} was started already")
+        return channel
+
+    def poll(self) -> int | None:
+        return self.status
+
+    async def kill(self) -> None:
+        if self.status is None:
+            await self.client.call("kill", sandbox_id=self.record.sandbox_id)
+
+    async def destroy(self) -> None:
+        if self._channel is not None:  # never started: its channel was never handed on
+            channel, self._channel = self._channel, None
+            close_fds([channel.read_fd, channel.write_fd, channel.console_fd])
+        try:
+            await self.client.call("destroy", sandbox_id=self.record.sandbox_id)
+        finally:
+            self.client.sandboxes.pop(self.record.sandbox_id, None)
+
+
+class ServiceClient:
+    """The connection to the service at `path`. Use it on the shared I/O loop only."""
+
+    def __init__(self, path: str, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self.conn: Connection | None = None
+        self.sandboxes: dict[str, RemoteSandbox] = {}
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 0
+        self._connecting = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self) -> Connection:
+        async with self._connecting:
+            if self.conn is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                try:
+                    sock.setblocking(False)
+                    await asyncio.get_running_loop().sock_connect(sock, self.path)
+                except OSError as e:
+                    sock.close()
+                    raise ServiceError(
+                        f"cannot reach the sandbox service at {self.path}: {e.strerror or e}; "
+                        "is `jupyter sandbox serve` running? (`jupyter sandbox doctor` checks)"
+                    ) from None
+                self.conn = Connection(sock, accept_fds=True)
+                self._spawn(self._read(self.conn))
+                if self.sandboxes:
+                    self._spawn(self._attach())
+            return self.conn
+
+    async def call(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        """Ask the service; its reply and the descriptors it carried (the caller's to close)."""
+        conn = await self._connection()
+        self._next_id += 1
+        rid = self._next_id
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[rid] = answer
+        try:
+            await conn.send({"id": rid, "op": op, **fields})
+            reply, fds = await answer
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.get("ok"):
+            close_fds(fds)
+            raise ERRORS.get(reply.get("kind", ""), ServiceError)(
+                str(reply.get("error", "the sandbox service refused"))
+            )
+        return reply, fds
+
+    async def _read(self, conn: Connection) -> None:
+        try:
+            while True:
+                try:
+                    message, fds = await conn.recv()
+                except WireError as e:
+                    self.log.warning("sandbox service: %s", e)
+                    continue
+                answer = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+                if answer is not None and not answer.done():
+                    answer.set_result((message, fds))
+                    continue
+                close_fds(fds)
+                if message.get("event") == "exited":
+                    sandbox = self.sandboxes.get(message.get("sandbox_id"))  # type: ignore[arg-type]
+                    status = message.get("status")
+                    if sandbox is not None and type(status) is int:
+                        sandbox.status = status
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+            if self.conn is conn:
+                self.conn = None
+            gone = ServiceError(f"the sandbox service at {self.path} closed the connection")
+            for answer in list(self._pending.values()):
+                if not answer.done():
+                    answer.set_exception(gone)
+            if self.sandboxes:
+                self.log.warning("%s; connecting again to keep its sandboxes", gone)
+                self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Connect again while there are sandboxes to keep (attaching them is `_connection`'s)."""
+        while self.sandboxes and self.conn is None:
+            with contextlib.suppress(ServiceError):
+                await self._connection()
+                return
+            await asyncio.sleep(RECONNECT_INTERVAL)
+
+    async def _attach(self) -> None:
+        try:
+            reply, _ = await self.call("attach", sandbox_ids=list(self.sandboxes))
+        except ServiceError as e:
+            self.log.warning("could not attach sandboxes to the sandbox service: %s", e)
+            return
+        for sandbox_id, status in reply.get("attached", {}).items():
+            sandbox = self.sandboxes.get(sandbox_id)
+            if sandbox is not None and type(status) is int:
+                sandbox.status = status
+        for sandbox_id in reply.get("unknown", []):
+            sandbox = self.sandboxes.get(sandbox_id)
+            if sandbox is not None:
+                self.log.error("the sandbox service no longer has sandbox %s", sandbox_id)
+                sandbox.status = -1
+        attached = len(reply.get("attached", {}))
+        self.log.info("attached %d sandboxes to the sandbox service", attached)
+
+    async def create(self, prov: SandboxProvisioner, cwd: str) -> RemoteSandbox:
+        """Have the service make `prov`'s sandbox; `prov` takes the settings it was granted."""
+        request: dict[str, Any] = {
+            "kernel_id": prov.kernel_id,
+            "kernel_name": getattr(prov.parent, "kernel_name", "") or prov.kernel_spec.name,
+            "backend": prov.backend,
+            "settings": {**prov.asked, "image": prov.image, "workspace": prov.workspace},
+            "cwd": cwd,
+        }
+        token = os.environ.get("JUPYTERHUB_API_TOKEN")
+        if token and os.environ.get("JUPYTERHUB_USER"):
+            request["hub_token"] = token  # the service asks its own Hub who this token is
+        reply, fds = await self.call("create", **request)
+        try:
+            read_fd, write_fd, console_fd = fds
+        except ValueError:
+            close_fds(fds)
+            raise ServiceError(f"the sandbox service sent {len(fds)} descriptors, not 3") from None
+        record = Record(
+            sandbox_id=str(reply["sandbox_id"]),
+            kernel_id=prov.kernel_id,
+            backend=str(reply["backend"]),
+            cgroup=str(reply["cgroup"]),
+            user=str(reply["user"]),
+        )
+        sandbox = RemoteSandbox(self, record, Channel(read_fd, write_fd, console_fd), self.log)
+        self.sandboxes[record.sandbox_id] = sandbox
+        try:
+            for name, value in reply["settings"].items():
+                setattr(prov, name, value)
+        except Exception:
+            await sandbox.destroy()
+            raise
+        prov.user = record.user
+        return sandbox
+
+
+_clients: dict[str, ServiceClient] = {}
+_clients_lock = threading.Lock()
+
+
+def service_client(path: str, log: logging.Logger) -> ServiceClient:
+    """The one client of this process for the service at `path`."""
+    with _clients_lock:
+        if path not in _clients:
+            _clients[path] = ServiceClient(path, log)
+        return _clients[path]
