@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
+from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 
@@ -33,7 +34,7 @@ from .microvm_image import find_boot_files
 from .network import MODES as NETWORK_MODES
 from .network import NetworkSpec, parse_bandwidth, parse_destination
 from .service.client import DEFAULT_SOCKET, SOCKET_ENV, service_client
-from .tunnel import Tunnel, TunnelError
+from .tunnel import Tunnel, TunnelError, reserve
 
 GUEST_HOME = "/home/sandbox"
 GUEST_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
@@ -223,7 +224,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.tunnel: Tunnel | None = None
         self.stop_reason = ""
         """Why the sandbox was stopped by a limit, once it was."""
-        self.ports_cached = False
+        self.ports: dict[str, socket.socket] = {}
+        """The kernel's ports on the host, bound from pre_launch on (see `tunnel.reserve`)."""
         self.sandbox_id = ""
         self.user = ""
         """Whose kernel this is (see `policy.current_identity`), set at each launch."""
@@ -306,11 +308,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # writes in the guest; until it passes them on, kernels run without it.
         kwargs.pop("transport_encryption", None)
         extra_arguments = kwargs.pop("extra_arguments", [])
-        if km.cache_ports and not self.ports_cached:
-            cache = LocalPortCache.instance()
-            for channel in CHANNELS:
-                setattr(km, f"{channel}_port", cache.find_available_port(km.ip))
-            self.ports_cached = True
+        self._release_ports()
+        try:
+            self.ports = reserve(km.ip, {c: getattr(km, f"{c}_port") for c in CHANNELS})
+        except TunnelError as e:
+            raise SandboxError(f"kernel {self.kernel_id} did not start: {e}") from None
+        for channel, sock in self.ports.items():
+            setattr(km, f"{channel}_port", sock.getsockname()[1])
         km.write_connection_file(jupyter_session=kwargs.get("env", {}).get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
@@ -399,6 +403,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         }
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            self._release_ports()
+            raise
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
         cwd, mounts, host_workspace = self.workspace_mount(kwargs.get("cwd"))
         owner = self.kernel_owner(host_workspace)
         if self.through_service:
@@ -411,7 +422,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
             await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
         request = self._launch_request(cmd, kwargs.get("env", {}), cwd, owner)
-        ports = {channel: self.connection_info[f"{channel}_port"] for channel in CHANNELS}
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,
@@ -419,16 +429,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.sandbox_id,
             self.limits.describe(),
         )
-        self.tunnel = await run_on_io(
-            self._start(sandbox, request, self.connection_info["ip"], ports)
-        )
+        self.tunnel = await run_on_io(self._start(sandbox, request))
         self.sandbox = sandbox
         self.stop_reason = ""
         return self.connection_info
 
-    async def _start(
-        self, sandbox: Sandbox, request: dict, ip: str, ports: dict[str, int]
-    ) -> Tunnel:
+    async def _start(self, sandbox: Sandbox, request: dict) -> Tunnel:
         """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
         key = self.connection_info.get("key", b"")
         tunnel = Tunnel(
@@ -447,10 +453,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await console.attach(channel.console_fd)
             await tunnel.attach(channel.read_fd, channel.write_fd)
             await tunnel.launch(request, self.startup_timeout)
-            await tunnel.listen(ip, ports)
+            await tunnel.listen(self.ports)
             return tunnel
         except BaseException as e:
             tunnel.close()
+            self._release_ports()
             try:
                 await sandbox.destroy()
             except Exception:
@@ -534,11 +541,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 await sandbox.destroy()
 
             await run_on_io(teardown())
-        if self.ports_cached and not restart:
-            cache = LocalPortCache.instance()
-            for channel in CHANNELS:
-                cache.return_port(self.connection_info[f"{channel}_port"])
-            self.ports_cached = False
+        self._release_ports()
+
+    def _release_ports(self) -> None:
+        for sock in self.ports.values():
+            sock.close()  # a no-op for those the tunnel listened on: it closed them
+        self.ports = {}
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()

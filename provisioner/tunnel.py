@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 
 from .guest.protocol import (
@@ -42,6 +43,32 @@ MAX_UNREAD = 8 * 1024 * 1024
 
 
 _GUEST_JSON = frozenset({Kind.HELLO, Kind.STARTED, Kind.EXIT, Kind.ERROR})
+
+
+def reserve(ip: str, ports: dict[str, int]) -> dict[str, socket.socket]:
+    """Bind each channel's port on `ip` (0: any free one), not listening yet.
+
+    Held from before the sandbox starts until `Tunnel.listen`, the ports cannot be
+    taken meanwhile by another kernel or server (they are chosen, then bound,
+    seconds later otherwise). Raises TunnelError naming a port that is taken.
+    """
+    bound: dict[str, socket.socket] = {}
+    try:
+        for channel in CHANNELS:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bound[channel] = sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((ip, ports[channel]))
+            except OSError as e:
+                raise TunnelError(
+                    f"cannot listen on {ip}:{ports[channel]} for {channel}: {e.strerror or e}"
+                ) from None
+    except BaseException:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
 
 
 class TunnelError(RuntimeError):
@@ -174,8 +201,8 @@ class Tunnel(asyncio.Protocol):
         self.send(encode_json(Kind.LAUNCH, request))
         return await self._started
 
-    async def listen(self, ip: str, ports: dict[str, int]) -> None:
-        """Listen on the kernel's ports (names from `CHANNELS`) on the host.
+    async def listen(self, sockets: dict[str, socket.socket]) -> None:
+        """Listen on the kernel's ports (sockets from `reserve`, names from `CHANNELS`).
 
         Raises TunnelError if the channel is, or meanwhile gets, closed: a guest may
         break the protocol in the very chunk that carried its STARTED, and a closed
@@ -185,15 +212,9 @@ class Tunnel(asyncio.Protocol):
         for channel in CHANNELS:
             if self.closed:
                 break
-            try:
-                server = await loop.create_server(
-                    lambda channel=channel: self._accept(channel), ip, ports[channel]
-                )
-            except OSError as e:
-                self.close()
-                raise TunnelError(
-                    f"cannot listen on {ip}:{ports[channel]} for {channel}: {e}"
-                ) from e
+            server = await loop.create_server(
+                lambda channel=channel: self._accept(channel), sock=sockets[channel]
+            )
             if self.closed:
                 server.close()
                 break

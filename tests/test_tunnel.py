@@ -24,7 +24,7 @@ from provisioner.guest.protocol import (
     encode_json,
 )
 
-from provisioner.tunnel import MAX_STREAMS, Tunnel, TunnelError
+from provisioner.tunnel import MAX_STREAMS, Tunnel, TunnelError, reserve
 
 log = logging.getLogger("test-tunnel")
 
@@ -100,7 +100,7 @@ async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict,
 @pytest.fixture
 async def tunnel_and_guest():
     tunnel, guest, ports, broken = await started()
-    await tunnel.listen("127.0.0.1", ports)
+    await tunnel.listen(reserve("127.0.0.1", ports))
     yield tunnel, guest, ports, broken
     tunnel.close()
     guest.close()
@@ -268,7 +268,7 @@ async def test_a_violation_in_the_chunk_of_started_leaves_no_port_listening():
     """The guest breaks the protocol right behind its STARTED: the start fails, no port stays."""
     tunnel, guest, ports, broken = await started(HEADER.pack(Kind.DATA, 1, 1 << 30))
     with pytest.raises(TunnelError, match="exceeds"):
-        await tunnel.listen("127.0.0.1", ports)
+        await tunnel.listen(reserve("127.0.0.1", ports))
     await wait_broken(broken)
     assert broken and "exceeds" in broken[0]
     for port in ports.values():

@@ -64,7 +64,7 @@ from provisioner.notices import (
     stderr_notice,
     zmtp_message,
 )
-from provisioner.tunnel import MAX_STREAMS, MAX_UNREAD, Tunnel
+from provisioner.tunnel import MAX_STREAMS, MAX_UNREAD, Tunnel, reserve
 
 # -- how long: a modest run in `make test`, a long one in `make fuzz` -------------
 
@@ -516,7 +516,7 @@ class Harness:
         await self.feed(encode_json(Kind.STARTED, {"pid": 7}))
         assert await launch == 7
         self.read_host()
-        await self.tunnel.listen("127.0.0.1", dict.fromkeys(CHANNELS, 0))
+        await self.tunnel.listen(reserve("127.0.0.1", dict.fromkeys(CHANNELS, 0)))
         self.ports = {
             channel: server.sockets[0].getsockname()[1]
             for channel, server in zip(CHANNELS, self.tunnel.servers, strict=True)

@@ -128,6 +128,8 @@ class ServiceClient:
         try:
             await conn.send({"id": rid, "op": op, **fields})
             reply, fds = await answer
+        except (OSError, EOFError) as e:
+            raise ServiceError(f"the sandbox service at {self.path} went away: {e}") from None
         finally:
             self._pending.pop(rid, None)
         if not reply.get("ok"):

@@ -220,7 +220,7 @@ class Caller:
             return
         try:
             await asyncio.wait_for(self.conn.send(message, fds), self.service.send_timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, EOFError, asyncio.TimeoutError):
             self.closed = True
             self.conn.close()
 

@@ -40,14 +40,21 @@ class Connection:
         self.sock = sock
         self.accept_fds = accept_fds
         self._send_lock = asyncio.Lock()
+        self._waiters: set[asyncio.Future] = set()
 
     async def _ready(self, add: Callable, remove: Callable) -> None:
+        if self.sock.fileno() < 0:
+            raise EOFError
+        fd = self.sock.fileno()
         waiter = asyncio.get_running_loop().create_future()
-        add(self.sock.fileno(), lambda: waiter.done() or waiter.set_result(None))
+        self._waiters.add(waiter)
+        add(fd, lambda: waiter.done() or waiter.set_result(None))
         try:
             await waiter
         finally:
-            remove(self.sock.fileno())
+            self._waiters.discard(waiter)
+            if self.sock.fileno() == fd:  # else close() removed it (and the number may be reused)
+                remove(fd)
 
     async def recv(self) -> tuple[dict[str, Any], list[int]]:
         """The next message and the descriptors it carried (the caller's to close).
@@ -73,8 +80,11 @@ class Connection:
         if not data and not fds:
             raise EOFError
         try:
-            if len(data) > MAX_MESSAGE or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise WireError(f"message longer than {MAX_MESSAGE} bytes, or too many descriptors")
+            if len(data) > MAX_MESSAGE or flags & socket.MSG_TRUNC:
+                raise WireError(f"message longer than {MAX_MESSAGE} bytes")
+            if flags & socket.MSG_CTRUNC:
+                raise WireError("descriptors are not accepted here" if not room else
+                                f"more than {MAX_FDS} descriptors")  # fmt: skip
             try:
                 message = json.loads(data)
             except (ValueError, RecursionError):
@@ -102,8 +112,12 @@ class Connection:
                     await self._ready(loop.add_writer, loop.remove_writer)
 
     def close(self) -> None:
+        """Close; whoever waits to read or send gets EOFError."""
         if self.sock.fileno() >= 0:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self.sock.fileno())
             loop.remove_writer(self.sock.fileno())
         self.sock.close()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(EOFError())
