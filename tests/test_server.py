@@ -42,6 +42,7 @@ class JupyterServer:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.runtime_dir = home / "runtime"
         self.log_path = home / "server.log"
         config_dir = home / "config"
@@ -150,13 +151,15 @@ def server(no_leftovers: None, workspace: Path, tmp_path: Path) -> Iterator[Jupy
 
 
 class KernelSocket:
-    """A client on /api/kernels/<id>/channels speaking the JSON websocket protocol."""
+    """A client on /api/kernels/<id>/channels speaking the JSON websocket protocol.
+
+    `server`: anything with the server's `ws_url` (ws://host:port/base) and a `token`.
+    """
 
     def __init__(self, server: JupyterServer, kernel_id: str) -> None:
         self.session = uuid.uuid4().hex
         self.ws = websocket.create_connection(
-            f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels"
-            f"?session_id={self.session}",
+            f"{server.ws_url}/api/kernels/{kernel_id}/channels?session_id={self.session}",
             header={"Authorization": f"token {server.token}"},
             timeout=60,
         )
