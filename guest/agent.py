@@ -61,6 +61,26 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
+def kernel_user() -> tuple[int, int, dict[int, int]]:
+    """The kernel's uid, gid and rlimits, from JSB_KERNEL ("uid,gid,nproc,nofile").
+
+    Whoever made the sandbox set it (the OCI spec's env, or the VM's kernel command
+    line); LAUNCH never does, for whoever holds the channel writes LAUNCH, and a
+    kernel of another uid or gid could leave that user's files (setuid ones too) in
+    a workspace on the host.
+    """
+    try:
+        uid, gid, nproc, nofile = (int(n) for n in os.environ["JSB_KERNEL"].split(","))
+    except (KeyError, ValueError):
+        raise ValueError("the sandbox did not say which user the kernel runs as") from None
+    if uid <= 0 or gid <= 0:
+        raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
+    limits = {resource.RLIMIT_NOFILE: nofile}
+    if nproc > 0:
+        limits[resource.RLIMIT_NPROC] = nproc
+    return uid, gid, limits
+
+
 class Agent(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -112,9 +132,7 @@ class Agent(asyncio.Protocol):
 
     async def start_kernel(self) -> None:
         spec = self.launch
-        uid, gid = int(spec["uid"]), int(spec["gid"])
-        if uid <= 0 or gid <= 0:  # whoever holds the channel asks; the kernel is never root
-            raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
+        uid, gid, rlimits = kernel_user()
         RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(RUNTIME_DIR, uid, gid)
         connection = dict(spec["connection"])
@@ -128,11 +146,6 @@ class Agent(asyncio.Protocol):
         os.chown(connection_file, uid, gid)
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
-        rlimits = {
-            getattr(resource, f"RLIMIT_{name.upper()}"): int(value)
-            for name, value in spec.get("rlimits", {}).items()
-            if name in ("nproc", "nofile")
-        }
 
         def limit() -> None:  # in the child, after it became the kernel's user
             for which, value in rlimits.items():

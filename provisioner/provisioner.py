@@ -344,10 +344,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return str(path), (mount,), path
 
     def kernel_owner(self, host_workspace: Path | None) -> tuple[int, int]:
-        """Host uid and gid of the kernel: this server's user unless that is root, then
-        the workspace's owner, else 1000 (or kernel_uid)."""
-        if os.getuid() != 0:
-            return os.getuid(), os.getgid()
+        """Host uid and gid of a root caller's kernel: the workspace's owner, else 1000
+        (or kernel_uid). The sandbox service gives any other caller's kernel its own."""
         uid = gid = FALLBACK_UID
         if host_workspace is not None:
             owner = host_workspace.stat()
@@ -379,19 +377,15 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         guest.update(self.env)
         return guest
 
-    def _launch_request(self, cmd: list[str], env: dict[str, str], cwd: str,
-                        owner: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
-        """What the agent is asked to start: the kernel's argv, env, cwd, user and rlimits."""
+    def _launch_request(self, cmd: list[str], env: dict[str, str], cwd: str) -> dict[str, Any]:
+        """What the agent is asked to start: the kernel's argv, env and cwd (its user and
+        rlimits are the sandbox's own, `SandboxSpec.owner` and `limits`)."""
         connection_file = self.parent.connection_file
         key = self.connection_info.get("key", b"")
         return {
             "argv": [arg.replace(connection_file, "{connection_file}") for arg in cmd],
             "env": self._guest_env(env),
             "cwd": cwd,
-            "uid": owner[0],
-            "gid": owner[1],
-            # the kernel's own: under gVisor the sandbox has them too; a VM has only these
-            "rlimits": {"nproc": self.pids_limit, "nofile": self.open_files_limit},
             "connection": {
                 "key": key.decode() if isinstance(key, bytes) else key,
                 **{
@@ -411,7 +405,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
         cwd, mounts, host_workspace = self.workspace_mount(kwargs.get("cwd"))
-        owner = self.kernel_owner(host_workspace)
         if self.through_service:
             sandbox = await run_on_io(
                 service_client(self.service_socket, self.log).create(self, cwd)
@@ -419,9 +412,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.sandbox_id = sandbox.record.sandbox_id
         else:
             await asyncio.to_thread(cleanup.collect_stale_once, self.log)
+            owner = self.kernel_owner(host_workspace)
             sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
             await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
-        request = self._launch_request(cmd, kwargs.get("env", {}), cwd, owner)
+        request = self._launch_request(cmd, kwargs.get("env", {}), cwd)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,

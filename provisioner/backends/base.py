@@ -44,6 +44,13 @@ class SandboxSpec:
     """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
 
 
+def kernel_user(spec: SandboxSpec) -> str:
+    """What the agent takes as the kernel's uid, gid and rlimits (JSB_KERNEL, see agent.py):
+    fixed when the sandbox is made, whatever the channel's holder asks later."""
+    uid, gid = spec.owner
+    return f"{uid},{gid},{spec.limits.pids or 0},{spec.limits.open_files}"
+
+
 AGENT_DIR = "/opt/jupyter-sandbox"
 AGENT_ARGV = ("/usr/bin/python3", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
 

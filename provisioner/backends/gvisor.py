@@ -21,6 +21,7 @@ from .base import (
     SandboxError,
     SandboxSpec,
     forget,
+    kernel_user,
 )
 
 AGENT_CAPABILITIES = [
@@ -99,7 +100,11 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
         "process": {
             "user": {"uid": 0, "gid": 0},
             "args": list(AGENT_ARGV),
-            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            "env": [
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8",
+                f"JSB_KERNEL={kernel_user(spec)}",
+            ],
             "cwd": "/",
             "capabilities": {
                 key: AGENT_CAPABILITIES for key in ("bounding", "effective", "permitted")

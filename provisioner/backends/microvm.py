@@ -36,7 +36,7 @@ from .. import cgroups, network
 from ..accel import Accel
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
-from .base import Channel, Sandbox, SandboxError, SandboxSpec, forget
+from .base import Channel, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
 
 PORT = "org.jupyter.sandbox"
 """Names of the channel's virtio-serial ports: PORT.in (to the guest), PORT.out."""
@@ -79,6 +79,7 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
         # under TCG the TSC calibration hangs at random without these (HOST-NOTES.md)
         "tsc_early_khz=2000000", "tsc=reliable",
         f"jsb.tmp={limits.disk}",
+        f"jsb.kernel={kernel_user(spec)}",
     ]  # fmt: skip
     argv = [
         qemu, "-name", f"{spec.sandbox_id},process=jsb-microvm", "-M", "microvm",

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, READY_TIMEOUT
 from jupyter_client.manager import KernelManager
 from provisioner.guest.protocol import CHANNELS, WINDOW
 from security.kit import HOST_BOOT_ID, PRELUDE, Target
@@ -849,4 +849,62 @@ def test_flood_without_reading(target: Target, hostile_agent: Path, no_leftovers
     verdict(
         f"flooding: {flood.summary()}. Deaf to 48 clients sending {deaf.sent / 2**20:.0f} "
         f"MiB: {deaf.summary()}"
+    )
+
+
+class _GreedyLaunch:
+    """Mixin: the server's side of the channel (a user's own server, in service mode)
+    adds to the kernel's LAUNCH what only the sandbox's maker may choose."""
+
+    def _launch_request(self, cmd: list[str], env: dict[str, str], cwd: str) -> dict:
+        request = super()._launch_request(cmd, env, cwd)  # type: ignore[misc]
+        return {**request, "uid": 0, "gid": 0, "rlimits": {"nproc": 10**6, "nofile": 10**6}}
+
+
+class GreedyGVisor(_GreedyLaunch, GVisorProvisioner):
+    pass
+
+
+class GreedyMicroVM(_GreedyLaunch, MicroVMProvisioner):
+    pass
+
+
+GREEDY = {"gvisor": GreedyGVisor, "microvm": GreedyMicroVM}
+KERNEL_USER = PRELUDE + textwrap.dedent(
+    """
+    import resource
+    report(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(),
+           nproc=resource.getrlimit(resource.RLIMIT_NPROC),
+           nofile=resource.getrlimit(resource.RLIMIT_NOFILE))
+    """
+)
+
+
+@pytest.mark.attack(
+    "tunnel", "the channel's holder asks the agent for a root kernel and higher rlimits"
+)
+def test_launch_cannot_choose_the_kernels_user_or_limits(
+    target: Target, workspace: Path, no_leftovers, verdict
+) -> None:
+    km = KernelManager(kernel_name=BACKENDS[target.backend], autorestart=False)
+    km.kernel_id = str(uuid.uuid4())
+    km.provisioner = GREEDY[target.backend](
+        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km, pids_limit=128
+    )
+    km.start_kernel(cwd=str(workspace))
+    try:
+        greedy = Target(target.backend, km, km.client(), workspace)
+        greedy.kc.start_channels()
+        greedy.kc.wait_for_ready(timeout=READY_TIMEOUT)
+        seen = greedy.run(KERNEL_USER)
+        greedy.kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    owner = workspace.stat()
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (owner.st_uid, owner.st_gid, [])
+    assert seen["nproc"] == [128, 128] and seen["nofile"] == [4096, 4096]
+    verdict(
+        f"LAUNCH asked for uid 0, gid 0 and 10^6 processes and files; the kernel ran as "
+        f"uid {seen['uid']} gid {seen['gid']} (the workspace's owner, fixed when the sandbox "
+        f"was made) with nproc {seen['nproc'][0]} and nofile {seen['nofile'][0]}"
     )
