@@ -2,12 +2,13 @@
 #   make demo   a sandboxed kernel runs examples/tour.ipynb and prints what it shows
 #   make test   the whole test suite, against the real runsc and the real guest image
 #   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
+#   make hub    the multi-tenant hub's software in /opt/jupyter-sandbox (deploy/install-hub.sh)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image demo test bench lint fuzz gc
+.PHONY: setup host venv image hub demo test bench lint fuzz gc
 
 setup: host venv image
 
@@ -27,10 +28,15 @@ $(VENV)/.installed: pyproject.toml kernelspecs/python3-gvisor/kernel.json kernel
 image: host venv
 	$(BIN)/jupyter sandbox image build
 
+# What users' servers run (Debian's Python, readable by all) and configurable-http-proxy:
+# the sandbox service's and the JupyterHub tests' users use it, as a deployment's do.
+hub: setup
+	bash deploy/install-hub.sh
+
 demo: setup
 	$(BIN)/python examples/run_tour.py --kernel python3-$(BACKEND)
 
-test: setup
+test: setup hub
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 bench: setup

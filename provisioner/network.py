@@ -458,21 +458,38 @@ class SandboxNetwork:
     def netns_path(self) -> Path:
         return netns_path(self.names.netns)
 
+    @classmethod
+    async def resume(cls, record: Record, log: logging.Logger) -> SandboxNetwork:
+        """The network of a sandbox that another process made (its record says what it
+        is): answer its DNS again. The host objects are there already. I/O loop."""
+        spec = NetworkSpec(
+            mode=record.network_mode,
+            allow=tuple(parse_destination(entry) for entry in record.egress_allow),
+        )
+        net = cls(spec, record, log)
+        subnet = ipaddress.IPv4Network(record.subnet)
+        net.host_ip, net.guest_ip = str(subnet[1]), str(subnet[2])
+        await net._serve_dns()
+        return net
+
+    async def _serve_dns(self) -> None:
+        await self._resolve_allowed_names()
+        try:
+            self.responder = await dns.serve(
+                self.host_ip, DNS_PORT, self.guest_ip, self._lookup, self.log,
+                self.record.sandbox_id, device=self.names.veth,
+            )  # fmt: skip
+        except OSError as e:
+            raise SandboxError(
+                f"network setup: cannot answer DNS on {self.host_ip}:{DNS_PORT}: {e} (does "
+                f"a DNS server on the host hold port {DNS_PORT} on every address?)"
+            ) from None
+
     async def open(self) -> None:
         """Make all of it; on any failure remove what was made. I/O loop."""
         await asyncio.to_thread(self._create)
         try:
-            await self._resolve_allowed_names()
-            try:
-                self.responder = await dns.serve(
-                    self.host_ip, DNS_PORT, self.guest_ip, self._lookup, self.log,
-                    self.record.sandbox_id, device=self.names.veth,
-                )  # fmt: skip
-            except OSError as e:
-                raise SandboxError(
-                    f"network setup: cannot answer DNS on {self.host_ip}:{DNS_PORT}: {e} (does "
-                    f"a DNS server on the host hold port {DNS_PORT} on every address?)"
-                ) from None
+            await self._serve_dns()
         except BaseException:
             self.close()
             await asyncio.to_thread(remove, self.record, self.log)
@@ -507,6 +524,8 @@ class SandboxNetwork:
     def _create(self) -> None:
         record, n = self.record, self.names
         record.netns, record.veth, record.nft_table = n.netns, n.veth, n.table
+        record.network_mode = self.spec.mode
+        record.egress_allow = [str(destination) for destination in self.spec.allow]
         record.save()  # before anything exists: after a crash, gc knows what to remove
         try:
             _run(["ip", "netns", "add", n.netns])

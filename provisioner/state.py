@@ -60,6 +60,9 @@ class Record:
     veth: str = ""
     nft_table: str = ""
     subnet: str = ""
+    network_mode: str = ""
+    egress_allow: list[str] = field(default_factory=list)
+    """The network's mode and allowlist: a restarted sandbox service answers its DNS again."""
 
     @property
     def directory(self) -> Path:

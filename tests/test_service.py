@@ -33,7 +33,7 @@ from service_kit import (
 
 from provisioner.state import records
 
-USERS = ("jsbt-ann", "jsbt-bob", "jsbt-cat", "jsbt-dan")
+USERS = ("jsbt-ann", "jsbt-bob", "jsbt-cat", "jsbt-dan", "jsbt-eve")
 POLICY = """
 [default]
 memory_limit = "768M"
@@ -44,6 +44,10 @@ max_kernels = 8
 [users.jsbt-ann]
 memory_limit = "512M"
 pids_limit = 128
+
+[users.jsbt-eve]
+network = "egress"
+egress_allow = ["jsb-service.test:80"]
 """
 GRACE = 3.0
 
@@ -334,7 +338,7 @@ def test_twenty_kernels_start_at_once_for_four_users(users, service, nothing_lef
     env = {"JUPYTER_SANDBOX_SOCKET": str(service.socket)}
     started = time.monotonic()
     procs = {name: kernels_as(user, {"kernels": 5, "cells": [code]}, env=env)
-             for name, user in users.items()}  # fmt: skip
+             for name, user in users.items() if name != "jsbt-eve"}  # fmt: skip
     reports = {name: finish(proc) for name, proc in procs.items()}
     elapsed = time.monotonic() - started
     for name, report in reports.items():
@@ -353,11 +357,18 @@ def test_kernels_outlive_a_restart_of_the_service(users, service, nothing_left):
     ann, bob = users["jsbt-ann"], users["jsbt-bob"]
     env = {"JUPYTER_SANDBOX_SOCKET": str(service.socket)}
     job = {"kernels": 1, "cells": ["x = 41", "print(x + 1)"], "pause": True}
+    hosts = Path("/etc/hosts")
+    original = hosts.read_text()
+    hosts.write_text(original + "192.0.2.44 jsb-service.test\n")
+    resolve = "import socket; print(socket.gethostbyname('jsb-service.test'))"
     staying = kernels_as(ann, job, env=env, stdin=subprocess.PIPE)
     leaving = kernels_as(bob, job, env=env, stdin=subprocess.PIPE)
+    named = kernels_as(users["jsbt-eve"], {**job, "cells": [resolve, resolve]}, env=env,
+                       stdin=subprocess.PIPE)  # fmt: skip
     try:
         (kept,) = json.loads(staying.stdout.readline())
         (orphan,) = json.loads(leaving.stdout.readline())
+        json.loads(named.stdout.readline())
         assert service.stop() == 0
         # the service is gone; the kernels are not
         assert {kept, orphan} <= containers()
@@ -378,13 +389,19 @@ def test_kernels_outlive_a_restart_of_the_service(users, service, nothing_left):
             lambda: probe.call("list")[0]["sandboxes"][0]["attached"], 15, "ann's server attaches"
         )
         probe.close()
-        staying.stdin.write("go on\n")
-        staying.stdin.flush()
+        for proc in (staying, named):
+            proc.stdin.write("go on\n")
+            proc.stdin.flush()
         (report,) = finish(staying)
         assert report["cells"][1] == {"alive": True}
         assert report["cells"][2] == {"status": "ok", "out": "42\n"}  # the same kernel
+        # an egress kernel's names are answered again, by the new service
+        (resolved,) = finish(named)
+        assert resolved["cells"][0] == {"status": "ok", "out": "192.0.2.44\n"}
+        assert resolved["cells"][2] == resolved["cells"][0]
     finally:
-        for proc in (staying, leaving):
+        hosts.write_text(original)
+        for proc in (staying, leaving, named):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

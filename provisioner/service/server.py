@@ -37,6 +37,7 @@ from traitlets.config import LoggingConfigurable
 from .. import cleanup, policy, quotas
 from ..backends.base import Sandbox
 from ..errors import SandboxError, SettingError
+from ..network import SandboxNetwork
 from ..provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
 from ..state import Record, process_start_time, records
 from .client import DEFAULT_SOCKET, SOCKET_ENV
@@ -66,11 +67,20 @@ class Peer:
 
 
 class Adopted:
-    """A sandbox that an earlier run of the service made: known by its record only."""
+    """A sandbox that an earlier run of the service made: known by its record, and its
+    network's DNS responder, which died with that run, answering again."""
 
     def __init__(self, record: Record, log: logging.Logger) -> None:
         self.record = record
         self.log = log
+        self.network: SandboxNetwork | None = None
+
+    async def resume(self) -> None:
+        if self.record.network_mode not in ("", "none"):
+            try:
+                self.network = await SandboxNetwork.resume(self.record, self.log)
+            except (SandboxError, ValueError, OSError) as e:
+                self.log.error("sandbox %s: its DNS does not answer: %s", self.record.sandbox_id, e)
 
     def poll(self) -> int | None:
         return None if self.record.process_alive() else 0
@@ -79,6 +89,8 @@ class Adopted:
         await self.destroy()
 
     async def destroy(self) -> None:
+        if self.network is not None:
+            self.network.close()
         await asyncio.to_thread(cleanup.reap, self.record, self.log)
 
 
@@ -282,7 +294,9 @@ class SandboxService(LoggingConfigurable):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         try:
-            await asyncio.to_thread(self._adopt)
+            for adopted in await asyncio.to_thread(self._adopt):
+                await adopted.resume()
+                self.sandboxes[adopted.record.sandbox_id] = Held(adopted, adopted.record.uid, None)
             loop.add_reader(listener.fileno(), self._accept, listener)
             self.log.info("sandbox service listening on %s", self.socket_path)
             if ready is not None:
@@ -347,17 +361,19 @@ class SandboxService(LoggingConfigurable):
         self.callers.add(caller)
         caller.spawn(caller.serve()).add_done_callback(lambda _: self.callers.discard(caller))
 
-    def _adopt(self) -> None:
+    def _adopt(self) -> list[Adopted]:
         """Take over the sandboxes an earlier run of the service left, then reap stale ones."""
         me, started = os.getpid(), process_start_time(os.getpid())
+        adopted = []
         for record in records():
             if record.uid is None or record.owner_alive():
                 continue
             record.owner_pid, record.owner_start = me, started
             record.save()
-            self.sandboxes[record.sandbox_id] = Held(Adopted(record, self.log), record.uid, None)
+            adopted.append(Adopted(record, self.log))
             self.log.info("adopted sandbox %s of uid %d", record.sandbox_id, record.uid)
         cleanup.collect(self.log)
+        return adopted
 
     async def _watch(self) -> None:
         """Tell holders of ended sandboxes; destroy those nobody holds any more."""
