@@ -9,7 +9,8 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--bac
 (`python3-gvisor`, `python3-microvm`):
 
 - start: `AsyncKernelManager.start_kernel()` until `client.wait_for_ready()` returns
-  (the first kernel_info_reply), median of `--starts` starts;
+  (the first kernel_info_reply), median of `--starts` starts; with gVisor, also the
+  same start through the sandbox service (`jupyter sandbox serve`, started for the run);
 - execute round trip: `execute_request` for `pass` until both its `execute_reply`
   (shell) and its `status: idle` (iopub) have arrived, p50 and p99; the reply alone
   is reported too;
@@ -55,15 +56,17 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
 
 from provisioner import cgroups
 from provisioner.backends.gvisor import runsc_root
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-KERNELS = {"local": "python3", "gvisor": "python3-gvisor", "microvm": "python3-microvm"}
-"""label -> kernelspec"""
-NAMES = {"local": "local", "gvisor": "gVisor", "microvm": "microVM"}
+KERNELS = {"local": "python3", "gvisor": "python3-gvisor", "microvm": "python3-microvm",
+           "service": "python3-gvisor"}  # fmt: skip
+"""label -> kernelspec ("service": gVisor, made by the sandbox service)"""
+NAMES = {"local": "local", "gvisor": "gVisor", "microvm": "microVM", "service": "gVisor (service)"}
 BACKENDS = ("gvisor", "microvm")
 QEMU = "qemu-system-x86_64"
 """For the report's header only: the provisioner finds its own (`qemu_path`)."""
@@ -83,6 +86,9 @@ NEIGHBOUR_TARGET = 2.0
 """Most a CPU hog next door may stretch a gVisor kernel's execute p99 (loaded / idle).
 Shown for microVM too, for information only."""
 
+SERVICE_SOCKET = Path(tempfile.gettempdir()) / f"jsb-bench-service-{os.getpid()}.sock"
+"""Where the run's own sandbox service listens (for the "service" starts)."""
+
 started_sandboxes: set[str] = set()
 """Every sandbox id this run created, to check at the end that none is left."""
 microvm_accels: set[str] = set()
@@ -98,7 +104,11 @@ class Kernel:
     def __init__(self, label: str, cwd: str) -> None:
         self.label = label
         self.cwd = cwd
-        self.km = AsyncKernelManager(kernel_name=KERNELS[label])
+        config = Config()
+        if label == "service":
+            config.GVisorProvisioner.mode = "service"
+            config.GVisorProvisioner.service_socket = str(SERVICE_SOCKET)
+        self.km = AsyncKernelManager(kernel_name=KERNELS[label], config=config)
         self.kc = None
         self.start_kwargs: dict = {}
 
@@ -181,6 +191,27 @@ async def wait_idle(kc, msg_id: str, on_msg=None) -> None:
 
 
 # -- metrics -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sandbox_service():
+    """The sandbox service as its own process, for the run; no policy bounds its kernels."""
+    policy = SERVICE_SOCKET.with_suffix(".toml")
+    policy.write_text("[default]\n")
+    argv = [str(Path(sys.executable).parent / "jupyter-sandbox"), "serve",
+            f"--socket={SERVICE_SOCKET}", f"--policy={policy}", "--log-level=WARN"]  # fmt: skip
+    process = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 30
+        while not SERVICE_SOCKET.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the sandbox service did not start")
+            time.sleep(0.05)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        policy.unlink()
 
 
 async def measure_starts(counts: dict[str, int], warmup: bool, cwd: str) -> dict[str, list[float]]:
@@ -556,6 +587,8 @@ def summarize(raw: dict) -> dict:
         s[label]["neighbour_ratio"] = (
             s[label]["neighbour_loaded_p99"] / s[label]["neighbour_idle_p99"]
         )
+    if "service" in raw["starts"]:
+        s["gvisor"]["service_start"] = statistics.median(raw["starts"]["service"])
     return s
 
 
@@ -649,6 +682,17 @@ def table(raw: dict, s: dict) -> str:
             sec,
             "start",
         ),
+    ]
+    if "service_start" in s.get("gvisor", {}):
+        start = s["gvisor"]["service_start"]
+        lines.append(
+            line(
+                "the same start, the sandbox made by the sandbox service (`mode = service`)",
+                "",
+                {"gvisor": (sec(start), f"{start / loc['start']:.2f}x")},
+            )
+        )
+    lines += [
         row(
             "execute round trip p50 (`pass`, request → reply **and** iopub idle; "
             f"n={counts('executes')})",
@@ -863,7 +907,11 @@ async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
         "plan": counts,
     }
     print(f"starts ({said('starts')}), alternating", file=sys.stderr)
-    raw["starts"] = await measure_starts(each("starts"), not args.no_warmup, cwd)
+    starts = each("starts")
+    if "gvisor" in args.backends:
+        starts["service"] = starts["gvisor"]
+    with sandbox_service():
+        raw["starts"] = await measure_starts(starts, not args.no_warmup, cwd)
 
     kernels: dict[str, Kernel] = {}
     try:

@@ -47,12 +47,14 @@ def _unrecorded(sandbox_id: str) -> Record:
 
 
 def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
-    """Reap every sandbox whose owning server is gone (or every one, if include_live)."""
+    """Reap every sandbox whose owning server is gone (or every one, if include_live), but
+    those of a sandbox service that is gone: its next start adopts them."""
     reaped = []
     known = set()
     for record in records():
         known.add(record.sandbox_id)
-        if include_live or not record.owner_alive():
+        # The sandbox service's (uid set) wait for its next start to adopt them.
+        if include_live or (record.uid is None and not record.owner_alive()):
             reap(record, log)
             reaped.append(record.sandbox_id)
     # Folders without a readable record (past the moment a starting sandbox writes

@@ -63,7 +63,21 @@ def find_boot_files(name: str = DEFAULT_IMAGE) -> BootFiles:
             f"the microVM boot files of image {name} are missing ({missing}); "
             "build them with `jupyter sandbox image build` (as root)"
         )
+    try:
+        built_from = json.loads((folder / "boot.json").read_text()).get("guest_files")
+    except (OSError, ValueError, AttributeError):
+        built_from = None
+    if built_from != _guest_files_digest():
+        raise ImageError(
+            f"the microVM initramfs of image {name} was built from another version of "
+            "guest/microvm/ (init, pid1.py); rebuild it with `jupyter sandbox image build`"
+        )
     return files
+
+
+def _guest_files_digest() -> str:
+    """What the initramfs takes from this package: a build of another version won't do."""
+    return _digest(*((GUEST_FILES / name).read_bytes() for name in ("init", "pid1.py")))
 
 
 def _digest(*parts: bytes) -> str:
@@ -245,5 +259,6 @@ def build_boot_files(name: str, rootfs: Path, log: logging.Logger) -> BootFiles:
     for path in (files.kernel, files.initramfs):
         path.chmod(0o444)  # QEMU runs as the kernel's user: world-readable, never writable
     record["modules"] = [m.name for m in modules]
+    record["guest_files"] = _guest_files_digest()
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return files

@@ -9,6 +9,7 @@ stays reachable whichever loop, if any, the caller runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -47,12 +48,35 @@ SYSTEM_DIRS = frozenset({"/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp",
 """Folders never mounted themselves (their subfolders may be)."""
 
 
-def _owned_folder(path: Path, uid: int) -> bool:
-    """Whether `path` is a folder that `uid` owns (looked at without following a last link)."""
+def open_owned_folder(path: Path, uid: int) -> int:
+    """An O_PATH descriptor of folder `path`, if `uid` owns it; SandboxError if not.
+
+    Opened one name at a time without following any link, so that what is
+    checked is what gets mounted: a caller who owns a folder on the way could
+    otherwise swap a name for a link to someone else's files. Callers resolve
+    their own links first (the provisioner sends a resolved path).
+    """
+    refused = SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
+    if not path.is_absolute() or any(part in (".", "..") for part in path.parts):
+        raise refused
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
     try:
-        return path.is_dir() and not path.is_symlink() and path.stat().st_uid == uid
-    except OSError:
-        return False
+        for name in path.parts[1:]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(name, flags, dir_fd=parent)
+            finally:
+                os.close(parent)
+        if os.fstat(fd).st_uid != uid:
+            raise refused
+    except OSError:  # missing, a link, not a folder: the same words whether or not it exists
+        raise refused from None
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
 
 
 class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -230,6 +254,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.user = ""
         """Whose kernel this is (see `policy.current_identity`), set at each launch."""
         self.quota = quotas.Quota()
+        self.through_service = False
+        """Whether the sandbox service made this kernel's sandbox (see `mode`)."""
 
     # -- what a backend provides --------------------------------------------
 
@@ -262,22 +288,31 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             bandwidth=parse_bandwidth(self.network_bandwidth),
         )
 
-    @property
-    def through_service(self) -> bool:
-        """Whether the sandbox service makes this kernel's sandbox (see `mode`)."""
-        if self.mode == "auto":
-            return os.geteuid() != 0 and Path(self.service_socket).exists()
-        return self.mode == "service"
+    def _choose_mode(self) -> None:
+        """Decide, once per launch, whether the sandbox service makes the sandbox."""
+        self.through_service = self.mode == "service" or (self.mode == "auto" and os.geteuid() != 0)
+        if self.through_service and not Path(self.service_socket).exists():
+            raise SandboxError(
+                f"no sandbox service listens at {self.service_socket}, and this server "
+                "is not root: start the service (`jupyter sandbox serve`, README: "
+                "'Multi-tenant hubs'), or run the server as root"
+            )
 
-    async def apply_policy(self, who: policy.Identity | None = None) -> None:
-        """Bound the settings and quota by the policy for `who` (default: this server's user)."""
+    async def apply_policy(
+        self, who: policy.Identity | None = None, bounds: dict[str, Any] | None = None
+    ) -> None:
+        """Bound the settings and quota by the policy for `who` (default: this server's user).
+
+        `bounds`: ceilings for what the policy leaves out (the sandbox service's own
+        settings: its callers get no more than those).
+        """
         if who is None:
             who = await asyncio.to_thread(policy.current_identity, self.log)
         self.user, self.quota = who.user, quotas.Quota()
         path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
         if not path:
             return
-        ceilings = policy.policy_file(path, self.log).current().ceilings(who)
+        ceilings = {**(bounds or {}), **policy.policy_file(path, self.log).current().ceilings(who)}
         kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
         granted = policy.apply(ceilings, self.asked, kernel_name, who)
         try:
@@ -294,6 +329,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        self._choose_mode()
         if not self.through_service:  # else the service applies it, for the caller it sees
             await self.apply_policy()
         km = self.parent
@@ -325,22 +361,25 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     ) -> tuple[str, tuple[Mount, ...], Path | None]:
         """The kernel's cwd in the guest, its mounts, and the host folder behind it.
 
-        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns.
+        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns
+        (the mount then carries the folder's descriptor: the caller must close it).
         """
         if self.workspace == "none":
             return GUEST_HOME, (), None
-        path = Path(cwd or Path.cwd()).resolve()
+        confined = caller_uid not in (None, 0)
+        path = Path(cwd or Path.cwd())
+        if not confined:  # a caller's path is taken as it is, links refused (open_owned_folder)
+            path = path.resolve()
         if str(path) in SYSTEM_DIRS or any(path.is_relative_to(tree) for tree in SYSTEM_TREES):
             raise SandboxError(
                 f"will not mount {path} into a sandbox: it is a system folder. Start the "
                 "kernel from a project folder, or set workspace = 'none'"
             )
-        if caller_uid not in (None, 0) and not _owned_folder(path, caller_uid):
-            # the same words whether or not it exists: callers learn nothing of others' files
-            raise SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
+        fd = open_owned_folder(path, caller_uid) if confined else None  # type: ignore[arg-type]
         if not path.is_dir():
             raise SandboxError(f"the kernel's working directory {path} does not exist")
-        mount = Mount(source=path, destination=str(path), read_only=self.workspace == "ro")
+        read_only = self.workspace == "ro"
+        mount = Mount(source=path, destination=str(path), read_only=read_only, fd=fd)
         return str(path), (mount,), path
 
     def kernel_owner(self, host_workspace: Path | None) -> tuple[int, int]:
@@ -415,7 +454,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             owner = self.kernel_owner(host_workspace)
             sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
             await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
-        request = self._launch_request(cmd, kwargs.get("env", {}), cwd)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,
@@ -423,7 +461,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.sandbox_id,
             self.limits.describe(),
         )
-        self.tunnel = await run_on_io(self._start(sandbox, request))
+        try:
+            request = self._launch_request(cmd, kwargs.get("env", {}), cwd)
+            self.tunnel = await run_on_io(self._start(sandbox, request))
+        except BaseException:  # `_start` removes what it started; not if it never ran
+            if self.tunnel is None:
+                with contextlib.suppress(Exception):
+                    await run_on_io(sandbox.destroy())
+            raise
         self.sandbox = sandbox
         self.stop_reason = ""
         return self.connection_info

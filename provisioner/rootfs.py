@@ -10,6 +10,7 @@ workspace's path): they never reach the shared image or another tenant's view.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,18 @@ def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
     return root
 
 
+def bind(fd: int, bundle: Path) -> Path:
+    """Bind the folder open at `fd` to `bundle`/workspace and return that path.
+
+    runsc then mounts it from there, where only root can change what the path
+    names; the caller's own path could meanwhile be swapped for a link.
+    """
+    target = bundle / "workspace"
+    target.mkdir(mode=0o700)
+    _mount(["--bind", f"/proc/{os.getpid()}/fd/{fd}", str(target)], "the workspace")
+    return target
+
+
 def _unmount(path: Path) -> None:
     if path.exists() and _mounted(path):
         subprocess.run(["umount", str(path)], capture_output=True, check=False)
@@ -56,7 +69,7 @@ def _unmount(path: Path) -> None:
 
 def remove_bundle(bundle: Path) -> None:
     """Unmount and delete a sandbox's folder, never descending into a mounted root or layer."""
-    for mounted in (bundle / "rootfs", layer(bundle)):
+    for mounted in (bundle / "rootfs", layer(bundle), bundle / "workspace"):
         _unmount(mounted)
         if mounted.exists() and _mounted(mounted):
             raise OSError(f"{mounted} is still mounted; not removing {bundle}")

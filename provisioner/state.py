@@ -91,12 +91,17 @@ class Record:
         rootfs.remove_bundle(self.directory)
 
 
+_RENAMED = {"vm_pid": "pid", "vm_start": "pid_start"}
+"""Fields of records written by earlier versions, and their names now."""
+
+
 def records() -> list[Record]:
     """Every recorded sandbox; unreadable records are skipped (gc removes their folders)."""
     found = []
     for path in sorted(sandboxes_dir().glob("*/record.json")):
         try:
-            found.append(Record(**json.loads(path.read_text())))
+            saved = json.loads(path.read_text())
+            found.append(Record(**{_RENAMED.get(key, key): v for key, v in saved.items()}))
         except (OSError, ValueError, TypeError):
             continue
     return found

@@ -46,11 +46,12 @@ _GUEST_JSON = frozenset({Kind.HELLO, Kind.STARTED, Kind.EXIT, Kind.ERROR})
 
 
 def reserve(ip: str, ports: dict[str, int]) -> dict[str, socket.socket]:
-    """Bind each channel's port on `ip` (0: any free one), not listening yet.
+    """Listen on each channel's port on `ip` (0: any free one), accepting nothing yet.
 
-    Held from before the sandbox starts until `Tunnel.listen`, the ports cannot be
-    taken meanwhile by another kernel or server (they are chosen, then bound,
-    seconds later otherwise). Raises TunnelError naming a port that is taken.
+    Held from before the sandbox starts until `Tunnel.listen` serves them, the
+    ports cannot be taken meanwhile by another kernel or server (they would be
+    chosen, then bound, seconds later otherwise); a client that connects early
+    waits in the backlog. Raises TunnelError naming a port that is taken.
     """
     bound: dict[str, socket.socket] = {}
     try:
@@ -60,6 +61,7 @@ def reserve(ip: str, ports: dict[str, int]) -> dict[str, socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((ip, ports[channel]))
+                sock.listen(100)  # bound but not listening, another SO_REUSEADDR bind could win
             except OSError as e:
                 raise TunnelError(
                     f"cannot listen on {ip}:{ports[channel]} for {channel}: {e.strerror or e}"
@@ -206,7 +208,8 @@ class Tunnel(asyncio.Protocol):
 
         Raises TunnelError if the channel is, or meanwhile gets, closed: a guest may
         break the protocol in the very chunk that carried its STARTED, and a closed
-        tunnel must own no listening socket (its `close` has already run).
+        tunnel must own no listening socket (its `close` has already run); the
+        sockets are closed then, as they would be by `close` once served.
         """
         loop = asyncio.get_running_loop()
         for channel in CHANNELS:
@@ -220,6 +223,8 @@ class Tunnel(asyncio.Protocol):
                 break
             self.servers.append(server)
         if self.closed:
+            for sock in sockets.values():
+                sock.close()
             raise TunnelError(self.broken_reason or "the sandbox closed its channel")
 
     def signal(self, signum: int) -> bool:

@@ -132,7 +132,6 @@ class Caller:
             "create",
             kernel_id=f"k{time.monotonic_ns()}",
             kernel_name="python3-gvisor",
-            backend="gvisor",
             settings=settings,
             cwd=cwd,
         )

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -399,3 +400,31 @@ def test_a_user_cannot_raise_their_own_limits(hub, logged_in):
     config.unlink()
     amy.stop_server()
     amy.start_server()
+
+
+def test_quotas_and_limit_kills_work_as_in_process(hub, logged_in):
+    """Through the service, a quota refuses with its reason, and a kernel killed by its
+    memory limit tells its notebook why, as an in-process kernel does."""
+    amy = logged_in["jsbh-amy"]
+    kernels = [amy.start_kernel() for _ in range(3)]  # max_kernels = 3
+    refused = amy.api("post", "/kernels", json={"name": "python3-gvisor"})
+    assert refused.status_code == 403, (refused.status_code, refused.text)
+    assert "kernel quota: jsbh-amy already runs 3 of at most 3" in refused.text
+    sock = KernelSocket(amy, kernels[0])
+    try:
+        request = sock.send("execute_request", {"code": "x = bytearray(700 << 20)",
+                                                "silent": False, "store_history": True,
+                                                "user_expressions": {}, "allow_stdin": False,
+                                                "stop_on_error": True})  # fmt: skip
+        told = ""
+        deadline = time.monotonic() + 120
+        while "jupyter-sandbox" not in told and time.monotonic() < deadline:
+            sock.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            msg = json.loads(sock.ws.recv())
+            if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == request:
+                told += msg["content"]["text"]
+    finally:
+        sock.close()
+    assert "it exceeded its memory limit, memory_limit = 512M" in told
+    for kernel in kernels:
+        assert amy.api("delete", f"/kernels/{kernel}").status_code == 204

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import require_sandbox
 
+from provisioner import microvm_image
 from provisioner.images import (
     GUEST_PYTHON,
     SANDBOX_HOME,
@@ -157,3 +158,18 @@ def test_runs_under_runsc_as_the_kernel_user(rootfs: Path, manifest: dict, tmp_p
     # No "Matplotlib is building the font cache" line: the cache is in the image.
     numpy = manifest["python_packages"]["numpy"]
     assert res.stdout.split() == ["ok", str(SANDBOX_UID), "sandbox", numpy], res.stdout
+
+
+def test_boot_files_of_another_guest_version_are_refused(tmp_path, monkeypatch):
+    """An initramfs built from another guest/microvm/init (an upgrade without a rebuild)
+    would start agents that miss what this version's host tells them: refused, saying why."""
+    for name in ("vmlinux", "initramfs.cpio.gz", "root.img"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setattr(microvm_image, "boot_dir", lambda name: tmp_path)
+    (tmp_path / "boot.json").write_text(json.dumps({"guest_files": "0" * 16}))
+    with pytest.raises(ImageError, match="another version of guest/microvm/"):
+        microvm_image.find_boot_files("python3")
+    (tmp_path / "boot.json").write_text(
+        json.dumps({"guest_files": microvm_image._guest_files_digest()})
+    )
+    assert microvm_image.find_boot_files("python3").kernel == tmp_path / "vmlinux"

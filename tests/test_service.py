@@ -167,8 +167,8 @@ def test_the_caller_is_who_the_kernel_says_it_is(users, service, nothing_left):
     ann, bob = users["jsbt-ann"], users["jsbt-bob"]
     a, b = service.caller(ann), service.caller(bob)
     # a claim in the request is not even accepted
-    claim, _ = a.call("create", kernel_id="k1", kernel_name="python3-gvisor", backend="gvisor",
-                      settings={}, cwd=ann.pw_dir, user="jsbt-bob")  # fmt: skip
+    claim, _ = a.call("create", kernel_id="k1", kernel_name="python3-gvisor", settings={},
+                      cwd=ann.pw_dir, user="jsbt-bob")  # fmt: skip
     assert not claim["ok"] and claim["kind"] == "request"
     assert "unknown field user" in claim["error"]
 
@@ -216,7 +216,7 @@ def test_hostile_requests_get_an_error_and_change_nothing(users, service, nothin
 
     def create(**overrides):
         request = {"kernel_id": "k-hostile", "kernel_name": "python3-gvisor",
-                   "backend": "gvisor", "settings": {}, "cwd": ann.pw_dir, **overrides}  # fmt: skip
+                   "settings": {}, "cwd": ann.pw_dir, **overrides}  # fmt: skip
         return a.call("create", **request)[0]
 
     refused = {
@@ -233,7 +233,11 @@ def test_hostile_requests_get_an_error_and_change_nothing(users, service, nothin
         (a.call("format_disk")[0], "request", "op: expected"),
         (a.call("destroy")[0], "request", "sandbox_id"),
         (create(kernel_id="../../etc"), "request", "kernel_id"),
-        (create(backend="docker"), "request", "backend"),
+        (create(backend="microvm"), "request", "unknown field backend"),
+        (create(kernel_name="python3"), "request", "not a sandboxed one"),
+        (create(kernel_name="no-such-kernel"), "request", "no kernelspec"),
+        (create(settings={"open_files_limit": 10**6}), "policy", "at most 4096"),  # unnamed
+        (a.call("attach", sandbox_ids=["jsb-x"] * 300)[0], "request", "at most 256"),
         (create(cwd="relative/path"), "request", "absolute"),
         (create(settings={"kernel_uid": 0}), "request", "settings"),
         (create(settings={"runsc_path": "/tmp/evil"}), "request", "settings"),
@@ -244,7 +248,9 @@ def test_hostile_requests_get_an_error_and_change_nothing(users, service, nothin
         (create(cwd="/etc"), "sandbox", "system folder"),
         (create(cwd=bob.pw_dir), "sandbox", "not a folder you own"),
         (create(cwd=str(secret)), "sandbox", "not a folder you own"),
-        (create(cwd=str(link)), "sandbox", "not a folder you own"),  # resolved: bob's
+        (create(cwd=str(link)), "sandbox", "not a folder you own"),  # a link: never followed
+        (create(cwd=str(link) + "/."), "sandbox", "not a folder you own"),
+        (create(cwd=f"{ann.pw_dir}/../jsbt-bob"), "sandbox", "not a folder you own"),
         (create(cwd="/home/nobody-here"), "sandbox", "not a folder you own"),
         (a.call("kill", sandbox_id=victim["sandbox_id"])[0], "request", "no sandbox"),
         (a.call("destroy", sandbox_id=victim["sandbox_id"])[0], "request", "no sandbox"),

@@ -314,3 +314,21 @@ async def test_late_frames_are_bounded_by_what_could_be_in_flight(tunnel_and_gue
     await guest.write(encode(Kind.DATA, sid, b"x" * MAX_PAYLOAD))
     await wait_broken(broken)
     assert broken and f"DATA for stream {sid} after it closed" in broken[0]
+
+
+def test_reserved_ports_cannot_be_taken_meanwhile():
+    """From pre_launch until the tunnel serves them, nobody else can bind the kernel's
+    ports, not even with SO_REUSEADDR (which a bound but idle socket would allow)."""
+    held = reserve("127.0.0.1", dict.fromkeys(("shell", "iopub", "stdin", "control", "hb"), 0))
+    try:
+        for sock in held.values():
+            rival = socket.socket()
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with rival, pytest.raises(OSError, match="in use"):
+                rival.bind(sock.getsockname())
+        port = held["shell"].getsockname()[1]
+        with pytest.raises(TunnelError, match=f"cannot listen on 127.0.0.1:{port} for shell"):
+            reserve("127.0.0.1", {**dict.fromkeys(held, 0), "shell": port})
+    finally:
+        for sock in held.values():
+            sock.close()

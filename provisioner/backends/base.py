@@ -22,6 +22,9 @@ class Mount:
     source: Path
     destination: str
     read_only: bool
+    fd: int | None = None
+    """An O_PATH descriptor of `source`, opened without following links, for a caller
+    who controls the path (the sandbox service's): the backend mounts what it names."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -167,7 +168,14 @@ class GVisorSandbox(Sandbox):
             # find the cgroups. nsenter execs runsc, so the process is runsc itself.
             nsenter = shutil.which("nsenter") or "nsenter"
             prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
-        config = oci_spec(self.spec, root, self.record.cgroup, files)
+        spec = dataclasses.replace(
+            self.spec,
+            mounts=tuple(
+                m if m.fd is None else dataclasses.replace(m, source=rootfs.bind(m.fd, bundle))
+                for m in self.spec.mounts
+            ),
+        )
+        config = oci_spec(spec, root, self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
         to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)

@@ -102,7 +102,9 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
     ]  # fmt: skip
     for mount in spec.mounts:  # the workspace, at the same path
         argv += [
-            "-fsdev", f"local,id=workspace,path={mount.source},security_model=passthrough"
+            # QEMU opens it as the sandbox's owner (the caller): its own permissions apply
+            "-fsdev", "local,id=workspace,path=" + str(mount.source).replace(",", ",,")
+            + ",security_model=passthrough"
             + (",readonly=on" if mount.read_only else ""),
             "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
         ]  # fmt: skip

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 SOCKET_ENV = "JUPYTER_SANDBOX_SOCKET"
 DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
 RECONNECT_INTERVAL = 0.5
+CALL_TIMEOUT = 120.0
+"""Seconds the service may take to answer (a create starts a sandbox)."""
 ERRORS: dict[str, type[Exception]] = {
     "quota": quotas.QuotaError,
     "policy": PolicyError,
@@ -127,11 +129,21 @@ class ServiceClient:
         self._pending[rid] = answer
         try:
             await conn.send({"id": rid, "op": op, **fields})
-            reply, fds = await answer
+            reply, fds = await asyncio.wait_for(asyncio.shield(answer), CALL_TIMEOUT)
         except (OSError, EOFError) as e:
             raise ServiceError(f"the sandbox service at {self.path} went away: {e}") from None
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                f"the sandbox service at {self.path} did not answer {op} in {CALL_TIMEOUT:.0f} s"
+            ) from None
+        except asyncio.CancelledError:
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                self._unused(*answer.result())  # it came as we gave up: nobody will use it
+            raise
         finally:
             self._pending.pop(rid, None)
+            if not answer.done():
+                answer.cancel()
         if not reply.get("ok"):
             close_fds(fds)
             raise ERRORS.get(reply.get("kind", ""), ServiceError)(
@@ -151,7 +163,7 @@ class ServiceClient:
                 if answer is not None and not answer.done():
                     answer.set_result((message, fds))
                     continue
-                close_fds(fds)
+                self._unused(message, fds)
                 if message.get("event") == "exited":
                     sandbox = self.sandboxes.get(message.get("sandbox_id"))  # type: ignore[arg-type]
                     status = message.get("status")
@@ -170,6 +182,19 @@ class ServiceClient:
             if self.sandboxes:
                 self.log.warning("%s; connecting again to keep its sandboxes", gone)
                 self._spawn(self._reconnect())
+
+    def _unused(self, message: dict[str, Any], fds: list[int]) -> None:
+        """A reply nobody waits for (its caller gave up): what it made goes at once."""
+        close_fds(fds)
+        made = message.get("sandbox_id") if message.get("ok") else None
+        if isinstance(made, str) and made not in self.sandboxes:
+            self._spawn(self._forget(made))
+
+    async def _forget(self, sandbox_id: str) -> None:
+        try:
+            await self.call("destroy", sandbox_id=sandbox_id)
+        except ServiceError as e:
+            self.log.warning("could not destroy unused sandbox %s: %s", sandbox_id, e)
 
     async def _reconnect(self) -> None:
         """Connect again while there are sandboxes to keep (attaching them is `_connection`'s)."""
@@ -202,7 +227,6 @@ class ServiceClient:
         request: dict[str, Any] = {
             "kernel_id": prov.kernel_id,
             "kernel_name": getattr(prov.parent, "kernel_name", "") or prov.kernel_spec.name,
-            "backend": prov.backend,
             "settings": {**prov.asked, "image": prov.image, "workspace": prov.workspace},
             "cwd": cwd,
         }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import pwd
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from traitlets import Float, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
@@ -50,6 +51,8 @@ BACKENDS: dict[str, type[SandboxProvisioner]] = {
 CALLER_SETTINGS = frozenset({*policy.SETTINGS, "image", "workspace"})
 """What a caller may ask for; the policy bounds the limits among them."""
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_ATTACH = 256
+"""Sandbox ids in one attach: its reply stays well within a message."""
 _TICK = 0.2
 """Seconds between looks at every sandbox: ended ones, and ones past their grace period."""
 
@@ -120,7 +123,7 @@ def _text(request: dict, name: str, pattern: re.Pattern | None = None, limit: in
 
 
 OPS: dict[str, frozenset[str]] = {
-    "create": frozenset({"kernel_id", "kernel_name", "backend", "settings", "cwd", "hub_token"}),
+    "create": frozenset({"kernel_id", "kernel_name", "settings", "cwd", "hub_token"}),
     "kill": frozenset({"sandbox_id"}),
     "destroy": frozenset({"sandbox_id"}),
     "attach": frozenset({"sandbox_ids"}),
@@ -134,16 +137,14 @@ def check_request(request: dict[str, Any]) -> tuple[int, str]:
     rid, op = request.get("id"), request.get("op")
     if type(rid) is not int or not 0 <= rid < 2**53:
         raise RequestError("id: expected an integer")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise RequestError(f"op: expected one of {', '.join(OPS)}")
     unknown = set(request) - {"id", "op"} - OPS[op]
     if unknown:
         raise RequestError(f"{op}: unknown field {', '.join(sorted(unknown))}")
     if op == "create":
         _text(request, "kernel_id", _NAME, 128)
-        _text(request, "kernel_name", limit=255)
-        if request.get("backend") not in BACKENDS:
-            raise RequestError(f"backend: expected one of {', '.join(BACKENDS)}")
+        _text(request, "kernel_name", _NAME, 255)
         settings = request.get("settings")
         if not isinstance(settings, dict) or not set(settings) <= CALLER_SETTINGS:
             raise RequestError(
@@ -157,8 +158,8 @@ def check_request(request: dict[str, Any]) -> tuple[int, str]:
         _text(request, "sandbox_id", _NAME, 128)
     elif op == "attach":
         ids = request.get("sandbox_ids")
-        if not isinstance(ids, list) or len(ids) > 1024:
-            raise RequestError("sandbox_ids: expected a list of at most 1024 sandbox ids")
+        if not isinstance(ids, list) or len(ids) > MAX_ATTACH:
+            raise RequestError(f"sandbox_ids: expected a list of at most {MAX_ATTACH} sandbox ids")
         for sandbox_id in ids:
             _text({"sandbox_id": sandbox_id}, "sandbox_id", _NAME, 128)
     return rid, op
@@ -231,7 +232,11 @@ class Caller:
         if self.closed:
             return
         try:
-            await asyncio.wait_for(self.conn.send(message, fds), self.service.send_timeout)
+            try:
+                await asyncio.wait_for(self.conn.send(message, fds), self.service.send_timeout)
+            except WireError as e:  # a reply that cannot be sent: say so, not hang the caller
+                error = {"id": message.get("id"), "ok": False, "kind": "request", "error": str(e)}
+                await asyncio.wait_for(self.conn.send(error), self.service.send_timeout)
         except (OSError, EOFError, asyncio.TimeoutError):
             self.closed = True
             self.conn.close()
@@ -262,6 +267,13 @@ class SandboxService(LoggingConfigurable):
         "with the caller's own server token, which the Hub checks; the URL is never the caller's).",
     )
     max_connections = Int(1024, config=True, help="Connections at once, all callers together.")
+    max_connections_per_user = Int(16, config=True, help="Connections at once of one uid.")
+    socket_group = Unicode(
+        "",
+        config=True,
+        help="If set, only root and this group's members may call: the socket is 0660 "
+        "and the group's (else 0666: any local user, who is known by uid all the same).",
+    )
     max_requests = Int(32, config=True, help="Requests of one connection being served at once.")
     send_timeout = Float(10.0, config=True, help="Seconds a caller may take to read a reply.")
 
@@ -277,6 +289,7 @@ class SandboxService(LoggingConfigurable):
         super().__init__(**kwargs)
         self.sandboxes: dict[str, Held] = {}
         self.callers: set[Caller] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
 
     # -- running ----------------------------------------------------------------
@@ -294,9 +307,10 @@ class SandboxService(LoggingConfigurable):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         try:
-            for adopted in await asyncio.to_thread(self._adopt):
-                await adopted.resume()
-                self.sandboxes[adopted.record.sandbox_id] = Held(adopted, adopted.record.uid, None)
+            adopted = await asyncio.to_thread(self._adopt)
+            await asyncio.gather(*(sandbox.resume() for sandbox in adopted))
+            for sandbox in adopted:  # their grace period starts as callers can attach again
+                self.sandboxes[sandbox.record.sandbox_id] = Held(sandbox, sandbox.record.uid, None)
             loop.add_reader(listener.fileno(), self._accept, listener)
             self.log.info("sandbox service listening on %s", self.socket_path)
             if ready is not None:
@@ -332,7 +346,13 @@ class SandboxService(LoggingConfigurable):
             path.unlink()  # a stale socket of a service that is gone
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.bind(str(path))
-        path.chmod(0o666)  # any local user may call; who they are comes from the kernel
+        if self.socket_group:
+            try:
+                os.chown(path, 0, grp.getgrnam(self.socket_group).gr_gid)
+            except KeyError:
+                sock.close()
+                raise SettingError(f"socket_group: no group {self.socket_group!r}") from None
+        path.chmod(0o660 if self.socket_group else 0o666)
         sock.listen(128)
         sock.setblocking(False)
         return sock
@@ -342,18 +362,24 @@ class SandboxService(LoggingConfigurable):
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:  # e.g. EMFILE: the next accept is tried at the next wakeup
-            self.log.warning("cannot accept a caller: %s", e)
+        except OSError as e:  # e.g. EMFILE: stop accepting for a moment, not spin
+            self.log.warning("cannot accept a caller: %s; pausing for a second", e)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(listener.fileno())
+            loop.call_later(1.0, loop.add_reader, listener.fileno(), self._accept, listener)
             return
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
         try:
-            user = pwd.getpwuid(uid).pw_name
+            entry = pwd.getpwuid(uid)
+            user, gid = entry.pw_name, entry.pw_gid  # its primary group, not its egid now
         except KeyError:
             self.log.warning("refused pid %d: uid %d has no user name", pid, uid)
             sock.close()
             return
-        if len(self.callers) >= self.max_connections:
+        if len(self.callers) >= self.max_connections or (
+            sum(c.peer.uid == uid for c in self.callers) >= self.max_connections_per_user
+        ):
             self.log.warning("refused %s (pid %d): too many connections", user, pid)
             sock.close()
             return
@@ -379,23 +405,34 @@ class SandboxService(LoggingConfigurable):
         """Tell holders of ended sandboxes; destroy those nobody holds any more."""
         while True:
             await asyncio.sleep(_TICK)
-            now = time.monotonic()
-            for sandbox_id, held in list(self.sandboxes.items()):
-                if held.status is None and (status := held.sandbox.poll()) is not None:
-                    held.status = status
-                    if held.holder is not None:
-                        event = {"event": "exited", "sandbox_id": sandbox_id, "status": status}
-                        held.holder.spawn(held.holder.send(event))
-                if held.holder is None and (
-                    held.status is not None or now - held.since > self.grace_period
-                ):
-                    self.log.info(
-                        "sandbox %s of uid %d: %s, destroying it",
-                        sandbox_id,
-                        held.uid,
-                        "ended" if held.status is not None else "not attached again in time",
-                    )
-                    await self._destroy(sandbox_id)
+            try:
+                await self._look()
+            except Exception:  # the next look may do better; the watcher must not end
+                self.log.exception("looking at the sandboxes failed")
+
+    async def _look(self) -> None:
+        now = time.monotonic()
+        for sandbox_id, held in list(self.sandboxes.items()):
+            if held.status is None and (status := held.sandbox.poll()) is not None:
+                held.status = status
+                if held.holder is not None:
+                    event = {"event": "exited", "sandbox_id": sandbox_id, "status": status}
+                    held.holder.spawn(held.holder.send(event))
+            if held.holder is None and (
+                held.status is not None or now - held.since > self.grace_period
+            ):
+                self.log.info(
+                    "sandbox %s of uid %d: %s, destroying it",
+                    sandbox_id,
+                    held.uid,
+                    "ended" if held.status is not None else "not attached again in time",
+                )
+                self._spawn(self._destroy(sandbox_id))  # one slow removal holds up no other
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def let_go(self, caller: Caller) -> None:
         """`caller` is gone: its sandboxes start their grace period."""
@@ -420,38 +457,54 @@ class SandboxService(LoggingConfigurable):
 
     # -- operations: each returns the reply's fields and the descriptors it carries ---
 
+    def _kernelspec(self, name: str) -> tuple[KernelSpec, type[SandboxProvisioner]]:
+        """The service's own kernelspec `name` and its backend: a caller names one, and the
+        policy's `kernelspecs` mean what the operator installed under that name."""
+        try:
+            spec = KernelSpecManager(parent=self).get_kernel_spec(name)
+        except NoSuchKernel:
+            raise RequestError(f"no kernelspec {name!r} is installed for the service") from None
+        provisioner = spec.metadata.get("kernel_provisioner", {}).get("provisioner_name")
+        for cls in BACKENDS.values():
+            if provisioner == f"{cls.backend}-provisioner":
+                return spec, cls
+        raise RequestError(f"kernelspec {name!r} is not a sandboxed one")
+
     async def op_create(self, caller: Caller, request: dict) -> tuple[dict, tuple[int, ...]]:
         peer = caller.peer
         settings = dict(request["settings"])
         if "/" in str(settings.get("image", "")):
             raise SettingError("through the sandbox service, image is a built image's name")
-        prov = BACKENDS[request["backend"]](
-            kernel_id=request["kernel_id"],
-            kernel_spec=KernelSpec(name=request["kernel_name"]),
-            config=self.config,
-            log=self.log,
-            **settings,
-        )
+        kernel_spec, cls = await asyncio.to_thread(self._kernelspec, request["kernel_name"])
+        made = {"kernel_id": request["kernel_id"], "kernel_spec": kernel_spec,
+                "config": self.config, "log": self.log}  # fmt: skip
+        prov = cls(**made, **settings)
         prov.policy_file = self.policy_file  # never the caller's
+        defaults = cls(**made)  # the service's own settings bound what the policy leaves out
+        bounds = {name: getattr(defaults, name) for name in (*policy.LIMITS, "network")}
         hub = None
         if self.hub_api_url and "hub_token" in request:
             hub = (self.hub_api_url, request["hub_token"])
         who = await asyncio.to_thread(policy.identity_of, peer.user, self.log, hub)
-        await prov.apply_policy(who)
+        await prov.apply_policy(who, bounds)
         _, mounts, host_workspace = await asyncio.to_thread(
             prov.workspace_mount, request["cwd"], peer.uid
         )
-        owner = (peer.uid, peer.gid) if peer.uid else prov.kernel_owner(host_workspace)
-        sandbox = await prov.create_sandbox(prov.sandbox_spec(mounts, owner))
-        sandbox.record.uid = peer.uid
-        await asyncio.to_thread(quotas.admit, sandbox.record, prov.quota, self.log)
-        sandbox_id = sandbox.record.sandbox_id
-        self.sandboxes[sandbox_id] = Held(sandbox, peer.uid, None if caller.closed else caller)
         try:
-            channel = await sandbox.start()
-        except BaseException:
-            await self._destroy(sandbox_id)
-            raise
+            owner = (peer.uid, peer.gid) if peer.uid else prov.kernel_owner(host_workspace)
+            sandbox = await prov.create_sandbox(prov.sandbox_spec(mounts, owner))
+            sandbox.record.uid = peer.uid
+            await asyncio.to_thread(quotas.admit, sandbox.record, prov.quota, self.log)
+            try:
+                channel = await sandbox.start()
+            except BaseException:
+                await sandbox.destroy()
+                raise
+        finally:
+            close_fds([m.fd for m in mounts if m.fd is not None])
+        sandbox_id = sandbox.record.sandbox_id
+        # Known from now on, not while it starts: nothing else may destroy it meanwhile.
+        self.sandboxes[sandbox_id] = Held(sandbox, peer.uid, None if caller.closed else caller)
         self.log.info(
             "sandbox %s for %s (uid %d, pid %d): %s",
             sandbox_id,

@@ -39,6 +39,7 @@ class Connection:
         sock.setblocking(False)
         self.sock = sock
         self.accept_fds = accept_fds
+        self.loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
         self._waiters: set[asyncio.Future] = set()
 
@@ -66,7 +67,10 @@ class Connection:
         room = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize) if self.accept_fds else 0
         while True:
             try:
-                data, ancillary, flags, _ = self.sock.recvmsg(MAX_MESSAGE + 1, room)
+                # close-on-exec at once: no child of the server may inherit a channel
+                data, ancillary, flags, _ = self.sock.recvmsg(
+                    MAX_MESSAGE + 1, room, socket.MSG_CMSG_CLOEXEC
+                )
                 break
             except (BlockingIOError, InterruptedError):
                 await self._ready(loop.add_reader, loop.remove_reader)
@@ -114,9 +118,8 @@ class Connection:
     def close(self) -> None:
         """Close; whoever waits to read or send gets EOFError."""
         if self.sock.fileno() >= 0:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self.sock.fileno())
-            loop.remove_writer(self.sock.fileno())
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
         for waiter in self._waiters:
             if not waiter.done():
