@@ -412,7 +412,8 @@ def test_quotas_and_limit_kills_work_as_in_process(hub, logged_in):
     assert "kernel quota: jsbh-amy already runs 3 of at most 3" in refused.text
     sock = KernelSocket(amy, kernels[0])
     try:
-        request = sock.send("execute_request", {"code": "x = bytearray(700 << 20)",
+        bomb = "chunks = []\nwhile True: chunks.append(b'x' * (50 << 20))"  # touches its pages
+        request = sock.send("execute_request", {"code": bomb,
                                                 "silent": False, "store_history": True,
                                                 "user_expressions": {}, "allow_stdin": False,
                                                 "stop_on_error": True})  # fmt: skip
