@@ -62,6 +62,7 @@ install -d -m 0700 /var/lib/jupyterhub
 [[ -f /etc/jupyterhub/jupyterhub_config.py ]] \
     || install -m 0644 "$REPO/deploy/jupyterhub_config.py" /etc/jupyterhub/
 getent group jupyterhub-users >/dev/null || groupadd --system jupyterhub-users
+install -d -m 0755 /etc/systemd/system
 install -m 0644 "$REPO/deploy/jupyter-sandbox.service" "$REPO/deploy/jupyterhub.service" \
     /etc/systemd/system/
 if [[ -d /run/systemd/system ]]; then

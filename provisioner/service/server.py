@@ -294,7 +294,7 @@ class SandboxService(LoggingConfigurable):
 
     # -- running ----------------------------------------------------------------
 
-    async def run(self, ready: asyncio.Event | None = None) -> None:
+    async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; the running sandboxes stay for the next start."""
         if not self.policy_file:
             raise SettingError(
@@ -313,8 +313,6 @@ class SandboxService(LoggingConfigurable):
                 self.sandboxes[sandbox.record.sandbox_id] = Held(sandbox, sandbox.record.uid, None)
             loop.add_reader(listener.fileno(), self._accept, listener)
             self.log.info("sandbox service listening on %s", self.socket_path)
-            if ready is not None:
-                ready.set()
             watcher = asyncio.create_task(self._watch())
             await self._stop.wait()
             watcher.cancel()
@@ -331,9 +329,6 @@ class SandboxService(LoggingConfigurable):
             "sandbox service stopped; %d sandboxes left running for its next start",
             len(self.sandboxes),
         )
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _listen(self) -> socket.socket:
         path = Path(self.socket_path)

