@@ -52,6 +52,7 @@ memory_limit = "768M"
 cpu_limit = 1.0
 pids_limit = 256
 max_kernels = 3
+kernelspecs = ["python3-gvisor"]
 
 [users.jsbh-amy]
 memory_limit = "512M"

@@ -40,6 +40,7 @@ memory_limit = "768M"
 cpu_limit = 1.0
 pids_limit = 256
 max_kernels = 8
+kernelspecs = ["python3-gvisor"]
 
 [users.jsbt-ann]
 memory_limit = "512M"
@@ -235,6 +236,7 @@ def test_hostile_requests_get_an_error_and_change_nothing(users, service, nothin
         (create(kernel_id="../../etc"), "request", "kernel_id"),
         (create(backend="microvm"), "request", "unknown field backend"),
         (create(kernel_name="python3"), "request", "not a sandboxed one"),
+        (create(kernel_name="python3-microvm"), "policy", "does not let jsbt-ann start kernel"),
         (create(kernel_name="no-such-kernel"), "request", "no kernelspec"),
         (create(settings={"open_files_limit": 10**6}), "policy", "at most 4096"),  # unnamed
         (a.call("attach", sandbox_ids=["jsb-x"] * 300)[0], "request", "at most 256"),

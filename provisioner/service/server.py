@@ -459,6 +459,7 @@ class SandboxService(LoggingConfigurable):
             spec = KernelSpecManager(parent=self).get_kernel_spec(name)
         except NoSuchKernel:
             raise RequestError(f"no kernelspec {name!r} is installed for the service") from None
+        spec.name = name  # what the policy's `kernelspecs` name (a spec read from disk has none)
         provisioner = spec.metadata.get("kernel_provisioner", {}).get("provisioner_name")
         for cls in BACKENDS.values():
             if provisioner == f"{cls.backend}-provisioner":
