@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import warm_kernel
 from protocol import (
     CHANNELS,
     FROM_HOST,
@@ -87,7 +88,7 @@ class Agent(asyncio.Protocol):
         self.reader = FrameReader(FROM_HOST, max_payload=MAX_CONTROL_PAYLOAD)
         self.out: asyncio.WriteTransport | None = None
         self.mux = Mux(self.send)
-        self.kernel: subprocess.Popen | None = None
+        self.kernel_pid: int | None = None
         self.kernel_exit = self.loop.create_future()
         self.launched = asyncio.Event()
         self.launch: dict = {}
@@ -147,6 +148,24 @@ class Agent(asyncio.Protocol):
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
 
+        self.oom_kills_at_start = oom_kills()
+        warm = warm_kernel.find()
+        if warm is not None and warm.accepts(spec["argv"], spec["env"]):
+            warm.hand_over({
+                "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
+                "cwd": spec["cwd"], "env": spec["env"], "connection_file": str(connection_file),
+            })  # fmt: skip
+            self.kernel_pid = warm.pid
+        else:
+            if warm is not None:
+                warm.discard()
+            self.kernel_pid = self.spawn(argv, spec, uid, gid, rlimits)
+        self.reap_children()  # in case it ended before the handler could see it
+
+    @staticmethod
+    def spawn(argv: list[str], spec: dict, uid: int, gid: int, rlimits: dict[int, int]) -> int:
+        """Start the kernel afresh as its user; its pid."""
+
         def limit() -> None:  # in the child, after it became the kernel's user
             for which, value in rlimits.items():
                 resource.setrlimit(which, (value, value))
@@ -155,8 +174,7 @@ class Agent(asyncio.Protocol):
             if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
 
-        self.oom_kills_at_start = oom_kills()
-        self.kernel = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             env=spec["env"],
             cwd=spec["cwd"],
@@ -169,8 +187,7 @@ class Agent(asyncio.Protocol):
             start_new_session=True,
             umask=0o077,
             preexec_fn=limit,
-        )
-        self.reap_children()  # in case it ended before the handler could see it
+        ).pid
 
     def reap_children(self) -> None:
         """As PID 1, collect every exited process: orphans too, or they pile up as zombies."""
@@ -181,18 +198,17 @@ class Agent(asyncio.Protocol):
                 return
             if pid == 0:
                 return
-            if self.kernel is not None and pid == self.kernel.pid:
+            if pid == self.kernel_pid:
                 code = os.waitstatus_to_exitcode(status)
-                self.kernel.returncode = code
                 if not self.kernel_exit.done():
                     # a shell's convention: 128 + signal number for a killed kernel
                     self.kernel_exit.set_result(128 - code if code < 0 else code)
 
     def signal_kernel(self, signum: int) -> None:
-        if self.kernel is None or self.kernel.returncode is not None:
+        if self.kernel_pid is None or self.kernel_exit.done():
             return
         try:
-            os.killpg(self.kernel.pid, signum)
+            os.killpg(self.kernel_pid, signum)
         except (OSError, ValueError) as e:
             log(f"signal {signum} not delivered: {e}")
 
@@ -214,9 +230,7 @@ class Agent(asyncio.Protocol):
                 await self.loop.create_unix_connection(lambda: stream, str(path))
                 return
             except (FileNotFoundError, ConnectionRefusedError):
-                if self.loop.time() > deadline or (
-                    self.kernel and self.kernel.returncode is not None
-                ):
+                if self.loop.time() > deadline or (self.kernel_exit.done()):
                     break
                 await asyncio.sleep(0.02)
             except OSError as e:
@@ -248,8 +262,7 @@ class Agent(asyncio.Protocol):
             self.send(encode_json(Kind.ERROR, {"error": f"cannot start the kernel: {e}"}))
             await self.drain()
             return 127
-        assert self.kernel is not None
-        self.send(encode_json(Kind.STARTED, {"pid": self.kernel.pid}))
+        self.send(encode_json(Kind.STARTED, {"pid": self.kernel_pid}))
         await asyncio.wait([self.kernel_exit, self.done], return_when=asyncio.FIRST_COMPLETED)
         if not self.kernel_exit.done():  # the host went away: take the kernel down with us
             self.signal_kernel(signal.SIGKILL)

@@ -223,6 +223,7 @@ def build_boot_files(name: str, rootfs: Path, log: logging.Logger) -> BootFiles:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = {}
+    built_before = dict(record)
     version, tree = _unpacked_kernel(log)
     bzimage = tree / "boot" / f"vmlinuz-{version}"
     files = BootFiles(folder / "vmlinux", folder / "initramfs.cpio.gz", folder / "root.img")
@@ -261,4 +262,6 @@ def build_boot_files(name: str, rootfs: Path, log: logging.Logger) -> BootFiles:
     record["modules"] = [m.name for m in modules]
     record["guest_files"] = _guest_files_digest()
     record_path.write_text(json.dumps(record, indent=1) + "\n")
+    if record != built_before:  # VMs saved from the old files (backends/microvm_snapshot.py)
+        shutil.rmtree(folder / "snapshots", ignore_errors=True)
     return files

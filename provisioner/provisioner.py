@@ -19,7 +19,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 
 from . import cleanup, guest, limits, policy, quotas
 from .accel import choose as choose_accel
@@ -645,6 +645,13 @@ class MicroVMProvisioner(SandboxProvisioner):
     startup_timeout = Float(
         120.0, config=True, help="Seconds for the VM to boot and start the kernel."
     )
+    snapshots = Bool(
+        True,
+        config=True,
+        help="Start VMs without a network device from a snapshot of their shape (made by "
+        "the first VM of each shape) instead of booting them: seconds instead of ~20 under "
+        "TCG. See backends/microvm_snapshot.py for what restored VMs share.",
+    )
 
     async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
         if Path(self.image).is_absolute():
@@ -654,4 +661,4 @@ class MicroVMProvisioner(SandboxProvisioner):
         qemu = find_qemu(self.qemu_path)
         boot = find_boot_files(self.image)
         chosen = await asyncio.to_thread(choose_accel, qemu, boot.kernel, self.accel)
-        return MicroVMSandbox(spec, self.log, qemu, boot, chosen)
+        return MicroVMSandbox(spec, self.log, qemu, boot, chosen, self.snapshots)

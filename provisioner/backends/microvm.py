@@ -3,7 +3,11 @@
 The VM boots the image's boot files (`microvm_image`): the image as a read-only
 disk under a tmpfs layer of `disk_limit`, the agent's folder and the workspace
 over virtio-9p, and the tunnel's channel on two virtio-serial ports (one per
-direction, so that the host's ends behave like the gVisor backend's pipes).
+direction, so that the host's ends behave like the gVisor backend's pipes). A
+third port, the config port, is the backend's own: the sandbox's settings go to
+the guest's PID 1 there (`guest_settings`), never through the channel's holder.
+A VM without a network device is started from a snapshot of its shape when it
+can be (`microvm_snapshot`), else booted.
 
 QEMU runs with the least the host allows: as the workspace's owner (not root:
 the 9p share then creates files as that user, and a guest that took root inside
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -31,15 +37,20 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .. import cgroups, network
-from ..accel import Accel
+from ..accel import Accel, tsc_arguments
+from ..images import GUEST_PYTHON
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
-from .base import Channel, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
+from . import microvm_snapshot
+from .base import Channel, Mount, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
 
 PORT = "org.jupyter.sandbox"
-"""Names of the channel's virtio-serial ports: PORT.in (to the guest), PORT.out."""
+"""Names of the virtio-serial ports: PORT.in (to the guest), PORT.out, PORT.config."""
 TB_CACHE_MIB = 256
 """TCG's translated-code cache; QEMU's default (1 GiB) would be charged to every VM."""
 QEMU_OVERHEAD = (TB_CACHE_MIB + 192) << 20
@@ -68,18 +79,16 @@ def guest_mac(sandbox_id: str) -> str:
 
 
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
-              channel_fds: tuple[int, int],
-              net: network.SandboxNetwork | None = None) -> list[str]:  # fmt: skip
-    """QEMU's command line for one sandbox; with `net`, a virtio-net device on its tap."""
+              fds: tuple[int, int, int], net: network.SandboxNetwork | None = None,
+              ) -> list[str]:  # fmt: skip
+    """QEMU's command line for one sandbox, its ports on `fds` (in, out, config); with
+    `net`, a virtio-net device on its tap. Same for every sandbox of the same shape."""
     limits = spec.limits
-    memory_mib = (limits.memory or 2 << 30) >> 20
-    cpus = max(1, math.ceil(limits.cpu or 1))
+    memory_mib, cpus = vm_size(spec)
     command_line = [
         "console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests",
-        # under TCG the TSC calibration hangs at random without these (HOST-NOTES.md)
-        "tsc_early_khz=2000000", "tsc=reliable",
-        f"jsb.tmp={limits.disk}",
-        f"jsb.kernel={kernel_user(spec)}",
+        *tsc_arguments().split(),
+        f"jsb.tmp={limits.disk}", f"jsb.warm={GUEST_PYTHON}",
     ]  # fmt: skip
     argv = [
         qemu, "-name", f"{spec.sandbox_id},process=jsb-microvm", "-M", "microvm",
@@ -93,14 +102,13 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
         "-device", "virtio-blk-device,drive=root",
         "-fsdev", f"local,id=agent,path={spec.agent_dir},security_model=none,readonly=on",
         "-device", "virtio-9p-device,fsdev=agent,mount_tag=agent",
-        "-device", "virtio-serial-device,max_ports=3",
-        "-chardev", f"socket,id=in,fd={channel_fds[0]}",
-        "-device", f"virtserialport,chardev=in,name={PORT}.in",
-        "-chardev", f"socket,id=out,fd={channel_fds[1]}",
-        "-device", f"virtserialport,chardev=out,name={PORT}.out",
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-device", "virtio-serial-device,max_ports=4",
     ]  # fmt: skip
-    for mount in spec.mounts:  # the workspace, at the same path
+    for fd, name in zip(fds, ("in", "out", "config"), strict=True):
+        argv += ["-chardev", f"socket,id={name},fd={fd}",
+                 "-device", f"virtserialport,chardev={name},name={PORT}.{name}"]  # fmt: skip
+    argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    for mount in spec.mounts:  # the workspace; pid1.py mounts it at its destination
         argv += [
             # QEMU opens it as the sandbox's owner (the caller): its own permissions apply
             "-fsdev", "local,id=workspace,path=" + str(mount.source).replace(",", ",,")
@@ -108,7 +116,6 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
             + (",readonly=on" if mount.read_only else ""),
             "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
         ]  # fmt: skip
-        command_line += [f"jsb.ws={mount.destination}", f"jsb.ws_ro={int(mount.read_only)}"]
     if net is not None:
         # The tap exists already (network.py), owned by QEMU's user: no script, no helper.
         argv += [
@@ -119,20 +126,76 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
     return [*argv, "-append", " ".join(command_line)]
 
 
+def vm_size(spec: SandboxSpec) -> tuple[int, int]:
+    """The VM's RAM in MiB and its vCPUs."""
+    limits = spec.limits
+    return (limits.memory or 2 << 30) >> 20, max(1, math.ceil(limits.cpu or 1))
+
+
+def guest_settings(spec: SandboxSpec) -> bytes:
+    """What pid1.py takes from the config port: this sandbox's, not its shape's."""
+    workspace = None
+    for mount in spec.mounts:
+        workspace = {"path": mount.destination, "read_only": mount.read_only}
+    settings = {"entropy": os.urandom(64).hex(), "kernel": kernel_user(spec),
+                "workspace": workspace}  # fmt: skip
+    return json.dumps(settings).encode() + b"\n"
+
+
+async def serve_settings(sock: socket.socket, settings: bytes) -> None:
+    """Give the guest its settings, then once the time when it asks; then let go."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, settings)
+        said = b""  # "ready\n" (a VM booted afresh says it first), then "time\n"
+        while not said.endswith(b"time\n"):
+            chunk = await loop.sock_recv(sock, 16)
+            said += chunk
+            if not chunk or len(said) > 16:
+                return
+        await loop.sock_sendall(sock, f"{time.time():.6f}\n".encode())
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def spawn(argv: list[str], uid: int, gid: int, *, procs: Sequence[Path] = (),
+          prefix: Sequence[str] = (), pass_fds: Sequence[int] = (), stdout: Any,
+          die_with_parent: bool = False) -> subprocess.Popen:  # fmt: skip
+    """Start QEMU (`argv`) as uid:gid without capabilities, in cgroups `procs` before
+    anything of QEMU runs, after `prefix` (nsenter into its network namespace)."""
+    # The shell joins the cgroups, then becomes QEMU through setpriv.
+    join = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done'
+    return subprocess.Popen(
+        [
+            "/bin/sh", "-c", f'{join}; shift; exec "$@"', "sh", *map(str, procs), "--",
+            *prefix, "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all", "--no-new-privs",
+            *(["--pdeathsig", "KILL"] if die_with_parent else []), *argv,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stdout,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )  # fmt: skip
+
+
 class MicroVMSandbox(Sandbox):
     backend = "microvm"
 
     def __init__(self, spec: SandboxSpec, log: logging.Logger, qemu: str, boot: BootFiles,
-                 accel: Accel) -> None:  # fmt: skip
+                 accel: Accel, use_snapshots: bool = True) -> None:  # fmt: skip
         super().__init__(spec, log)
         self.qemu = qemu
         self.boot = boot
         self.accel = accel
         self.network: network.SandboxNetwork | None = None
+        self.use_snapshots = use_snapshots
+        self.settings_task: asyncio.Task | None = None
 
     async def start(self) -> Channel:
-        if " " in "".join(m.destination for m in self.spec.mounts):
-            raise SandboxError("a microVM workspace path may not contain spaces")
         self.record.save()
         uid, gid = self.spec.owner
         prefix: list[str] = []
@@ -144,6 +207,7 @@ class MicroVMSandbox(Sandbox):
             # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
             nsenter = shutil.which("nsenter") or "nsenter"
             prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
+        snapshot = await self.snapshot() if self.network is None else None
         limits = self.spec.limits
         memory = None if limits.memory is None else limits.memory + QEMU_OVERHEAD
         procs = await asyncio.to_thread(
@@ -151,47 +215,67 @@ class MicroVMSandbox(Sandbox):
         )
         to_guest, qemu_in = socket.socketpair()
         from_guest, qemu_out = socket.socketpair()
+        settings, qemu_settings = socket.socketpair()
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
-        # The shell joins QEMU's cgroups before anything of QEMU runs, then becomes
-        # QEMU (as the workspace's owner, without capabilities) through setpriv.
-        join = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done'
-        argv = [
-            "/bin/sh", "-c", f'{join}; shift; exec "$@"', "sh", *map(str, procs), "--",
-            *prefix, "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-            "--inh-caps=-all", "--no-new-privs",
-            *qemu_argv(self.spec, self.qemu, self.boot, self.accel,
-                       (qemu_in.fileno(), qemu_out.fileno()), self.network),
-        ]  # fmt: skip
+        qemu_ends = (qemu_in.fileno(), qemu_out.fileno(), qemu_settings.fileno())
+        argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, self.network)
+        pass_fds = qemu_ends
+        if snapshot is not None:
+            argv += ["-incoming", f"fd:{snapshot}"]
+            pass_fds += (snapshot,)
         try:
-            self.process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=console_w,
-                stderr=console_w,
-                pass_fds=(qemu_in.fileno(), qemu_out.fileno()),
-                start_new_session=True,
+            self.process = spawn(
+                argv, uid, gid, procs=procs, prefix=prefix, pass_fds=pass_fds, stdout=console_w
             )
         except OSError:
-            for end in (to_guest, from_guest):
+            for end in (to_guest, from_guest, settings):
                 end.close()
             os.close(console_r)
             raise
         finally:
-            qemu_in.close()
-            qemu_out.close()
+            for end in (qemu_in, qemu_out, qemu_settings):
+                end.close()
             os.close(console_w)
+            if snapshot is not None:
+                os.close(snapshot)
         self.record.pid = self.process.pid
         self.record.pid_start = process_start_time(self.process.pid)
         self.record.save()
+        settings.setblocking(False)
+        self.settings_task = asyncio.create_task(
+            serve_settings(settings, guest_settings(self.spec))
+        )
         return Channel(
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
+
+    async def snapshot(self) -> int | None:
+        """A descriptor of the snapshot of this VM's shape (made if missing), or None."""
+        if not self.use_snapshots:
+            return None
+        # The snapshot's VM: this shape, nobody's, a workspace device that is never mounted.
+        template = dataclasses.replace(
+            self.spec, sandbox_id="jsb-snapshot",
+            mounts=tuple(Mount(self.boot.kernel.parent, "/", True) for _ in self.spec.mounts),
+        )  # fmt: skip
+        shape = qemu_argv(template, self.qemu, self.boot, self.accel, (0, 1, 2))
+        key = microvm_snapshot.shape_key(shape, self.boot, self.spec.agent_dir)
+
+        def start(fds: tuple[int, int, int], extra: list[str], pass_fds: tuple[int, ...],
+                  console: Any) -> subprocess.Popen:  # fmt: skip
+            argv = qemu_argv(template, self.qemu, self.boot, self.accel, fds) + extra
+            return spawn(argv, *microvm_snapshot.NOBODY, pass_fds=(*fds, *pass_fds),
+                         stdout=console, die_with_parent=True)  # fmt: skip
+
+        return await microvm_snapshot.ensure(self.boot, key, start, self.log)
 
     async def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
     async def destroy(self) -> None:
+        if self.settings_task is not None:
+            self.settings_task.cancel()
         process = self.process
         if process is not None:
             # The agent powers the VM off once its channel closes: give it a moment.

@@ -1,0 +1,155 @@
+"""A kernel process started before anyone asked for it: ipykernel already imported.
+
+Under TCG importing ipykernel takes the guest 10-15 s, most of a microVM's start.
+So the microVM's PID 1 (guest/microvm/pid1.py) starts this script as root before
+the VM is snapshotted (provisioner/backends/microvm_snapshot.py): it imports the
+kernel's modules, says so, and waits on its control socket. Every VM restored
+from that snapshot finds it there, already warm. When the agent gets LAUNCH and
+the kernel asked for is exactly `python -m ipykernel_launcher -f {connection_file}`
+of this Python, it hands the launch over (`hand_over`): the process becomes the
+kernel's user with the kernel's rlimits, environment and folder, as `subprocess`
+would have made it, answers "ok", and runs ipykernel_launcher. Anything else
+(another argv, PYTHON* variables that act at interpreter start) gets a fresh
+process, and this one is killed.
+
+Run as a script with the image's Python; the agent imports `find`, `accepts`
+and `hand_over` (stdlib only, as the agent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+ENV = "JSB_WARM"
+"""Where pid1 tells the agent about the warm process: "PID,FD" (FD: its control socket)."""
+MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell")
+"""What ipykernel_launcher imports on its way to the first kernel_info_reply, mostly."""
+MAX_LAUNCH = 1 << 20
+HAND_OVER_TIMEOUT = 30.0
+"""Seconds the warm process gets to become the kernel's user (it needs milliseconds)."""
+PR_SET_NO_NEW_PRIVS = 38
+
+
+class Warm:
+    """The agent's handle on the warm process."""
+
+    def __init__(self, pid: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.control = control
+
+    def accepts(self, argv: list[str], env: dict[str, str]) -> bool:
+        """Whether this process can be the kernel `argv` asks for, in `env`."""
+        if len(argv) != 5 or argv[1:] != ["-m", "ipykernel_launcher", "-f", "{connection_file}"]:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                python = f.read().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            return False
+        # The same interpreter of the same environment (a venv's bin folder); and
+        # PYTHONPATH, PYTHONHASHSEED, ... act when an interpreter starts: this one has.
+        wanted, warm = Path(argv[0]), Path(python)
+        same = wanted.parent == warm.parent and wanted.resolve() == warm.resolve()
+        return same and not any(name.startswith("PYTHON") for name in env)
+
+    def hand_over(self, launch: dict) -> None:
+        """Make the process the kernel `launch` describes; OSError if it could not."""
+        self.control.settimeout(HAND_OVER_TIMEOUT)
+        self.control.sendall(json.dumps(launch).encode() + b"\n")
+        self.control.shutdown(socket.SHUT_WR)
+        answer = self.control.recv(4096).decode(errors="replace")
+        self.control.close()
+        if answer != "ok":
+            raise OSError(answer or "the warm kernel process ended")
+
+    def discard(self) -> None:
+        self.control.close()  # it reads EOF and exits; SIGKILL makes sure
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def find() -> Warm | None:
+    """The warm process pid1 left for the agent, if any (and forget it: it is used once)."""
+    value = os.environ.pop(ENV, "")
+    try:
+        pid, fd = (int(n) for n in value.split(","))
+    except ValueError:
+        return None
+    return Warm(pid, socket.socket(fileno=fd))
+
+
+def _become(launch: dict) -> None:
+    """Everything `subprocess.Popen(..., user=, group=, extra_groups=[], umask=0o077,
+    start_new_session=True, cwd=, env=, preexec_fn=limit)` does in agent.py, in order
+    (except that the folder is entered as the kernel's user, not as root)."""
+    uid, gid = int(launch["uid"]), int(launch["gid"])
+    if uid <= 0 or gid <= 0:
+        raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
+    os.umask(0o077)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    import resource
+
+    for which, value in launch["rlimits"]:
+        resource.setrlimit(int(which), (int(value), int(value)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+    os.chdir(launch["cwd"])
+    os.environ.clear()
+    os.environ.update(launch["env"])
+
+
+def _run_kernel(connection_file: str) -> None:
+    """What `python -m ipykernel_launcher -f FILE` does from here on."""
+    import random
+    import runpy
+    import site
+
+    random.seed()  # seeded at import, from the snapshot's entropy: every VM had the same
+    # `python -m` puts the working folder first; site found the user's site-packages
+    # for root's HOME: find them again for the kernel's.
+    sys.path[0] = str(Path.cwd())
+    site.USER_BASE = site.USER_SITE = None
+    user_site = site.getusersitepackages()
+    if site.ENABLE_USER_SITE and Path(user_site).is_dir():
+        site.addsitedir(user_site)
+    sys.argv = ["ipykernel_launcher", "-f", connection_file]
+    runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
+
+
+def main() -> None:
+    import importlib
+
+    os.setsid()
+    control = socket.socket(fileno=int(sys.argv[1]))  # pid1's end is the agent's
+    for module in MODULES:
+        importlib.import_module(module)
+    control.sendall(b"warm\n")
+    data = b""
+    while not data.endswith(b"\n") and len(data) < MAX_LAUNCH:
+        chunk = control.recv(65536)
+        if not chunk:
+            sys.exit(0)  # not wanted
+        data += chunk
+    try:
+        launch = json.loads(data)
+        _become(launch)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        control.sendall(f"cannot start the kernel: {e}".encode()[:4000])
+        sys.exit(127)
+    control.sendall(b"ok")
+    control.close()
+    _run_kernel(launch["connection_file"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Snapshots of a booted microVM: how a VM starts in seconds instead of twenty.
+
+Under TCG most of a microVM's start is the guest booting and Python importing
+ipykernel (../shared/HOST-NOTES.md). Every VM of one shape does that alike up to
+where its PID 1 waits for the sandbox's own settings (guest/microvm/pid1.py), with
+the warm kernel process already imported (guest/warm_kernel.py). So the first VM
+of a shape is booted to that point and saved with QEMU's migration to a file
+(`build`), and every later VM of that shape starts from the file (`-incoming fd:`)
+and goes on from there.
+
+The shape is what QEMU's saved state or the guest's memory holds: the boot files,
+the agent, QEMU and its accelerator, memory, vCPUs, the writable layer's size and
+whether a workspace device is there. Only VMs without a network device are made
+this way (a restored guest would keep its snapshot's link); the others boot.
+Restored VMs share, by construction, their snapshot's memory layout (guest kernel
+and Python), Python's hash seed and the boot id: each VM is still its own, what
+its code could learn of them is about its own VM only. The guest kernel's random
+pool is reseeded from the host's entropy before anything runs (pid1.py), and
+Python's `random` module in the kernel (warm_kernel.py).
+
+Snapshot files are root's (QEMU, running as the kernel's user, gets an open
+descriptor) under `<image>/microvm/snapshots/`, written under a lock and renamed
+into place whole; at most MAX_SNAPSHOTS, the least recently used go first, for
+the shapes are the users' to choose. The build runs as nobody, with QEMU's
+seccomp sandbox on, and is killed on any failure; the caller then boots the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SandboxError
+from ..microvm_image import BootFiles
+
+MAX_SNAPSHOTS = 8
+BUILD_TIMEOUT = 300.0
+"""Seconds for a snapshot's VM to boot and warm up (about 20 under TCG)."""
+MIGRATE_TIMEOUT = 60.0
+NOBODY = (65534, 65534)
+READY = b"ready\n"
+_locks: dict[str, asyncio.Lock] = {}
+
+
+def agent_digest(agent_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(agent_dir.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def shape_key(argv: list[str], boot: BootFiles, agent_dir: Path) -> str:
+    """Names a snapshot: any change to what is in it makes another name. `argv` is the
+    VM's QEMU command line, the same for every VM of the shape (`backends.microvm`)."""
+    binary = Path(argv[0]).resolve()
+    stat = binary.stat()
+    fields = {
+        "argv": argv,
+        "qemu": [str(binary), stat.st_size, stat.st_mtime_ns],
+        "boot": (boot.kernel.parent / "boot.json").read_text(),
+        "agent": agent_digest(agent_dir),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def snapshot_dir(boot: BootFiles) -> Path:
+    return boot.kernel.parent / "snapshots"
+
+
+def open_snapshot(boot: BootFiles, key: str) -> int | None:
+    """A read-only descriptor of the snapshot `key`, if there is one (and mark it used)."""
+    path = snapshot_dir(boot) / f"{key}.vmstate"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # for MAX_SNAPSHOTS: least recently used first
+    return fd
+
+
+async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
+                 log: logging.Logger) -> int | None:  # fmt: skip
+    """A descriptor of the snapshot `key`, built first if missing; None if it cannot be.
+
+    `start(extra_argv, pass_fds, stdout)` starts the shape's VM as `build` needs it.
+    """
+    fd = open_snapshot(boot, key)
+    if fd is not None:
+        return fd
+    async with _locks.setdefault(key, asyncio.Lock()):  # one build per key in this process
+        try:
+            await asyncio.to_thread(build, boot, key, start, log)
+        except (OSError, SandboxError, ValueError) as e:
+            log.warning("no snapshot for this VM shape (%s); booting it instead", e)
+            return None
+    return open_snapshot(boot, key)
+
+
+def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
+          log: logging.Logger) -> None:  # fmt: skip
+    """Boot a VM of the shape to pid1's "ready" and save it as the snapshot `key`."""
+    folder = snapshot_dir(boot)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key on this host
+        if (folder / f"{key}.vmstate").exists():
+            return
+        began = time.monotonic()
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        try:
+            _save(tmp, start)
+            tmp.replace(folder / f"{key}.vmstate")
+        finally:
+            tmp.unlink(missing_ok=True)
+    size = (folder / f"{key}.vmstate").stat().st_size
+    log.info("made the snapshot of a VM shape in %.1f s (%s, %d MiB)",
+             time.monotonic() - began, key, size >> 20)  # fmt: skip
+    _evict(folder)
+
+
+def _save(path: Path, start: Callable[..., subprocess.Popen]) -> None:
+    # Every port's host end stays open until QEMU quits: the ports' state is saved too.
+    qmp, qmp_theirs = socket.socketpair()
+    config, config_theirs = socket.socketpair()
+    ends = [qmp, qmp_theirs, config, config_theirs, *socket.socketpair(), *socket.socketpair()]
+    ports = (ends[5].fileno(), ends[7].fileno(), config_theirs.fileno())
+    console = tempfile.TemporaryFile()  # noqa: SIM115  (closed in finally, with the rest)
+    process: subprocess.Popen | None = None
+    try:
+        extra = ["-chardev", f"socket,id=qmp,fd={qmp_theirs.fileno()}",
+                 "-mon", "chardev=qmp,mode=control"]  # fmt: skip
+        process = start(ports, extra, (qmp_theirs.fileno(),), console)
+        deadline = time.monotonic() + BUILD_TIMEOUT
+        _wait_ready(config, process, deadline)
+        monitor = _Monitor(qmp, deadline + MIGRATE_TIMEOUT)
+        monitor.call("qmp_capabilities")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            getfd = {"execute": "getfd", "arguments": {"fdname": "out"}}
+            socket.send_fds(qmp, [json.dumps(getfd).encode() + b"\n"], [fd])
+            monitor.reply()
+        finally:
+            os.close(fd)
+        monitor.call("migrate", uri="fd:out")
+        while (status := monitor.call("query-migrate").get("status")) not in (
+            "completed",
+            "failed",
+        ):
+            time.sleep(0.05)
+        if status != "completed":
+            raise SandboxError(f"QEMU could not save the VM: {monitor.call('query-migrate')}")
+        monitor.call("quit")
+        process.wait(timeout=10)
+    except BaseException as e:
+        if process is not None:
+            process.kill()
+            process.wait()
+            console.seek(0)
+            tail = console.read()[-2000:].decode(errors="replace").strip()
+            if tail and isinstance(e, (OSError, SandboxError, ValueError)):
+                raise SandboxError(f"{e}; its console ended with: {tail}") from e
+        raise
+    finally:
+        for end in ends:
+            end.close()
+        console.close()
+
+
+def _wait_ready(config: socket.socket, process: subprocess.Popen, deadline: float) -> None:
+    data = b""
+    while data != READY:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SandboxError(f"the VM was not ready in {BUILD_TIMEOUT:g} s")
+        if process.poll() is not None:
+            raise SandboxError(f"QEMU ended with status {process.returncode} while booting")
+        if select.select([config], [], [], min(left, 0.5))[0]:
+            chunk = config.recv(len(READY) - len(data))
+            if not chunk or not READY.startswith(data + chunk):
+                raise SandboxError(f"the VM said {data + chunk!r} on its config port")
+            data += chunk
+
+
+class _Monitor:
+    """Just enough of QMP: one command at a time, events skipped."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        sock.settimeout(max(1.0, deadline - time.monotonic()))
+        self.file = sock.makefile("rb")
+        self.sock = sock
+        self.read()  # the greeting
+
+    def read(self) -> dict:
+        line = self.file.readline(1 << 20)
+        if not line:
+            raise SandboxError("QEMU's monitor closed")
+        return json.loads(line)
+
+    def reply(self) -> dict:
+        while True:
+            message = self.read()
+            if "error" in message:
+                raise SandboxError(f"QEMU: {message['error'].get('desc', message)}")
+            if "return" in message:
+                return message["return"]
+
+    def call(self, command: str, **arguments: object) -> dict:
+        message = {"execute": command, "arguments": arguments}
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        return self.reply()
+
+
+def _evict(folder: Path) -> None:
+    snapshots = sorted(folder.glob("*.vmstate"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in snapshots[MAX_SNAPSHOTS:]:
+        old.unlink(missing_ok=True)
+        (folder / f"{old.stem}.lock").unlink(missing_ok=True)
