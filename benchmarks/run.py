@@ -11,6 +11,8 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--bac
 - start: `AsyncKernelManager.start_kernel()` until `client.wait_for_ready()` returns
   (the first kernel_info_reply), median of `--starts` starts; with gVisor, also the
   same start through the sandbox service (`jupyter sandbox serve`, started for the run);
+  with the microVM, also the same start booted instead of restored from its shape's
+  snapshot (`snapshots = False`, `--microvm-boot-starts` of them);
 - execute round trip: `execute_request` for `pass` until both its `execute_reply`
   (shell) and its `status: idle` (iopub) have arrived, p50 and p99; the reply alone
   is reported too;
@@ -64,9 +66,11 @@ from provisioner.backends.gvisor import runsc_root
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 KERNELS = {"local": "python3", "gvisor": "python3-gvisor", "microvm": "python3-microvm",
-           "service": "python3-gvisor"}  # fmt: skip
-"""label -> kernelspec ("service": gVisor, made by the sandbox service)"""
-NAMES = {"local": "local", "gvisor": "gVisor", "microvm": "microVM", "service": "gVisor (service)"}
+           "service": "python3-gvisor", "microvm-boot": "python3-microvm"}  # fmt: skip
+"""label -> kernelspec ("service": gVisor, made by the sandbox service; "microvm-boot":
+microVM, booted instead of restored from a snapshot)"""
+NAMES = {"local": "local", "gvisor": "gVisor", "microvm": "microVM", "service": "gVisor (service)",
+         "microvm-boot": "microVM (booted)"}  # fmt: skip
 BACKENDS = ("gvisor", "microvm")
 QEMU = "qemu-system-x86_64"
 """For the report's header only: the provisioner finds its own (`qemu_path`)."""
@@ -108,6 +112,8 @@ class Kernel:
         if label == "service":
             config.GVisorProvisioner.mode = "service"
             config.GVisorProvisioner.service_socket = str(SERVICE_SOCKET)
+        if label == "microvm-boot":
+            config.MicroVMProvisioner.snapshots = False
         self.km = AsyncKernelManager(kernel_name=KERNELS[label], config=config)
         self.kc = None
         self.start_kwargs: dict = {}
@@ -589,6 +595,8 @@ def summarize(raw: dict) -> dict:
         )
     if "service" in raw["starts"]:
         s["gvisor"]["service_start"] = statistics.median(raw["starts"]["service"])
+    if raw["starts"].get("microvm-boot"):
+        s["microvm"]["boot_start"] = statistics.median(raw["starts"]["microvm-boot"])
     return s
 
 
@@ -690,6 +698,16 @@ def table(raw: dict, s: dict) -> str:
                 "the same start, the sandbox made by the sandbox service (`mode = service`)",
                 "",
                 {"gvisor": (sec(start), f"{start / loc['start']:.2f}x")},
+            )
+        )
+    if "boot_start" in s.get("microvm", {}):
+        start = s["microvm"]["boot_start"]
+        lines.append(
+            line(
+                "the same start, the VM booted instead of restored from its shape's snapshot "
+                f"(`snapshots = False`; n={len(raw['starts']['microvm-boot'])})",
+                "",
+                {"microvm": (sec(start), f"{start / loc['start']:.2f}x")},
             )
         )
     lines += [
@@ -910,6 +928,8 @@ async def benchmark(args: argparse.Namespace, cwd: str) -> dict:
     starts = each("starts")
     if "gvisor" in args.backends:
         starts["service"] = starts["gvisor"]
+    if "microvm" in args.backends and args.microvm_boot_starts > 0:
+        starts["microvm-boot"] = args.microvm_boot_starts
     with sandbox_service():
         raw["starts"] = await measure_starts(starts, not args.no_warmup, cwd)
 
@@ -1002,6 +1022,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-runs", type=int, default=3, help="runs per kernel (median)")
     parser.add_argument(
         "--microvm-starts", type=int, default=3, help="starts of the microVM kernel (median)"
+    )
+    parser.add_argument(
+        "--microvm-boot-starts",
+        type=int,
+        default=1,
+        help="starts of the microVM kernel booted, not restored from a snapshot (0: none)",
     )
     parser.add_argument(
         "--microvm-executes",

@@ -12,8 +12,10 @@ would have made it, answers "ok", and runs ipykernel_launcher. Anything else
 (another argv, PYTHON* variables that act at interpreter start) gets a fresh
 process, and this one is killed.
 
-Run as a script with the image's Python; the agent imports `find`, `accepts`
-and `hand_over` (stdlib only, as the agent).
+Run as a script with the image's Python, its command line the kernel's to be
+(`warm_kernel.py -m ipykernel_launcher -f /run/kernel/connection.json`, as `ps`
+shows it), its control socket in $JSB_WARM_FD. The agent uses `find` and `Warm`
+(stdlib only, as the agent).
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def _run_kernel(connection_file: str) -> None:
     import site
 
     random.seed()  # seeded at import, from the snapshot's entropy: every VM had the same
-    # `python -m` puts the working folder first; site found the user's site-packages
-    # for root's HOME: find them again for the kernel's.
-    sys.path[0] = str(Path.cwd())
+    # As `python -m` (ipykernel_launcher takes "" out, IPython puts it back); and site
+    # looked for the user's site-packages in root's HOME: look again in the kernel's.
+    sys.path[0] = ""
     site.USER_BASE = site.USER_SITE = None
     user_site = site.getusersitepackages()
     if site.ENABLE_USER_SITE and Path(user_site).is_dir():
@@ -130,7 +132,7 @@ def main() -> None:
     import importlib
 
     os.setsid()
-    control = socket.socket(fileno=int(sys.argv[1]))  # pid1's end is the agent's
+    control = socket.socket(fileno=int(os.environ["JSB_WARM_FD"]))  # pid1's end: the agent's
     for module in MODULES:
         importlib.import_module(module)
     control.sendall(b"warm\n")

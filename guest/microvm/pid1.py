@@ -44,6 +44,8 @@ RNDRESEEDCRNG = 0x5207
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MSIZE = 524288
 LIBC = ctypes.CDLL(None, use_errno=True)
+WarmUp = tuple[subprocess.Popen, socket.socket]
+"""The warm kernel process and pid1's end of its control socket."""
 
 
 def log(msg: str) -> None:
@@ -56,15 +58,18 @@ def command_line() -> dict[str, str]:
         return dict(arg.partition("=")[::2] for arg in f.read().split() if arg.startswith("jsb."))
 
 
-def start_warm_kernel(python: str) -> tuple[subprocess.Popen, socket.socket] | None:
+def start_warm_kernel(python: str, connection_file: str) -> WarmUp | None:
+    """The warm kernel process; its command line says which kernel it is to become."""
     if not python:
         return None
     ours, theirs = socket.socketpair()
+    kernel = ["-m", "ipykernel_launcher", "-f", connection_file]
+    argv = [python, f"{AGENT_DIR}/warm_kernel.py", *kernel]
     try:
         process = subprocess.Popen(
-            [python, f"{AGENT_DIR}/warm_kernel.py", str(theirs.fileno())],
-            stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
-            pass_fds=(theirs.fileno(),), cwd="/", env={"PATH": "/usr/bin:/bin"},
+            argv, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
+            pass_fds=(theirs.fileno(),), cwd="/",
+            env={"PATH": "/usr/bin:/bin", "JSB_WARM_FD": str(theirs.fileno())},
         )  # fmt: skip
     except OSError as e:
         log(f"no warm kernel process: {e}")
@@ -75,7 +80,7 @@ def start_warm_kernel(python: str) -> tuple[subprocess.Popen, socket.socket] | N
     return process, ours
 
 
-def wait_warm(warm: tuple[subprocess.Popen, socket.socket] | None) -> bool:
+def wait_warm(warm: WarmUp | None) -> bool:
     if warm is None:
         return False
     process, control = warm
@@ -135,12 +140,11 @@ def set_clock() -> None:
 
 def settle() -> None:
     """Everything before the agent runs; see the module's docstring."""
-    cmdline = command_line()
-    warm = start_warm_kernel(cmdline.get("jsb.warm", ""))
     sys.path.insert(0, AGENT_DIR)
-    import agent  # noqa: F401  (imported now, so that a snapshot has it imported)
+    import agent  # imported now, so that a snapshot has it imported
 
-    wait_warm(warm)
+    connection_file = str(agent.RUNTIME_DIR / "connection.json")
+    wait_warm(start_warm_kernel(command_line().get("jsb.warm", ""), connection_file))
     check(LIBC.umount2(AGENT_DIR.encode(), 0), f"unmount {AGENT_DIR}")
     os.write(CONFIG_FD, b"ready\n")
     config = json.loads(read_line(CONFIG_FD))

@@ -223,6 +223,7 @@ class MicroVMSandbox(Sandbox):
         if snapshot is not None:
             argv += ["-incoming", f"fd:{snapshot}"]
             pass_fds += (snapshot,)
+            self.log.info("sandbox %s starts from the snapshot of its shape", self.spec.sandbox_id)
         try:
             self.process = spawn(
                 argv, uid, gid, procs=procs, prefix=prefix, pass_fds=pass_fds, stdout=console_w

@@ -38,6 +38,7 @@ import select
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,8 @@ BUILD_TIMEOUT = 300.0
 MIGRATE_TIMEOUT = 60.0
 NOBODY = (65534, 65534)
 READY = b"ready\n"
+DONE = ("completed", "failed", "cancelled")
+"""query-migrate's last states."""
 _locks: dict[str, asyncio.Lock] = {}
 
 
@@ -101,8 +104,15 @@ async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Pope
     if fd is not None:
         return fd
     async with _locks.setdefault(key, asyncio.Lock()):  # one build per key in this process
+        stop = threading.Event()
+        building = asyncio.ensure_future(asyncio.to_thread(build, boot, key, start, log, stop))
         try:
-            await asyncio.to_thread(build, boot, key, start, log)
+            await asyncio.shield(building)
+        except asyncio.CancelledError:  # the start was given up: so is the build, at once
+            stop.set()
+            with contextlib.suppress(Exception):
+                await building
+            raise
         except (OSError, SandboxError, ValueError) as e:
             log.warning("no snapshot for this VM shape (%s); booting it instead", e)
             return None
@@ -110,8 +120,9 @@ async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Pope
 
 
 def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
-          log: logging.Logger) -> None:  # fmt: skip
-    """Boot a VM of the shape to pid1's "ready" and save it as the snapshot `key`."""
+          log: logging.Logger, stop: threading.Event) -> None:  # fmt: skip
+    """Boot a VM of the shape to pid1's "ready" and save it as the snapshot `key`;
+    given up (and its VM killed) once `stop` is set."""
     folder = snapshot_dir(boot)
     folder.mkdir(mode=0o700, exist_ok=True)
     with open(folder / f"{key}.lock", "w") as lock:
@@ -121,7 +132,7 @@ def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
         began = time.monotonic()
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         try:
-            _save(tmp, start)
+            _save(tmp, start, stop)
             tmp.replace(folder / f"{key}.vmstate")
         finally:
             tmp.unlink(missing_ok=True)
@@ -131,7 +142,7 @@ def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
     _evict(folder)
 
 
-def _save(path: Path, start: Callable[..., subprocess.Popen]) -> None:
+def _save(path: Path, start: Callable[..., subprocess.Popen], stop: threading.Event) -> None:
     # Every port's host end stays open until QEMU quits: the ports' state is saved too.
     qmp, qmp_theirs = socket.socketpair()
     config, config_theirs = socket.socketpair()
@@ -144,8 +155,8 @@ def _save(path: Path, start: Callable[..., subprocess.Popen]) -> None:
                  "-mon", "chardev=qmp,mode=control"]  # fmt: skip
         process = start(ports, extra, (qmp_theirs.fileno(),), console)
         deadline = time.monotonic() + BUILD_TIMEOUT
-        _wait_ready(config, process, deadline)
-        monitor = _Monitor(qmp, deadline + MIGRATE_TIMEOUT)
+        _wait_ready(config, process, deadline, stop)
+        monitor = _Monitor(qmp, time.monotonic() + MIGRATE_TIMEOUT)
         monitor.call("qmp_capabilities")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -155,10 +166,10 @@ def _save(path: Path, start: Callable[..., subprocess.Popen]) -> None:
         finally:
             os.close(fd)
         monitor.call("migrate", uri="fd:out")
-        while (status := monitor.call("query-migrate").get("status")) not in (
-            "completed",
-            "failed",
-        ):
+        saved_by = time.monotonic() + MIGRATE_TIMEOUT
+        while (status := monitor.call("query-migrate").get("status")) not in DONE:
+            if stop.is_set() or time.monotonic() > saved_by:
+                raise SandboxError(f"the VM was not saved in {MIGRATE_TIMEOUT:g} s")
             time.sleep(0.05)
         if status != "completed":
             raise SandboxError(f"QEMU could not save the VM: {monitor.call('query-migrate')}")
@@ -179,9 +190,12 @@ def _save(path: Path, start: Callable[..., subprocess.Popen]) -> None:
         console.close()
 
 
-def _wait_ready(config: socket.socket, process: subprocess.Popen, deadline: float) -> None:
+def _wait_ready(config: socket.socket, process: subprocess.Popen, deadline: float,
+                stop: threading.Event) -> None:  # fmt: skip
     data = b""
     while data != READY:
+        if stop.is_set():
+            raise SandboxError("the snapshot's build was given up")
         left = deadline - time.monotonic()
         if left <= 0:
             raise SandboxError(f"the VM was not ready in {BUILD_TIMEOUT:g} s")
