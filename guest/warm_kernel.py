@@ -9,7 +9,7 @@ the kernel asked for is exactly `python -m ipykernel_launcher -f {connection_fil
 of this Python, it hands the launch over (`hand_over`): the process becomes the
 kernel's user with the kernel's rlimits, environment and folder, as `subprocess`
 would have made it, answers "ok", and runs ipykernel_launcher. Anything else
-(another argv, PYTHON* variables that act at interpreter start) gets a fresh
+(another argv; PYTHON* or LD_* variables, which act when a process starts) gets a fresh
 process, and this one is killed.
 
 Run as a script with the image's Python, its command line the kernel's to be
@@ -56,10 +56,11 @@ class Warm:
         except (OSError, UnicodeDecodeError):
             return False
         # The same interpreter of the same environment (a venv's bin folder); and
-        # PYTHONPATH, PYTHONHASHSEED, ... act when an interpreter starts: this one has.
+        # PYTHONPATH, PYTHONHASHSEED, LD_PRELOAD, ... act when a process starts: this
+        # one has.
         wanted, warm = Path(argv[0]), Path(python)
         same = wanted.parent == warm.parent and wanted.resolve() == warm.resolve()
-        return same and not any(name.startswith("PYTHON") for name in env)
+        return same and not any(name.startswith(("PYTHON", "LD_")) for name in env)
 
     def hand_over(self, launch: dict) -> None:
         """Make the process the kernel `launch` describes; OSError if it could not."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import cgroups
 from .accel import choose as choose_accel
+from .backends.microvm_snapshot import snapshot_dir
 from .images import ImageError, find_image, load_manifest, verify_image
 from .microvm_image import find_boot_files
 
@@ -163,4 +164,9 @@ def microvm_checks(image: str, qemu_path: str = "qemu-system-x86_64") -> list[Ch
     checks.append(Check("microVM: boot files", True, f"{boot.kernel.parent}"))
     chosen = choose_accel(qemu, boot.kernel)
     checks.append(Check("microVM: accelerator", True, f"{chosen.name.upper()}: {chosen.reason}"))
+    saved = sorted(snapshot_dir(boot).glob("*.vmstate"))
+    size = sum(p.stat().st_size for p in saved) >> 20
+    checks.append(Check("microVM: snapshots", True,
+                        f"{len(saved)} VM shapes saved ({size} MiB) in {snapshot_dir(boot)}; "
+                        "the first VM of a shape makes it"))  # fmt: skip
     return checks

@@ -34,6 +34,8 @@ from pathlib import Path
 AGENT_DIR = "/opt/jupyter-sandbox"
 CONFIG_FD = 5
 """The config port, opened by init."""
+CONNECTION_FILE = "/run/kernel/connection.json"
+"""Where the agent writes the kernel's connection file (agent.RUNTIME_DIR)."""
 MAX_CONFIG = 65536
 WARM_TIMEOUT = 300
 """Seconds the warm kernel process gets to import ipykernel (10-15 s under TCG)."""
@@ -58,12 +60,13 @@ def command_line() -> dict[str, str]:
         return dict(arg.partition("=")[::2] for arg in f.read().split() if arg.startswith("jsb."))
 
 
-def start_warm_kernel(python: str, connection_file: str) -> WarmUp | None:
-    """The warm kernel process; its command line says which kernel it is to become."""
+def start_warm_kernel(python: str) -> WarmUp | None:
+    """The warm kernel process; its command line says which kernel it is to become (for
+    `ps`: the agent hands it the connection file's path again with the launch)."""
     if not python:
         return None
     ours, theirs = socket.socketpair()
-    kernel = ["-m", "ipykernel_launcher", "-f", connection_file]
+    kernel = ["-m", "ipykernel_launcher", "-f", CONNECTION_FILE]
     argv = [python, f"{AGENT_DIR}/warm_kernel.py", *kernel]
     try:
         process = subprocess.Popen(
@@ -140,11 +143,11 @@ def set_clock() -> None:
 
 def settle() -> None:
     """Everything before the agent runs; see the module's docstring."""
+    warm = start_warm_kernel(command_line().get("jsb.warm", ""))
     sys.path.insert(0, AGENT_DIR)
-    import agent  # imported now, so that a snapshot has it imported
+    import agent  # noqa: F401  (imported now, so that a snapshot has it imported)
 
-    connection_file = str(agent.RUNTIME_DIR / "connection.json")
-    wait_warm(start_warm_kernel(command_line().get("jsb.warm", ""), connection_file))
+    wait_warm(warm)
     check(LIBC.umount2(AGENT_DIR.encode(), 0), f"unmount {AGENT_DIR}")
     os.write(CONFIG_FD, b"ready\n")
     config = json.loads(read_line(CONFIG_FD))
