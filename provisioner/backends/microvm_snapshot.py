@@ -129,6 +129,8 @@ def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key on this host
         if (folder / f"{key}.vmstate").exists():
             return
+        for stale in folder.glob(f".{key}.*.tmp"):  # of a builder killed mid-way
+            stale.unlink(missing_ok=True)
         began = time.monotonic()
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         try:
