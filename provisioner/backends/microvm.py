@@ -59,7 +59,6 @@ HOST_TASKS = 64
 """QEMU's own threads (vCPUs, I/O workers): the guest's processes are not host tasks."""
 POWER_OFF_GRACE = 3.0
 """Seconds a VM whose channel closed gets to power itself off before it is killed."""
-MSIZE = 524288
 
 
 def find_qemu(path: str) -> str:
