@@ -151,12 +151,16 @@ class Agent(asyncio.Protocol):
         self.oom_kills_at_start = oom_kills()
         warm = warm_kernel.find()
         if warm is not None and warm.accepts(spec["argv"], spec["env"]):
-            warm.hand_over({
-                "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
-                "cwd": spec["cwd"], "env": spec["env"], "connection_file": str(connection_file),
-            })  # fmt: skip
-            self.kernel_pid = warm.pid
-        else:
+            try:
+                warm.hand_over({
+                    "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
+                    "cwd": spec["cwd"], "env": spec["env"],
+                    "connection_file": str(connection_file),
+                })  # fmt: skip
+                self.kernel_pid = warm.pid
+            except OSError as e:  # e.g. a folder only root may enter: as Popen does
+                log(f"the warm kernel process could not be the kernel ({e}); starting one")
+        if self.kernel_pid is None:
             if warm is not None:
                 warm.discard()
             self.kernel_pid = self.spawn(argv, spec, uid, gid, rlimits)

@@ -33,10 +33,15 @@ ENV = "JSB_WARM"
 """Where pid1 tells the agent about the warm process: "PID,FD" (FD: its control socket)."""
 MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell")
 """What ipykernel_launcher imports on its way to the first kernel_info_reply, mostly."""
-MAX_LAUNCH = 1 << 20
+MAX_LAUNCH = 2 << 20
+"""Bound of the launch message (a LAUNCH is at most 1 MiB, protocol.py)."""
+AT_START = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
+"""Environment variables that act only when a process starts: a kernel that has any
+gets a fresh process."""
 HAND_OVER_TIMEOUT = 30.0
 """Seconds the warm process gets to become the kernel's user (it needs milliseconds)."""
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_DUMPABLE = 4
 
 
 class Warm:
@@ -55,12 +60,14 @@ class Warm:
                 python = f.read().split(b"\0")[0].decode()
         except (OSError, UnicodeDecodeError):
             return False
-        # The same interpreter of the same environment (a venv's bin folder); and
-        # PYTHONPATH, PYTHONHASHSEED, LD_PRELOAD, ... act when a process starts: this
-        # one has.
+        # The same interpreter of the same environment (a venv's bin folder); nothing
+        # that acts only when a process starts (this one has started); a UTF-8 locale,
+        # as this one's (another codeset would change Python's encodings).
         wanted, warm = Path(argv[0]), Path(python)
         same = wanted.parent == warm.parent and wanted.resolve() == warm.resolve()
-        return same and not any(name.startswith(("PYTHON", "LD_")) for name in env)
+        ctype = env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or "C.UTF-8"
+        utf8 = ctype.lower().replace("-", "").endswith("utf8")
+        return same and utf8 and not any(name.startswith(AT_START) for name in env)
 
     def hand_over(self, launch: dict) -> None:
         """Make the process the kernel `launch` describes; OSError if it could not."""
@@ -90,8 +97,9 @@ def find() -> Warm | None:
 
 def _become(launch: dict) -> None:
     """Everything `subprocess.Popen(..., user=, group=, extra_groups=[], umask=0o077,
-    start_new_session=True, cwd=, env=, preexec_fn=limit)` does in agent.py, in order
-    (except that the folder is entered as the kernel's user, not as root)."""
+    start_new_session=True, cwd=, env=, preexec_fn=limit)` and the exec do in agent.py
+    (except that the folder is entered as the kernel's user, not as root: where only
+    root may enter, this fails and the agent starts a fresh process instead)."""
     uid, gid = int(launch["uid"]), int(launch["gid"])
     if uid <= 0 or gid <= 0:
         raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
@@ -99,32 +107,39 @@ def _become(launch: dict) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # An exec would make it dumpable again (its user may debug it, read its /proc): do so.
+    for option in (PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS):
+        if libc.prctl(option, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl {option}")
+    import locale
     import resource
+    import time
 
     for which, value in launch["rlimits"]:
         resource.setrlimit(int(which), (int(value), int(value)))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
     os.chdir(launch["cwd"])
     os.environ.clear()
     os.environ.update(launch["env"])
+    time.tzset()  # TZ, read when `time` was imported
+    with contextlib.suppress(locale.Error):  # as Python's start: C.UTF-8 if not there
+        locale.setlocale(locale.LC_CTYPE, "")
 
 
 def _run_kernel(connection_file: str) -> None:
     """What `python -m ipykernel_launcher -f FILE` does from here on."""
     import random
     import runpy
-    import site
 
-    random.seed()  # seeded at import, from the snapshot's entropy: every VM had the same
-    # As `python -m` (ipykernel_launcher takes "" out, IPython puts it back); and site
-    # looked for the user's site-packages in root's HOME: look again in the kernel's.
+    # What took randomness at import took the snapshot's, the same in every VM.
+    random.seed()
+    if "multiprocessing" in sys.modules:
+        sys.modules["multiprocessing"].current_process().authkey = os.urandom(32)
+    if "ssl" in sys.modules:
+        sys.modules["ssl"].RAND_add(os.urandom(32), 32)
+    # As `python -m` (ipykernel_launcher takes "" out, IPython puts it back). The venv
+    # has no user site-packages (`accepts`: only its Python), so none to look for.
     sys.path[0] = ""
-    site.USER_BASE = site.USER_SITE = None
-    user_site = site.getusersitepackages()
-    if site.ENABLE_USER_SITE and Path(user_site).is_dir():
-        site.addsitedir(user_site)
     sys.argv = ["ipykernel_launcher", "-f", connection_file]
     runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 

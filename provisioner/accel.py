@@ -10,8 +10,10 @@ uptime (in /run).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import select
 import subprocess
 import time
@@ -34,17 +36,29 @@ class Accel:
 
 
 def tsc_arguments() -> str:
-    """The guest kernel's TSC settings: under TCG it hangs at random calibrating the TSC
+    """The guest kernel's TSC settings under TCG: it hangs at random calibrating the TSC
     (HOST-NOTES.md), so it is told the rate. QEMU's TCG TSC is the host's own, so that
     rate is the host's: any other makes the guest's clock run fast or slow (2 GHz on a
     2.1 GHz host: 5% fast, three minutes an hour)."""
-    khz = 2_000_000
+    return f"tsc_early_khz={host_tsc_khz()} tsc=reliable"
+
+
+def host_tsc_khz() -> int:
+    """The host's TSC rate: the kernel's own figure where it gives one; else, on a host
+    without frequency scaling (a VM: where TCG runs), /proc/cpuinfo's "cpu MHz", which
+    is then the TSC's rate; else the nominal rate in the CPU's model name ("@ 2.10GHz");
+    else 2 GHz. Stable from one call to the next: it is part of a VM's shape."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    scaling = Path("/sys/devices/system/cpu/cpu0/cpufreq").exists()
     with contextlib.suppress(OSError, ValueError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:  # cpu_khz: the TSC's rate where the TSC is constant
-            if line.startswith("cpu MHz"):
-                khz = round(float(line.partition(":")[2]) * 1000)
-                break
-    return f"tsc_early_khz={khz} tsc=reliable"
+        for line in itertools.takewhile(str.strip, cpuinfo):
+            name, _, value = (part.strip() for part in line.partition(":"))
+            if name == "cpu MHz" and not scaling:
+                return round(float(value) * 1000)
+            if name == "model name" and (nominal := re.search(r"@ ([0-9.]+)GHz", value)):
+                return round(float(nominal[1]) * 1_000_000)
+    return 2_000_000
 
 
 def _cache() -> Path:

@@ -21,6 +21,7 @@ import json
 import logging
 import lzma
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,9 @@ MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", 
 BUSYBOX_APPLETS = ("sh", "mount", "mkdir", "insmod", "switch_root", "cat", "cp", "sleep",
                    "poweroff", "reboot", "ip", "rm")  # fmt: skip
 GUEST_FILES = Path(guest.__file__).parent / "microvm"
+SNAPSHOT_BUILDER = "jsb-snapshot"
+"""The host user that VMs being saved run as (backends/microvm_snapshot.py): no one's
+kernel runs as it, so no other VM's QEMU can reach into one being saved."""
 PVH_NOTE = "Unknown note type: (0x00000012)"  # XEN_ELFNOTE_PHYS32_ENTRY, as readelf names it
 
 
@@ -259,6 +263,13 @@ def build_boot_files(name: str, rootfs: Path, log: logging.Logger) -> BootFiles:
         record["root_disk"] = content
     for path in (files.kernel, files.initramfs):
         path.chmod(0o444)  # QEMU runs as the kernel's user: world-readable, never writable
+    try:
+        pwd.getpwnam(SNAPSHOT_BUILDER)
+    except KeyError:
+        log.info("adding the system user %s (it makes microVM snapshots)", SNAPSHOT_BUILDER)
+        run_logged(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+                    "/nonexistent", "--shell", "/usr/sbin/nologin", SNAPSHOT_BUILDER],
+                   log, f"useradd {SNAPSHOT_BUILDER}")  # fmt: skip
     record["modules"] = [m.name for m in modules]
     record["guest_files"] = _guest_files_digest()
     record_path.write_text(json.dumps(record, indent=1) + "\n")

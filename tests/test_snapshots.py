@@ -25,15 +25,62 @@ from provisioner.backends import microvm_snapshot
 from provisioner.microvm_image import find_boot_files
 
 PROBE = """
-import json, os, random, sys, time
+import ctypes, json, locale, os, random, resource, sys, time
+def warm_processes():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"warm_kernel" in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return [pid for pid in found if pid != os.getpid()]
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+umask = os.umask(0o077)
 print(json.dumps({
-    "uid": os.getuid(), "cwd": os.getcwd(), "files": sorted(os.listdir(".")),
-    "random": random.random(), "urandom": os.urandom(16).hex(), "time": time.time(),
-    "cmdline": open("/proc/self/cmdline").read().split("\\0"), "path": sys.path,
+    "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "umask": umask,
+    "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
+    "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    "no_new_privs": status["NoNewPrivs"].strip(), "cap_eff": status["CapEff"].strip(),
+    "cap_prm": status["CapPrm"].strip(), "session_leader": os.getsid(0) == os.getpid(),
+    "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
+    "cwd": os.getcwd(), "files": sorted(os.listdir(".")), "path": sys.path,
+    "argv": sys.argv, "executable": sys.executable, "utf8_mode": sys.flags.utf8_mode,
+    "ctype": locale.setlocale(locale.LC_CTYPE), "encoding": sys.getfilesystemencoding(),
+    "zone": time.strftime("%Z"), "stdin": os.readlink("/proc/self/fd/0"),
     "local_module": __import__("local_module").VALUE,
+    "random": random.random(), "urandom": os.urandom(16).hex(), "time": time.time(),
+    "cmdline": open("/proc/self/cmdline").read().split("\\0"),
+    "warm_processes": warm_processes(),
 }))
 """
+SAME = (
+    "uid",
+    "gid",
+    "groups",
+    "umask",
+    "nproc",
+    "nofile",
+    "no_new_privs",
+    "cap_eff",
+    "cap_prm",
+    "session_leader",
+    "dumpable",
+    "cwd",
+    "files",
+    "path",
+    "argv",
+    "executable",
+    "utf8_mode",
+    "ctype",
+    "encoding",
+    "zone",
+    "stdin",
+    "local_module",
+)
+"""What a kernel restored from a snapshot has exactly as a kernel started afresh."""
 RESTORED = "starts from the snapshot of its shape"
+RESEEDED = "the host's entropy mixed in, the random pool reseeded"
 PAUSE = 5.0
 
 
@@ -88,10 +135,10 @@ async def test_restored_kernels_are_each_their_own(no_leftovers, workspace, capl
             later, later_host_time = await probe(km)
         finally:
             await km.shutdown_kernel(now=True)
+        assert RESEEDED in caplog.text
         # the warm process became the kernel, as the workspace's owner, in the workspace
         assert kernel["cmdline"][1].endswith("/warm_kernel.py"), kernel["cmdline"]
-        assert kernel["uid"] == 1000
-        assert kernel["cwd"] == str(workspace)
+        assert kernel["uid"] == 1000 and kernel["cwd"] == str(workspace)
         assert "note.txt" in kernel["files"] and kernel["local_module"] == 42
         # the host's time, and a clock that keeps it (a wrong TSC rate: 5% fast)
         assert abs(kernel["time"] - host_time) < 1.0
@@ -103,16 +150,43 @@ async def test_restored_kernels_are_each_their_own(no_leftovers, workspace, capl
     assert seen[0]["urandom"] != seen[1]["urandom"]
 
 
-async def test_a_kernel_the_warm_process_cannot_be_starts_afresh(no_leftovers, workspace):
+async def test_a_restored_kernel_is_what_a_fresh_one_is(no_leftovers, workspace, caplog):
+    """User, groups, umask, rlimits, privileges, session, paths, locale, time zone..."""
+    require_sandbox("microvm")
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("jsb-test-snapshots")
+    env = {"TZ": "Asia/Tokyo"}  # read by `time` at import: the warm process imported it
+    kernels = {}
+    for restored in (False, True):
+        caplog.clear()
+        # A booted VM has a warm process too: PYTHON* makes the agent start a fresh one.
+        fresh = {} if restored else {"PYTHONDONTWRITEBYTECODE": "1"}
+        km = await start(workspace, log, snapshots=restored, env=env | fresh)
+        try:
+            kernels[restored], _ = await probe(km)
+        finally:
+            await km.shutdown_kernel(now=True)
+        assert (RESTORED in caplog.text) == restored
+    fresh, warm = kernels[False], kernels[True]
+    assert fresh["cmdline"][1:3] == ["-m", "ipykernel_launcher"]
+    assert warm["cmdline"][1].endswith("/warm_kernel.py")
+    assert {k: warm[k] for k in SAME} == {k: fresh[k] for k in SAME}
+    assert warm["zone"] == "JST" and warm["dumpable"] == 1 and warm["uid"] == 1000
+
+
+async def test_a_kernel_the_warm_process_cannot_be_starts_afresh(no_leftovers, workspace, caplog):
     """PYTHONPATH acts when an interpreter starts: the warm one started long ago."""
     require_sandbox("microvm")
+    caplog.set_level(logging.INFO)
     extra = "/opt/jsb-test-extra"
     km = await start(workspace, logging.getLogger("jsb-test"), env={"PYTHONPATH": extra})
     try:
         kernel, _ = await probe(km)
     finally:
         await km.shutdown_kernel(now=True)
+    assert RESTORED in caplog.text  # the VM was restored, warm process and all
     assert kernel["cmdline"][1:3] == ["-m", "ipykernel_launcher"], kernel["cmdline"]
+    assert kernel["warm_processes"] == []  # the warm one is gone, not left running as root
     assert extra in kernel["path"]
     assert kernel["uid"] == 1000
 
@@ -169,12 +243,8 @@ def test_least_recently_used_snapshots_go_first(tmp_path):
     for n in range(microvm_snapshot.MAX_SNAPSHOTS + 3):
         path = tmp_path / f"shape{n}.vmstate"
         path.write_bytes(b"x")
-        (tmp_path / f"shape{n}.lock").touch()
         os.utime(path, (1000 + n, 1000 + n))
     os.utime(tmp_path / "shape0.vmstate")  # used just now
     microvm_snapshot._evict(tmp_path)
     kept = sorted(int(p.stem.removeprefix("shape")) for p in tmp_path.glob("*.vmstate"))
     assert kept == [0, *range(4, microvm_snapshot.MAX_SNAPSHOTS + 3)]
-    assert sorted(p.stem for p in tmp_path.glob("*.lock")) == sorted(
-        p.stem for p in tmp_path.glob("*.vmstate")
-    )

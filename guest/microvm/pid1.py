@@ -72,7 +72,8 @@ def start_warm_kernel(python: str) -> WarmUp | None:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
             pass_fds=(theirs.fileno(),), cwd="/",
-            env={"PATH": "/usr/bin:/bin", "JSB_WARM_FD": str(theirs.fileno())},
+            # LANG as a kernel's by default: the locale acts when Python starts
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "JSB_WARM_FD": str(theirs.fileno())},
         )  # fmt: skip
     except OSError as e:
         log(f"no warm kernel process: {e}")
@@ -147,11 +148,12 @@ def settle() -> None:
     sys.path.insert(0, AGENT_DIR)
     import agent  # noqa: F401  (imported now, so that a snapshot has it imported)
 
-    wait_warm(warm)
+    warmed = wait_warm(warm)
     check(LIBC.umount2(AGENT_DIR.encode(), 0), f"unmount {AGENT_DIR}")
-    os.write(CONFIG_FD, b"ready\n")
+    os.write(CONFIG_FD, b"ready\n" if warmed else b"ready cold\n")  # a cold one is not saved
     config = json.loads(read_line(CONFIG_FD))
     reseed(bytes.fromhex(config["entropy"]))
+    log("the host's entropy mixed in, the random pool reseeded")
     os.environ["JSB_KERNEL"] = str(config["kernel"])
     workspace = config.get("workspace")
     if workspace:

@@ -43,7 +43,6 @@ from typing import Any
 
 from .. import cgroups, network
 from ..accel import Accel, tsc_arguments
-from ..images import GUEST_PYTHON
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
 from . import microvm_snapshot
@@ -59,6 +58,11 @@ HOST_TASKS = 64
 """QEMU's own threads (vCPUs, I/O workers): the guest's processes are not host tasks."""
 POWER_OFF_GRACE = 3.0
 """Seconds a VM whose channel closed gets to power itself off before it is killed."""
+QEMU_FAILED = 1
+WARM_PYTHON = "/opt/venv/bin/python"
+"""The warm kernel process's Python: the python3-microvm kernelspec's, as it names it
+(its sys.executable is then the same as a fresh kernel's)."""
+"""QEMU's exit status for its own errors (a guest that powers off gives 0)."""
 
 
 def find_qemu(path: str) -> str:
@@ -86,8 +90,8 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
     memory_mib, cpus = vm_size(spec)
     command_line = [
         "console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests",
-        *tsc_arguments().split(),
-        f"jsb.tmp={limits.disk}", f"jsb.warm={GUEST_PYTHON}",
+        *(tsc_arguments().split() if accel.name == "tcg" else []),
+        f"jsb.tmp={limits.disk}", f"jsb.warm={WARM_PYTHON}",
     ]  # fmt: skip
     argv = [
         qemu, "-name", f"{spec.sandbox_id},process=jsb-microvm", "-M", "microvm",
@@ -146,11 +150,11 @@ async def serve_settings(sock: socket.socket, settings: bytes) -> None:
     loop = asyncio.get_running_loop()
     try:
         await loop.sock_sendall(sock, settings)
-        said = b""  # "ready\n" (a VM booted afresh says it first), then "time\n"
+        said = b""  # "ready[ cold]\n" (a VM booted afresh says it first), then "time\n"
         while not said.endswith(b"time\n"):
-            chunk = await loop.sock_recv(sock, 16)
+            chunk = await loop.sock_recv(sock, 64)
             said += chunk
-            if not chunk or len(said) > 16:
+            if not chunk or len(said) > 64:
                 return
         await loop.sock_sendall(sock, f"{time.time():.6f}\n".encode())
     except OSError:
@@ -192,6 +196,9 @@ class MicroVMSandbox(Sandbox):
         self.accel = accel
         self.network: network.SandboxNetwork | None = None
         self.use_snapshots = use_snapshots
+        self.shape = ""
+        """The key of this VM's shape's snapshot (microvm_snapshot.shape_key)."""
+        self.restored = False
         self.settings_task: asyncio.Task | None = None
 
     async def start(self) -> Channel:
@@ -206,12 +213,21 @@ class MicroVMSandbox(Sandbox):
             # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
             nsenter = shutil.which("nsenter") or "nsenter"
             prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
-        snapshot = await self.snapshot() if self.network is None else None
         limits = self.spec.limits
         memory = None if limits.memory is None else limits.memory + QEMU_OVERHEAD
         procs = await asyncio.to_thread(
             cgroups.create, self.record.cgroup, memory, limits.cpu, HOST_TASKS
         )
+        snapshot = await self.snapshot(procs) if self.network is None else None
+        try:
+            return self.spawn(uid, gid, procs, prefix, snapshot)
+        finally:
+            if snapshot is not None:
+                os.close(snapshot)
+
+    def spawn(self, uid: int, gid: int, procs: list[Path], prefix: list[str],
+              snapshot: int | None) -> Channel:  # fmt: skip
+        """Start QEMU (from `snapshot`, a descriptor, if given) and serve its settings."""
         to_guest, qemu_in = socket.socketpair()
         from_guest, qemu_out = socket.socketpair()
         settings, qemu_settings = socket.socketpair()
@@ -236,8 +252,7 @@ class MicroVMSandbox(Sandbox):
             for end in (qemu_in, qemu_out, qemu_settings):
                 end.close()
             os.close(console_w)
-            if snapshot is not None:
-                os.close(snapshot)
+        self.restored = snapshot is not None
         self.record.pid = self.process.pid
         self.record.pid_start = process_start_time(self.process.pid)
         self.record.save()
@@ -249,25 +264,35 @@ class MicroVMSandbox(Sandbox):
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
 
-    async def snapshot(self) -> int | None:
-        """A descriptor of the snapshot of this VM's shape (made if missing), or None."""
+    async def snapshot(self, procs: list[Path]) -> int | None:
+        """A descriptor of the snapshot of this VM's shape (made if missing, by a VM in
+        this sandbox's cgroups `procs`), or None."""
         if not self.use_snapshots:
             return None
-        # The snapshot's VM: this shape, nobody's, a workspace device that is never mounted.
+        try:
+            builder = microvm_snapshot.builder()
+        except SandboxError as e:
+            self.log.warning("no snapshots (%s); booting the VM", e)
+            return None
+        if self.spec.owner[0] == builder[0]:
+            raise SandboxError(f"a kernel may not run as {microvm_snapshot.BUILDER}")
+        # The snapshot's VM: this shape, no one's, a workspace device that is never mounted.
         template = dataclasses.replace(
             self.spec, sandbox_id="jsb-snapshot",
             mounts=tuple(Mount(self.boot.kernel.parent, "/", True) for _ in self.spec.mounts),
         )  # fmt: skip
         shape = qemu_argv(template, self.qemu, self.boot, self.accel, (0, 1, 2))
-        key = microvm_snapshot.shape_key(shape, self.boot, self.spec.agent_dir)
+        self.shape = microvm_snapshot.shape_key(
+            shape, self.boot, self.spec.agent_dir, self.accel.name
+        )
 
-        def start(fds: tuple[int, int, int], extra: list[str], pass_fds: tuple[int, ...],
+        def start(ports: tuple[int, int, int], extra: list[str], pass_fds: tuple[int, ...],
                   console: Any) -> subprocess.Popen:  # fmt: skip
-            argv = qemu_argv(template, self.qemu, self.boot, self.accel, fds) + extra
-            return spawn(argv, *microvm_snapshot.NOBODY, pass_fds=(*fds, *pass_fds),
+            argv = qemu_argv(template, self.qemu, self.boot, self.accel, ports) + extra
+            return spawn(argv, *builder, procs=procs, pass_fds=(*ports, *pass_fds),
                          stdout=console, die_with_parent=True)  # fmt: skip
 
-        return await microvm_snapshot.ensure(self.boot, key, start, self.log)
+        return await microvm_snapshot.ensure(self.boot, self.shape, start, self.log)
 
     async def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -286,6 +311,9 @@ class MicroVMSandbox(Sandbox):
             else:
                 process.kill()
                 await asyncio.to_thread(process.wait)
+        if self.restored and process is not None and process.returncode == QEMU_FAILED:
+            # QEMU itself failed, most likely to load the snapshot: make it again
+            await asyncio.to_thread(microvm_snapshot.forget, self.boot, self.shape, self.log)
         if self.network is not None:
             self.network.close()
         await asyncio.to_thread(reap, self.record, self.log)

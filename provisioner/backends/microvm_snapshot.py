@@ -19,10 +19,13 @@ pool is reseeded from the host's entropy before anything runs (pid1.py), and
 Python's `random` module in the kernel (warm_kernel.py).
 
 Snapshot files are root's (QEMU, running as the kernel's user, gets an open
-descriptor) under `<image>/microvm/snapshots/`, written under a lock and renamed
-into place whole; at most MAX_SNAPSHOTS, the least recently used go first, for
-the shapes are the users' to choose. The build runs as nobody, with QEMU's
-seccomp sandbox on, and is killed on any failure; the caller then boots the VM.
+descriptor) under `<image>/microvm/snapshots/`, written whole (fsync, rename);
+at most MAX_SNAPSHOTS, the least recently used go first, for the shapes are the
+users' to choose. One build runs at a time on the host (a start that finds
+another shape's build under way boots instead of waiting), in the cgroup of the
+sandbox that asked for it, as a user of its own (BUILDER: no kernel's QEMU runs
+as it, so none can reach into the VM being saved), with QEMU's seccomp sandbox
+on; it is killed on any failure, and the caller then boots the VM.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
+import platform
+import pwd
 import select
 import socket
 import subprocess
@@ -44,17 +50,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SandboxError
-from ..microvm_image import BootFiles
+from ..microvm_image import SNAPSHOT_BUILDER, BootFiles
 
 MAX_SNAPSHOTS = 8
+BUILDER = SNAPSHOT_BUILDER
+"""The user builds run as, made by `jupyter sandbox image build`."""
 BUILD_TIMEOUT = 300.0
 """Seconds for a snapshot's VM to boot and warm up (about 20 under TCG)."""
 MIGRATE_TIMEOUT = 60.0
-NOBODY = (65534, 65534)
 READY = b"ready\n"
 DONE = ("completed", "failed", "cancelled")
 """query-migrate's last states."""
 _locks: dict[str, asyncio.Lock] = {}
+_failed: set[str] = set()
+"""Shapes whose build failed in this process: their VMs boot, without trying again."""
+
+
+class Busy(Exception):
+    """Another shape's snapshot is being made on this host."""
+
+
+def builder() -> tuple[int, int]:
+    """Uid and gid of BUILDER."""
+    try:
+        entry = pwd.getpwnam(BUILDER)
+    except KeyError:
+        raise SandboxError(f"no user {BUILDER}: run `jupyter sandbox image build`") from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def agent_digest(agent_dir: Path) -> str:
@@ -64,18 +86,34 @@ def agent_digest(agent_dir: Path) -> str:
     return h.hexdigest()
 
 
-def shape_key(argv: list[str], boot: BootFiles, agent_dir: Path) -> str:
+def shape_key(argv: list[str], boot: BootFiles, agent_dir: Path, accel: str) -> str:
     """Names a snapshot: any change to what is in it makes another name. `argv` is the
     VM's QEMU command line, the same for every VM of the shape (`backends.microvm`)."""
     binary = Path(argv[0]).resolve()
-    stat = binary.stat()
+    files = [binary, boot.kernel, boot.initramfs, boot.root_disk]
     fields = {
         "argv": argv,
-        "qemu": [str(binary), stat.st_size, stat.st_mtime_ns],
+        "files": [[str(f), *_identity(f)] for f in files],
         "boot": (boot.kernel.parent / "boot.json").read_text(),
         "agent": agent_digest(agent_dir),
+        # a KVM guest's CPU is the host's own (-cpu host): a VM saved on one restores
+        # only on the same CPU and host kernel
+        "host": [platform.release(), _cpu()] if accel == "kvm" else [],
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _cpu() -> str:
+    """The host CPU's model and flags, as /proc/cpuinfo gives them for the first CPU."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        wanted = ("model name", "flags", "microcode")
+        return "\n".join(line.strip() for line in itertools.takewhile(str.strip, cpuinfo)
+                         if line.startswith(wanted))  # fmt: skip
 
 
 def snapshot_dir(boot: BootFiles) -> Path:
@@ -98,10 +136,11 @@ async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Pope
                  log: logging.Logger) -> int | None:  # fmt: skip
     """A descriptor of the snapshot `key`, built first if missing; None if it cannot be.
 
-    `start(extra_argv, pass_fds, stdout)` starts the shape's VM as `build` needs it.
+    `start(ports, extra_argv, pass_fds, console)` starts the shape's VM as `build`
+    needs it: its three ports on `ports`, QMP in `extra_argv`, as BUILDER.
     """
     fd = open_snapshot(boot, key)
-    if fd is not None:
+    if fd is not None or key in _failed:
         return fd
     async with _locks.setdefault(key, asyncio.Lock()):  # one build per key in this process
         stop = threading.Event()
@@ -113,8 +152,12 @@ async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Pope
             with contextlib.suppress(Exception):
                 await building
             raise
-        except (OSError, SandboxError, ValueError) as e:
-            log.warning("no snapshot for this VM shape (%s); booting it instead", e)
+        except Busy as e:
+            log.info("the snapshot of another VM shape is being made (%s); booting this VM", e)
+            return None
+        except Exception as e:  # e.g. a guest that is not ready in time: it boots instead
+            _failed.add(key)
+            log.warning("no snapshot for this VM shape (%s); booting its VMs instead", e)
             return None
     return open_snapshot(boot, key)
 
@@ -122,26 +165,53 @@ async def ensure(boot: BootFiles, key: str, start: Callable[..., subprocess.Pope
 def build(boot: BootFiles, key: str, start: Callable[..., subprocess.Popen],
           log: logging.Logger, stop: threading.Event) -> None:  # fmt: skip
     """Boot a VM of the shape to pid1's "ready" and save it as the snapshot `key`;
-    given up (and its VM killed) once `stop` is set."""
+    given up (and its VM killed) once `stop` is set. Busy if another shape's build
+    holds the host's lock; a build of the same shape elsewhere is waited for."""
     folder = snapshot_dir(boot)
     folder.mkdir(mode=0o700, exist_ok=True)
-    with open(folder / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key on this host
+    with open(folder / ".lock", "a+") as lock:  # says which shape is being built
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                if lock.read(64) != key:
+                    raise Busy(key) from None
+                if stop.wait(0.2):
+                    raise SandboxError("the snapshot's build was given up") from None
         if (folder / f"{key}.vmstate").exists():
             return
-        for stale in folder.glob(f".{key}.*.tmp"):  # of a builder killed mid-way
+        lock.truncate(0)
+        lock.write(key)
+        lock.flush()
+        for stale in folder.glob(".*.tmp"):  # of a builder killed mid-way: none runs now
             stale.unlink(missing_ok=True)
         began = time.monotonic()
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         try:
             _save(tmp, start, stop)
             tmp.replace(folder / f"{key}.vmstate")
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)  # the rename too, before any VM starts from it
+            finally:
+                os.close(dir_fd)
         finally:
             tmp.unlink(missing_ok=True)
+            lock.truncate(0)
     size = (folder / f"{key}.vmstate").stat().st_size
     log.info("made the snapshot of a VM shape in %.1f s (%s, %d MiB)",
              time.monotonic() - began, key, size >> 20)  # fmt: skip
     _evict(folder)
+
+
+def forget(boot: BootFiles, key: str, log: logging.Logger) -> None:
+    """Remove the snapshot `key` (a VM failed to start from it): the next VM of its
+    shape makes it again."""
+    with contextlib.suppress(FileNotFoundError):
+        (snapshot_dir(boot) / f"{key}.vmstate").unlink()
+        log.warning("removed the snapshot %s: a VM did not start from it", key)
 
 
 def _save(path: Path, start: Callable[..., subprocess.Popen], stop: threading.Event) -> None:
@@ -165,16 +235,17 @@ def _save(path: Path, start: Callable[..., subprocess.Popen], stop: threading.Ev
             getfd = {"execute": "getfd", "arguments": {"fdname": "out"}}
             socket.send_fds(qmp, [json.dumps(getfd).encode() + b"\n"], [fd])
             monitor.reply()
+            monitor.call("migrate", uri="fd:out")
+            saved_by = time.monotonic() + MIGRATE_TIMEOUT
+            while (status := monitor.call("query-migrate").get("status")) not in DONE:
+                if stop.is_set() or time.monotonic() > saved_by:
+                    raise SandboxError(f"the VM was not saved in {MIGRATE_TIMEOUT:g} s")
+                time.sleep(0.05)
+            if status != "completed":
+                raise SandboxError(f"QEMU could not save the VM: {monitor.call('query-migrate')}")
+            os.fsync(fd)
         finally:
             os.close(fd)
-        monitor.call("migrate", uri="fd:out")
-        saved_by = time.monotonic() + MIGRATE_TIMEOUT
-        while (status := monitor.call("query-migrate").get("status")) not in DONE:
-            if stop.is_set() or time.monotonic() > saved_by:
-                raise SandboxError(f"the VM was not saved in {MIGRATE_TIMEOUT:g} s")
-            time.sleep(0.05)
-        if status != "completed":
-            raise SandboxError(f"QEMU could not save the VM: {monitor.call('query-migrate')}")
         monitor.call("quit")
         process.wait(timeout=10)
     except BaseException as e:
@@ -194,8 +265,9 @@ def _save(path: Path, start: Callable[..., subprocess.Popen], stop: threading.Ev
 
 def _wait_ready(config: socket.socket, process: subprocess.Popen, deadline: float,
                 stop: threading.Event) -> None:  # fmt: skip
+    """Until pid1 says "ready" (its warm kernel process imported), not "ready cold"."""
     data = b""
-    while data != READY:
+    while not data.endswith(b"\n"):
         if stop.is_set():
             raise SandboxError("the snapshot's build was given up")
         left = deadline - time.monotonic()
@@ -204,10 +276,13 @@ def _wait_ready(config: socket.socket, process: subprocess.Popen, deadline: floa
         if process.poll() is not None:
             raise SandboxError(f"QEMU ended with status {process.returncode} while booting")
         if select.select([config], [], [], min(left, 0.5))[0]:
-            chunk = config.recv(len(READY) - len(data))
-            if not chunk or not READY.startswith(data + chunk):
-                raise SandboxError(f"the VM said {data + chunk!r} on its config port")
+            chunk = config.recv(64)
             data += chunk
+            if not chunk or len(data) > 64:
+                raise SandboxError(f"the VM said {data!r} on its config port")
+    if data != READY:
+        said = data.decode(errors="replace").strip()
+        raise SandboxError(f"the VM said {said!r}, not {READY.strip()!r}: not worth saving")
 
 
 class _Monitor:
@@ -243,4 +318,3 @@ def _evict(folder: Path) -> None:
     snapshots = sorted(folder.glob("*.vmstate"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in snapshots[MAX_SNAPSHOTS:]:
         old.unlink(missing_ok=True)
-        (folder / f"{old.stem}.lock").unlink(missing_ok=True)
