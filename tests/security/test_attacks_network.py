@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -44,8 +45,12 @@ def listener() -> Iterator[tuple[int, list]]:
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        with socket.create_connection(server.getsockname(), timeout=5):
-            pass  # the host itself reaches it
+        with socket.create_connection(server.getsockname(), timeout=5) as own:
+            mine = own.getsockname()  # the host itself reaches it...
+        deadline = time.monotonic() + 5
+        while mine not in accepted and time.monotonic() < deadline:
+            time.sleep(0.01)  # ...once the thread has taken it: counted before the attack
+        assert accepted == [mine], accepted
         yield server.getsockname()[1], accepted
     finally:
         server.close()
