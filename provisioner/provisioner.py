@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -376,15 +377,25 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "kernel from a project folder, or set workspace = 'none'"
             )
         fd = open_owned_folder(path, caller_uid) if confined else None  # type: ignore[arg-type]
-        if not path.is_dir():
+        try:
+            found = os.fstat(fd) if fd is not None else path.stat()
+        except OSError:
+            found = None
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            if fd is not None:
+                os.close(fd)
             raise SandboxError(f"the kernel's working directory {path} does not exist")
         read_only = self.workspace == "ro"
-        mount = Mount(source=path, destination=str(path), read_only=read_only, fd=fd)
+        mount = Mount(source=path, destination=str(path), read_only=read_only, fd=fd,
+                      owner=(found.st_uid, found.st_gid))  # fmt: skip
         return str(path), (mount,), path
 
     def kernel_owner(self, host_workspace: Path | None) -> tuple[int, int]:
         """Host uid and gid of a root caller's kernel: the workspace's owner, else 1000
-        (or kernel_uid). The sandbox service gives any other caller's kernel its own."""
+        (or kernel_uid). The sandbox service gives any other caller's kernel its own.
+
+        A kernel never runs as root: a root-owned workspace (or one whose owner is not
+        `kernel_uid`) is mounted idmapped, its owner's files shown as the kernel's."""
         uid = gid = FALLBACK_UID
         if host_workspace is not None:
             owner = host_workspace.stat()

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .idmap import IdMap, attach, mapped_tree
+
 
 def _mounted(path: Path) -> bool:
     target = str(path)
@@ -57,6 +59,20 @@ def bind(fd: int, bundle: Path) -> Path:
     target = bundle / "workspace"
     target.mkdir(mode=0o700)
     _mount(["--bind", f"/proc/{os.getpid()}/fd/{fd}", str(target)], "the workspace")
+    return target
+
+
+def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap) -> Path:
+    """Like `bind`, for a folder (a descriptor or a path) shown through `idmap`."""
+    target = bundle / "workspace"
+    target.mkdir(mode=0o700)
+    tree = mapped_tree(folder, idmap)
+    try:
+        attach(tree, target)
+    except OSError as e:
+        raise OSError(f"cannot mount the workspace idmapped: {e}") from None
+    finally:
+        os.close(tree)
     return target
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import cgroups, quotas
 from ..errors import SandboxError
+from ..idmap import IdMap
 from ..limits import Limits
 from ..network import NetworkSpec
 from ..state import Record
@@ -25,6 +26,15 @@ class Mount:
     fd: int | None = None
     """An O_PATH descriptor of `source`, opened without following links, for a caller
     who controls the path (the sandbox service's): the backend mounts what it names."""
+    owner: tuple[int, int] | None = None
+    """The host uid and gid that own `source`. When they are not the kernel's
+    (`SandboxSpec.owner`), the backend mounts it idmapped (`idmap.py`)."""
+
+    def idmap(self, kernel: tuple[int, int]) -> IdMap | None:
+        """How to show this folder to a kernel running as `kernel`, or None: as it is."""
+        if self.owner is None or self.owner[0] == kernel[0]:
+            return None
+        return IdMap(owner=self.owner, kernel=kernel)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,32 @@ AGENT_CAPABILITIES = [
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
 ]
+
+
+SET_ID_BITS = (0o4000, 0o2000)
+"""S_ISUID and S_ISGID: a kernel may not put them on any file (see `no_set_id_bits`)."""
+
+
+def no_set_id_bits() -> dict:
+    """An OCI seccomp filter (applied by gVisor to every process in the sandbox) that
+    refuses, with EPERM, every way to give a file a set-user- or set-group-id bit.
+
+    On a workspace mounted idmapped (`idmap.py`) what the kernel creates belongs to
+    the folder's owner on the host, root included: such a bit would hand the owner's
+    powers to anyone who may run the file there. Nothing a kernel does needs them.
+    """
+    # Each call that can set a mode, and the index of its mode argument.
+    where = {"chmod": 1, "fchmod": 1, "creat": 1, "mknod": 1,
+             "fchmodat": 2, "open": 2, "mknodat": 2, "openat": 3}  # fmt: skip
+    rules: list[dict] = [
+        {"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+         "args": [{"index": index, "value": bit, "valueTwo": bit, "op": "SCMP_CMP_MASKED_EQ"}]}
+        for name, index in where.items() for bit in SET_ID_BITS
+    ]  # fmt: skip
+    # Its mode hides in a struct that seccomp cannot read; glibc falls back to openat.
+    rules.append({"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": rules}  # fmt: skip
 
 
 def host_pids_limit(guest_pids: int) -> int:
@@ -136,6 +163,7 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
             ],
             "cgroupsPath": cgroup,
             "resources": resources,
+            "seccomp": no_set_id_bits(),
         },
     }
 
@@ -168,13 +196,8 @@ class GVisorSandbox(Sandbox):
             # find the cgroups. nsenter execs runsc, so the process is runsc itself.
             nsenter = shutil.which("nsenter") or "nsenter"
             prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
-        spec = dataclasses.replace(
-            self.spec,
-            mounts=tuple(
-                m if m.fd is None else dataclasses.replace(m, source=rootfs.bind(m.fd, bundle))
-                for m in self.spec.mounts
-            ),
-        )
+        mounts = [await asyncio.to_thread(self.host_mount, m, bundle) for m in self.spec.mounts]
+        spec = dataclasses.replace(self.spec, mounts=tuple(mounts))
         config = oci_spec(spec, root, self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -188,6 +211,7 @@ class GVisorSandbox(Sandbox):
                     self.runsc,
                     f"--root={runsc_root()}",
                     f"--platform={self.platform}",
+                    "--oci-seccomp",  # the config's `no_set_id_bits`
                     # host: the guest's sockets are the namespace's, behind its firewall
                     "--network=host" if self.network else "--network=none",
                     # Writes land in gVisor's own memory layer (fast: no host round
@@ -213,6 +237,18 @@ class GVisorSandbox(Sandbox):
         self.record.pid_start = process_start_time(self.process.pid)
         self.record.save()
         return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
+
+    def host_mount(self, mount: Mount, bundle: Path) -> Mount:
+        """`mount` with a source runsc may take as it is: the folder itself, or a bind
+        of it in the bundle where only root can change what the path names (a caller's
+        descriptor), idmapped if its owner is not the kernel."""
+        idmap = mount.idmap(self.spec.owner)
+        if idmap is not None:
+            source = mount.source if mount.fd is None else mount.fd
+            return dataclasses.replace(mount, source=rootfs.bind_mapped(source, bundle, idmap))
+        if mount.fd is not None:
+            return dataclasses.replace(mount, source=rootfs.bind(mount.fd, bundle))
+        return mount
 
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:

@@ -43,6 +43,7 @@ from typing import Any
 
 from .. import cgroups, network
 from ..accel import Accel, tsc_arguments
+from ..idmap import mapped_tree
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
 from . import microvm_snapshot
@@ -83,9 +84,10 @@ def guest_mac(sandbox_id: str) -> str:
 
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
               fds: tuple[int, int, int], net: network.SandboxNetwork | None = None,
-              ) -> list[str]:  # fmt: skip
+              mapped_workspace: int | None = None) -> list[str]:  # fmt: skip
     """QEMU's command line for one sandbox, its ports on `fds` (in, out, config); with
-    `net`, a virtio-net device on its tap. Same for every sandbox of the same shape."""
+    `net`, a virtio-net device on its tap; with `mapped_workspace`, the workspace is that
+    descriptor's idmapped tree (`idmap.py`). Same for every sandbox of the same shape."""
     limits = spec.limits
     memory_mib, cpus = vm_size(spec)
     command_line = [
@@ -112,11 +114,15 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
                  "-device", f"virtserialport,chardev={name},name={PORT}.{name}"]  # fmt: skip
     argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     for mount in spec.mounts:  # the workspace; pid1.py mounts it at its destination
-        argv += [
+        if mapped_workspace is None:
             # QEMU opens it as the sandbox's owner (the caller): its own permissions apply
-            "-fsdev", "local,id=workspace,path=" + str(mount.source).replace(",", ",,")
-            + ",security_model=passthrough"
-            + (",readonly=on" if mount.read_only else ""),
+            fsdev = "path=" + str(mount.source).replace(",", ",,") + ",security_model=passthrough"
+        else:
+            # Its owner's files are QEMU's own there; the guest's modes stay in xattrs,
+            # so a set-id bit never reaches a file that is, on the host, its owner's.
+            fsdev = f"path=/proc/self/fd/{mapped_workspace},security_model=mapped-xattr"
+        argv += [
+            "-fsdev", f"local,id=workspace,{fsdev}" + (",readonly=on" if mount.read_only else ""),
             "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
         ]  # fmt: skip
     if net is not None:
@@ -233,8 +239,17 @@ class MicroVMSandbox(Sandbox):
         settings, qemu_settings = socket.socketpair()
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         qemu_ends = (qemu_in.fileno(), qemu_out.fileno(), qemu_settings.fileno())
-        argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, self.network)
-        pass_fds = qemu_ends
+        try:
+            workspace = self.mapped_workspace()
+        except BaseException:
+            for end in (to_guest, from_guest, settings, qemu_in, qemu_out, qemu_settings):
+                end.close()
+            for fd in (console_r, console_w):
+                os.close(fd)
+            raise
+        argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, self.network,
+                         workspace)  # fmt: skip
+        pass_fds = qemu_ends if workspace is None else (*qemu_ends, workspace)
         if snapshot is not None:
             argv += ["-incoming", f"fd:{snapshot}"]
             pass_fds += (snapshot,)
@@ -252,6 +267,8 @@ class MicroVMSandbox(Sandbox):
             for end in (qemu_in, qemu_out, qemu_settings):
                 end.close()
             os.close(console_w)
+            if workspace is not None:
+                os.close(workspace)  # QEMU holds the mount now
         self.restored = snapshot is not None
         self.record.pid = self.process.pid
         self.record.pid_start = process_start_time(self.process.pid)
@@ -263,6 +280,14 @@ class MicroVMSandbox(Sandbox):
         return Channel(
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
+
+    def mapped_workspace(self) -> int | None:
+        """A descriptor of the workspace's idmapped tree, if its owner is not the kernel's."""
+        for mount in self.spec.mounts:
+            idmap = mount.idmap(self.spec.owner)
+            if idmap is not None:
+                return mapped_tree(mount.source if mount.fd is None else mount.fd, idmap)
+        return None
 
     async def snapshot(self, procs: list[Path]) -> int | None:
         """A descriptor of the snapshot of this VM's shape (made if missing, by a VM in
