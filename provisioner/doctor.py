@@ -14,6 +14,7 @@ from pathlib import Path
 from . import cgroups
 from .accel import choose as choose_accel
 from .backends.microvm_snapshot import snapshot_dir
+from .idmap import IdMap, mapped_tree
 from .images import ImageError, find_image, load_manifest, verify_image
 from .microvm_image import find_boot_files
 
@@ -124,6 +125,8 @@ def run_checks(
         )
     )
     checks.append(check_network_tools())
+    if os.geteuid() == 0:
+        checks.append(check_idmap())
     try:
         rootfs = find_image(image)
         manifest = load_manifest(image)
@@ -135,6 +138,18 @@ def run_checks(
         checks.append(Check("image", False, str(e), "run `jupyter sandbox image build --force`"))
     checks += microvm_checks(image)
     return checks
+
+
+def check_idmap() -> Check:
+    """Whether this host can idmap a folder (`idmap.py`): what a kernel needs on a workspace
+    that its uid does not own (root's), tried on a folder of /tmp's file system."""
+    name = "workspaces of other owners (idmapped mounts)"
+    with tempfile.TemporaryDirectory(prefix="jsb-doctor-") as folder:
+        try:
+            os.close(mapped_tree(Path(folder), IdMap(owner=(0, 0), kernel=(1000, 1000))))
+        except OSError as e:
+            return Check(name, False, str(e), "use Linux 5.12 or later (6.x for tmpfs)")
+    return Check(name, True, "a root-owned folder is shown to uid 1000 as its own")
 
 
 def check_tun() -> Check:

@@ -125,9 +125,15 @@ def mapped_tree(folder: int | Path, idmap: IdMap) -> int:
                               namespace)  # fmt: skip
             _syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                      ctypes.sizeof(attr))  # fmt: skip
-        except BaseException:
+        except OSError as e:
             os.close(tree)
-            raise
+            raise OSError(
+                e.errno,
+                f"cannot show the workspace (owner uid {idmap.owner[0]}) to a kernel of uid "
+                f"{idmap.kernel[0]} through an idmapped mount: {e.strerror} (its file system "
+                "may not support idmapped mounts); give the folder to the kernel's user, or "
+                "set workspace = 'none'",
+            ) from None
         return tree
     finally:
         os.close(namespace)

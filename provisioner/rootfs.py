@@ -69,8 +69,6 @@ def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap) -> Path:
     tree = mapped_tree(folder, idmap)
     try:
         attach(tree, target)
-    except OSError as e:
-        raise OSError(f"cannot mount the workspace idmapped: {e}") from None
     finally:
         os.close(tree)
     return target

@@ -245,6 +245,7 @@ def test_doctor_passes_here_and_says_how_to_fix_a_missing_runsc(sandbox_host):
     ok = subprocess.run([*JUPYTER_SANDBOX, "doctor"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
     for check in ("runsc", "platform systrap", "cgroups", "image", "microVM: qemu",
+                  "workspaces of other owners (idmapped mounts)",
                   "microVM: tap devices", "microVM: boot files",
                   "microVM: accelerator"):  # fmt: skip
         assert f"[ok] {check}" in ok.stdout

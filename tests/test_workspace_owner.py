@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +100,23 @@ async def test_the_kernel_writes_its_workspace_as_its_owner(
                 assert not (folder / made).stat().st_mode & (stat.S_ISUID | stat.S_ISGID), made
     if kernel_name.endswith("gvisor"):
         assert "setuid refused" in text and "setgid refused" in text
+
+
+async def test_a_workspace_that_cannot_be_idmapped_gives_a_clear_error(
+    no_leftovers, kernel_name: str
+) -> None:
+    """ramfs has no idmapped mounts: the kernel does not start, says why and what to do,
+    and leaves nothing behind (the test's fixture checks)."""
+    folder = Path(tempfile.mkdtemp(prefix="jsb-ramfs-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(folder)], check=True)
+    try:
+        km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
+        with pytest.raises(Exception, match="idmapped mount") as raised:
+            await km.start_kernel(cwd=str(folder))
+        assert "workspace = 'none'" in str(raised.value)
+        assert not km.has_kernel
+        await km.cleanup_resources()
+        assert list(folder.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.rmdir()
