@@ -8,10 +8,17 @@ not exist in the guest (ENOENT), or the kernel's user may not open it.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import secrets
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import READY_TIMEOUT, execute
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from provisioner.images import find_image
 
@@ -178,3 +185,63 @@ def test_writes_stay_in_the_throwaway_layer(target, verdict):
         f"refused as the kernel's user ({', '.join(sorted(set(refused.values())))}); "
         "the image on the host unchanged"
     )
+
+
+SET_ID_ATTACK = """
+import json, os, stat
+def attempt(fn, *args):
+    try:
+        fn(*args)
+        return "ok"
+    except OSError as e:
+        return os.strerror(e.errno)
+open("shell", "w").write("#!/bin/sh\\nid\\n")
+print(json.dumps({
+    "uid": os.getuid(),
+    "chmod": attempt(os.chmod, "shell", 0o4755),
+    "create": attempt(lambda: os.close(os.open("created", os.O_CREAT | os.O_WRONLY, 0o6755))),
+    "mknod": attempt(os.mknod, "node", 0o104755),
+    "guest_mode": oct(os.stat("shell").st_mode),
+}))
+"""
+
+
+@pytest.mark.attack("files", "leave a setuid-root program in a root-owned workspace for the host")
+async def test_set_id_program_in_a_root_workspace(no_leftovers, kernel_name, verdict):
+    """On a root-owned workspace (mounted idmapped) the kernel's files are root's on the
+    host: a set-id bit on one would make a root shell for any host user who may run it."""
+    folder = Path(tempfile.mkdtemp(prefix="jsb-rootws-", dir="/tmp"))
+    folder.chmod(0o755)  # root's, and any host user may run what is in it
+    km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
+    try:
+        await km.start_kernel(cwd=str(folder))
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
+        reply, text, _ = await execute(kc, SET_ID_ATTACK)
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        assert reply["status"] == "ok", text
+        found = json.loads(text.strip().splitlines()[-1])
+        assert found["uid"] != 0
+        on_host = {p.name: p.stat() for p in folder.iterdir()}
+        assert on_host["shell"].st_uid == 0, "the attack needs a root-owned file: it made one"
+        set_id = [n for n, s in on_host.items() if s.st_mode & (stat.S_ISUID | stat.S_ISGID)]
+        assert set_id == [], f"set-id files on the host: {set_id}"
+        modes = {n: oct(s.st_mode) for n, s in on_host.items()}
+        if kernel_name.endswith("gvisor"):
+            assert found["chmod"] == found["create"] == found["mknod"] == os.strerror(1), found
+            verdict(
+                f"the kernel (uid {found['uid']}) wrote root-owned files; chmod 04755, open "
+                f"with 06755 and mknod 04755: {found['chmod']} (seccomp); host modes {modes}"
+            )
+        else:
+            verdict(
+                f"the kernel (uid {found['uid']}) wrote root-owned files; chmod 04755: "
+                f"{found['chmod']}, guest sees {found['guest_mode']}, kept in xattrs: "
+                f"host modes {modes}"
+            )
+    finally:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+        shutil.rmtree(folder, ignore_errors=True)
