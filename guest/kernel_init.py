@@ -17,6 +17,7 @@ status (128 + N for a signal), which ends every process left in the namespace.
 Stdlib only, as the agent.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -24,7 +25,6 @@ import resource
 import signal
 import socket
 import sys
-
 
 CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
@@ -79,7 +79,7 @@ def start(launch: dict, control_fd: int) -> int:
             os.close(control_fd)
             become_kernel(launch)
             os.execvpe(launch["argv"][0], launch["argv"], launch["env"])
-        except BaseException as e:  # noqa: BLE001 (anything: said to the parent, then exit)
+        except BaseException as e:  # anything: said to the parent, then exit
             os.write(err_w, str(e).encode()[:4000])
         finally:
             os._exit(127)
@@ -114,10 +114,8 @@ def main() -> None:
     control.close()
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(OSError):  # it ended meanwhile
             os.killpg(kernel, signum)
-        except OSError:
-            pass  # it ended meanwhile
 
     for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
         signal.signal(sig, forward)
