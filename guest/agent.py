@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,12 @@ from streams import Mux, Stream
 
 RUNTIME_DIR = Path("/run/kernel")
 LIBC = ctypes.CDLL(None, use_errno=True)
-PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWPID = 0x20000000
+PR_SET_DUMPABLE = 4
+KERNEL_INIT = (Path(__file__).parent / "kernel_init.py").read_bytes()
+"""kernel_init.py, read now: a microVM unmounts the agent's folder before the launch."""
+START_TIMEOUT = 30.0
+"""Seconds kernel_init gets to start the kernel (it needs milliseconds)."""
 CONNECT_TIMEOUT = 120.0
 """How long a stream waits for the kernel to bind its socket."""
 
@@ -168,30 +174,41 @@ class Agent(asyncio.Protocol):
 
     @staticmethod
     def spawn(argv: list[str], spec: dict, uid: int, gid: int, rlimits: dict[int, int]) -> int:
-        """Start the kernel afresh as its user; its pid."""
-
-        def limit() -> None:  # in the child, after it became the kernel's user
-            for which, value in rlimits.items():
-                resource.setrlimit(which, (value, value))
-            # No way back up: setuid programs in the image run without their privilege
-            # (gVisor's OCI spec says the same; a VM's guest kernel needs telling).
-            if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
-
-        return subprocess.Popen(
-            argv,
-            env=spec["env"],
-            cwd=spec["cwd"],
-            stdin=subprocess.DEVNULL,
-            stdout=sys.stderr,
-            stderr=sys.stderr,
-            user=uid,
-            group=gid,
-            extra_groups=[],
-            start_new_session=True,
-            umask=0o077,
-            preexec_fn=limit,
-        ).pid
+        """Start the kernel afresh as its user, in a PID namespace of its own; the pid of
+        that namespace's init (kernel_init.py), which passes signals on and exits as the
+        kernel does. The kernel sees none of this sandbox's processes but its own."""
+        if LIBC.unshare(CLONE_NEWPID) != 0:  # for our children: kernel_init is their PID 1
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"unshare the PID namespace: {os.strerror(errno)}")
+        ours, theirs = socket.socketpair()
+        try:
+            init = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-", str(theirs.fileno())],
+                stdin=subprocess.PIPE,
+                stdout=sys.stderr,
+                stderr=sys.stderr,
+                pass_fds=(theirs.fileno(),),
+                env={},  # its /proc/1/environ: nothing
+                cwd="/",
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        with ours:
+            assert init.stdin is not None
+            init.stdin.write(KERNEL_INIT)
+            init.stdin.close()
+            launch = {
+                "argv": argv, "env": spec["env"], "cwd": spec["cwd"],
+                "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
+            }  # fmt: skip
+            ours.settimeout(START_TIMEOUT)
+            ours.sendall(json.dumps(launch).encode() + b"\n")
+            ours.shutdown(socket.SHUT_WR)
+            answer = ours.recv(4096).decode(errors="replace")
+        if answer != "ok":
+            raise OSError(answer or "kernel_init ended")
+        return init.pid
 
     def reap_children(self) -> None:
         """As PID 1, collect every exited process: orphans too, or they pile up as zombies."""
@@ -297,6 +314,9 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
+    # Nothing of ours to the kernel's user through /proc or ptrace, whatever its uid.
+    if LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
 
     async def run() -> int:
         return await Agent().run(tunnel_in, tunnel_out)

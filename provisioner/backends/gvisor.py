@@ -28,13 +28,16 @@ from .base import (
 
 AGENT_CAPABILITIES = [
     # The agent (sandbox root, inside gVisor only) needs these to start the kernel
-    # as an unprivileged user and signal it; the kernel itself gets none.
+    # as an unprivileged user and signal it, and CAP_SYS_ADMIN to start it in a PID
+    # and mount namespace of its own with its own /proc (guest/kernel_init.py: gVisor's
+    # procfs shows any process's fds and environ to all); the kernel itself gets none.
     "CAP_SETUID",
     "CAP_SETGID",
     "CAP_KILL",
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
+    "CAP_SYS_ADMIN",
 ]
 
 

@@ -152,7 +152,8 @@ REACH_CHANNEL = (
             # lists it to anyone, and checks each open against the file's own mode.
             listing = attempt(os.listdir, f"/proc/{pid}/fd")
             listings[f"/proc/{pid}/fd"] = listing[0]
-            fds = sorted(map(int, listing[1])) if listing[0] == "ok" else range(8)
+            # fds 0 and 1 even where unlisted: the channel was there, not long ago
+            fds = sorted({0, 1, *map(int, listing[1])}) if listing[0] == "ok" else range(8)
             for fd in fds:
                 path = f"/proc/{pid}/fd/{fd}"
                 link = attempt(os.readlink, path)
