@@ -32,11 +32,12 @@ forwards only to and from sandbox links), and the last one to go turns it off
 again and removes the guard. The backend then starts the sandbox inside the
 namespace; for runsc that is `nsenter --net=... runsc --network=host`.
 
-A microVM (`tap_owner` given) has its own kernel, so the sandbox's address
+A microVM (`tap=True`) has its own kernel, so the sandbox's address
 lives in the guest, not in the namespace: the namespace's `eth0` gets no
-address and is bridged (`br0`) with a tap device `tap0` owned by the user QEMU
-runs as, and QEMU, started inside the namespace, attaches its virtio-net device
-to it. A bridge rather than routing: the namespace stays a plain piece of wire,
+address and is bridged (`br0`) with a persistent tap device `tap0` that only
+root may attach to; the backend attaches to it (`open_tap`) and hands QEMU the
+descriptor, so QEMU, which runs unprivileged, never opens /dev/net/tun. A
+bridge rather than routing: the namespace stays a plain piece of wire,
 so what reaches the host end is exactly what gVisor's namespace would send,
 from the same address and MAC-level peer, and every host rule (which match the
 host end and the sandbox's address) applies unchanged; routing would need the
@@ -56,15 +57,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -426,6 +430,59 @@ def _host_addresses(name: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))[:MAX_ADDRESSES]
 
 
+# -- a microVM's tap ------------------------------------------------------------------
+
+TUN_DEVICE = Path("/dev/net/tun")
+_CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TAP_FLAGS = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR
+"""What the tap is attached with: frames without tun's packet header, with virtio-net's
+(QEMU's virtio-net then passes offloads through, as under libvirt)."""
+
+
+def open_tap(netns: Path, name: str = TAP_IF) -> int:
+    """A descriptor attached to the existing tap `name` in the namespace at `netns`, for
+    QEMU's `-netdev tap,fd=N`. The caller owns it: it closes it once QEMU has it, and on
+    every failure. Needs CAP_NET_ADMIN (the tap has no owner) and /dev/net/tun readable:
+    the backend's privileges, never QEMU's, so /dev/net/tun may stay root's alone (0600).
+
+    A tun descriptor belongs to the namespace that was current when /dev/net/tun was opened
+    (TUNSETIFF looks the name up there), and Python 3.11 has no os.setns: a thread of its
+    own joins the namespace with libc's setns (which moves only the calling thread), opens
+    and attaches, and ends; no other code ever runs in that namespace, and the descriptor
+    stays valid in the whole process. Raises OSError (the step's errno) on failure."""
+    outcome: list[int | OSError] = []
+
+    def attach() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            namespace = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(namespace, _CLONE_NEWNET) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
+            finally:
+                os.close(namespace)
+            tap = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(tap, _TUNSETIFF, struct.pack("16sH22x", name.encode(), TAP_FLAGS))
+            except BaseException:
+                os.close(tap)
+                raise
+            outcome.append(tap)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=attach, name="sandbox-tap", daemon=True)
+    thread.start()
+    thread.join()
+    if not outcome or isinstance(outcome[0], OSError):
+        error = outcome[0] if outcome else OSError("the tap's thread failed")
+        raise OSError(error.errno, f"cannot attach to tap {name} in {netns}: {error}")
+    return outcome[0]
+
+
 # -- one sandbox's network ------------------------------------------------------------
 
 
@@ -433,13 +490,13 @@ class SandboxNetwork:
     """One sandbox's namespace, link, firewall and DNS, from `open` to `remove`."""
 
     def __init__(self, spec: NetworkSpec, record: Record, log: logging.Logger,
-                 tap_owner: tuple[int, int] | None = None) -> None:  # fmt: skip
-        """`tap_owner`: (uid, gid) of a microVM's QEMU: the address goes to the guest behind
-        a tap device in the namespace, not to the namespace's eth0."""
+                 tap: bool = False) -> None:  # fmt: skip
+        """`tap`: a microVM's network: the address goes to the guest behind a tap device in
+        the namespace (`open_tap`), not to the namespace's eth0."""
         self.spec = spec
         self.record = record
         self.log = log
-        self.tap_owner = tap_owner
+        self.tap = tap
         self.names = names(record.sandbox_id)
         self.host_ip = ""
         self.guest_ip = ""
@@ -551,7 +608,7 @@ class SandboxNetwork:
                 _write_sysctl(path, value)
             _run(["nft", "-f", "-"], input=self.ruleset())  # rules first, then links up
             _run(["ip", "link", "set", n.veth, "alias", record.sandbox_id, "up"])
-            if self.tap_owner is None:
+            if not self.tap:
                 _run(
                     ["ip", "-n", n.netns, "-batch", "-"],
                     input=f"addr add {self.guest_ip}/30 dev {GUEST_IF}\n"
@@ -559,7 +616,7 @@ class SandboxNetwork:
                     f"route add default via {self.host_ip}\n",
                 )
             else:
-                self._make_tap(*self.tap_owner)
+                self._make_tap()
             if self.spec.bandwidth:
                 self._limit_bandwidth(self.spec.bandwidth)
         except BaseException:
@@ -570,16 +627,17 @@ class SandboxNetwork:
         nsenter = shutil.which("nsenter") or "nsenter"
         return _run([nsenter, f"--net={self.netns_path}", "--", *argv], input=input)
 
-    def _make_tap(self, uid: int, gid: int) -> None:
-        """A microVM's path: the namespace's eth0 (no address) bridged with a tap device
-        that QEMU, running as `uid`, may attach to; the bridge's filter first."""
+    def _make_tap(self) -> None:
+        """A microVM's path: the namespace's eth0 (no address) bridged with a persistent tap
+        device that has no owner (only root may attach: `open_tap`); the bridge's filter
+        first."""
         self._in_netns(["nft", "-f", "-"], input=self.bridge_ruleset())
         _run(
             ["ip", "-n", self.names.netns, "-batch", "-"],
             # Two ports and no learning: whatever one port receives goes out by the other,
             # and a guest sending from made-up MACs fills no forwarding table.
             input=f"link add {BRIDGE_IF} type bridge stp_state 0 mcast_snooping 0\n"
-            f"tuntap add dev {TAP_IF} mode tap user {uid} group {gid}\n"
+            f"tuntap add dev {TAP_IF} mode tap\n"
             + "".join(
                 f"link set {port} master {BRIDGE_IF}\n"
                 f"link set {port} type bridge_slave learning off\nlink set {port} up\n"

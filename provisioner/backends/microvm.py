@@ -16,10 +16,14 @@ on, no network device unless the kernel's network mode asks for one, and in a
 cgroup of its own that holds the VM's memory, CPU quota and the host tasks.
 
 With a network mode other than none, the sandbox gets the same namespace,
-link, firewall and DNS responder as a gVisor one (`network.py`); QEMU runs
-inside that namespace and its virtio-net device is backed by a tap device
-there, bridged with the namespace's end of the link, and the guest's init
-takes the sandbox's address, gateway and resolver from the kernel command line.
+link, firewall and DNS responder as a gVisor one (`network.py`); its
+virtio-net device is backed by a tap device there, bridged with the
+namespace's end of the link. The backend (root) attaches to the tap and hands
+QEMU the descriptor, as libvirt does: QEMU never opens /dev/net/tun, which may
+stay root's alone. QEMU still runs inside that namespace, so that a guest that
+took QEMU over reaches no more of the network than the guest itself. The
+guest's init takes the sandbox's address, gateway and resolver from the kernel
+command line.
 """
 
 from __future__ import annotations
@@ -83,11 +87,13 @@ def guest_mac(sandbox_id: str) -> str:
 
 
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
-              fds: tuple[int, int, int], net: network.SandboxNetwork | None = None,
+              fds: tuple[int, int, int],
+              net: tuple[network.SandboxNetwork, int] | None = None,
               mapped_workspace: int | None = None) -> list[str]:  # fmt: skip
     """QEMU's command line for one sandbox, its ports on `fds` (in, out, config); with
-    `net`, a virtio-net device on its tap; with `mapped_workspace`, the workspace is that
-    descriptor's idmapped tree (`idmap.py`). Same for every sandbox of the same shape."""
+    `net` (the network, a descriptor of its tap: `network.open_tap`), a virtio-net device
+    on that tap; with `mapped_workspace`, the workspace is that descriptor's idmapped tree
+    (`idmap.py`). Same for every sandbox of the same shape."""
     limits = spec.limits
     memory_mib, cpus = vm_size(spec)
     command_line = [
@@ -126,12 +132,12 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
             "-device", "virtio-9p-device,fsdev=workspace,mount_tag=workspace",
         ]  # fmt: skip
     if net is not None:
-        # The tap exists already (network.py), owned by QEMU's user: no script, no helper.
+        sandbox_network, tap = net  # attached already: QEMU opens nothing, runs no script
         argv += [
-            "-netdev", f"tap,id=net0,ifname={network.TAP_IF},script=no,downscript=no",
+            "-netdev", f"tap,id=net0,fd={tap}",
             "-device", f"virtio-net-device,netdev=net0,mac={guest_mac(spec.sandbox_id)}",
         ]  # fmt: skip
-        command_line += net.kernel_arguments()
+        command_line += sandbox_network.kernel_arguments()
     return [*argv, "-append", " ".join(command_line)]
 
 
@@ -213,7 +219,7 @@ class MicroVMSandbox(Sandbox):
         prefix: list[str] = []
         if self.spec.network.mode != "none":
             self.network = network.SandboxNetwork(
-                self.spec.network, self.record, self.log, tap_owner=(uid, gid)
+                self.spec.network, self.record, self.log, tap=True
             )
             await self.network.open()  # removes what it made if it fails
             # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
@@ -225,15 +231,28 @@ class MicroVMSandbox(Sandbox):
             cgroups.create, self.record.cgroup, memory, limits.cpu, HOST_TASKS
         )
         snapshot = await self.snapshot(procs) if self.network is None else None
+        tap = None
         try:
-            return self.spawn(uid, gid, procs, prefix, snapshot)
+            if self.network is not None:
+                tap = self.open_tap(self.network)
+            return self.spawn(uid, gid, procs, prefix, snapshot, tap)
         finally:
-            if snapshot is not None:
-                os.close(snapshot)
+            for fd in (snapshot, tap):  # QEMU has its own copies by now, or failed
+                if fd is not None:
+                    os.close(fd)
+
+    def open_tap(self, net: network.SandboxNetwork) -> int:
+        """A descriptor of the network's tap, for QEMU. Called in the I/O loop, not a worker
+        thread: it takes a millisecond, and a cancelled wait would leak the descriptor."""
+        try:
+            return network.open_tap(net.netns_path)
+        except OSError as e:
+            raise SandboxError(f"network setup: {e}") from None
 
     def spawn(self, uid: int, gid: int, procs: list[Path], prefix: list[str],
-              snapshot: int | None) -> Channel:  # fmt: skip
-        """Start QEMU (from `snapshot`, a descriptor, if given) and serve its settings."""
+              snapshot: int | None, tap: int | None) -> Channel:  # fmt: skip
+        """Start QEMU (from `snapshot`, a descriptor, if given; on the network's `tap`, a
+        descriptor, if given) and serve its settings. The caller closes both."""
         to_guest, qemu_in = socket.socketpair()
         from_guest, qemu_out = socket.socketpair()
         settings, qemu_settings = socket.socketpair()
@@ -247,9 +266,9 @@ class MicroVMSandbox(Sandbox):
             for fd in (console_r, console_w):
                 os.close(fd)
             raise
-        argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, self.network,
-                         workspace)  # fmt: skip
-        pass_fds = qemu_ends if workspace is None else (*qemu_ends, workspace)
+        net = None if self.network is None or tap is None else (self.network, tap)
+        argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, net, workspace)
+        pass_fds = (*qemu_ends, *(fd for fd in (workspace, tap) if fd is not None))
         if snapshot is not None:
             argv += ["-incoming", f"fd:{snapshot}"]
             pass_fds += (snapshot,)
