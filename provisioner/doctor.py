@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
-import stat
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups
+from . import cgroups, network
 from .accel import choose as choose_accel
 from .backends.microvm_snapshot import snapshot_dir
 from .idmap import IdMap, mapped_tree
@@ -19,6 +20,7 @@ from .images import ImageError, find_image, load_manifest, verify_image
 from .microvm_image import find_boot_files
 
 RUNSC_MIN_DATE = 20240729
+_TUNGETFEATURES = 0x800454CF
 INSTALL = "run `make setup` in the jupyter-sandbox checkout (or `bash scripts/install-host.sh`)"
 
 
@@ -153,17 +155,29 @@ def check_idmap() -> Check:
 
 
 def check_tun() -> Check:
-    """A microVM with a network has a tap device, opened by QEMU as the kernel's user."""
-    name, tun = "microVM: tap devices", Path("/dev/net/tun")
+    """A microVM with a network gets a tap device that this process, as root, attaches to
+    for QEMU (`network.open_tap`): /dev/net/tun must be a working tun driver that it can
+    open and that can make taps as attached. Its mode does not matter (QEMU never opens it)."""
+    name, tun = "microVM: tap devices", network.TUN_DEVICE
+    needed = "(needed for network = 'egress' or 'open')"
     try:
-        mode = tun.stat().st_mode
-    except OSError as e:
-        return Check(name, False, f"{tun}: {e} (needed for network = 'egress' or 'open')",
+        fd = os.open(tun, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Check(name, False, f"{tun} does not exist {needed}",
                      "modprobe tun (or run the server where /dev/net/tun exists)")  # fmt: skip
-    if not stat.S_ISCHR(mode) or mode & 0o006 != 0o006:
-        return Check(name, False, f"{tun} is not a device every user may open",
-                     f"chmod 0666 {tun}")  # fmt: skip
-    return Check(name, True, str(tun))
+    except OSError as e:
+        return Check(name, False, f"cannot open {tun}: {e} {needed}",
+                     "run the Jupyter server (or the sandbox service) as root")  # fmt: skip
+    try:
+        features = struct.unpack("I", fcntl.ioctl(fd, _TUNGETFEATURES, bytes(4)))[0]
+    except OSError as e:
+        return Check(name, False, f"{tun} is no tun driver: {e} {needed}", "modprobe tun")
+    finally:
+        os.close(fd)
+    if features & network.TAP_FLAGS != network.TAP_FLAGS:
+        return Check(name, False, f"{tun} cannot make taps with virtio-net headers "
+                     f"(features {features:#x}) {needed}", "a Linux kernel with tun")  # fmt: skip
+    return Check(name, True, f"{tun} opens as uid {os.geteuid()}; QEMU gets an attached tap")
 
 
 def microvm_checks(image: str, qemu_path: str = "qemu-system-x86_64") -> list[Check]:

@@ -58,6 +58,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -464,6 +465,10 @@ def open_tap(netns: Path, name: str = TAP_IF) -> int:
                     raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
             finally:
                 os.close(namespace)
+            try:  # it must exist: TUNSETIFF would make a new one
+                socket.if_nametoindex(name)
+            except OSError:
+                raise OSError(errno.ENODEV, f"no device {name} there") from None
             tap = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(tap, _TUNSETIFF, struct.pack("16sH22x", name.encode(), TAP_FLAGS))

@@ -242,8 +242,13 @@ def test_missing_runsc_or_qemu_fails_under_ci_instead_of_skipping(tmp_path):
 
 
 def test_doctor_passes_here_and_says_how_to_fix_a_missing_runsc(sandbox_host):
+    tun_mode = Path("/dev/net/tun").stat().st_mode  # 0600 root on a fresh Debian machine
     ok = subprocess.run([*JUPYTER_SANDBOX, "doctor"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
+    # the tap check asks what the server needs (root opens the tun driver), whatever the mode
+    assert "[ok] microVM: tap devices: /dev/net/tun opens as uid 0" in ok.stdout
+    assert "chmod" not in ok.stdout
+    assert Path("/dev/net/tun").stat().st_mode == tun_mode
     for check in ("runsc", "platform systrap", "cgroups", "image", "microVM: qemu",
                   "workspaces of other owners (idmapped mounts)",
                   "microVM: tap devices", "microVM: boot files",

@@ -1216,6 +1216,70 @@ async def test_microvm_start_failing_after_its_network_leaves_nothing(
     assert not leftover_network()
 
 
+def tun_descriptors(pid: int | str = "self") -> dict[int, str]:
+    """A process's open /dev/net/tun descriptors -> the tap each is attached to ("" if none)."""
+    found = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if str(fd.readlink()) == "/dev/net/tun":
+                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+                found[int(fd.name)] = "".join(re.findall(r"^iff:\s*(\S+)$", info, re.MULTILINE))
+    return found
+
+
+async def test_microvm_qemu_gets_an_attached_tap_and_never_opens_dev_net_tun(
+    no_leftovers, workspace, test_hosts
+):
+    """Issue 14: where /dev/net/tun is root's alone (0600, a fresh Debian machine), QEMU, which
+    runs as the workspace's owner, could not open it. The backend attaches to the tap and
+    QEMU gets the descriptor: its command line names an fd, never an ifname, the guest's
+    network works through it, and nothing changed the device's mode."""
+    require_sandbox("microvm")
+    tun_mode = network.TUN_DEVICE.stat().st_mode
+    async with kernel(workspace, BACKENDS["microvm"], network="open") as (km, kc):
+        pid = record_of(km).pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        netdev = argv[argv.index("-netdev") + 1]
+        fd = re.fullmatch(r"tap,id=net0,fd=(\d+)", netdev)
+        assert fd is not None, netdev
+        assert not any("ifname" in arg or "script" in arg for arg in argv), argv
+        assert tun_descriptors(pid) == {int(fd.group(1)): network.TAP_IF}
+        uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
+        assert uids == ["1000"] * 4  # QEMU is the workspace's owner, not root
+        assert await probes(kc, [(ALLOWED, 8080)]) == ["allowed"]
+        assert tun_descriptors() == {}  # the backend's own copy is closed
+    assert network.TUN_DEVICE.stat().st_mode == tun_mode  # nothing chmods it
+
+
+def test_open_tap_attaches_only_to_an_existing_tap_in_its_namespace(sandbox_host):
+    """`open_tap` attaches in the named namespace, with the flags QEMU is told of; where the
+    tap is missing it fails (TUNSETIFF would make a new, unbridged one) and keeps nothing."""
+    import fcntl
+
+    netns = f"jsbt-tap-{os.getpid()}"  # not ours (jsb-): no gc may take it meanwhile
+    sh("ip", "netns", "add", netns)
+    try:
+        with pytest.raises(OSError, match=f"cannot attach to tap {network.TAP_IF}") as missing:
+            network.open_tap(Path("/run/netns", netns))
+        assert missing.value.errno == errno.ENODEV
+        assert tun_descriptors() == {}
+        links = in_netns(Record("?", "?", "?", netns=netns), "ip", "-o", "link")
+        assert "lo:" in links and network.TAP_IF not in links  # none made meanwhile
+        sh("ip", "-n", netns, "tuntap", "add", "dev", network.TAP_IF, "mode", "tap")
+        fd = network.open_tap(Path("/run/netns", netns))
+        try:
+            assert tun_descriptors() == {fd: network.TAP_IF}
+            flags = struct.unpack("16sH", fcntl.ioctl(fd, 0x800454D2, bytes(40))[:18])[1]
+            assert flags & network.TAP_FLAGS == network.TAP_FLAGS  # TUNGETIFF
+            assert flags & 0x0800  # IFF_PERSIST: the tap `ip` made, not a new one
+            assert not Path("/sys/class/net", network.TAP_IF).exists()  # not the host's
+        finally:
+            os.close(fd)
+    finally:
+        sh("ip", "netns", "del", netns)
+    assert tun_descriptors() == {}
+
+
 def test_gc_removes_the_network_of_a_server_that_died(sandbox_host, workspace):
     script = textwrap.dedent(
         f"""
