@@ -203,12 +203,14 @@ def test_hosts(sandbox_host: None, tmp_path_factory) -> Iterator[dict]:
         assert server.stdout.readline().strip() == "ready"
 
     host_port = free_port()
+    hosts = (
+        ("nettest-allowed", "ntallow", 1, "allowed", (8080, 8081, 8082)),
+        ("nettest-blocked", "ntblock", 2, "blocked", (8080,)),
+        ("nettest-meta", "ntmeta", 3, "meta", ()),
+    )
+    clear_stale_test_hosts([netns for netns, *_ in hosts])
     try:
-        for netns, veth, n, name, ports in (
-            ("nettest-allowed", "ntallow", 1, "allowed", (8080, 8081, 8082)),
-            ("nettest-blocked", "ntblock", 2, "blocked", (8080,)),
-            ("nettest-meta", "ntmeta", 3, "meta", ()),
-        ):
+        for netns, veth, n, name, ports in hosts:
             sh("ip", "netns", "add", netns)
             made.append(netns)
             sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
@@ -240,6 +242,18 @@ def test_hosts(sandbox_host: None, tmp_path_factory) -> Iterator[dict]:
     assert not [p for p in Path("/run/netns").glob("nettest-*")]
 
 
+def clear_stale_test_hosts(netns: list[str]) -> None:
+    """Remove what a killed earlier run left of `test_hosts` (namespaces, with their veths,
+    and the metadata route); fail if a live run holds them (its listeners are in them)."""
+    left = [name for name in netns if network.netns_path(name).exists()]
+    in_use = network._namespaces_in_use(left)
+    if in_use:
+        skip_or_fail(f"another test run is using the test hosts' namespaces {in_use}")
+    for name in left:
+        sh("ip", "netns", "del", name)
+    subprocess.run(["ip", "route", "del", f"{META}/32"], capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -250,7 +264,7 @@ def free_port() -> int:
 def hosts_file() -> Iterator[Path]:
     """Test names in the host's /etc/hosts; the file is restored even on failure."""
     path = Path("/etc/hosts")
-    original = path.read_text()
+    original = path.read_text().replace(HOSTS_LINES, "")  # a killed earlier run's lines
     path.write_text(original.rstrip("\n") + "\n" + HOSTS_LINES)
     try:
         yield path
