@@ -5,16 +5,24 @@ special (PVM) kernels, and a stock guest hangs there without a word. So the
 answer comes from a short probe boot of the real guest kernel under KVM,
 watched for its first console output, and is kept for the rest of the host's
 uptime (in /run).
+
+Nor does root opening /dev/kvm: a VM's QEMU runs as the kernel's user with no
+group but the device's own (`kvm_group`), so a device only root may open
+(0600) means TCG, and Debian's 0660 root:kvm means QEMU gets the `kvm` group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import grp
 import itertools
 import json
 import os
+import pwd
 import re
 import select
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +32,7 @@ from .state import runtime_dir
 
 PROBE_TIMEOUT = 5.0
 """Seconds a KVM guest gets to boot to its root-mount step (a working one needs under 1)."""
+KVM_DEVICE = Path("/dev/kvm")
 BOOTED = b"VFS: "
 """What the guest kernel prints once it is up and looks for a root (the probe gives none)."""
 
@@ -61,6 +70,31 @@ def host_tsc_khz() -> int:
     return 2_000_000
 
 
+def kvm_group(device: Path | None = None) -> int | None:
+    """The group a VM's QEMU must hold to open `device` as an ordinary user (it runs as the
+    kernel's user, groups cleared): None if any user may open it, the device's group if
+    that group may (0660 root:kvm, as Debian's udev makes it). PermissionError if only
+    root may (0600, or group root, which QEMU must never get): not KVM for QEMU, whatever
+    root's own open says. OSError if it is missing. `device`: KVM_DEVICE unless given."""
+    device = device or KVM_DEVICE
+    st = device.stat()
+    if not stat.S_ISCHR(st.st_mode):
+        raise OSError(errno.ENODEV, f"{device} is not a character device")
+    if st.st_mode & 0o006 == 0o006:
+        return None
+    if st.st_mode & 0o060 == 0o060 and st.st_gid != 0:
+        return st.st_gid
+    try:
+        owner = f"{pwd.getpwuid(st.st_uid).pw_name}:{grp.getgrgid(st.st_gid).gr_name}"
+    except KeyError:
+        owner = f"{st.st_uid}:{st.st_gid}"
+    raise PermissionError(
+        errno.EACCES,
+        f"{device} is {stat.filemode(st.st_mode)} {owner}: QEMU, which runs as "
+        "the kernel's user, may not open it (Debian's udev makes it 0660 root:kvm)",
+    )
+
+
 def _cache() -> Path:
     return runtime_dir() / "accel.json"
 
@@ -72,7 +106,8 @@ def probe(qemu: str, kernel: Path, accel: str = "kvm", timeout: float = PROBE_TI
     """
     if accel == "kvm":
         try:
-            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+            kvm_group()
+            os.close(os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC))
         except OSError as e:
             return Accel("tcg", f"/dev/kvm cannot be opened ({e.strerror})")
     command_line = f"console=ttyS0 earlyprintk=ttyS0 panic=-1 {tsc_arguments()}"

@@ -7,8 +7,10 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -169,6 +171,63 @@ def test_the_kvm_probe_decides_by_a_real_boot(sandbox_host):
     assert verdict == accel.choose(qemu, kernel, "auto")
     assert verdict.name in ("kvm", "tcg") and verdict.reason
     assert accel.choose(qemu, kernel, "tcg").reason == "set by configuration (accel)"
+
+
+def kvm_node(folder: Path, mode: int, gid: int) -> Path:
+    """A node of /dev/kvm's numbers with its own mode and group (the host's is never touched)."""
+    node = folder / f"kvm-{mode:o}-{gid}"
+    os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(10, 232))
+    os.chown(node, 0, gid)
+    node.chmod(mode)
+    return node
+
+
+def test_qemu_gets_kvm_only_with_the_group_it_needs_to_open_it(sandbox_host, tmp_path, monkeypatch):
+    """Issue 14's audit: QEMU runs as the kernel's user with its groups cleared, so root's
+    probe opening /dev/kvm proved nothing. Where only root may open it (0600: here), KVM is
+    not for QEMU; where its group may (0660 root:kvm: Debian), QEMU gets that group only."""
+    require_sandbox("microvm")
+    from provisioner.backends import microvm
+
+    assert accel.kvm_group(kvm_node(tmp_path, 0o666, 0)) is None
+    shared = kvm_node(tmp_path, 0o660, 4321)
+    assert accel.kvm_group(shared) == 4321
+    for mode, gid in ((0o600, 0), (0o660, 0), (0o600, 4321)):  # never group root
+        with pytest.raises(PermissionError, match="may not open it"):
+            accel.kvm_group(kvm_node(tmp_path, mode, gid))
+    qemu, kernel = shutil.which("qemu-system-x86_64"), find_boot_files().kernel
+    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64", "-nodefaults",
+            "-no-user-config", "-nographic", "-no-reboot", "-kernel", str(kernel)]  # fmt: skip
+    device = Path("/dev/kvm")
+    device_mode = device.stat().st_mode
+    if device_mode & 0o066 == 0:  # this host: accel = 'kvm' is refused, not tried
+        with pytest.raises(SandboxError, match="accel kvm: /dev/kvm is crw------- "):
+            microvm.qemu_groups(argv)
+    # Real QEMU as uid 1000 meets a 0660 root:4321 /dev/kvm (in a mount namespace of its own).
+    bind = [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        'mount --bind "$0" /dev/kvm && ls -l /dev/kvm && exec "$@"',
+        str(shared),
+    ]
+    opened = {}
+    for told in (shared, kvm_node(tmp_path, 0o666, 4321)):  # the second: told "anyone may"
+        monkeypatch.setattr(accel, "KVM_DEVICE", told)
+        with tempfile.TemporaryFile() as output:
+            process = microvm.spawn(argv, 1000, 1000, prefix=bind, stdout=output)
+            try:
+                process.wait(timeout=5)  # PVM-only KVM here: QEMU aborts once KVM is open
+            except subprocess.TimeoutExpired:  # it opened KVM and runs
+                process.kill()
+                process.wait()
+            output.seek(0)
+            said = output.read().decode(errors="replace")
+        assert "/dev/kvm" in said  # the bind mount happened (its `ls`)
+        opened[told.name] = "Could not access KVM kernel module: Permission denied" not in said
+    assert opened == {shared.name: True, "kvm-666-4321": False}
+    assert device.stat().st_mode == device_mode  # nothing chmods the host's
 
 
 async def test_port_taken_fails_cleanly(no_leftovers, workspace):

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import cgroups, network
-from ..accel import Accel, tsc_arguments
+from ..accel import Accel, kvm_group, tsc_arguments
 from ..idmap import mapped_tree
 from ..microvm_image import BootFiles
 from ..state import Record, process_start_time
@@ -179,13 +179,14 @@ def spawn(argv: list[str], uid: int, gid: int, *, procs: Sequence[Path] = (),
           prefix: Sequence[str] = (), pass_fds: Sequence[int] = (), stdout: Any,
           die_with_parent: bool = False) -> subprocess.Popen:  # fmt: skip
     """Start QEMU (`argv`) as uid:gid without capabilities, in cgroups `procs` before
-    anything of QEMU runs, after `prefix` (nsenter into its network namespace)."""
+    anything of QEMU runs, after `prefix` (nsenter into its network namespace). Its only
+    supplementary group is /dev/kvm's when it runs under KVM and needs that (`qemu_groups`)."""
     # The shell joins the cgroups, then becomes QEMU through setpriv.
     join = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done'
     return subprocess.Popen(
         [
             "/bin/sh", "-c", f'{join}; shift; exec "$@"', "sh", *map(str, procs), "--",
-            *prefix, "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            *prefix, "setpriv", f"--reuid={uid}", f"--regid={gid}", *qemu_groups(argv),
             "--inh-caps=-all", "--no-new-privs",
             *(["--pdeathsig", "KILL"] if die_with_parent else []), *argv,
         ],
@@ -195,6 +196,19 @@ def spawn(argv: list[str], uid: int, gid: int, *, procs: Sequence[Path] = (),
         pass_fds=pass_fds,
         start_new_session=True,
     )  # fmt: skip
+
+
+def qemu_groups(argv: list[str]) -> list[str]:
+    """setpriv's group option for QEMU `argv`: under KVM, /dev/kvm's group if it needs it
+    (0660 root:kvm: as libvirt's QEMU is in `kvm`), else none. SandboxError if QEMU, as an
+    ordinary user, could not open /dev/kvm at all (say KVM was forced by `accel`)."""
+    if argv[argv.index("-accel") + 1] != "kvm":
+        return ["--clear-groups"]
+    try:
+        group = kvm_group()
+    except OSError as e:
+        raise SandboxError(f"accel kvm: {e.strerror}; use accel = 'tcg' or 'auto'") from None
+    return ["--clear-groups"] if group is None else [f"--groups={group}"]
 
 
 class MicroVMSandbox(Sandbox):
@@ -277,7 +291,7 @@ class MicroVMSandbox(Sandbox):
             self.process = spawn(
                 argv, uid, gid, procs=procs, prefix=prefix, pass_fds=pass_fds, stdout=console_w
             )
-        except OSError:
+        except BaseException:  # e.g. no QEMU, or no /dev/kvm it may open (qemu_groups)
             for end in (to_guest, from_guest, settings):
                 end.close()
             os.close(console_r)
