@@ -166,10 +166,10 @@ async def wait_for_oom_kill(cgroup: str, interval: float = 0.5) -> bool:
             if efd is None:
                 await asyncio.sleep(interval)
                 continue
-            woken: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(efd, lambda: woken.done() or woken.set_result(None))
+            woken = asyncio.Event()
+            loop.add_reader(efd, woken.set)
             try:
-                await woken
+                await woken.wait()
             finally:
                 loop.remove_reader(efd)
             os.eventfd_read(efd)

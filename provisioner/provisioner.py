@@ -551,9 +551,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         the sandbox wedged, its channel open; once it is stopped the channel closes and
         the tunnel tells the notebook why (`explain`).
         """
-        if await sandbox.wait_out_of_memory() and self._limit_reason(sandbox, tunnel):
-            if not tunnel.closed:
-                await sandbox.kill()
+        stopped = await sandbox.wait_out_of_memory() and self._limit_reason(sandbox, tunnel)
+        if stopped and not tunnel.closed:
+            await sandbox.kill()
 
     def _limit_reason(self, sandbox: Sandbox, tunnel: Tunnel | None) -> str:
         """Why a limit stopped `sandbox`, or "". Cheap: reads one cgroup file.

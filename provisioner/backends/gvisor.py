@@ -204,7 +204,8 @@ class GVisorSandbox(Sandbox):
         # Made here, not by runsc: runsc removes the cgroups it made as soon as the
         # sandbox ends, before it lets go of the channel, and with them the count of
         # OOM kills that says why it ended (read in `out_of_memory`; `destroy` removes it).
-        await asyncio.to_thread(cgroups.set_memory_limit, self.record.cgroup, self.spec.limits.memory)
+        memory = self.spec.limits.memory
+        await asyncio.to_thread(cgroups.set_memory_limit, self.record.cgroup, memory)
         config = oci_spec(spec, root, self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
