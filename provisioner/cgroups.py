@@ -7,7 +7,9 @@ do, together they never use more.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -114,6 +116,71 @@ def oom_kills(cgroup: str) -> int:
             fields = path.read_text().split()
             return int(fields[fields.index("oom_kill") + 1])
     return 0
+
+
+def memory_dir(cgroup: str) -> Path:
+    """The folder of `cgroup` in the memory controller's hierarchy."""
+    rel = cgroup.strip("/")
+    return ROOT / rel if is_v2() else ROOT / "memory" / rel
+
+
+def oom_eventfd(cgroup: str) -> int | None:
+    """An eventfd the kernel signals when `cgroup` runs out of memory, or None.
+
+    cgroup v1 only: registered for `memory.oom_control` through `cgroup.event_control`.
+    The kernel signals it as it decides to kill (the kill is counted just after), and
+    once more as the cgroup is removed. v2 has no such registration (`wait_for_oom_kill`
+    reads memory.events instead). The caller closes it, which unregisters it.
+    """
+    if is_v2():
+        return None
+    path = memory_dir(cgroup)
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        control = os.open(path / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        try:  # the registration keeps no reference to `control`: it may be closed
+            (path / "cgroup.event_control").write_text(f"{efd} {control}")
+        finally:
+            os.close(control)
+    except OSError:
+        os.close(efd)
+        return None
+    return efd
+
+
+OOM_COUNTED_TRIES, OOM_COUNTED_INTERVAL = 40, 0.05
+"""How long a notified OOM is given to show in the count of kills (it may kill nothing)."""
+
+
+async def wait_for_oom_kill(cgroup: str, interval: float = 0.5) -> bool:
+    """Wait until the host's OOM killer has killed a process of `cgroup`: True; False once
+    the cgroup is gone. Cancel it to stop watching. Runs on an event loop without polling
+    anything where the host can say (v1's eventfd), else reads the count every `interval` s.
+    """
+    loop = asyncio.get_running_loop()
+    efd = oom_eventfd(cgroup)
+    try:
+        while not oom_kills(cgroup):
+            if not memory_dir(cgroup).is_dir():
+                return False
+            if efd is None:
+                await asyncio.sleep(interval)
+                continue
+            woken = asyncio.Event()
+            loop.add_reader(efd, woken.set)
+            try:
+                await woken.wait()
+            finally:
+                loop.remove_reader(efd)
+            os.eventfd_read(efd)
+            for _ in range(OOM_COUNTED_TRIES):
+                if oom_kills(cgroup) or not memory_dir(cgroup).is_dir():
+                    break
+                await asyncio.sleep(OOM_COUNTED_INTERVAL)
+        return True
+    finally:
+        if efd is not None:
+            os.close(efd)
 
 
 CPU_PERIOD_US = 100_000

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 
 from jupyter_client.session import Session
 
@@ -27,9 +28,13 @@ DELIMITER = b"<IDS|MSG>"
 
 
 class IopubFollower:
-    """Follows the kernel-to-client bytes of one iopub connection."""
+    """Follows the bytes of one direction of one connection (named for its first use:
+    kernel to client on iopub). `on_message(header, parent)` is called at the end of
+    each message whose header and parent header frames were kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_message: Callable[[bytes, bytes], None] | None = None) -> None:
+        self.on_message = on_message
+        self._header = b""  # of the message being read
         self.lost = False
         """True once the stream did something unexpected: it is never written to then."""
         self._head = bytearray()  # greeting, or the header of the frame being read
@@ -108,14 +113,59 @@ class IopubFollower:
         if self._keep:
             if self._delimiter_at < 0 and self._frame == DELIMITER:
                 self._delimiter_at = self._index
+            elif self._delimiter_at >= 0 and self._index == self._delimiter_at + 2:
+                self._header = bytes(self._frame)
             elif self._delimiter_at >= 0 and self._index == self._delimiter_at + 3:
                 # delimiter, signature, header, parent header: what it answered
                 self.parent = bytes(self._frame) if self._frame != b"{}" else self.parent
+                if self.on_message is not None:
+                    self.on_message(self._header, bytes(self._frame))
         self._frame.clear()
         if self._flags & MORE:
             self._index += 1
         else:
-            self._index, self._delimiter_at = 0, -1
+            self._index, self._delimiter_at, self._header = 0, -1, b""
+
+
+class Requests:
+    """The execute requests clients sent on shell that the kernel has not answered yet.
+
+    The kernel runs them in order, so the oldest is the cell that was running when the
+    kernel died. Its own messages about that cell (busy, execute_input) may never have
+    left it: its I/O thread needs the interpreter's lock, which a cell allocating in one
+    C call does not let go of before the kill. The notice is told under that cell then.
+    """
+
+    MAX = 64
+    """Requests kept at most (the oldest go first): a kernel answers every one."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[int, bytes]] = {}  # msg_id: (stream, header)
+
+    def sent(self, stream: int, header: bytes, _parent: bytes) -> None:
+        """A client sent a message on shell (stream `stream`)."""
+        fields = parent_header(header)
+        msg_id = fields.get("msg_id")
+        if fields.get("msg_type") == "execute_request" and isinstance(msg_id, str):
+            self._pending[msg_id] = (stream, header)
+            while len(self._pending) > self.MAX:
+                del self._pending[next(iter(self._pending))]
+
+    def answered(self, header: bytes, parent: bytes) -> None:
+        """The kernel sent a message on shell: an execute_reply settles its request."""
+        if parent_header(header).get("msg_type") == "execute_reply":
+            msg_id = parent_header(parent).get("msg_id")
+            if isinstance(msg_id, str):
+                self._pending.pop(msg_id, None)
+
+    def forget(self, stream: int) -> None:
+        """A client's shell connection closed: the kernel's replies cannot reach it."""
+        self._pending = {k: v for k, v in self._pending.items() if v[0] != stream}
+
+    @property
+    def running(self) -> bytes:
+        """The header of the oldest unanswered request, or b""."""
+        return next(iter(self._pending.values()))[1] if self._pending else b""
 
 
 def zmtp_message(frames: list[bytes]) -> bytes:

@@ -249,6 +249,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.tunnel: Tunnel | None = None
         self.stop_reason = ""
         """Why the sandbox was stopped by a limit, once it was."""
+        self.limit_watch: asyncio.Task | None = None
+        """Stops the sandbox once a limit struck, on the I/O loop (`_stop_on_limit`)."""
         self.ports: dict[str, socket.socket] = {}
         """The kernel's ports on the host, bound from pre_launch on (see `tunnel.reserve`)."""
         self.sandbox_id = ""
@@ -504,6 +506,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await tunnel.attach(channel.read_fd, channel.write_fd)
             await tunnel.launch(request, self.startup_timeout)
             await tunnel.listen(self.ports)
+            self.limit_watch = asyncio.create_task(self._stop_on_limit(sandbox, tunnel))
             return tunnel
         except BaseException as e:
             tunnel.close()
@@ -539,6 +542,18 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # sandbox wedged: stop all of it (the tunnel then tells the notebook).
             await run_on_io(sandbox.kill())
         return status
+
+    async def _stop_on_limit(self, sandbox: Sandbox, tunnel: Tunnel) -> None:
+        """Stop the sandbox as soon as the host's OOM killer struck in it. I/O loop only.
+
+        Whether or not anyone calls `poll`: a blocking KernelManager without a restarter
+        never does. The kill may have taken one of the runtime's own processes and left
+        the sandbox wedged, its channel open; once it is stopped the channel closes and
+        the tunnel tells the notebook why (`explain`).
+        """
+        stopped = await sandbox.wait_out_of_memory() and self._limit_reason(sandbox, tunnel)
+        if stopped and not tunnel.closed:
+            await sandbox.kill()
 
     def _limit_reason(self, sandbox: Sandbox, tunnel: Tunnel | None) -> str:
         """Why a limit stopped `sandbox`, or "". Cheap: reads one cgroup file.
@@ -581,11 +596,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await run_on_io(self.sandbox.kill())
 
     async def cleanup(self, restart: bool = False) -> None:
-        sandbox, tunnel = self.sandbox, self.tunnel
-        self.sandbox = self.tunnel = None
+        sandbox, tunnel, watch = self.sandbox, self.tunnel, self.limit_watch
+        self.sandbox = self.tunnel = self.limit_watch = None
         if sandbox is not None:
 
             async def teardown() -> None:
+                if watch is not None:
+                    watch.cancel()
                 if tunnel is not None:
                     tunnel.close()
                 await sandbox.destroy()

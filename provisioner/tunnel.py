@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 
 from .guest.protocol import (
     CHANNELS,
@@ -32,7 +33,7 @@ from .guest.protocol import (
     encode_json,
 )
 from .guest.streams import Mux, Stream
-from .notices import IopubFollower, stderr_notice
+from .notices import IopubFollower, Requests, stderr_notice
 
 MAX_STREAMS = 64
 """Concurrent client connections per kernel; more are refused."""
@@ -85,15 +86,31 @@ class _ClientStream(Stream):
         self.tunnel = tunnel
         self.channel = channel
         self.follower = IopubFollower() if channel == "iopub" else None
+        shell = channel == "shell"
+        self.requests = IopubFollower(partial(tunnel.requests.sent, sid)) if shell else None
+        """Follows what the client asks on shell, replies too: which cell the kernel runs."""
+        self.replies = IopubFollower(tunnel.requests.answered) if shell else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.tunnel.send(encode(Kind.OPEN, self.sid, self.channel.encode()))
 
+    def data_received(self, data: bytes) -> None:
+        if self.requests is not None:
+            self.requests.feed(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.requests is not None:
+            self.tunnel.requests.forget(self.sid)
+        super().connection_lost(exc)
+
     def peer_data(self, payload: bytes) -> None:
         super().peer_data(payload)
         if self.follower is not None:
             self.follower.feed(payload)
+        elif self.replies is not None:
+            self.replies.feed(payload)
 
     def peer_closed(self) -> None:
         if self.follower is not None and not self.tunnel.closed:
@@ -105,8 +122,11 @@ class _ClientStream(Stream):
             return
         super().peer_closed()
 
-    def tell(self, text: str, key: bytes, signature_scheme: str) -> bool:
+    def tell(self, text: str, key: bytes, signature_scheme: str, parent: bytes = b"") -> bool:
         """Send `text` to the client's stderr after all the kernel sent, and close.
+
+        `parent`: the header of the request it answers; by default, the one the kernel's
+        last message on this connection answered.
 
         Returns False where no whole message can be added (gone, or cut mid-message).
         """
@@ -119,7 +139,8 @@ class _ClientStream(Stream):
             and follower.at_boundary
         )
         if told:
-            transport.write(stderr_notice(text, follower.parent, key, signature_scheme))
+            parent = parent or follower.parent
+            transport.write(stderr_notice(text, parent, key, signature_scheme))
         self.release()
         return told
 
@@ -157,6 +178,8 @@ class Tunnel(asyncio.Protocol):
         """The kernel's key and signature scheme, to sign what the host tells the notebook."""
         self.held: list[_ClientStream] = []
         """iopub connections whose kernel socket closed, kept until the exit is explained."""
+        self.requests = Requests()
+        """Execute requests the kernel has not answered: the oldest is the running cell."""
         self.exit_report: dict = {}
         """What the agent said of the kernel's end (EXIT): status, oom_killed."""
         self._seen: set[Kind] = set()
@@ -313,7 +336,8 @@ class Tunnel(asyncio.Protocol):
             return
         key, scheme = self.signing
         line = f"\n[jupyter-sandbox] The sandbox stopped this kernel: {reason}.\n"
-        untold = sum(not stream.tell(line, key, scheme) for stream in [*iopub, *self.held])
+        running = self.requests.running
+        untold = sum(not stream.tell(line, key, scheme, running) for stream in [*iopub, *self.held])
         self.held.clear()
         if untold:
             self.log.warning("sandbox %s: %d notebook(s) not told: %s", self.name, untold, reason)

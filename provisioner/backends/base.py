@@ -128,6 +128,12 @@ class Sandbox(abc.ABC):
         """
         return cgroups.oom_kills(self.record.cgroup) > 0
 
+    async def wait_out_of_memory(self) -> bool:
+        """Wait until the host's OOM killer strikes inside the sandbox: True; False once its
+        cgroup is gone. Sleeps on the kernel's notification where it gives one (see
+        `cgroups.wait_for_oom_kill`). Cancel it to stop watching."""
+        return await cgroups.wait_for_oom_kill(self.record.cgroup)
+
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
         return cgroups.cpu_seconds(self.record.cgroup)

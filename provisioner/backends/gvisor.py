@@ -201,6 +201,11 @@ class GVisorSandbox(Sandbox):
             prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
         mounts = [await asyncio.to_thread(self.host_mount, m, bundle) for m in self.spec.mounts]
         spec = dataclasses.replace(self.spec, mounts=tuple(mounts))
+        # Made here, not by runsc: runsc removes the cgroups it made as soon as the
+        # sandbox ends, before it lets go of the channel, and with them the count of
+        # OOM kills that says why it ended (read in `out_of_memory`; `destroy` removes it).
+        memory = self.spec.limits.memory
+        await asyncio.to_thread(cgroups.set_memory_limit, self.record.cgroup, memory)
         config = oci_spec(spec, root, self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
