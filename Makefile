@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub demo test bench lint fuzz gc
+.PHONY: setup host venv image hub browser demo test bench lint fuzz gc
 
 setup: host venv image
 
@@ -33,10 +33,14 @@ image: host venv
 hub: setup
 	bash deploy/install-hub.sh
 
+# Debian's Chromium and chromedriver: the tests that drive JupyterLab in a real browser.
+browser:
+	bash scripts/install-browser.sh
+
 demo: setup
 	$(BIN)/python examples/run_tour.py --kernel python3-$(BACKEND)
 
-test: setup hub
+test: setup hub browser
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 bench: setup

@@ -41,7 +41,7 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$source_id" ]]; then
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
     cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/provisioner" "$REPO/guest" "$build/"
-    "$PREFIX/venv/bin/python" -m pip install -q "$build"
+    "$PREFIX/venv/bin/python" -m pip install -q "$build[lab]" # [lab]: JupyterLab's widget manager too
     for spec in "$REPO"/kernelspecs/*/; do
         "$PREFIX/venv/bin/jupyter" kernelspec install "$spec" --sys-prefix --replace >/dev/null
     done
