@@ -116,9 +116,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     env_allowlist = List(
         Unicode(),
-        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME"],
+        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME", "IPYKERNEL_CELL_NAME"],
         config=True,
-        help="Variables of the server's environment that reach the kernel. No others do.",
+        help="Variables of the server's environment that reach the kernel. No others do. "
+        "IPYKERNEL_CELL_NAME is ipykernel's name for cells in tracebacks (test suites set it "
+        "to compare tracebacks).",
     )
     kernel_uid = Int(
         None,
