@@ -34,6 +34,7 @@ for name in python python3; do
 done
 
 cd "$src"
+export PATH=$BIN:$PATH  # test_cli runs jupyter-execute
 # Deselected: test_parallel_notebooks and test_async_parallel_notebooks run two kernels that
 # hand each other a value through a host folder and an environment variable of the test
 # process; each sandboxed kernel has its own private /tmp and environment, so isolation
