@@ -1,6 +1,7 @@
 # Everything installs itself, idempotently: run as root on Debian 12.
 #   make demo   a sandboxed kernel runs examples/tour.ipynb and prints what it shows
 #   make test   the whole test suite, against the real runsc and the real guest image
+#   make nbclient   nbclient's own test suite (from its PyPI sdist) with python3-gvisor as python3
 #   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
 #   make hub    the multi-tenant hub's software in /opt/jupyter-sandbox (deploy/install-hub.sh)
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub browser demo test bench lint fuzz gc
+.PHONY: setup host venv image hub browser demo test nbclient bench lint fuzz gc
 
 setup: host venv image
 
@@ -42,6 +43,11 @@ demo: setup
 
 test: setup hub browser
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(MAKE) nbclient
+
+# nbclient's own suite, its kernels sandboxed (see the script for the two tests left out).
+nbclient: setup
+	BIN=$(BIN) bash scripts/nbclient-tests.sh
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

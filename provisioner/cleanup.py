@@ -8,6 +8,7 @@ provisioner reaps stale ones once per process before its first launch.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -83,6 +84,15 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
         log.info("removing network objects of no sandbox: %s", orphans)
         network.remove_objects(orphans, log)
     return reaped
+
+
+def _new_lock_in_child() -> None:
+    """After fork: a parent's thread may have held the lock (mid-collect)."""
+    global _once
+    _once = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def collect_stale_once(log: logging.Logger) -> None:

@@ -148,9 +148,24 @@ _BANDWIDTH_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 BANDWIDTH_FORM = 'bits per second such as "512k", "10M" or "1G" (decimal units), or "" for none'
 MIN_BANDWIDTH = 8_000
 
-_LOOKUPS = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="sandbox-dns")
+
+def _lookup_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="sandbox-dns")
+
+
+_LOOKUPS = _lookup_pool()
 """Every sandbox's host lookups, apart from the loop's default executor: a lookup that hangs
 holds its thread until the host's resolver gives up, and must not hold up kernel starts."""
+
+
+def _new_lookup_pool() -> None:
+    """After fork, in the child: the parent's pool counts threads the child does not have,
+    and would queue lookups that no thread ever runs."""
+    global _LOOKUPS
+    _LOOKUPS = _lookup_pool()
+
+
+os.register_at_fork(after_in_child=_new_lookup_pool)
 
 
 # -- settings -------------------------------------------------------------------

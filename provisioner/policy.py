@@ -243,6 +243,18 @@ _files: dict[Path, PolicyFile] = {}
 _files_lock = threading.Lock()
 
 
+def _reset_in_child() -> None:
+    """After fork, in the child: a lock the parent's threads held would never be released.
+    The caches start empty (the policy file is read again, the Hub asked again)."""
+    global _hub_lock, _files_lock
+    _hub_lock, _files_lock = threading.Lock(), threading.Lock()
+    _hub_groups.clear()
+    _files.clear()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
 def policy_file(path: str | os.PathLike[str], log: logging.Logger) -> PolicyFile:
     """One PolicyFile per path per process, so reloads are noticed once."""
     resolved = Path(path).resolve()

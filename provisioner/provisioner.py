@@ -31,7 +31,7 @@ from .console import Console
 from .errors import SettingError
 from .guest.protocol import CHANNELS
 from .images import find_image
-from .ioloop import run_on_io
+from .ioloop import in_thread, run_on_io
 from .microvm_image import find_boot_files
 from .network import MODES as NETWORK_MODES
 from .network import NetworkSpec, parse_bandwidth, parse_destination
@@ -116,9 +116,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     env_allowlist = List(
         Unicode(),
-        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME"],
+        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME", "IPYKERNEL_CELL_NAME"],
         config=True,
-        help="Variables of the server's environment that reach the kernel. No others do.",
+        help="Variables of the server's environment that reach the kernel. No others do. "
+        "IPYKERNEL_CELL_NAME is ipykernel's name for cells in tracebacks (test suites set it "
+        "to compare tracebacks).",
     )
     kernel_uid = Int(
         None,
@@ -310,7 +312,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         settings: its callers get no more than those).
         """
         if who is None:
-            who = await asyncio.to_thread(policy.current_identity, self.log)
+            who = await in_thread(policy.current_identity, self.log)
         self.user, self.quota = who.user, quotas.Quota()
         path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
         if not path:
@@ -463,10 +465,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
             self.sandbox_id = sandbox.record.sandbox_id
         else:
-            await asyncio.to_thread(cleanup.collect_stale_once, self.log)
+            await in_thread(cleanup.collect_stale_once, self.log)
             owner = self.kernel_owner(host_workspace)
             sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
-            await asyncio.to_thread(quotas.admit, sandbox.record, self.quota, self.log)
+            await in_thread(quotas.admit, sandbox.record, self.quota, self.log)
         self.log.info(
             "starting kernel %s in %s sandbox %s (%s)",
             self.kernel_id,
@@ -688,5 +690,5 @@ class MicroVMProvisioner(SandboxProvisioner):
             )
         qemu = find_qemu(self.qemu_path)
         boot = find_boot_files(self.image)
-        chosen = await asyncio.to_thread(choose_accel, qemu, boot.kernel, self.accel)
+        chosen = await in_thread(choose_accel, qemu, boot.kernel, self.accel)
         return MicroVMSandbox(spec, self.log, qemu, boot, chosen, self.snapshots)

@@ -66,6 +66,15 @@ _failed: set[str] = set()
 """Shapes whose build failed in this process: their VMs boot, without trying again."""
 
 
+def _forget_parents_locks() -> None:
+    """After fork, in the child: the parent's locks belong to its I/O loop (and may be
+    held by a build that goes on there, not here)."""
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_locks)
+
+
 class Busy(Exception):
     """Another shape's snapshot is being made on this host."""
 

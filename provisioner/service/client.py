@@ -262,6 +262,18 @@ _clients: dict[str, ServiceClient] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_parents_clients() -> None:
+    """After fork, in the child: the parent's clients run on the parent's I/O loop, and
+    their connection is the parent's own (two processes writing one stream would garble
+    it). The child connects anew; the parent's sandboxes stay the parent's."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_clients)
+
+
 def service_client(path: str, log: logging.Logger) -> ServiceClient:
     """The one client of this process for the service at `path`."""
     with _clients_lock:
