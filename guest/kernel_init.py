@@ -31,6 +31,8 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
 MAX_LAUNCH = 2 << 20
 LIBC = ctypes.CDLL(None, use_errno=True)
+CATCHABLE = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
+"""The signals PID 1 passes on to the kernel (ignored until there is one)."""
 
 
 def check(result: int, what: str) -> None:
@@ -54,6 +56,10 @@ def become_kernel(launch: dict) -> None:
     uid, gid = int(launch["uid"]), int(launch["gid"])
     if uid <= 0 or gid <= 0:
         raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
+    # Ignored signals stay ignored across exec: the kernel starts with every signal's
+    # default, as a process the agent started did (SIGTERM must still end it).
+    for sig in CATCHABLE:
+        signal.signal(sig, signal.SIG_DFL)
     os.setsid()
     os.umask(0o077)
     os.chdir(launch["cwd"])  # as root, as Popen did
@@ -93,7 +99,7 @@ def start(launch: dict, control_fd: int) -> int:
 
 
 def main() -> None:
-    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
+    for sig in CATCHABLE:
         signal.signal(sig, signal.SIG_IGN)  # until there is a kernel to pass them to
     control_fd = int(sys.argv[1])
     control = socket.socket(fileno=control_fd)
@@ -117,7 +123,7 @@ def main() -> None:
         with contextlib.suppress(OSError):  # it ended meanwhile
             os.killpg(kernel, signum)
 
-    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
+    for sig in CATCHABLE:
         signal.signal(sig, forward)
     # Hold nothing the kernel could reach through /proc/1: no fd, no dump, no trace.
     os.closerange(0, 3)

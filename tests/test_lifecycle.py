@@ -161,3 +161,34 @@ async def test_orphans_are_reaped_by_the_agent(kc):
     processes, zombies = map(int, text.split())
     assert processes >= 2  # the listing really saw the sandbox's processes
     assert zombies == 0
+
+
+async def test_signals_reach_the_kernel_as_they_would_a_local_one(kc, km):
+    """The kernel starts with the signal dispositions a local kernel has (none left ignored
+    by whatever started it), so a kernel that sends itself SIGTERM dies, and is seen dead."""
+    code = (
+        "import signal\n"
+        "print(sorted(s.name for s in signal.valid_signals()"
+        " if signal.getsignal(s) is signal.SIG_IGN))"
+    )
+    local = KernelManager(kernel_name="python3")
+    local.start_kernel()
+    try:
+        local_client = local.blocking_client()
+        local_client.start_channels()
+        local_client.wait_for_ready(timeout=60)
+        said: list[str] = []
+        local_client.execute_interactive(
+            code, output_hook=lambda m: said.append(m["content"].get("text", ""))
+        )
+        local_client.stop_channels()
+    finally:
+        local.shutdown_kernel(now=True)
+    _, text, _ = await execute(kc, code)
+    assert "SIGTERM" not in text
+    assert text == "".join(said)
+    kc.execute("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    deadline = time.monotonic() + 15
+    while await km.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert not await km.is_alive(), "the kernel ignored its own SIGTERM"
