@@ -74,6 +74,10 @@ def reserve(ip: str, ports: dict[str, int]) -> dict[str, socket.socket]:
     return bound
 
 
+ACCEPT_BATCH = 32
+"""Connections taken per wake-up: a client connecting in a loop cannot hog the I/O loop."""
+
+
 class TunnelError(RuntimeError):
     """The guest did not come up, or broke the protocol."""
 
@@ -191,7 +195,8 @@ class Tunnel(asyncio.Protocol):
         self.reader = FrameReader(FROM_GUEST)
         self.mux = Mux(self.send)
         self.out: asyncio.WriteTransport | None = None
-        self.servers: list[asyncio.Server] = []
+        self.listening: list[socket.socket] = []
+        """The kernel's ports, once served (`listen`): closed with the tunnel."""
         self.next_sid = 1
         self.closed = False
         self.transport_in: asyncio.ReadTransport | None = None
@@ -234,21 +239,45 @@ class Tunnel(asyncio.Protocol):
         tunnel must own no listening socket (its `close` has already run); the
         sockets are closed then, as they would be by `close` once served.
         """
-        loop = asyncio.get_running_loop()
-        for channel in CHANNELS:
-            if self.closed:
-                break
-            server = await loop.create_server(
-                lambda channel=channel: self._accept(channel), sock=sockets[channel]
-            )
-            if self.closed:
-                server.close()
-                break
-            self.servers.append(server)
         if self.closed:
             for sock in sockets.values():
                 sock.close()
             raise TunnelError(self.broken_reason or "the sandbox closed its channel")
+        loop = asyncio.get_running_loop()
+        for channel in CHANNELS:
+            sock = sockets[channel]
+            sock.setblocking(False)
+            loop.add_reader(sock, self._take_connections, channel, sock)
+            self.listening.append(sock)
+
+    def _take_connections(self, channel: str, listener: socket.socket) -> None:
+        """Accept what is waiting on a kernel's port, each connection a stream.
+
+        Not `loop.create_server`: on Python 3.11 a `Server` closed while connections it
+        accepted are still being set up fails their transports (an assertion in
+        `Server._attach`), and those connections are never closed (ResourceWarning:
+        unclosed transport). Here every accepted socket is either a stream's or closed.
+        """
+        for _ in range(ACCEPT_BATCH):
+            if self.closed:
+                return
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the client's connect fails, we go on
+                self.log.warning("sandbox %s: cannot accept on %s: %s", self.name, channel, e)
+                return
+            self._spawn(self._connect(channel, conn))
+
+    async def _connect(self, channel: str, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self._accept(channel), conn
+            )
+        except BaseException:
+            conn.close()
+            raise
 
     def signal(self, signum: int) -> bool:
         """Ask the agent to signal the kernel's process group; False if the channel is gone."""
@@ -271,9 +300,11 @@ class Tunnel(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        for server in self.servers:
-            server.close()
-        self.servers.clear()
+        loop = asyncio.get_running_loop()
+        for listener in self.listening:
+            loop.remove_reader(listener)
+            listener.close()
+        self.listening.clear()
         for stream in self.held:
             stream.release()
         self.held.clear()
