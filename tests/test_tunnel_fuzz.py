@@ -518,8 +518,8 @@ class Harness:
         self.read_host()
         await self.tunnel.listen(reserve("127.0.0.1", dict.fromkeys(CHANNELS, 0)))
         self.ports = {
-            channel: server.sockets[0].getsockname()[1]
-            for channel, server in zip(CHANNELS, self.tunnel.servers, strict=True)
+            channel: listener.getsockname()[1]
+            for channel, listener in zip(CHANNELS, self.tunnel.listening, strict=True)
         }
 
     async def stop(self) -> None:
@@ -726,7 +726,7 @@ class Harness:
                 r.levelno == logging.ERROR and tunnel.broken_reason in r.getMessage()
                 for r in self.log_records.records
             )
-        assert not tunnel.servers and not tunnel.mux.streams and not tunnel.held
+        assert not tunnel.listening and not tunnel.mux.streams and not tunnel.held
         for conn in self.conns:
             if not conn.closed_by_us:
                 await self.until(lambda conn=conn: conn.eof, f"{conn.channel} client left open")
