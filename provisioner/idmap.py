@@ -33,8 +33,9 @@ _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_IDMAP = 0x2, 0x4, 0x100000
-OVERFLOW_ID = 65534
-"""Where host root's id goes in a map whose id 0 is taken by the folder's owner."""
+UNUSED_ID = 4294967294
+"""Where host root's id goes in a map whose id 0 is taken by the folder's owner: the
+highest valid id, which no account holds (65534 is `nobody`'s, a real user's)."""
 NAMESPACE_TIMEOUT = 5.0
 
 
@@ -76,7 +77,7 @@ class IdMap:
         inside, outside = self.owner[which], self.kernel[which]
         entries = [(inside, outside)]
         if outside != 0:
-            root_inside = 0 if inside != 0 else OVERFLOW_ID
+            root_inside = 0 if inside != 0 else UNUSED_ID
             entries.append((root_inside, 0))
         return "".join(f"{a} {b} 1\n" for a, b in entries)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
-import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -49,17 +50,13 @@ SYSTEM_DIRS = frozenset({"/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp",
 """Folders never mounted themselves (their subfolders may be)."""
 
 
-def open_owned_folder(path: Path, uid: int) -> int:
-    """An O_PATH descriptor of folder `path`, if `uid` owns it; SandboxError if not.
-
-    Opened one name at a time without following any link, so that what is
-    checked is what gets mounted: a caller who owns a folder on the way could
-    otherwise swap a name for a link to someone else's files. Callers resolve
-    their own links first (the provisioner sends a resolved path).
-    """
-    refused = SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
+def open_folder(path: Path) -> int:
+    """An O_PATH descriptor of folder `path`, opened one name at a time without following
+    any link, so that what is checked (its owner) is what gets mounted: whoever owns a
+    folder on the way could otherwise swap a name for a link meanwhile. OSError if `path`
+    is missing, not absolute and normal, not a folder, or has a link in it."""
     if not path.is_absolute() or any(part in (".", "..") for part in path.parts):
-        raise refused
+        raise OSError(errno.EINVAL, f"not an absolute, normal path: {path}")
     flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open("/", flags)
     try:
@@ -69,15 +66,45 @@ def open_owned_folder(path: Path, uid: int) -> int:
                 fd = os.open(name, flags, dir_fd=parent)
             finally:
                 os.close(parent)
-        if os.fstat(fd).st_uid != uid:
-            raise refused
-    except OSError:  # missing, a link, not a folder: the same words whether or not it exists
-        raise refused from None
     except BaseException:
         if fd >= 0:
             os.close(fd)
         raise
     return fd
+
+
+def open_owned_folder(path: Path, uid: int) -> int:
+    """`open_folder(path)`, if `uid` owns it; SandboxError if not (callers resolve their
+    own links first: the provisioner sends a resolved path)."""
+    refused = SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
+    try:
+        fd = open_folder(path)
+    except OSError:  # missing, a link, not a folder: the same words whether or not it exists
+        raise refused from None
+    if os.fstat(fd).st_uid != uid:
+        os.close(fd)
+        raise refused
+    return fd
+
+
+def server_installation() -> dict[str, Path]:
+    """What of this server's own software a kernel must never be able to write: its Python
+    environment and this package (a `.pth` file or a changed module runs as the server,
+    with its secrets, the next time it starts)."""
+    package = Path(__file__).resolve().parent
+    found = {"the server's Python environment": Path(sys.prefix).resolve(),
+             "the server's Python": Path(sys.base_prefix).resolve(),
+             "jupyter-sandbox itself": package,
+             "the guest agent": Path(guest.__file__).resolve().parent}  # fmt: skip
+    return found
+
+
+def close_mounts(mounts: tuple[Mount, ...]) -> None:
+    """Close the descriptors `workspace_mount` opened (once the sandbox holds its folder)."""
+    for mount in mounts:
+        if mount.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(mount.fd)
 
 
 class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -361,16 +388,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
-    def workspace_mount(
-        self, cwd: str | None, caller_uid: int | None = None
-    ) -> tuple[str, tuple[Mount, ...], Path | None]:
-        """The kernel's cwd in the guest, its mounts, and the host folder behind it.
+    def workspace_mount(self, cwd: str | None, caller_uid: int | None = None
+                        ) -> tuple[str, tuple[Mount, ...]]:  # fmt: skip
+        """The kernel's cwd in the guest and its mounts.
 
-        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns
-        (the mount then carries the folder's descriptor: the caller must close it).
+        Each mount carries an O_PATH descriptor of its folder and the owner read from it,
+        so that the folder whose owner decides the kernel's ids is the one mounted: the
+        caller closes them (`close_mounts`) once the sandbox started or failed to.
+        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns.
         """
         if self.workspace == "none":
-            return GUEST_HOME, (), None
+            return GUEST_HOME, ()
         confined = caller_uid not in (None, 0)
         path = Path(cwd or Path.cwd())
         if not confined:  # a caller's path is taken as it is, links refused (open_owned_folder)
@@ -380,31 +408,40 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"will not mount {path} into a sandbox: it is a system folder. Start the "
                 "kernel from a project folder, or set workspace = 'none'"
             )
-        fd = open_owned_folder(path, caller_uid) if confined else None  # type: ignore[arg-type]
-        try:
-            found = os.fstat(fd) if fd is not None else path.stat()
-        except OSError:
-            found = None
-        if found is None or not stat.S_ISDIR(found.st_mode):
-            if fd is not None:
-                os.close(fd)
-            raise SandboxError(f"the kernel's working directory {path} does not exist")
         read_only = self.workspace == "ro"
+        if not read_only:
+            for what, place in server_installation().items():
+                if place.is_relative_to(path) or path.is_relative_to(place):
+                    raise SandboxError(
+                        f"will not mount {path} writable into a sandbox: it holds {what} "
+                        f"({place}), which a kernel could change to run code as this server."
+                        " Start the kernel from a folder of notebooks, or set workspace = 'ro'"
+                    )
+        if confined:
+            fd = open_owned_folder(path, caller_uid)  # type: ignore[arg-type]
+        else:
+            try:
+                fd = open_folder(path)
+            except OSError:
+                raise SandboxError(
+                    f"the kernel's working directory {path} does not exist"
+                ) from None
+        found = os.fstat(fd)
         mount = Mount(source=path, destination=str(path), read_only=read_only, fd=fd,
                       owner=(found.st_uid, found.st_gid))  # fmt: skip
-        return str(path), (mount,), path
+        return str(path), (mount,)
 
-    def kernel_owner(self, host_workspace: Path | None) -> tuple[int, int]:
-        """Host uid and gid of a root caller's kernel: the workspace's owner, else 1000
-        (or kernel_uid). The sandbox service gives any other caller's kernel its own.
+    def kernel_owner(self, mounts: tuple[Mount, ...]) -> tuple[int, int]:
+        """Host uid and gid of a root caller's kernel: the workspace's owner's, else 1000
+        (or kernel_uid); never 0. The sandbox service gives any other caller's kernel its own.
 
         A kernel never runs as root: a root-owned workspace (or one whose owner is not
         `kernel_uid`) is mounted idmapped, its owner's files shown as the kernel's."""
         uid = gid = FALLBACK_UID
-        if host_workspace is not None:
-            owner = host_workspace.stat()
-            if owner.st_uid != 0:
-                uid, gid = owner.st_uid, owner.st_gid
+        for mount in mounts:
+            if mount.owner is not None and mount.owner[0] != 0:
+                uid, gid = mount.owner
+                gid = gid or uid  # a folder of group root: the kernel still gets a group of its own
         if self.kernel_uid is not None:
             uid = gid = self.kernel_uid
         return uid, gid
@@ -458,15 +495,23 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
-        cwd, mounts, host_workspace = self.workspace_mount(kwargs.get("cwd"))
-        if self.through_service:
+        cwd, mounts = self.workspace_mount(kwargs.get("cwd"))
+        try:
+            return await self._launch_in(cwd, mounts, cmd, kwargs)
+        finally:
+            close_mounts(mounts)
+
+    async def _launch_in(self, cwd: str, mounts: tuple[Mount, ...], cmd: list[str],
+                         kwargs: dict[str, Any]) -> KernelConnectionInfo:  # fmt: skip
+        if self.through_service:  # the service opens the folder itself, as the caller's
+            close_mounts(mounts)
             sandbox = await run_on_io(
                 service_client(self.service_socket, self.log).create(self, cwd)
             )
             self.sandbox_id = sandbox.record.sandbox_id
         else:
             await in_thread(cleanup.collect_stale_once, self.log)
-            owner = self.kernel_owner(host_workspace)
+            owner = self.kernel_owner(mounts)
             sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
             await in_thread(quotas.admit, sandbox.record, self.quota, self.log)
         self.log.info(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import READY_TIMEOUT, execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from traitlets.config import Config
 
 OTHER_USER = (4242, 4343)
 """A uid and gid no account has: the kernel runs as them, as it would as a real user."""
@@ -120,3 +121,69 @@ async def test_a_workspace_that_cannot_be_idmapped_gives_a_clear_error(
     finally:
         subprocess.run(["umount", str(folder)], check=True)
         folder.rmdir()
+
+
+async def test_a_pinned_kernel_uid_sees_another_owners_folder_as_its_own(
+    no_leftovers, kernel_name: str
+) -> None:
+    """kernel_uid set to someone other than the folder's (ordinary) owner: the folder is
+    idmapped owner -> kernel_uid (host root keeping its own id), and new files are the
+    owner's on the host."""
+    folder = Path(tempfile.mkdtemp(prefix="jsb-pinned-", dir="/tmp"))
+    (folder / "ws.txt").write_text("from the host")
+    for path in (folder, folder / "ws.txt"):
+        os.chown(path, *OTHER_USER)
+    (folder / "ws.txt").chmod(0o600)
+    config = Config({"SandboxProvisioner": {"kernel_uid": 2000}})
+    km = AsyncIOLoopKernelManager(kernel_name=kernel_name, config=config)
+    try:
+        await km.start_kernel(cwd=str(folder))
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
+        reply, text, _ = await execute(
+            kc, "import os; print(os.getuid(), open('ws.txt').read()); open('new.txt','w')"
+        )
+        kc.stop_channels()
+    finally:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+        created = (folder / "new.txt").stat() if (folder / "new.txt").exists() else None
+        shutil.rmtree(folder, ignore_errors=True)
+    assert reply["status"] == "ok", text
+    assert text.split() == ["2000", "from", "the", "host"]
+    assert created is not None and (created.st_uid, created.st_gid) == OTHER_USER
+
+
+async def test_a_folder_holding_the_servers_own_software_is_never_writable(
+    no_leftovers, kernel_name: str
+) -> None:
+    """The clone a root server runs from holds its .venv and this package: a kernel that
+    could write there would run code as the server (a .pth file, a changed module). It is
+    refused read-write, with what to do, and may be mounted read-only."""
+    repo = Path(__file__).resolve().parent.parent
+    km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
+    with pytest.raises(Exception, match=r"will not mount .* writable") as refused:
+        await km.start_kernel(cwd=str(repo))
+    assert "workspace = 'ro'" in str(refused.value)
+    await km.cleanup_resources()
+    config = Config({"SandboxProvisioner": {"workspace": "ro"}})
+    km = AsyncIOLoopKernelManager(kernel_name=kernel_name, config=config)
+    await km.start_kernel(cwd=str(repo))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
+        reply, text, _ = await execute(
+            kc,
+            "import os\nprint(os.path.exists('pyproject.toml'))\n"
+            "try:\n    open('provisioner/evil.pth', 'w')\nexcept OSError as e:\n"
+            "    print(e.strerror)",
+        )
+        kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert reply["status"] == "ok", text
+    assert text.split("\n")[0] == "True"
+    assert "Read-only file system" in text
+    assert not (repo / "provisioner" / "evil.pth").exists()

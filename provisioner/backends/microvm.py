@@ -245,13 +245,14 @@ class MicroVMSandbox(Sandbox):
             cgroups.create, self.record.cgroup, memory, limits.cpu, HOST_TASKS
         )
         snapshot = await self.snapshot(procs) if self.network is None else None
-        tap = None
+        tap = workspace = None
         try:
+            workspace = await self.mapped_workspace()
             if self.network is not None:
                 tap = self.open_tap(self.network)
-            return self.spawn(uid, gid, procs, prefix, snapshot, tap)
+            return self.spawn(uid, gid, procs, prefix, snapshot, tap, workspace)
         finally:
-            for fd in (snapshot, tap):  # QEMU has its own copies by now, or failed
+            for fd in (snapshot, tap, workspace):  # QEMU has its own copies by now, or failed
                 if fd is not None:
                     os.close(fd)
 
@@ -264,22 +265,15 @@ class MicroVMSandbox(Sandbox):
             raise SandboxError(f"network setup: {e}") from None
 
     def spawn(self, uid: int, gid: int, procs: list[Path], prefix: list[str],
-              snapshot: int | None, tap: int | None) -> Channel:  # fmt: skip
+              snapshot: int | None, tap: int | None, workspace: int | None) -> Channel:  # fmt: skip
         """Start QEMU (from `snapshot`, a descriptor, if given; on the network's `tap`, a
-        descriptor, if given) and serve its settings. The caller closes both."""
+        descriptor, if given; with `workspace`, the workspace's idmapped tree, if given)
+        and serve its settings. The caller closes all three."""
         to_guest, qemu_in = socket.socketpair()
         from_guest, qemu_out = socket.socketpair()
         settings, qemu_settings = socket.socketpair()
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         qemu_ends = (qemu_in.fileno(), qemu_out.fileno(), qemu_settings.fileno())
-        try:
-            workspace = self.mapped_workspace()
-        except BaseException:
-            for end in (to_guest, from_guest, settings, qemu_in, qemu_out, qemu_settings):
-                end.close()
-            for fd in (console_r, console_w):
-                os.close(fd)
-            raise
         net = None if self.network is None or tap is None else (self.network, tap)
         argv = qemu_argv(self.spec, self.qemu, self.boot, self.accel, qemu_ends, net, workspace)
         pass_fds = (*qemu_ends, *(fd for fd in (workspace, tap) if fd is not None))
@@ -300,8 +294,6 @@ class MicroVMSandbox(Sandbox):
             for end in (qemu_in, qemu_out, qemu_settings):
                 end.close()
             os.close(console_w)
-            if workspace is not None:
-                os.close(workspace)  # QEMU holds the mount now
         self.restored = snapshot is not None
         self.record.pid = self.process.pid
         self.record.pid_start = process_start_time(self.process.pid)
@@ -314,12 +306,21 @@ class MicroVMSandbox(Sandbox):
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
 
-    def mapped_workspace(self) -> int | None:
-        """A descriptor of the workspace's idmapped tree, if its owner is not the kernel's."""
+    async def mapped_workspace(self) -> int | None:
+        """A descriptor of the workspace's idmapped tree, if its owner is not the kernel's.
+
+        Made on a worker thread (it starts a process to hold the user namespace); if the
+        wait is cancelled, the descriptor is closed once the thread has made it."""
         for mount in self.spec.mounts:
             idmap = mount.idmap(self.spec.owner)
             if idmap is not None:
-                return mapped_tree(mount.source if mount.fd is None else mount.fd, idmap)
+                folder = mount.source if mount.fd is None else mount.fd
+                made = asyncio.ensure_future(asyncio.to_thread(mapped_tree, folder, idmap))
+                try:
+                    return await asyncio.shield(made)
+                except asyncio.CancelledError:
+                    made.add_done_callback(close_made_fd)
+                    raise
         return None
 
     async def snapshot(self, procs: list[Path]) -> int | None:
@@ -375,6 +376,12 @@ class MicroVMSandbox(Sandbox):
         if self.network is not None:
             self.network.close()
         await asyncio.to_thread(reap, self.record, self.log)
+
+
+def close_made_fd(made: asyncio.Future) -> None:
+    """Close the descriptor a future that nobody awaits any more made, if it made one."""
+    if not made.cancelled() and made.exception() is None and made.result() is not None:
+        os.close(made.result())
 
 
 def reap(record: Record, log: logging.Logger) -> None:

@@ -483,11 +483,9 @@ class SandboxService(LoggingConfigurable):
             hub = (self.hub_api_url, request["hub_token"])
         who = await asyncio.to_thread(policy.identity_of, peer.user, self.log, hub)
         await prov.apply_policy(who, bounds)
-        _, mounts, host_workspace = await asyncio.to_thread(
-            prov.workspace_mount, request["cwd"], peer.uid
-        )
+        _, mounts = await asyncio.to_thread(prov.workspace_mount, request["cwd"], peer.uid)
         try:
-            owner = (peer.uid, peer.gid) if peer.uid else prov.kernel_owner(host_workspace)
+            owner = (peer.uid, peer.gid) if peer.uid else prov.kernel_owner(mounts)
             sandbox = await prov.create_sandbox(prov.sandbox_spec(mounts, owner))
             sandbox.record.uid = peer.uid
             await asyncio.to_thread(quotas.admit, sandbox.record, prov.quota, self.log)
