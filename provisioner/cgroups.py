@@ -51,16 +51,36 @@ def find(sandbox_id: str) -> str:
     return ""
 
 
+def make_v2(root: Path, cgroup: str, controllers: str) -> Path:
+    """Create `cgroup` (and its ancestors) in the v2 hierarchy mounted at `root`, with
+    `controllers` ("+memory", "+cpu +pids") enabled for it, and return its folder.
+
+    A cgroup gets a controller from its parent's `cgroup.subtree_control`, so every
+    ancestor from `root` down hands them on, but never `cgroup` itself: v2 lets no cgroup
+    but the root both hand controllers on and hold processes ("no internal processes":
+    moving a process in then fails with EBUSY), and the sandbox's processes join
+    `cgroup` itself (runsc puts them there; a VM's QEMU joins it by `cgroup.procs`).
+    Idempotent; an ancestor that holds processes itself makes this fail with EBUSY.
+    """
+    parts = Path(cgroup.strip("/")).parts
+    for depth in range(len(parts)):
+        level = root.joinpath(*parts[:depth])
+        level.mkdir(exist_ok=True)
+        (level / "cgroup.subtree_control").write_text(controllers)
+    path = root.joinpath(*parts)
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def set_memory_limit(cgroup: str, limit: int | None) -> None:
-    """Create `cgroup` for memory if needed and cap it (memory plus swap) at `limit` bytes."""
+    """Create `cgroup` for memory if needed and cap it (memory plus swap) at `limit` bytes.
+
+    On v2 the cgroup hands no controller on (see `make_v2`): processes may join it.
+    """
     rel = cgroup.strip("/")
     if is_v2():
-        parts = Path(rel).parts
-        for depth in range(len(parts) + 1):  # each level hands the memory controller down
-            level = ROOT.joinpath(*parts[:depth])
-            level.mkdir(exist_ok=True)
-            (level / "cgroup.subtree_control").write_text("+memory")
-        (ROOT / rel / "memory.max").write_text("max" if limit is None else str(limit))
+        path = make_v2(ROOT, rel, "+memory")
+        (path / "memory.max").write_text("max" if limit is None else str(limit))
         return
     path = ROOT / "memory" / rel
     path.mkdir(parents=True, exist_ok=True)
@@ -129,8 +149,10 @@ def oom_eventfd(cgroup: str) -> int | None:
 
     cgroup v1 only: registered for `memory.oom_control` through `cgroup.event_control`.
     The kernel signals it as it decides to kill (the kill is counted just after), and
-    once more as the cgroup is removed. v2 has no such registration (`wait_for_oom_kill`
-    reads memory.events instead). The caller closes it, which unregisters it.
+    once more as the cgroup is removed. The caller closes it, which unregisters it.
+    v2 has no eventfd registration: there the kernel raises a file-modified event
+    (inotify, poll) on `memory.events` as it changes, but `wait_for_oom_kill` does not
+    watch for it; it reads the count in `memory.events` every `interval` s instead.
     """
     if is_v2():
         return None
@@ -154,8 +176,8 @@ OOM_COUNTED_TRIES, OOM_COUNTED_INTERVAL = 40, 0.05
 
 async def wait_for_oom_kill(cgroup: str, interval: float = 0.5) -> bool:
     """Wait until the host's OOM killer has killed a process of `cgroup`: True; False once
-    the cgroup is gone. Cancel it to stop watching. Runs on an event loop without polling
-    anything where the host can say (v1's eventfd), else reads the count every `interval` s.
+    the cgroup is gone. Cancel it to stop watching. Runs on an event loop: woken by v1's
+    eventfd (`oom_eventfd`), without polling; on v2 it reads the count every `interval` s.
     """
     loop = asyncio.get_running_loop()
     efd = oom_eventfd(cgroup)
@@ -195,9 +217,7 @@ def create(cgroup: str, memory: int | None, cpu: float | None, pids: int | None)
     rel = cgroup.strip("/")
     quota = "max" if cpu is None else str(int(cpu * CPU_PERIOD_US))
     if is_v2():
-        path = ROOT / rel
-        for level in (path.parent, path):
-            (level / "cgroup.subtree_control").write_text("+cpu +pids")
+        path = make_v2(ROOT, rel, "+cpu +pids")
         (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
         (path / "pids.max").write_text("max" if pids is None else str(pids))
         return [path / "cgroup.procs"]

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -553,7 +554,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await tunnel.attach(channel.read_fd, channel.write_fd)
             await tunnel.launch(request, self.startup_timeout)
             await tunnel.listen(self.ports)
-            self.limit_watch = asyncio.create_task(self._stop_on_limit(sandbox, tunnel))
+            self.limit_watch = self._watch_limits(self._stop_on_limit(sandbox, tunnel))
             return tunnel
         except BaseException as e:
             tunnel.close()
@@ -589,6 +590,26 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # sandbox wedged: stop all of it (the tunnel then tells the notebook).
             await run_on_io(sandbox.kill())
         return status
+
+    def _watch_limits(self, watch: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run `watch` as a task nobody awaits; log its failure, if it fails.
+
+        Without this asyncio would report an exception (a failing `sandbox.kill()`) only
+        as "Task exception was never retrieved", whenever the task is collected, and
+        not in this kernel's log. Cancellation (by `cleanup`) is the normal end.
+        """
+
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                self.log.error(
+                    "kernel %s: the watch of its memory limit failed",
+                    self.kernel_id,
+                    exc_info=error,
+                )
+
+        task = asyncio.create_task(watch)
+        task.add_done_callback(done)
+        return task
 
     async def _stop_on_limit(self, sandbox: Sandbox, tunnel: Tunnel) -> None:
         """Stop the sandbox as soon as the host's OOM killer struck in it. I/O loop only.

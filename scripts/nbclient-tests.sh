@@ -2,7 +2,9 @@
 # nbclient's own test suite, for the installed nbclient's version, with every kernel it
 # starts sandboxed: the kernelspecs `python` and `python3` are python3-gvisor's (a
 # JUPYTER_PATH folder comes before the venv's own kernels). The tests come from nbclient's
-# sdist on PyPI (its wheel has none), what they need from its [test] extra.
+# sdist on PyPI (its wheel has none); what they need is nbclient's [test] extra, which this
+# project's own [test] extra includes (`make venv`): the script only checks it is there, as
+# installing it here could change the pytest, pytest-asyncio or ipykernel the rest use.
 #   bash scripts/nbclient-tests.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,12 @@ if [ ! -d "$src/tests" ]; then
   mkdir -p build
   tar -xzf "$work/nbclient-$version.tar.gz" -C build
 fi
-"$BIN/python" -m pip install -q "nbclient[test]==$version"
+# --no-index: pip may only find everything installed already, or fail naming what is not.
+if ! "$BIN/python" -m pip install -q --dry-run --no-index "nbclient[test]==$version"; then
+  echo "nbclient $version's test requirements are missing or at other versions in $BIN's" \
+    "venv: install the project's [test] extra (make venv)" >&2
+  exit 1
+fi
 
 for name in python python3; do
   mkdir -p "$work/jupyter/kernels/$name"

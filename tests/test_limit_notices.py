@@ -10,7 +10,9 @@ a browser's websocket through a real jupyter_server.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import queue
 import time
 from pathlib import Path
@@ -19,8 +21,11 @@ import pytest
 import websocket
 from conftest import BACKENDS, READY_TIMEOUT, require_sandbox
 from jupyter_client import AsyncKernelManager, KernelManager
+from jupyter_client.kernelspec import KernelSpec
 from test_server import KernelSocket, jupyter_server
 from traitlets.config import Config
+
+from provisioner.provisioner import GVisorProvisioner
 
 MEMORY_LIMIT = "384M"
 REASON = f"it exceeded its memory limit, memory_limit = {MEMORY_LIMIT}"
@@ -173,3 +178,30 @@ def test_a_websocket_client_is_told(
         finally:
             ws.close()
             server.delete(f"/api/kernels/{kernel_id}")
+
+
+async def test_a_failed_limit_watch_is_logged(caplog: pytest.LogCaptureFixture):
+    """Nobody awaits the watch: if stopping the sandbox fails (runsc kill raising), the
+    provisioner's log says so with the error, not asyncio's "Task exception was never
+    retrieved" at some garbage collection. A cancelled watch (the kernel's cleanup) is
+    normal and logs nothing."""
+    provisioner = GVisorProvisioner(kernel_id="k-watch", kernel_spec=KernelSpec(argv=["x"]))
+
+    async def kill_fails() -> None:
+        raise OSError("runsc kill: it went away")
+
+    caplog.set_level(logging.DEBUG)
+    failed = provisioner._watch_limits(kill_fails())
+    cancelled = provisioner._watch_limits(asyncio.sleep(60))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.wait([failed, cancelled])
+    await asyncio.sleep(0)  # the done-callbacks run
+    del failed, cancelled
+    gc.collect()
+
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.getMessage()) for r in logged] == [
+        (provisioner.log.name, "kernel k-watch: the watch of its memory limit failed")
+    ]
+    assert isinstance(logged[0].exc_info[1], OSError)
