@@ -28,6 +28,7 @@ import sys
 
 CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
+MNT_DETACH = 2
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
 MAX_LAUNCH = 2 << 20
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -42,10 +43,15 @@ def check(result: int, what: str) -> None:
 
 
 def own_proc() -> None:
-    """A mount namespace whose /proc shows this PID namespace only."""
+    """A mount namespace whose /proc shows this PID namespace only, with no other /proc
+    under it: the agent's is detached first, so that a kernel which unmounts its /proc
+    (as root of a user namespace of its own, which gVisor allows) finds an empty
+    folder there, whether or not the sandbox locks inherited mounts (gVisor 20240729
+    does: EINVAL)."""
     check(LIBC.unshare(CLONE_NEWNS), "unshare the mount namespace")
     # Nothing mounted here may reach the agent's namespace, and the reverse.
     check(LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    check(LIBC.umount2(b"/proc", MNT_DETACH), "detach the agent's /proc")
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     check(LIBC.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
 

@@ -173,3 +173,54 @@ def test_ptrace_agent(target, verdict):
     assert set(found["attached"].values()) <= {"EPERM"}, found
     still_answers(target)
     verdict(f"PTRACE_ATTACH: {errnos(found['attached'])}; {agent_seen(found['others'])}")
+
+
+UNCOVER = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def umount(flags):
+    return "ok" if libc.umount2(b"/proc", flags) == 0 else errno.errorcode[ctypes.get_errno()]
+def attempt(fn):
+    try:
+        return "ok", fn()
+    except OSError as e:
+        return errno.errorcode[e.errno], str(e)
+found = {"uid": os.getuid(), "umount": umount(0), "detach": umount(2)}
+found["pid1"] = attempt(lambda: open("/proc/1/cmdline", "rb").read().decode(errors="replace"))
+found["fds"] = attempt(lambda: os.listdir("/proc/1/fd"))
+found["environ"] = attempt(lambda: open("/proc/1/environ", "rb").read().decode(errors="replace"))
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.attack(
+    "processes", "unmount the kernel's own /proc in a user namespace to find the agent's under it"
+)
+def test_uncover_agent_proc(target, verdict):
+    found = run(
+        target,
+        "import sys\n"
+        f"inner = {UNCOVER!r}\n"
+        "r = subprocess.run(['unshare', '-Urm', sys.executable, '-c', inner],"
+        " capture_output=True, text=True)\n"
+        "report(others=others(), rc=r.returncode, err=r.stderr[-400:],"
+        " inner=json.loads(r.stdout) if r.returncode == 0 else None)",
+    )
+    inner = found["inner"]
+    if target.backend == "gvisor":
+        # gVisor lets the kernel's user make a user namespace and be its root ...
+        assert inner is not None and inner["uid"] == 0, found
+        # ... but the /proc it inherited is locked to it (EINVAL, as Linux's MNT_LOCKED),
+        # and below it there is no other /proc: the agent's is detached (kernel_init).
+        assert inner["umount"] in {"EINVAL", "EPERM"}, found
+        assert inner["detach"] in {"EINVAL", "EPERM"}, found
+        assert "agent.py" not in str(inner["pid1"]) and "JSB_" not in str(inner["environ"])
+        assert inner["fds"][0] in REFUSED or inner["fds"][1] == [], found
+        how = f"a user namespace as its root, umount /proc: {inner['umount']}"
+        how += f", MNT_DETACH: {inner['detach']}; /proc/1 is still {inner['pid1'][1]!r}"
+    else:
+        # The guest's Linux has user namespaces off: the attempt ends at unshare(2).
+        assert inner is None and "unshare failed" in found["err"], found
+        how = f"unshare -Urm: {found['err'].strip().splitlines()[-1]}"
+    still_answers(target)
+    verdict(f"{how}; {agent_seen(found['others'])}")
