@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import socket
 
 import pytest
@@ -332,3 +334,72 @@ def test_reserved_ports_cannot_be_taken_meanwhile():
     finally:
         for sock in held.values():
             sock.close()
+
+
+
+class OutOfFds:
+    """The process's descriptors all taken: a low soft RLIMIT_NOFILE, filled with dups.
+    The limit is restored and every dup closed on exit."""
+
+    def __enter__(self) -> OutOfFds:
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.filler: list[int] = []
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, self.limits[1]))
+        try:
+            while True:
+                self.filler.append(os.dup(0))
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                self.__exit__()
+                raise
+        return self
+
+    def free(self, count: int | None = None) -> None:
+        for _ in range(len(self.filler) if count is None else count):
+            os.close(self.filler.pop())
+
+    def __exit__(self, *_exc: object) -> None:
+        self.free()
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+
+
+def connect_waiting(port: int) -> socket.socket:
+    """A client whose handshake completes in the listener's backlog (not accepted yet)."""
+    client = socket.socket()
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        client.connect(("127.0.0.1", port))
+    return client
+
+
+async def test_out_of_descriptors_the_tunnel_waits_rather_than_spins(tunnel_and_guest, caplog):
+    """accept() fails with EMFILE while the client waits in the backlog: the listener stays
+    readable, so retrying on every wake-up would spin the I/O loop (a log line each time).
+    The tunnel stops watching it for a second, then serves the client once fds are free."""
+    _tunnel, guest, ports, broken = tunnel_and_guest
+    caplog.set_level(logging.WARNING, logger=log.name)
+    with OutOfFds() as fds:
+        fds.free(1)  # for the client's socket
+        client = connect_waiting(ports["shell"])
+        await asyncio.sleep(1.5)
+        failures = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+        assert 1 <= len(failures) <= 3, f"{len(failures)} failed accepts in 1.5 s"
+        fds.free()
+        frames = await guest.frames(timeout=3)
+        assert frames and (frames[0].kind, frames[0].payload) == (Kind.OPEN, b"shell")
+        client.close()
+    assert not broken
+
+
+async def test_a_tunnel_closed_while_out_of_descriptors_never_listens_again(tunnel_and_guest):
+    tunnel, _guest, ports, _broken = tunnel_and_guest
+    with OutOfFds() as fds:
+        fds.free(1)
+        client = connect_waiting(ports["hb"])
+        await asyncio.sleep(0.2)
+        assert tunnel._paused, "accept() did not fail: the case was not tried"
+        waiting = list(tunnel._paused.values())
+        tunnel.close()
+    assert all(handle.cancelled() for handle in waiting) and not tunnel._paused
+    client.close()
