@@ -93,9 +93,11 @@ class _ClientStream(Stream):
         self.channel = channel
         self.follower = IopubFollower() if channel == "iopub" else None
         shell = channel == "shell"
-        self.requests = IopubFollower(partial(tunnel.requests.sent, sid)) if shell else None
-        """Follows what the client asks on shell, replies too: which cell the kernel runs."""
-        self.replies = IopubFollower(tunnel.requests.answered) if shell else None
+        requests, signing = tunnel.requests, tunnel.signing
+        self.requests = IopubFollower(partial(requests.sent, sid), signing) if shell else None
+        """Follows what the client asks on shell (signed requests only: the kernel drops
+        the others unanswered), replies too: which cell the kernel runs."""
+        self.replies = IopubFollower(partial(requests.answered, sid)) if shell else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

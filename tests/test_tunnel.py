@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import resource
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jupyter_client.session import Session
 from provisioner.guest.protocol import (
     FROM_GUEST,
     HEADER,
@@ -25,10 +28,18 @@ from provisioner.guest.protocol import (
     encode,
     encode_json,
 )
+from test_notices import command, greeting
 
+from provisioner.notices import zmtp_message
 from provisioner.tunnel import MAX_STREAMS, Tunnel, TunnelError, reserve
 
 log = logging.getLogger("test-tunnel")
+READY = command(b"READY", {b"Socket-Type": b"DEALER"})
+
+
+def shell_request(message: dict, key: bytes) -> bytes:
+    """`message` as a DEALER client sends it on shell, signed with `key`, in ZMTP bytes."""
+    return zmtp_message(Session(key=key).serialize(message))
 
 
 def free_ports(n: int) -> list[int]:
@@ -78,7 +89,9 @@ class FakeGuest:
                 os.close(fd)
 
 
-async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict, list[str]]:
+async def started(
+    behind_started: bytes = b"", signing: tuple[bytes, str] = (b"", "hmac-sha256")
+) -> tuple[Tunnel, FakeGuest, dict, list[str]]:
     """A tunnel whose fake guest said HELLO and STARTED (followed by `behind_started`, in the
     same write); the list collects why the sandbox was stopped, once per stop."""
     broken: list[str] = []
@@ -86,7 +99,7 @@ async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict,
     async def stop_sandbox() -> None:
         broken.append(tunnel.broken_reason)
 
-    tunnel = Tunnel(log, "test", stop_sandbox)
+    tunnel = Tunnel(log, "test", stop_sandbox, signing=signing)
     guest = FakeGuest()
     await tunnel.attach(guest.to_host_r, guest.from_host_w)
     ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
@@ -336,7 +349,6 @@ def test_reserved_ports_cannot_be_taken_meanwhile():
             sock.close()
 
 
-
 class OutOfFds:
     """The process's descriptors all taken: a low soft RLIMIT_NOFILE, filled with dups.
     The limit is restored and every dup closed on exit."""
@@ -344,7 +356,7 @@ class OutOfFds:
     def __enter__(self) -> OutOfFds:
         self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.filler: list[int] = []
-        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        highest = max(int(fd.name) for fd in Path("/proc/self/fd").iterdir())
         resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, self.limits[1]))
         try:
             while True:
@@ -403,3 +415,30 @@ async def test_a_tunnel_closed_while_out_of_descriptors_never_listens_again(tunn
         tunnel.close()
     assert all(handle.cancelled() for handle in waiting) and not tunnel._paused
     client.close()
+
+
+async def test_only_requests_signed_with_the_kernels_key_count_as_running():
+    """Any local process may connect to the shell port. A request it cannot sign, which
+    the kernel drops unanswered, must not become the request a limit's notice answers."""
+    key = b"the-kernels-key"
+    tunnel, guest, ports, broken = await started(signing=(key, "hmac-sha256"))
+    await tunnel.listen(reserve("127.0.0.1", ports))
+    try:
+        forged = Session(key=b"a-guess").msg("execute_request", {"code": "1"})
+        signed = Session(key=key).msg("execute_request", {"code": "2"})
+        for message, running in ((forged, None), (signed, signed)):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", ports["shell"])
+            key_of = key if running else b"a-guess"
+            writer.write(greeting() + READY + shell_request(message, key_of))
+            await writer.drain()
+            assert await guest.frames()  # OPEN and DATA: the tunnel read the request
+            await asyncio.sleep(0.1)
+            if running is None:
+                assert tunnel.requests.running == b""
+            else:
+                assert json.loads(tunnel.requests.running)["msg_id"] == signed["header"]["msg_id"]
+            writer.close()
+    finally:
+        tunnel.close()
+        guest.close()
+    assert not broken
