@@ -442,3 +442,21 @@ async def test_only_requests_signed_with_the_kernels_key_count_as_running():
         tunnel.close()
         guest.close()
     assert not broken
+
+
+def test_closed_outside_the_running_loop_it_still_lets_go_of_its_ports():
+    """`close` from code not running on the loop (a synchronous teardown): it marked the
+    tunnel closed, then failed to find a running loop, and every later `close` returned at
+    once, its ports listening for good."""
+    loop = asyncio.new_event_loop()
+    try:
+        tunnel, guest, ports, _broken = loop.run_until_complete(started())
+        loop.run_until_complete(tunnel.listen(reserve("127.0.0.1", ports)))
+        tunnel.close()
+        for port in ports.values():
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        guest.close()
+        loop.run_until_complete(asyncio.sleep(0.05))  # the transports' own closing
+    finally:
+        loop.close()
