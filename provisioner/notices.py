@@ -13,6 +13,7 @@ small frame; on anything it does not expect it stops following that stream.
 
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 from collections.abc import Callable
@@ -30,10 +31,25 @@ DELIMITER = b"<IDS|MSG>"
 class IopubFollower:
     """Follows the bytes of one direction of one connection (named for its first use:
     kernel to client on iopub). `on_message(header, parent)` is called at the end of
-    each message whose header and parent header frames were kept."""
+    each message whose header and parent header frames were kept.
 
-    def __init__(self, on_message: Callable[[bytes, bytes], None] | None = None) -> None:
+    With `signing` (key, scheme), only for messages whose HMAC signature is right, once
+    their content frame is read: a message the kernel would drop unread (Jupyter's
+    `Session` checks the same HMAC over header, parent header, metadata and content) is
+    not taken for one it got. The frames are hashed as they pass, never kept whole.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[[bytes, bytes], None] | None = None,
+        signing: tuple[bytes, str] | None = None,
+    ) -> None:
         self.on_message = on_message
+        self._signing = signing
+        self._digest: hmac.HMAC | None = None  # of the message being read, once signed
+        self._hashing = False  # whether the current frame's body goes into the digest
+        self._signature = b""  # of the message being read
+        self._parent = b""  # of the message being read
         self._header = b""  # of the message being read
         self.lost = False
         """True once the stream did something unexpected: it is never written to then."""
@@ -74,6 +90,8 @@ class IopubFollower:
                 take = min(self._left, n - i)
                 if self._keep:
                     self._frame += view[i : i + take]
+                if self._hashing and self._digest is not None:
+                    self._digest.update(view[i : i + take])
                 i += take
                 self._left -= take
                 if not self._left:
@@ -99,9 +117,11 @@ class IopubFollower:
         size = struct.unpack_from("!Q", self._head, 1)[0] if flags & LONG else self._head[1]
         self._head.clear()
         self._flags = flags
-        # only the frames up to the parent header are of use
-        wanted = self._delimiter_at < 0 or self._index <= self._delimiter_at + 3
+        # only the frames up to the parent header are of use, and those signed
+        after = self._index - self._delimiter_at if self._delimiter_at >= 0 else -1
+        wanted = self._delimiter_at < 0 or after <= 3
         self._keep = not flags & COMMAND and size <= MAX_KEPT and wanted
+        self._hashing = not flags & COMMAND and 2 <= after <= 5
         self._frame.clear()
         self._left = size
         if not size:
@@ -110,21 +130,41 @@ class IopubFollower:
     def _frame_done(self) -> None:
         if self._flags & COMMAND:
             return  # READY, PING, ...: between messages, never inside one
+        after = self._index - self._delimiter_at if self._delimiter_at >= 0 else -1
         if self._keep:
             if self._delimiter_at < 0 and self._frame == DELIMITER:
                 self._delimiter_at = self._index
-            elif self._delimiter_at >= 0 and self._index == self._delimiter_at + 2:
+                if self._signing is not None and self._signing[0]:
+                    key, scheme = self._signing
+                    self._digest = hmac.new(key, digestmod=scheme.removeprefix("hmac-"))
+            elif after == 1:
+                self._signature = bytes(self._frame)
+            elif after == 2:
                 self._header = bytes(self._frame)
-            elif self._delimiter_at >= 0 and self._index == self._delimiter_at + 3:
+            elif after == 3:
                 # delimiter, signature, header, parent header: what it answered
-                self.parent = bytes(self._frame) if self._frame != b"{}" else self.parent
-                if self.on_message is not None:
-                    self.on_message(self._header, bytes(self._frame))
+                self._parent = bytes(self._frame)
+                self.parent = self._parent if self._parent != b"{}" else self.parent
+                if self.on_message is not None and self._signing is None:
+                    self.on_message(self._header, self._parent)
+        if after == 5 and self.on_message is not None and self._signed():
+            self.on_message(self._header, self._parent)  # content read: the message is whole
         self._frame.clear()
         if self._flags & MORE:
             self._index += 1
         else:
-            self._index, self._delimiter_at, self._header = 0, -1, b""
+            self._index, self._delimiter_at, self._header, self._parent = 0, -1, b"", b""
+            self._digest, self._signature = None, b""
+
+    def _signed(self) -> bool:
+        """Whether the message just read is signed as its `Session` would check it: an
+        empty key signs nothing, and checks nothing."""
+        if self._signing is None:
+            return False
+        if not self._signing[0]:
+            return True
+        digest = self._digest.hexdigest().encode() if self._digest is not None else b""
+        return bool(digest) and hmac.compare_digest(digest, self._signature)
 
 
 class Requests:
@@ -143,7 +183,9 @@ class Requests:
         self._pending: dict[str, tuple[int, bytes]] = {}  # msg_id: (stream, header)
 
     def sent(self, stream: int, header: bytes, _parent: bytes) -> None:
-        """A client sent a message on shell (stream `stream`)."""
+        """A client sent a message on shell (stream `stream`), signed with the kernel's key
+        (the follower checks it): a forged one the kernel drops and never answers, and it
+        would name the request a limit's notice is signed for."""
         fields = parent_header(header)
         msg_id = fields.get("msg_id")
         if fields.get("msg_type") == "execute_request" and isinstance(msg_id, str):
@@ -151,12 +193,22 @@ class Requests:
             while len(self._pending) > self.MAX:
                 del self._pending[next(iter(self._pending))]
 
-    def answered(self, header: bytes, parent: bytes) -> None:
-        """The kernel sent a message on shell: an execute_reply settles its request."""
-        if parent_header(header).get("msg_type") == "execute_reply":
-            msg_id = parent_header(parent).get("msg_id")
-            if isinstance(msg_id, str):
-                self._pending.pop(msg_id, None)
+    def answered(self, stream: int, header: bytes, parent: bytes) -> None:
+        """The kernel sent a message on shell (stream `stream`): an execute_reply settles
+        its request, and those the client sent before it (a kernel answers a client's
+        requests in order: one still pending was never read, it cannot be running)."""
+        if parent_header(header).get("msg_type") != "execute_reply":
+            return
+        msg_id = parent_header(parent).get("msg_id")
+        if not isinstance(msg_id, str) or msg_id not in self._pending:
+            return
+        if self._pending[msg_id][0] == stream:
+            for earlier in list(self._pending):
+                if earlier == msg_id:
+                    break
+                if self._pending[earlier][0] == stream:
+                    del self._pending[earlier]
+        del self._pending[msg_id]
 
     def forget(self, stream: int) -> None:
         """A client's shell connection closed: the kernel's replies cannot reach it."""

@@ -76,6 +76,8 @@ def reserve(ip: str, ports: dict[str, int]) -> dict[str, socket.socket]:
 
 ACCEPT_BATCH = 32
 """Connections taken per wake-up: a client connecting in a loop cannot hog the I/O loop."""
+ACCEPT_PAUSE = 1.0
+"""Seconds a port is not watched after accept() failed for want of descriptors or memory."""
 
 
 class TunnelError(RuntimeError):
@@ -91,9 +93,11 @@ class _ClientStream(Stream):
         self.channel = channel
         self.follower = IopubFollower() if channel == "iopub" else None
         shell = channel == "shell"
-        self.requests = IopubFollower(partial(tunnel.requests.sent, sid)) if shell else None
-        """Follows what the client asks on shell, replies too: which cell the kernel runs."""
-        self.replies = IopubFollower(tunnel.requests.answered) if shell else None
+        requests, signing = tunnel.requests, tunnel.signing
+        self.requests = IopubFollower(partial(requests.sent, sid), signing) if shell else None
+        """Follows what the client asks on shell (signed requests only: the kernel drops
+        the others unanswered), replies too: which cell the kernel runs."""
+        self.replies = IopubFollower(partial(requests.answered, sid)) if shell else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -197,12 +201,16 @@ class Tunnel(asyncio.Protocol):
         self.out: asyncio.WriteTransport | None = None
         self.listening: list[socket.socket] = []
         """The kernel's ports, once served (`listen`): closed with the tunnel."""
+        self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
+        """Ports not watched for a while (`_take_connections`), and when they are again."""
+        self._loop = asyncio.get_running_loop()
+        """The I/O loop: the kernel's ports are watched on it, and let go of by `close`."""
         self.next_sid = 1
         self.closed = False
         self.transport_in: asyncio.ReadTransport | None = None
         self.broken_reason = ""
-        self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._hello: asyncio.Future[None] = self._loop.create_future()
+        self._started: asyncio.Future[int] = self._loop.create_future()
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         """Take over the channel's two pipe ends: they are the tunnel's to close from now on."""
@@ -234,20 +242,21 @@ class Tunnel(asyncio.Protocol):
     async def listen(self, sockets: dict[str, socket.socket]) -> None:
         """Listen on the kernel's ports (sockets from `reserve`, names from `CHANNELS`).
 
-        Raises TunnelError if the channel is, or meanwhile gets, closed: a guest may
-        break the protocol in the very chunk that carried its STARTED, and a closed
-        tunnel must own no listening socket (its `close` has already run); the
-        sockets are closed then, as they would be by `close` once served.
+        The tunnel owns the sockets from now on. Raises TunnelError if the channel is
+        already closed: a guest may break the protocol in the very chunk that carried
+        its STARTED, and a closed tunnel must own no listening socket (its `close` has
+        already run); the sockets are closed then, as they would be by `close` once
+        served. Nothing is awaited (no close can come in between); a coroutine all
+        the same, as its callers on the I/O loop await it.
         """
         if self.closed:
             for sock in sockets.values():
                 sock.close()
             raise TunnelError(self.broken_reason or "the sandbox closed its channel")
-        loop = asyncio.get_running_loop()
         for channel in CHANNELS:
             sock = sockets[channel]
             sock.setblocking(False)
-            loop.add_reader(sock, self._take_connections, channel, sock)
+            self._loop.add_reader(sock, self._take_connections, channel, sock)
             self.listening.append(sock)
 
     def _take_connections(self, channel: str, listener: socket.socket) -> None:
@@ -265,10 +274,25 @@ class Tunnel(asyncio.Protocol):
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: the client's connect fails, we go on
-                self.log.warning("sandbox %s: cannot accept on %s: %s", self.name, channel, e)
+            except OSError as e:
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the client's handshake completed, it
+                # waits in the backlog, so the port stays readable. Watched on, it would
+                # wake the loop at once, again and again; look again in a while (as
+                # asyncio's own servers do).
+                why = f"cannot accept on {channel}: {e}; again in {ACCEPT_PAUSE:.0f} s"
+                self.log.warning("sandbox %s: %s", self.name, why)
+                self._loop.remove_reader(listener)
+                self._paused[listener] = self._loop.call_later(
+                    ACCEPT_PAUSE, self._resume, channel, listener
+                )
                 return
             self._spawn(self._connect(channel, conn))
+
+    def _resume(self, channel: str, listener: socket.socket) -> None:
+        """Watch a paused port again (`close` cancels this, and the check is for safety)."""
+        self._paused.pop(listener, None)
+        if not self.closed:
+            self._loop.add_reader(listener, self._take_connections, channel, listener)
 
     async def _connect(self, channel: str, conn: socket.socket) -> None:
         try:
@@ -300,9 +324,11 @@ class Tunnel(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        loop = asyncio.get_running_loop()
+        for handle in self._paused.values():
+            handle.cancel()
+        self._paused.clear()
         for listener in self.listening:
-            loop.remove_reader(listener)
+            self._loop.remove_reader(listener)
             listener.close()
         self.listening.clear()
         for stream in self.held:

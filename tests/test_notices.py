@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import time
+from functools import partial
 
 import pytest
 import zmq
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.session import Session
 
-from provisioner.notices import MAX_KEPT, IopubFollower, stderr_notice
+from provisioner.notices import MAX_KEPT, IopubFollower, Requests, stderr_notice, zmtp_message
 
 KEY = b"secret-key"
 
@@ -146,3 +147,50 @@ def test_arbitrary_bytes_never_raise_nor_pile_up(chunks):
         follower.feed(chunk)
     assert len(follower._frame) <= MAX_KEPT and len(follower._head) <= 9
     assert len(follower.parent) <= MAX_KEPT
+
+
+def shell_bytes(*messages: tuple[dict, bytes]) -> bytes:
+    """A DEALER client's shell connection: greeting, READY, each (message, signing key)."""
+    out = greeting() + command(b"READY", {b"Socket-Type": b"DEALER"})
+    for message, key in messages:
+        out += zmtp_message(Session(key=key).serialize(message))
+    return out
+
+
+def follow_shell(requests: Requests, stream: int, data: bytes, step: int = 1 << 20) -> None:
+    """`data` fed to a follower of the client's side of shell, as the tunnel does."""
+    follower = IopubFollower(partial(requests.sent, stream), (KEY, "hmac-sha256"))
+    for start in range(0, len(data), step):
+        follower.feed(data[start : start + step])
+    assert not follower.lost
+
+
+def test_a_forged_request_never_becomes_the_running_one():
+    """The kernel drops a badly signed request unanswered: the host must not sign a notice
+    under a parent header of the forger's choosing."""
+    session = Session(key=KEY)
+    forged = session.msg("execute_request", {"code": "forged"})
+    tampered = session.msg("execute_request", {"code": "1"})
+    wire = bytearray(shell_bytes((forged, b"a-guessed-key"), (tampered, KEY)))
+    assert wire.endswith(b'"1"}')
+    wire[-3:-2] = b"2"  # the content, signed as "1"
+    requests = Requests()
+    follow_shell(requests, 1, bytes(wire))
+    assert requests.running == b""
+    signed = session.msg("execute_request", {"code": "x" * (2 * MAX_KEPT)})  # a long frame
+    follow_shell(requests, 1, shell_bytes((signed, KEY)), step=7)
+    assert json.loads(requests.running)["msg_id"] == signed["header"]["msg_id"]
+
+
+def test_a_reply_settles_its_request_and_the_clients_earlier_ones():
+    session = Session(key=KEY)
+    first, second, other = (session.msg("execute_request", {"code": c}) for c in "abc")
+    requests = Requests()
+    follow_shell(requests, 1, shell_bytes((first, KEY), (second, KEY)))
+    follow_shell(requests, 2, shell_bytes((other, KEY)))
+    assert json.loads(requests.running)["msg_id"] == first["header"]["msg_id"]
+    reply = session.msg("execute_reply", {"status": "ok"}, parent=second)
+    kernel = IopubFollower(partial(requests.answered, 1))
+    kernel.feed(greeting() + zmtp_message(session.serialize(reply)))
+    # `first` was never answered, yet the kernel is past it: `other` is the one running
+    assert json.loads(requests.running)["msg_id"] == other["header"]["msg_id"]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import logging
 import os
+import resource
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jupyter_client.session import Session
 from provisioner.guest.protocol import (
     FROM_GUEST,
     HEADER,
@@ -23,10 +28,18 @@ from provisioner.guest.protocol import (
     encode,
     encode_json,
 )
+from test_notices import command, greeting
 
+from provisioner.notices import zmtp_message
 from provisioner.tunnel import MAX_STREAMS, Tunnel, TunnelError, reserve
 
 log = logging.getLogger("test-tunnel")
+READY = command(b"READY", {b"Socket-Type": b"DEALER"})
+
+
+def shell_request(message: dict, key: bytes) -> bytes:
+    """`message` as a DEALER client sends it on shell, signed with `key`, in ZMTP bytes."""
+    return zmtp_message(Session(key=key).serialize(message))
 
 
 def free_ports(n: int) -> list[int]:
@@ -76,7 +89,9 @@ class FakeGuest:
                 os.close(fd)
 
 
-async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict, list[str]]:
+async def started(
+    behind_started: bytes = b"", signing: tuple[bytes, str] = (b"", "hmac-sha256")
+) -> tuple[Tunnel, FakeGuest, dict, list[str]]:
     """A tunnel whose fake guest said HELLO and STARTED (followed by `behind_started`, in the
     same write); the list collects why the sandbox was stopped, once per stop."""
     broken: list[str] = []
@@ -84,7 +99,7 @@ async def started(behind_started: bytes = b"") -> tuple[Tunnel, FakeGuest, dict,
     async def stop_sandbox() -> None:
         broken.append(tunnel.broken_reason)
 
-    tunnel = Tunnel(log, "test", stop_sandbox)
+    tunnel = Tunnel(log, "test", stop_sandbox, signing=signing)
     guest = FakeGuest()
     await tunnel.attach(guest.to_host_r, guest.from_host_w)
     ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5), strict=True))
@@ -332,3 +347,116 @@ def test_reserved_ports_cannot_be_taken_meanwhile():
     finally:
         for sock in held.values():
             sock.close()
+
+
+class OutOfFds:
+    """The process's descriptors all taken: a low soft RLIMIT_NOFILE, filled with dups.
+    The limit is restored and every dup closed on exit."""
+
+    def __enter__(self) -> OutOfFds:
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.filler: list[int] = []
+        highest = max(int(fd.name) for fd in Path("/proc/self/fd").iterdir())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, self.limits[1]))
+        try:
+            while True:
+                self.filler.append(os.dup(0))
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                self.__exit__()
+                raise
+        return self
+
+    def free(self, count: int | None = None) -> None:
+        for _ in range(len(self.filler) if count is None else count):
+            os.close(self.filler.pop())
+
+    def __exit__(self, *_exc: object) -> None:
+        self.free()
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+
+
+def connect_waiting(port: int) -> socket.socket:
+    """A client whose handshake completes in the listener's backlog (not accepted yet)."""
+    client = socket.socket()
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        client.connect(("127.0.0.1", port))
+    return client
+
+
+async def test_out_of_descriptors_the_tunnel_waits_rather_than_spins(tunnel_and_guest, caplog):
+    """accept() fails with EMFILE while the client waits in the backlog: the listener stays
+    readable, so retrying on every wake-up would spin the I/O loop (a log line each time).
+    The tunnel stops watching it for a second, then serves the client once fds are free."""
+    _tunnel, guest, ports, broken = tunnel_and_guest
+    caplog.set_level(logging.WARNING, logger=log.name)
+    with OutOfFds() as fds:
+        fds.free(1)  # for the client's socket
+        client = connect_waiting(ports["shell"])
+        await asyncio.sleep(1.5)
+        failures = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+        assert 1 <= len(failures) <= 3, f"{len(failures)} failed accepts in 1.5 s"
+        fds.free()
+        frames = await guest.frames(timeout=3)
+        assert frames and (frames[0].kind, frames[0].payload) == (Kind.OPEN, b"shell")
+        client.close()
+    assert not broken
+
+
+async def test_a_tunnel_closed_while_out_of_descriptors_never_listens_again(tunnel_and_guest):
+    tunnel, _guest, ports, _broken = tunnel_and_guest
+    with OutOfFds() as fds:
+        fds.free(1)
+        client = connect_waiting(ports["hb"])
+        await asyncio.sleep(0.2)
+        assert tunnel._paused, "accept() did not fail: the case was not tried"
+        waiting = list(tunnel._paused.values())
+        tunnel.close()
+    assert all(handle.cancelled() for handle in waiting) and not tunnel._paused
+    client.close()
+
+
+async def test_only_requests_signed_with_the_kernels_key_count_as_running():
+    """Any local process may connect to the shell port. A request it cannot sign, which
+    the kernel drops unanswered, must not become the request a limit's notice answers."""
+    key = b"the-kernels-key"
+    tunnel, guest, ports, broken = await started(signing=(key, "hmac-sha256"))
+    await tunnel.listen(reserve("127.0.0.1", ports))
+    try:
+        forged = Session(key=b"a-guess").msg("execute_request", {"code": "1"})
+        signed = Session(key=key).msg("execute_request", {"code": "2"})
+        for message, running in ((forged, None), (signed, signed)):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", ports["shell"])
+            key_of = key if running else b"a-guess"
+            writer.write(greeting() + READY + shell_request(message, key_of))
+            await writer.drain()
+            assert await guest.frames()  # OPEN and DATA: the tunnel read the request
+            await asyncio.sleep(0.1)
+            if running is None:
+                assert tunnel.requests.running == b""
+            else:
+                assert json.loads(tunnel.requests.running)["msg_id"] == signed["header"]["msg_id"]
+            writer.close()
+    finally:
+        tunnel.close()
+        guest.close()
+    assert not broken
+
+
+def test_closed_outside_the_running_loop_it_still_lets_go_of_its_ports():
+    """`close` from code not running on the loop (a synchronous teardown): it marked the
+    tunnel closed, then failed to find a running loop, and every later `close` returned at
+    once, its ports listening for good."""
+    loop = asyncio.new_event_loop()
+    try:
+        tunnel, guest, ports, _broken = loop.run_until_complete(started())
+        loop.run_until_complete(tunnel.listen(reserve("127.0.0.1", ports)))
+        tunnel.close()
+        for port in ports.values():
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        guest.close()
+        loop.run_until_complete(asyncio.sleep(0.05))  # the transports' own closing
+    finally:
+        loop.close()
