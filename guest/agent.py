@@ -183,7 +183,8 @@ class Agent(asyncio.Protocol):
         ours, theirs = socket.socketpair()
         try:
             init = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-", str(theirs.fileno())],
+                # "kernel_init" names it in `ps` (its code comes on stdin)
+                [sys.executable, "-I", "-B", "-", "kernel_init", str(theirs.fileno())],
                 stdin=subprocess.PIPE,
                 stdout=sys.stderr,
                 stderr=sys.stderr,

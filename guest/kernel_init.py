@@ -107,7 +107,7 @@ def start(launch: dict, control_fd: int) -> int:
 def main() -> None:
     for sig in CATCHABLE:
         signal.signal(sig, signal.SIG_IGN)  # until there is a kernel to pass them to
-    control_fd = int(sys.argv[1])
+    control_fd = int(sys.argv[2])  # argv: -, kernel_init, the control socket's fd
     control = socket.socket(fileno=control_fd)
     data = b""
     while not data.endswith(b"\n") and len(data) < MAX_LAUNCH:
