@@ -497,15 +497,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
         cwd, mounts = self.workspace_mount(kwargs.get("cwd"))
+        if self.through_service:  # the service opens the folder itself, as the caller's
+            close_mounts(mounts)
+            mounts = ()
         try:
             return await self._launch_in(cwd, mounts, cmd, kwargs)
         finally:
-            close_mounts(mounts)
+            close_mounts(mounts)  # once: a number closed twice may be someone else's by then
 
     async def _launch_in(self, cwd: str, mounts: tuple[Mount, ...], cmd: list[str],
                          kwargs: dict[str, Any]) -> KernelConnectionInfo:  # fmt: skip
-        if self.through_service:  # the service opens the folder itself, as the caller's
-            close_mounts(mounts)
+        if self.through_service:
             sandbox = await run_on_io(
                 service_client(self.service_socket, self.log).create(self, cwd)
             )

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import leftover_cgroups
+from conftest import execute, leftover_cgroups
+from jupyter_client.manager import AsyncKernelManager
 from provisioner.guest.protocol import FROM_GUEST, FrameReader, Kind
 from service_kit import (
     USER_PYTHON,
@@ -30,6 +31,7 @@ from service_kit import (
     system_users,
     wait_until,
 )
+from traitlets.config import Config
 
 from provisioner.state import records
 
@@ -431,3 +433,27 @@ def test_serve_needs_root_and_a_policy(users, tmp_path):
                    stderr=subprocess.PIPE, text=True)  # fmt: skip
     _, err = user.communicate(timeout=60)
     assert user.returncode == 1 and "must run as root" in err
+
+
+@pytest.mark.timeout(180)
+async def test_a_root_server_in_service_mode_starts_kernels_one_after_another(
+    users, service, nothing_left, workspace
+):
+    """In-process, a root server set to mode = 'service' hands the workspace to the service
+    by path: the descriptor it opened for the folder is closed once, before the call, not
+    again after (a second close would take whatever socket got that number meanwhile: the
+    service connection of the next kernel)."""
+    config = Config({"SandboxProvisioner": {"mode": "service",
+                                            "service_socket": str(service.socket)}})  # fmt: skip
+    for _ in range(3):
+        km = AsyncKernelManager(kernel_name="python3-gvisor", config=config)
+        await km.start_kernel(cwd=str(workspace))
+        try:
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=120)
+            reply, text, _ = await execute(kc, "import os; print(os.getcwd())")
+            kc.stop_channels()
+        finally:
+            await km.shutdown_kernel(now=True)
+        assert reply["status"] == "ok" and text.strip() == str(workspace)
