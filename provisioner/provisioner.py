@@ -92,12 +92,10 @@ def server_installation() -> dict[str, Path]:
     """What of this server's own software a kernel must never be able to write: its Python
     environment and this package (a `.pth` file or a changed module runs as the server,
     with its secrets, the next time it starts)."""
-    package = Path(__file__).resolve().parent
-    found = {"the server's Python environment": Path(sys.prefix).resolve(),
-             "the server's Python": Path(sys.base_prefix).resolve(),
-             "jupyter-sandbox itself": package,
-             "the guest agent": Path(guest.__file__).resolve().parent}  # fmt: skip
-    return found
+    return {"the server's Python environment": Path(sys.prefix).resolve(),
+            "the server's Python": Path(sys.base_prefix).resolve(),
+            "jupyter-sandbox itself": Path(__file__).resolve().parent,
+            "the guest agent": Path(guest.__file__).resolve().parent}  # fmt: skip
 
 
 def close_mounts(mounts: tuple[Mount, ...]) -> None:

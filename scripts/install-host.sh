@@ -37,20 +37,8 @@ die() { printf 'install-host: error: %s\n' "$*" >&2; exit 1; }
 [[ $(dpkg --print-architecture) == amd64 ]] || die "only amd64 hosts are supported"
 
 # --- 1. host packages ---------------------------------------------------------
-missing=()
-for pkg in "${HOST_PACKAGES[@]}"; do
-    if [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) != "install ok installed" ]]; then
-        missing+=("$pkg")
-    fi
-done
-if ((${#missing[@]})); then
-    log "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-    log "Debian packages: all ${#HOST_PACKAGES[@]} present"
-fi
+source "$(dirname "$0")/debian-packages.sh"
+install_packages install-host "${HOST_PACKAGES[@]}"
 
 # --- 2. runsc with systrap ----------------------------------------------------
 # Prints the 8-digit date of a runsc binary's version ("0.0~20240729.0" from

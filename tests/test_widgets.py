@@ -204,8 +204,11 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     """Debian's headless Chromium under chromedriver, with a fresh profile."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         skip_or_fail("chromium and chromium-driver are not installed (run `make browser`)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        skip_or_fail("selenium is not installed (it is in the [test] extra: run `make venv`)")
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download
     options = webdriver.ChromeOptions()

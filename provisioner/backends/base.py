@@ -24,8 +24,9 @@ class Mount:
     destination: str
     read_only: bool
     fd: int | None = None
-    """An O_PATH descriptor of `source`, opened without following links, for a caller
-    who controls the path (the sandbox service's): the backend mounts what it names."""
+    """An O_PATH descriptor of `source`, opened without following links
+    (`provisioner.open_folder`): the backend mounts what it names, the folder whose owner
+    was read, whatever the path names by then. Whoever opened it closes it."""
     owner: tuple[int, int] | None = None
     """The host uid and gid that own `source`. When they are not the kernel's
     (`SandboxSpec.owner`), the backend mounts it idmapped (`idmap.py`)."""

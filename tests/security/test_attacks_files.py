@@ -206,6 +206,20 @@ print(json.dumps({
 """
 
 
+async def run_in(km: AsyncIOLoopKernelManager, folder: Path, code: str) -> dict:
+    """Start `km`'s kernel in `folder`, run `code` there, shut it down; the JSON line the
+    code printed last."""
+    await km.start_kernel(cwd=str(folder))
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=READY_TIMEOUT)
+    reply, text, _ = await execute(kc, code)
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+    assert reply["status"] == "ok", text
+    return json.loads(text.strip().splitlines()[-1])
+
+
 @pytest.mark.attack("files", "leave a setuid-root program in a root-owned workspace for the host")
 async def test_set_id_program_in_a_root_workspace(no_leftovers, kernel_name, verdict):
     """On a root-owned workspace (mounted idmapped) the kernel's files are root's on the
@@ -214,15 +228,7 @@ async def test_set_id_program_in_a_root_workspace(no_leftovers, kernel_name, ver
     folder.chmod(0o755)  # root's, and any host user may run what is in it
     km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
     try:
-        await km.start_kernel(cwd=str(folder))
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=READY_TIMEOUT)
-        reply, text, _ = await execute(kc, SET_ID_ATTACK)
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-        assert reply["status"] == "ok", text
-        found = json.loads(text.strip().splitlines()[-1])
+        found = await run_in(km, folder, SET_ID_ATTACK)
         assert found["uid"] != 0
         on_host = {p.name: p.stat() for p in folder.iterdir()}
         assert on_host["shell"].st_uid == 0, "the attack needs a root-owned file: it made one"
@@ -292,15 +298,7 @@ async def test_rewrite_a_set_id_program_in_a_root_workspace(
         (folder / name).chmod(mode)
     km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
     try:
-        await km.start_kernel(cwd=str(folder))
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=READY_TIMEOUT)
-        reply, text, _ = await execute(kc, f"NAMES = {sorted(names)!r}\n" + REWRITE_ATTACK)
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-        assert reply["status"] == "ok", text
-        found = json.loads(text.strip().splitlines()[-1])
+        found = await run_in(km, folder, f"NAMES = {sorted(names)!r}\n" + REWRITE_ATTACK)
         assert found["uid"] != 0
         # The attack needs a program the kernel may write: on the mount, it is its own.
         assert all(int(m, 8) & 0o6000 for m in found["modes"].values()), found
