@@ -43,6 +43,8 @@ from .tunnel import Tunnel, TunnelError, reserve
 GUEST_HOME = "/home/sandbox"
 GUEST_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 FALLBACK_UID = 1000
+ENDING_GRACE = 3.0
+"""Seconds a sandbox whose kernel exited gets to end by itself once its channel closed."""
 SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
                 "/run", "/sbin", "/sys", "/usr", "/var/lib", "/var/run", "/var/log", "/var/cache",
                 "/var/spool", "/var/tmp")  # fmt: skip
@@ -540,7 +542,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         tunnel = Tunnel(
             self.log,
             sandbox.record.sandbox_id,
-            on_broken=sandbox.kill,
+            on_broken=lambda: self._stop_after_channel(sandbox, tunnel),
             explain=lambda: self._limit_reason(sandbox, tunnel),
             signing=(
                 key.encode() if isinstance(key, str) else key,
@@ -590,6 +592,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # sandbox wedged: stop all of it (the tunnel then tells the notebook).
             await run_on_io(sandbox.kill())
         return status
+
+    async def _stop_after_channel(self, sandbox: Sandbox, tunnel: Tunnel) -> None:
+        """Stop `sandbox` once its channel is broken or gone. I/O loop only.
+
+        When the agent reported the kernel's exit first, the sandbox is ending by itself
+        (a VM powers off once its agent ends): it gets `ENDING_GRACE` seconds to, so that
+        a graceful shutdown ends as one (status 0, not SIGKILL). Otherwise it is killed.
+        """
+        if tunnel.exit_report and await sandbox.ended(ENDING_GRACE):
+            return
+        await sandbox.kill()
 
     def _watch_limits(self, watch: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run `watch` as a task nobody awaits; log its failure, if it fails.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import subprocess
 from dataclasses import dataclass, field
@@ -134,6 +135,15 @@ class Sandbox(abc.ABC):
         cgroup is gone. Sleeps on the kernel's notification where it gives one (see
         `cgroups.wait_for_oom_kill`). Cancel it to stop watching."""
         return await cgroups.wait_for_oom_kill(self.record.cgroup)
+
+    async def ended(self, within: float) -> bool:
+        """Whether the sandbox's host process ends within `within` seconds (polled)."""
+        deadline = asyncio.get_running_loop().time() + within
+        while self.poll() is None:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
