@@ -1,32 +1,72 @@
-"""Errors a kernel start can end with, worded for the person who started it.
+"""The errors a kernel start can end with, worded for the person who started it.
 
-They are tornado HTTPErrors too: the Jupyter server then sends their message to
-JupyterLab instead of "Unhandled error". Outside a server they are ordinary
-RuntimeError / ValueError.
+One hierarchy, free of any web framework: each class says how it crosses the
+two edges it may meet. `http_status` is what the Jupyter server answers
+(`http_errors.reported` makes the tornado error at the provisioner's edge) and
+`kind` names it on the sandbox service's wire (`KINDS`, the one table both ends
+use), so that a refusal reads and counts the same in-process and through the
+service.
 """
 
 from __future__ import annotations
 
-from tornado.web import HTTPError
+
+class Error(Exception):
+    """Anything this project reports to a person: the message says what to do."""
+
+    kind = "sandbox"
+    """Its name on the sandbox service's wire (see `KINDS`)."""
+    http_status = 500
+    """What the Jupyter server answers when a kernel start ends with it."""
 
 
-class _Reported(HTTPError):
-    status = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(self.status, message.replace("%", "%%"))
-        self.message = message
-        self.args = ()  # HTTPError formats log_message % args
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class SandboxError(_Reported, RuntimeError):
+class SandboxError(Error, RuntimeError):
     """A sandbox could not be created or run; the message says how to fix it."""
 
 
-class SettingError(_Reported, ValueError):
-    """A provisioner setting is invalid; the message names it and the accepted form."""
+class ImageError(SandboxError):
+    """A guest image is missing, stale, damaged, or could not be built."""
 
-    status = 400
+    kind = "image"
+
+
+class ServiceError(SandboxError):
+    """The sandbox service cannot be reached, or answered out of turn."""
+
+
+class SettingError(Error, ValueError):
+    """A setting is invalid; the message names it and the accepted form."""
+
+    kind = "setting"
+    http_status = 400
+
+
+class RequestError(SettingError):
+    """A request to the sandbox service that it does not understand; nothing was done."""
+
+    kind = "request"
+
+
+class PolicyError(SettingError):
+    """The operator's policy is invalid, or refuses what was asked."""
+
+    kind = "policy"
+    http_status = 403
+
+
+class QuotaError(PolicyError):
+    """A start would take a user past a per-user quota."""
+
+    kind = "quota"
+
+
+KINDS: dict[str, type[Error]] = {
+    cls.kind: cls
+    for cls in (SandboxError, ImageError, SettingError, RequestError, PolicyError, QuotaError)
+}
+"""Wire kind -> class: the service sends `error.kind`, its client raises `KINDS[kind]`."""
+
+
+def kind_of(error: BaseException) -> str:
+    """The wire kind of `error`: its own, or "sandbox" for anything unforeseen."""
+    return error.kind if isinstance(error, Error) else SandboxError.kind

@@ -36,6 +36,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import ImageError
+
 __all__ = [
     "DEFAULT_IMAGE",
     "GUEST_PYTHON",
@@ -91,14 +93,6 @@ _CHROOT_ENV = {
     "PIP_NO_CACHE_DIR": "1",
 }
 _TAIL_LINES = 40
-
-
-class ImageError(RuntimeError):
-    """A guest image is missing, incomplete or could not be built.
-
-    The message always says what to run next, because the person reading it
-    is usually an operator looking at a failed kernel start.
-    """
 
 
 def images_dir() -> Path:

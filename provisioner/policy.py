@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingError
+from .errors import PolicyError
 from .limits import parse_size
 from .network import MODES as NETWORK_MODES
 from .network import parse_bandwidth, parse_destination
@@ -61,12 +61,6 @@ SETTINGS = (*LIMITS, "network", "egress_allow")
 QUOTAS = ("max_kernels", "max_memory")
 """Per user, across all of the user's kernels."""
 KEYS = frozenset((*SETTINGS, *QUOTAS, "kernelspecs"))
-
-
-class PolicyError(SettingError):
-    """The policy file is invalid, or refuses a kernel."""
-
-    status = 403
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
 from .backends.gvisor import GVisorSandbox, find_runsc
 from .backends.microvm import MicroVMSandbox, find_qemu
 from .console import Console
-from .errors import SettingError
+from .errors import Error, SettingError
 from .guest.protocol import CHANNELS
+from .http_errors import reported
 from .images import find_image
 from .ioloop import in_thread, run_on_io
 from .microvm_image import find_boot_files
@@ -255,14 +256,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         unknown = sorted(set(kwargs) - self._BASE_ARGS - set(self.class_trait_names(config=True)))
         if unknown:
             known = ", ".join(sorted(self.class_trait_names(config=True)))
-            raise SettingError(
-                f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
-                f"known settings: {known}"
+            raise reported(
+                SettingError(
+                    f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
+                    f"known settings: {known}"
+                )
             )
         try:
             super().__init__(**kwargs)
         except TraitError as e:
-            raise SettingError(str(e)) from None
+            raise reported(SettingError(str(e))) from None
         configured = {
             name
             for cls in type(self).__mro__
@@ -362,6 +365,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await self._pre_launch(**kwargs)
+        except Error as e:
+            raise reported(e) from None
+
+    async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         self._choose_mode()
         if not self.through_service:  # else the service applies it, for the caller it sees
             await self.apply_policy()
@@ -491,8 +500,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         try:
             return await self._launch(cmd, kwargs)
-        except BaseException:
+        except BaseException as e:
             self._release_ports()
+            if isinstance(e, Error):
+                raise reported(e) from None
             raise
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:

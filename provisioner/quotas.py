@@ -17,13 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import cgroups
+from .errors import QuotaError
 from .limits import format_size
-from .policy import PolicyError
 from .state import Record, records, runtime_dir
-
-
-class QuotaError(PolicyError):
-    """A start would take a user past a quota."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
 from provisioner import cgroups, policy
-from provisioner.policy import Identity, Policy, PolicyError
+from provisioner.errors import PolicyError
+from provisioner.policy import Identity, Policy
 
 TEACHING = """
 [default]                       # students

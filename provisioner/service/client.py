@@ -16,10 +16,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .. import quotas
 from ..backends.base import Channel, Sandbox
-from ..errors import SandboxError, SettingError
-from ..policy import PolicyError
+from ..errors import KINDS, SandboxError, ServiceError
 from ..state import Record
 from .wire import Connection, WireError, close_fds
 
@@ -31,16 +29,6 @@ DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
 RECONNECT_INTERVAL = 0.5
 CALL_TIMEOUT = 120.0
 """Seconds the service may take to answer (a create starts a sandbox)."""
-ERRORS: dict[str, type[Exception]] = {
-    "quota": quotas.QuotaError,
-    "policy": PolicyError,
-    "setting": SettingError,
-}
-"""The service's error kinds, raised here as the in-process provisioner raises them."""
-
-
-class ServiceError(SandboxError):
-    """The sandbox service cannot be reached, or refused a request."""
 
 
 class RemoteSandbox(Sandbox):
@@ -146,7 +134,7 @@ class ServiceClient:
                 answer.cancel()
         if not reply.get("ok"):
             close_fds(fds)
-            raise ERRORS.get(reply.get("kind", ""), ServiceError)(
+            raise KINDS.get(reply.get("kind", ""), ServiceError)(
                 str(reply.get("error", "the sandbox service refused"))
             )
         return reply, fds

@@ -37,7 +37,7 @@ from traitlets.config import LoggingConfigurable
 
 from .. import cleanup, policy, quotas
 from ..backends.base import Sandbox
-from ..errors import SandboxError, SettingError
+from ..errors import RequestError, SandboxError, SettingError, kind_of
 from ..network import SandboxNetwork
 from ..provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
 from ..state import Record, process_start_time, records
@@ -55,10 +55,6 @@ MAX_ATTACH = 256
 """Sandbox ids in one attach: its reply stays well within a message."""
 _TICK = 0.2
 """Seconds between looks at every sandbox: ended ones, and ones past their grace period."""
-
-
-class RequestError(ValueError):
-    """A request the service does not understand; nothing was done."""
 
 
 @dataclass(frozen=True)
@@ -165,19 +161,6 @@ def check_request(request: dict[str, Any]) -> tuple[int, str]:
     return rid, op
 
 
-def _kind(error: Exception) -> str:
-    """How a client re-raises an error: it keeps its HTTP status in the Jupyter server."""
-    if isinstance(error, quotas.QuotaError):
-        return "quota"
-    if isinstance(error, policy.PolicyError):
-        return "policy"
-    if isinstance(error, SettingError):
-        return "setting"
-    if isinstance(error, RequestError):
-        return "request"
-    return "sandbox"
-
-
 class Caller:
     """One connection to the service, and the peer the kernel says is behind it."""
 
@@ -220,7 +203,7 @@ class Caller:
         except Exception as e:
             if not isinstance(e, SettingError | RequestError | SandboxError | OSError):
                 self.service.log.exception("%s from %s failed", request.get("op"), self.peer)
-            await self.send({"id": rid, "ok": False, "kind": _kind(e), "error": str(e)})
+            await self.send({"id": rid, "ok": False, "kind": kind_of(e), "error": str(e)})
             return
         try:
             await self.send({"id": rid, "ok": True, **reply}, fds)

@@ -1,0 +1,19 @@
+"""Where things are in a sandbox, and who the kernel is there: shared by both ends.
+
+The host builds images and sandboxes with these (provisioner/images.py,
+provisioner/backends/), the guest finds its agent and the kernel's home with
+them. Standard library only, like everything under guest/.
+"""
+
+AGENT_DIR = "/opt/jupyter-sandbox"
+"""Where the host's guest/ folder is mounted read-only in every sandbox."""
+KERNEL_USER = "sandbox"
+KERNEL_UID = 1000
+"""The kernel's uid (and gid) in the default image, and on the host when a root-owned
+workspace gives it no owner to take (provisioner/workspace.py)."""
+KERNEL_HOME = "/home/sandbox"
+"""The kernel's home, and its cwd when no workspace is mounted."""
+GUEST_PYTHON = "/opt/venv/bin/python3"
+"""The kernel's interpreter in the default image."""
+KERNEL_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+"""The kernel's PATH."""
