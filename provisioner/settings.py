@@ -1,0 +1,365 @@
+"""Every setting of a sandboxed kernel, declared once.
+
+A `Setting` says what a setting is called, its type and default, how a value is
+checked (`parse`), how the operator's policy bounds it (`magnitude`), who may
+set it and where it is enforced. From these declarations come:
+
+- the provisioners' traitlets (`traits`), so a value from the server's config or a
+  kernelspec is checked where it is given;
+- the policy's vocabulary and its checks (`policy.py`: `BOUNDED`, `magnitude`);
+- what a caller of the sandbox service may ask for (`USER_SETTINGS`);
+- the configuration reference of the documentation (docs/conf.py renders `reference`).
+
+Settings particular to one backend are declared in the backend's module
+(`Backend.settings`), in the same form.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode
+
+from .guest.layout import KERNEL_UID
+from .limits import check_cpu, parse_size
+from .network.spec import MODES as NETWORK_MODES
+from .network.spec import parse_bandwidth, parse_destination
+
+OPERATOR = "operator"
+"""The server's traitlets config (`c.GVisorProvisioner...`), the sandbox service's, and the
+operator's policy file."""
+KERNELSPEC = "kernelspec"
+"""A kernelspec's `metadata.kernel_provisioner.config`."""
+USER = "user"
+"""A user's own Jupyter server, asking the sandbox service (its config and kernelspecs):
+the operator's policy bounds it all the same."""
+POLICY = "policy"
+"""The operator's policy file only: per-user quotas and the allowed kernelspecs."""
+
+SOCKET_ENV = "JUPYTER_SANDBOX_SOCKET"
+DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
+POLICY_ENV = "JUPYTER_SANDBOX_POLICY"
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _size(value: Any) -> str:
+    parse_size(value)
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 64:
+        raise ValueError(f"expected an integer >= 64, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _cores(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number of cores such as 0.5 or 1, got {value!r}")
+    return check_cpu(float(value))
+
+
+def _uid(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"expected a uid > 0, got {value!r}")
+    return value
+
+
+def _bandwidth(value: Any) -> str:
+    parse_bandwidth(value)
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def _destinations(value: Any) -> list[str]:
+    for entry in _strings(value):
+        parse_destination(entry)
+    return list(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _by_size(value: Any) -> float:
+    return parse_size(value)
+
+
+def _by_number(value: Any) -> float:
+    return float(value)
+
+
+def _by_mode(value: Any) -> float:
+    return NETWORK_MODES.index(value)
+
+
+def _by_bandwidth(value: Any) -> float:
+    rate = parse_bandwidth(value)
+    return float("inf") if rate is None else rate
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: everything the traits, the policy, the service and the docs need."""
+
+    name: str
+    kind: str
+    """The trait's type: float, int, text, choice, list, table or flag."""
+    default: Any
+    help: str
+    parse: Callable[[Any], Any]
+    """Checks a value from anywhere (config, kernelspec, policy, a caller) and returns it;
+    ValueError names the accepted form. Run by the trait's validation and the policy."""
+    who: frozenset[str]
+    """Who may set it: `OPERATOR`, `KERNELSPEC`, `USER`, or `POLICY` alone."""
+    enforced: str
+    """Where it takes effect: the modules a reader opens to see it enforced."""
+    magnitude: Callable[[Any], float] | None = None
+    """How much a value gives, if the policy bounds the setting from above: a kernelspec,
+    the server's config or a caller may ask for less than the policy's value, never more."""
+    choices: tuple[str, ...] = ()
+    allow_none: bool = False
+    example: str = ""
+    """A value as written in the policy file or the config, for the reference."""
+
+    def trait(self) -> TraitType:
+        """The traitlets trait of this setting (config=True, with its help)."""
+        common: dict[str, Any] = {"config": True, "help": self.help}
+        if self.kind == "float":
+            return Float(self.default, **common)
+        if self.kind == "int":
+            return Int(self.default, allow_none=self.allow_none, **common)
+        if self.kind == "text":
+            return Unicode(self.default, **common)
+        if self.kind == "choice":
+            return Enum(list(self.choices), self.default, **common)
+        if self.kind == "list":
+            return List(Unicode(), list(self.default), **common)
+        if self.kind == "table":
+            return Dict(value_trait=Unicode(), default_value=dict(self.default), **common)
+        if self.kind == "flag":
+            return Bool(self.default, **common)
+        raise TypeError(f"setting {self.name}: unknown kind {self.kind!r}")
+
+    @property
+    def bounded(self) -> bool:
+        return self.magnitude is not None
+
+
+_ALL = frozenset({OPERATOR, KERNELSPEC, USER})
+_SERVER = frozenset({OPERATOR, KERNELSPEC})
+
+COMMON: tuple[Setting, ...] = (
+    Setting(
+        "image", "text", "python3",
+        "Guest image: a name built by `jupyter sandbox image build`, or a rootfs path "
+        "(in-process gVisor kernels only).",
+        _text, _ALL, "images.py (find_image), backends/gvisor.py, backends/microvm.py",
+    ),
+    Setting(
+        "workspace", "choice", "rw",
+        "How the kernel's working directory is mounted at the same path in the sandbox: "
+        "rw, ro, or none (the kernel starts in its home).",
+        _choice("rw", "ro", "none"), _ALL, "workspace.py (the mount), backends/*.py",
+        choices=("rw", "ro", "none"),
+    ),
+    Setting(
+        "cpu_limit", "float", 1.0, "CPU cores the sandbox may use, e.g. 0.5 or 2.",
+        _cores, _ALL, "cgroups.py (a CFS quota on the sandbox's cgroup), backends/*.py",
+        magnitude=_by_number, example="2.0",
+    ),
+    Setting(
+        "memory_limit", "text", "2G",
+        'Memory for the whole sandbox, the runtime and swap counted: "512M", "2G".',
+        _size, _ALL, "cgroups.py (memory and memory+swap limits), notices.py (the notebook "
+        "is told)", magnitude=_by_size, example='"4G"',
+    ),
+    Setting(
+        "pids_limit", "int", 512, "Processes and threads the sandbox may have (at least 64).",
+        _count, _ALL, "guest/agent.py (RLIMIT_NPROC of the kernel's user), cgroups.py "
+        "(the host's backstop)", magnitude=_by_number, example="256",
+    ),
+    Setting(
+        "disk_limit", "text", "1G",
+        "Size of the sandbox's writable layer; it is memory, and counts toward "
+        "memory_limit too.",
+        _size, _ALL, "rootfs.py (gVisor's tmpfs), guest/microvm/pid1.py (the VM's tmpfs)",
+        magnitude=_by_size, example='"2G"',
+    ),
+    Setting(
+        "open_files_limit", "int", 4096, "Open files per process in the sandbox (at least 64).",
+        _count, _ALL, "backends/gvisor.py (OCI rlimits), guest/agent.py (RLIMIT_NOFILE)",
+        magnitude=_by_number, example="1024",
+    ),
+    Setting(
+        "network", "choice", "none",
+        "The kernel's network: none (no device at all), egress (only egress_allow, names "
+        "through a DNS responder) or open (anything but the host, other sandboxes, "
+        "link-local/metadata and multicast addresses).",
+        _choice(*NETWORK_MODES), _ALL, "network/sandbox.py (namespace, firewall, DNS)",
+        magnitude=_by_mode, choices=NETWORK_MODES, example='"egress"',
+    ),
+    Setting(
+        "egress_allow", "list", (),
+        'Where an egress kernel may connect: "host", "host:port", "IP", "IP:port", "CIDR" '
+        'or "CIDR:port" (IPv4; TCP and UDP), e.g. ["pypi.org:443", "10.0.0.0/8"]. The '
+        "policy's list bounds it: a kernel may ask for some of those entries, no others.",
+        _destinations, _ALL, "network/sandbox.py (the firewall's sets, the DNS responder)",
+        example='["pypi.org:443", "files.pythonhosted.org:443"]',
+    ),
+    Setting(
+        "network_bandwidth", "text", "",
+        'Cap on the kernel\'s network in each direction, bits per second: "10M", "512k"; '
+        '"" for none.',
+        _bandwidth, _ALL, "network/sandbox.py (tc on the namespace's link)",
+        magnitude=_by_bandwidth, example='"10M"',
+    ),
+    Setting(
+        "env", "table", {},
+        "Extra environment variables for the kernel (the kernelspec's env is passed too).",
+        dict, _SERVER, "provisioner.py (the launch the agent gets)",
+    ),
+    Setting(
+        "env_allowlist", "list",
+        ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME", "IPYKERNEL_CELL_NAME"),
+        "Variables of the server's environment that reach the kernel. No others do. "
+        "IPYKERNEL_CELL_NAME is ipykernel's name for cells in tracebacks (test suites set it "
+        "to compare tracebacks).",
+        _strings, _SERVER, "provisioner.py (the launch the agent gets)",
+    ),
+    Setting(
+        "kernel_uid", "int", None,
+        f"Host uid of a root server's kernels; default: the workspace's owner, else "
+        f"{KERNEL_UID}. Never root. The sandbox service gives each caller's kernel the "
+        "caller's own uid instead.",
+        _uid, frozenset({OPERATOR}), "workspace.py (kernel_owner), backends/*.py",
+        allow_none=True,
+    ),
+    Setting(
+        "policy_file", "text", "",
+        f"The operator's policy (TOML); default: ${POLICY_ENV}. Its ceilings bind every "
+        "bounded setting; a kernelspec may ask for less, never more.",
+        _text, frozenset({OPERATOR}), "policy.py",
+    ),
+    Setting(
+        "startup_timeout", "float", 60.0,
+        "Seconds for the sandbox to come up and start the kernel.",
+        _seconds, _SERVER, "tunnel.py (the agent's launch reply)",
+    ),
+    Setting(
+        "mode", "choice", "auto",
+        "Who makes the sandboxes. in-process: this server (it must be root). service: the "
+        "sandbox service (`jupyter sandbox serve`) on service_socket, for this server's user "
+        "and under the operator's policy; this server's policy_file and kernel_uid are then "
+        "not used. auto: service if this server is not root.",
+        _choice("auto", "in-process", "service"), frozenset({OPERATOR}), "provisioner.py",
+        choices=("auto", "in-process", "service"),
+    ),
+    Setting(
+        "service_socket", "text", "",
+        f"The sandbox service's socket; default: ${SOCKET_ENV}, else {DEFAULT_SOCKET}.",
+        _text, frozenset({OPERATOR}), "service/client.py",
+    ),
+)
+"""The settings of every backend, in the order the reference lists them."""
+
+QUOTAS: tuple[Setting, ...] = (
+    Setting(
+        "max_kernels", "int", None, "Kernels one user may have at once, on this host.",
+        _positive_int, frozenset({POLICY}), "quotas.py (admit, under the user's lock)",
+        magnitude=_by_number, allow_none=True, example="3",
+    ),
+    Setting(
+        "max_memory", "text", None,
+        "The sum of the memory limits of one user's kernels; the user's cgroup is capped "
+        "at it too.",
+        _size, frozenset({POLICY}), "quotas.py, cgroups.py (the user's cgroup)",
+        magnitude=_by_size, allow_none=True, example='"6G"',
+    ),
+    Setting(
+        "kernelspecs", "list", (),
+        "The kernelspecs a user may start; unset: any.",
+        _strings, frozenset({POLICY}), "policy.py (apply)",
+        example='["python3-gvisor"]',
+    ),
+)
+"""What only the policy file sets: per-user quotas and the kernelspecs a user may start."""
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in (*COMMON, *QUOTAS)}
+BOUNDED: tuple[str, ...] = tuple(s.name for s in COMMON if s.bounded)
+"""Settings the policy bounds from above, compared by their `magnitude`."""
+POLICY_KEYS: frozenset[str] = frozenset(
+    {*BOUNDED, "network", "egress_allow", *(s.name for s in QUOTAS)}
+)
+"""What a tier of the policy file may set."""
+ASKABLE: tuple[str, ...] = (*BOUNDED, "egress_allow")
+"""Settings whose asked-for value the policy checks (a kernelspec's, a caller's)."""
+USER_SETTINGS: frozenset[str] = frozenset(s.name for s in COMMON if USER in s.who)
+"""What a caller of the sandbox service may ask for; the policy bounds the limits among them."""
+
+
+def traits(settings: Iterable[Setting]) -> dict[str, TraitType]:
+    """The traits of `settings`, by name, for a provisioner class's namespace."""
+    return {s.name: s.trait() for s in settings}
+
+
+def check(setting: Setting, value: Any) -> Any:
+    """`value` checked by `setting.parse`; ValueError naming the setting and the form."""
+    try:
+        return setting.parse(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid {setting.name}: {e}") from None
+
+
+def default_socket() -> str:
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One row of the configuration reference (docs/configuration.md)."""
+
+    setting: Setting
+    scope: str
+    """"all backends", or the backend's name."""
+    default: str = field(default="")
+
+
+def reference(backend_settings: dict[str, tuple[Setting, ...]]) -> list[Reference]:
+    """The configuration reference's rows: the common settings, each backend's, the
+    policy's. `backend_settings` maps backend name -> its settings (the registry's)."""
+    rows = [Reference(s, "all backends", repr(s.default)) for s in COMMON]
+    for backend, settings in backend_settings.items():
+        rows += [Reference(s, backend, repr(s.default)) for s in settings]
+    rows += [Reference(s, "policy file", "unset") for s in QUOTAS]
+    return rows
