@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
+from typing import Any, NoReturn
 
-from jupyter_core.application import JupyterApp
+from jupyter_core.application import JupyterApp, base_flags
 from traitlets import Bool, Float, Unicode
+from traitlets.config.loader import KVArgParseConfigLoader
 
-from . import cgroups, cleanup, doctor
+from . import __version__, cgroups, cleanup, doctor
 from .errors import SandboxError, SettingError
 from .images import ImageError, build_image
 from .limits import format_size
@@ -19,11 +22,97 @@ from .provisioner import GVisorProvisioner, MicroVMProvisioner
 from .service.server import SandboxService
 from .state import records
 
-__version__ = "0.1.0"
+HANDLED_FIRST = ("--help", "--help-all", "-h", "--version", "-V")
+"""Options traitlets' `Application.parse_command_line` acts on before any loader runs."""
+
+
+class _StrictLoader(KVArgParseConfigLoader):
+    """The command-line loader of every `jupyter sandbox` command: it refuses what the
+    command does not understand, before the command does anything.
+
+    traitlets' loader only warns "Unrecognized alias" for an unknown `--opt value` (and
+    drops it), takes an unknown `--Class.trait=x` silently, fails an unknown `--flag` with
+    a misleading "expected one argument", and keeps any positional argument in
+    `extra_args`, which no command here reads: `image build --from X` rebuilt the default
+    image and exited 0. Here an option must be an alias or flag of the command or
+    `--Class.trait` of one of its configurable classes, and no positional argument is
+    accepted (on a command with subcommands it is an unknown subcommand). A refusal names
+    what was refused and lists what is accepted, on stderr, with argparse's usage-error
+    status 2.
+    """
+
+    def __init__(self, *args: Any, command: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def _parse_args(self, args: list[str]) -> None:
+        options = self._options()
+        listed = [*options, "--<Class>.<trait> (see --help-all)"]
+        for arg in args[: args.index("--")] if "--" in args else args:
+            name = arg.split("=", 1)[0]
+            if _is_option(arg) and name not in options and not self._is_trait(name):
+                self._refuse(f"unknown option {name}", listed)
+        super()._parse_args(args)
+        stray = [*getattr(self.parsed_data, "extra_args", []), *self.extra_args]
+        if stray and self.subcommands:
+            self._refuse(f"unknown subcommand {stray[0]}", list(self.subcommands))
+        if stray:
+            self._refuse(f"unexpected argument {stray[0]!r}", listed)
+
+    def _options(self) -> list[str]:
+        """The command's options as typed: its own aliases and flags, those every command
+        has, then those traitlets handles before any loader runs."""
+        names = [*self.aliases, *(k for k in self.flags if k not in self.aliases)]
+        ours = [f"-{n}" if len(n) == 1 else f"--{n}" for n in names]
+        inherited = {f"--{n}" for n in (*_Sub.aliases, *_Sub.flags)}
+        return sorted(ours, key=lambda o: o in inherited) + list(HANDLED_FIRST)
+
+    def _is_trait(self, name: str) -> bool:
+        """Whether `name` is `--Class.trait` for a configurable trait of the command's
+        classes (the set traitlets' loader built for this parse)."""
+        return name.startswith("--") and name[2:] in self.argparse_traits
+
+    def _refuse(self, what: str, accepted: list[str]) -> NoReturn:
+        self.parser.exit(2, f"{self.command}: {what}; accepted: {', '.join(accepted)}\n")
+
+
+def _is_option(arg: str) -> bool:
+    """Whether argparse takes `arg` for an option rather than a value: a leading dash,
+    not a negative number, no space (argparse's own rule)."""
+    return (
+        len(arg) > 1
+        and arg.startswith("-")
+        and not arg[1].isdigit()
+        and not arg.startswith("-.")
+        and " " not in arg
+    )
 
 
 class _Sub(JupyterApp):
+    """The base of every `jupyter sandbox` command: strict command-line parsing."""
+
     version = __version__
+    flags = {k: v for k, v in base_flags.items() if k not in ("generate-config", "y")}
+    """jupyter_core's flags but `--generate-config` and `-y`: JupyterApp.start acts on
+    them, and these commands' start does not call it."""
+
+    def _create_loader(
+        self, argv: list[str] | None, aliases: Any, flags: Any, classes: Any
+    ) -> KVArgParseConfigLoader:
+        return _StrictLoader(
+            argv,
+            aliases,
+            flags,
+            classes=classes,
+            log=self.log,
+            subcommands=self.subcommands,
+            command=self.name.replace("-", " "),
+        )
+
+    def _find_subcommand(self, name: str) -> str:
+        """No external subcommands: JupyterApp would leave the command line unparsed
+        when a `jupyter-sandbox-<name>` is on PATH, and these commands never run it."""
+        return ""
 
     def out(self, text: str = "") -> None:
         """Command output (the one place this package writes to stdout)."""
@@ -40,6 +129,7 @@ class DoctorApp(_Sub):
         "platform": "DoctorApp.platform",
         "runsc": "DoctorApp.runsc_path",
         "image": "DoctorApp.image",
+        **_Sub.aliases,
     }
 
     def start(self) -> None:
@@ -62,11 +152,14 @@ class ImageBuildApp(_Sub):
     description = "Build the guest image (a Debian root filesystem with Python and ipykernel)."
     image = Unicode("python3", config=True, help="Name of the image.")
     force = Bool(False, config=True, help="Rebuild even if the recipe did not change.")
-    flags = {"force": ({"ImageBuildApp": {"force": True}}, "Rebuild even if up to date.")}
-    aliases = {"name": "ImageBuildApp.image"}
+    flags = {
+        "force": ({"ImageBuildApp": {"force": True}}, "Rebuild even if up to date."),
+        **_Sub.flags,
+    }
+    aliases = {"name": "ImageBuildApp.image", **_Sub.aliases}
 
     def start(self) -> None:
-        self.log.setLevel("INFO")
+        self.log.setLevel(min(self.log.level, logging.INFO))  # its steps are its output
         started = time.monotonic()
         try:
             rootfs = build_image(self.image, force=self.force, log=self.log)
@@ -129,10 +222,13 @@ class GcApp(_Sub):
     name = "jupyter-sandbox-gc"
     description = "Remove sandboxes, bundles and cgroups left behind by servers that died."
     all = Bool(False, config=True, help="Also remove sandboxes of live servers.")
-    flags = {"all": ({"GcApp": {"all": True}}, "Also remove sandboxes of live servers.")}
+    flags = {
+        "all": ({"GcApp": {"all": True}}, "Also remove sandboxes of live servers."),
+        **_Sub.flags,
+    }
 
     def start(self) -> None:
-        self.log.setLevel("INFO")
+        self.log.setLevel(min(self.log.level, logging.INFO))  # what it removed is its output
         reaped = cleanup.collect(self.log, include_live=self.all)
         self.out(f"removed {len(reaped)} sandbox(es)")
 
@@ -148,14 +244,15 @@ class ServeApp(_Sub):
         "socket": "SandboxService.socket_path",
         "policy": "SandboxService.policy_file",
         "grace-period": "SandboxService.grace_period",
-        "log-level": "Application.log_level",
+        **_Sub.aliases,
     }
 
     def start(self) -> None:
         if os.geteuid() != 0:
             self.log.critical("the sandbox service makes sandboxes, and must run as root")
             self.exit(1)
-        self.log.setLevel(min(self.log.level, 20))  # INFO at least: it is a daemon's journal
+        # INFO at least: it is a daemon's journal
+        self.log.setLevel(min(self.log.level, logging.INFO))
         try:
             asyncio.run(SandboxService(parent=self, log=self.log).run())
         except (SettingError, SandboxError) as e:
