@@ -2,6 +2,7 @@
 #   make demo   a sandboxed kernel runs examples/tour.ipynb and prints what it shows
 #   make test   the whole test suite, against the real runsc and the real guest image
 #   make nbclient   nbclient's own test suite (from its PyPI sdist) with python3-gvisor as python3
+#   make docs   the documentation (docs/) into docs/_build/html, warnings as errors
 #   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
 #   make hub    the multi-tenant hub's software in /opt/jupyter-sandbox (deploy/install-hub.sh)
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub browser demo test nbclient bench lint fuzz gc
+.PHONY: setup host venv image hub browser demo test nbclient docs bench lint fuzz gc
 
 setup: host venv image
 
@@ -21,7 +22,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml kernelspecs/python3-gvisor/kernel.json kernelspecs/python3-microvm/kernel.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lab]'
+	$(BIN)/python -m pip install -q -e '.[test,lab,docs]'
 	$(BIN)/jupyter kernelspec install kernelspecs/python3-gvisor --sys-prefix --replace
 	$(BIN)/jupyter kernelspec install kernelspecs/python3-microvm --sys-prefix --replace
 	touch $@
@@ -44,10 +45,15 @@ demo: setup
 test: setup hub browser
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 	$(MAKE) nbclient
+	$(MAKE) docs
 
 # nbclient's own suite, its kernels sandboxed (see the script for the two tests left out).
 nbclient: setup
 	BIN=$(BIN) bash scripts/nbclient-tests.sh
+
+# Sphinx, MyST and the PyData theme (the [docs] extra); any warning fails the build.
+docs: venv
+	$(BIN)/sphinx-build -W --keep-going -n -b html docs docs/_build/html
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -70,5 +70,5 @@ if [[ -d /run/systemd/system ]]; then
     systemctl enable --now jupyter-sandbox.service jupyterhub.service
     log "JupyterHub runs on port 8000; add users with: useradd -m -G jupyterhub-users NAME && passwd NAME"
 else
-    log "no systemd here: start the two services by hand (README, 'Multi-tenant hubs')"
+    log "no systemd here: start the two services by hand (docs/hubs.md, the deployment guide)"
 fi

@@ -1,6 +1,6 @@
 # /etc/jupyterhub/jupyterhub_config.py: a single-host hub for local users, whose kernels
 # run in sandboxes made by the sandbox service (jupyter-sandbox.service) under
-# /etc/jupyter-sandbox/policy.toml. See README, "Multi-tenant hubs".
+# /etc/jupyter-sandbox/policy.toml. See docs/hubs.md.
 c = get_config()  # noqa: F821
 
 PREFIX = "/opt/jupyter-sandbox"

@@ -46,7 +46,7 @@ class Accel:
 
 def tsc_arguments() -> str:
     """The guest kernel's TSC settings under TCG: it hangs at random calibrating the TSC
-    (HOST-NOTES.md), so it is told the rate. QEMU's TCG TSC is the host's own, so that
+    (docs/host-notes.md), so it is told the rate. QEMU's TCG TSC is the host's own, so that
     rate is the host's: any other makes the guest's clock run fast or slow (2 GHz on a
     2.1 GHz host: 5% fast, three minutes an hour)."""
     return f"tsc_early_khz={host_tsc_khz()} tsc=reliable"

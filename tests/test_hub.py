@@ -1,4 +1,4 @@
-"""A real JupyterHub, set up as the README's deployment guide sets it up.
+"""A real JupyterHub, set up as the deployment guide (docs/hubs.md) sets it up.
 
 JupyterHub and configurable-http-proxy from /opt/jupyter-sandbox (deploy/install-hub.sh),
 the guide's own deploy/jupyterhub_config.py (PAM logins, LocalProcessSpawner running each

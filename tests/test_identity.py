@@ -335,7 +335,7 @@ def test_a_hung_hub_gives_no_groups_within_six_seconds(hub, monkeypatch, caplog)
 
 
 def test_groups_are_cached_for_the_ttl_then_asked_again(hub, monkeypatch):
-    assert policy.HUB_GROUPS_TTL == 60  # what the README promises
+    assert policy.HUB_GROUPS_TTL == 60  # what docs/policy.md promises
     run_as_server_of(monkeypatch, hub, "ta1")
     assert "tas" in policy.current_identity(log).groups
     hub.set_groups("ta1", ["graders"])

@@ -1,7 +1,7 @@
 """Snapshots of a booted microVM: how a VM starts in seconds instead of twenty.
 
 Under TCG most of a microVM's start is the guest booting and Python importing
-ipykernel (../shared/HOST-NOTES.md). Every VM of one shape does that alike up to
+ipykernel (docs/host-notes.md). Every VM of one shape does that alike up to
 where its PID 1 waits for the sandbox's own settings (guest/microvm/pid1.py), with
 the warm kernel process already imported (guest/warm_kernel.py). So the first VM
 of a shape is booted to that point and saved with QEMU's migration to a file
