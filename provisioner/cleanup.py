@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import threading
 import time
 
-from . import cgroups, network
-from .backends import gvisor, microvm
-from .backends.gvisor import run_runsc, runsc_root
+from . import backends, cgroups, network
 from .state import Record, records, sandboxes_dir
 
 UNRECORDED_GRACE = 60.0
@@ -26,11 +23,14 @@ _done = False
 
 
 def reap(record: Record, log: logging.Logger) -> None:
-    """Remove everything of a recorded sandbox, whichever backend made it."""
-    if record.backend == "microvm":
-        microvm.reap(record, log)
-    else:
-        gvisor.reap(record, log)
+    """Remove everything of a recorded sandbox, whichever backend made it; a sandbox whose
+    backend is not known (no record, or a backend no longer installed) is reaped by every
+    backend (each `remove_runtime` is harmless for a sandbox it does not know)."""
+    found = backends.BACKENDS.get(record.backend)
+    for backend in [found] if found is not None else backends.registered():
+        backend.remove_runtime(record, log)
+    network.remove(record, log)  # never raises
+    backends.base.forget(record, log)
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
 
 
@@ -39,7 +39,7 @@ def _unrecorded(sandbox_id: str) -> Record:
     return Record(
         sandbox_id=sandbox_id,
         kernel_id="?",
-        backend="gvisor",
+        backend="",  # not known: every backend removes what it may have of it
         cgroup=cgroups.find(sandbox_id),
         netns=names.netns,
         veth=names.veth,
@@ -65,17 +65,10 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
             if folder.name not in known and time.time() - folder.stat().st_mtime > UNRECORDED_GRACE:
                 reap(_unrecorded(folder.name), log)
                 reaped.append(folder.name)
-    runsc = shutil.which("runsc")
-    if runsc and runsc_root().is_dir():
-        for sandbox_id in run_runsc(runsc, "list", "--quiet").stdout.split():
-            # A starting sandbox has its folder before runsc knows it: spare those.
-            if (
-                sandbox_id.startswith("jsb-")
-                and sandbox_id not in known | set(reaped)
-                and not (sandboxes_dir() / sandbox_id).exists()
-            ):
-                reap(_unrecorded(sandbox_id), log)
-                reaped.append(sandbox_id)
+    for backend in backends.registered():
+        for sandbox_id in backend.orphans(known | set(reaped)):
+            reap(_unrecorded(sandbox_id), log)
+            reaped.append(sandbox_id)
     # Network namespaces, links and tables of no recorded sandbox. Listed before the
     # records are read again: a starting sandbox records itself before making any.
     objects = network.host_objects()

@@ -133,7 +133,8 @@ class DoctorApp(_Sub):
     }
 
     def start(self) -> None:
-        checks = doctor.run_checks(self.runsc_path, self.platform, self.image)
+        overrides = {"runsc_path": self.runsc_path, "platform": self.platform}
+        checks = doctor.run_checks(self.image, overrides)
         for check in checks:
             self.out(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
             if not check.ok and check.fix:

@@ -48,19 +48,19 @@ def run(argv: Argv, what: str, *, error: type[Error] = SandboxError, input: str 
     return result.stdout
 
 
-def quietly(argv: Argv, log: logging.Logger, gone: tuple[str, ...] = (),
-            timeout: float = 30) -> bool:  # fmt: skip
+def quietly(argv: Argv, log: logging.Logger, gone: tuple[str, ...] = (), timeout: float = 30,
+            level: int = logging.WARNING) -> bool:  # fmt: skip
     """Run a removal: True if it worked. "Already gone" (any of `gone` in its error output)
-    is fine and not logged; any other failure is logged as a warning. Never raises."""
+    is fine and not logged; any other failure is logged at `level`. Never raises."""
     args = [os.fspath(a) for a in argv]
     try:
         result = subprocess.run(args, capture_output=True, text=True, errors="replace",
                                 stdin=subprocess.DEVNULL, timeout=timeout, check=False)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("%s: %s", " ".join(args), e)
+        log.log(level, "%s: %s", " ".join(args), e)
         return False
     if result.returncode and not any(g in result.stderr for g in gone):
-        log.warning("%s: %s", " ".join(args), _tail(result.stderr))
+        log.log(level, "%s: %s", " ".join(args), _tail(result.stderr or result.stdout))
     return result.returncode == 0
 
 

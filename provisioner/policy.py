@@ -40,27 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .errors import PolicyError
-from .limits import parse_size
-from .network import MODES as NETWORK_MODES
-from .network import parse_bandwidth, parse_destination
+from .network.spec import MODES as NETWORK_MODES
+from .network.spec import parse_bandwidth, parse_destination
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-POLICY_ENV = "JUPYTER_SANDBOX_POLICY"
-SIZES = ("memory_limit", "disk_limit", "max_memory")
-NUMBERS = ("cpu_limit", "pids_limit", "open_files_limit", "max_kernels")
-LIMITS = ("memory_limit", "disk_limit", "cpu_limit", "pids_limit", "open_files_limit",
-          "network_bandwidth")  # fmt: skip
-"""Provisioner settings the policy bounds from above."""
-SETTINGS = (*LIMITS, "network", "egress_allow")
-"""Every provisioner setting the policy governs."""
-QUOTAS = ("max_kernels", "max_memory")
-"""Per user, across all of the user's kernels."""
-KEYS = frozenset((*SETTINGS, *QUOTAS, "kernelspecs"))
+POLICY_ENV = settings.POLICY_ENV
+LISTS = ("kernelspecs", "egress_allow")
+"""The policy's lists: a user's groups add to them (the others: the most generous wins)."""
 
 
 @dataclass(frozen=True)
@@ -134,27 +126,23 @@ def current_identity(log: logging.Logger) -> Identity:
 
 
 def _magnitude(name: str, value: Any) -> float:
-    """How much a setting gives, to compare it with another value of the same setting."""
-    if name == "network":
-        return NETWORK_MODES.index(value)
-    if name == "network_bandwidth":
-        rate = parse_bandwidth(value)
-        return float("inf") if rate is None else rate
-    return parse_size(value) if name in SIZES else float(value)
+    """How much a setting gives, to compare it with another value of the same setting
+    (its declaration's `magnitude`, settings.py)."""
+    return settings.BY_NAME[name].magnitude(value)  # type: ignore[misc]
 
 
 def _check_tier(where: str, tier: Any) -> dict[str, Any]:
     if not isinstance(tier, dict):
         raise PolicyError(f"policy: [{where}] must be a table")
-    unknown = set(tier) - KEYS
+    unknown = set(tier) - settings.POLICY_KEYS
     if unknown:
         raise PolicyError(
             f"policy: unknown setting {', '.join(sorted(unknown))} in [{where}]; "
-            f"known: {', '.join(sorted(KEYS))}"
+            f"known: {', '.join(sorted(settings.POLICY_KEYS))}"
         )
     for name, value in tier.items():
         try:
-            if name in ("kernelspecs", "egress_allow"):
+            if name in LISTS:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError("expected a list of strings")
                 if name == "egress_allow":
@@ -198,7 +186,7 @@ class Policy:
         result = dict(self.default)
         for group in sorted(who.groups & set(self.groups)):
             for name, value in self.groups[group].items():
-                if name in ("kernelspecs", "egress_allow"):
+                if name in LISTS:
                     result[name] = sorted({*result.get(name, []), *value})
                 elif name not in result or _magnitude(name, value) > _magnitude(name, result[name]):
                     result[name] = value
@@ -272,8 +260,8 @@ def apply(
             f"the sandbox policy does not let {who.user} start kernel {kernel_name!r}; "
             f"allowed: {', '.join(allowed) or 'none'}"
         )
-    settings = {}
-    for name in (*LIMITS, "network"):
+    granted: dict[str, Any] = {}
+    for name in settings.BOUNDED:
         if name not in ceilings:
             continue
         ceiling = ceilings[name]
@@ -284,7 +272,7 @@ def apply(
                     f"{who.user}: at most {ceiling!r}"
                 )
         else:
-            settings[name] = ceiling
+            granted[name] = ceiling
     allowed_hosts = ceilings.get("egress_allow")
     if allowed_hosts is not None:
         beyond = sorted(set(asked.get("egress_allow", ())) - set(allowed_hosts))
@@ -294,5 +282,5 @@ def apply(
                 f"{who.user}: at most {', '.join(allowed_hosts) or 'nothing'}"
             )
         if "egress_allow" not in asked:
-            settings["egress_allow"] = allowed_hosts
-    return settings
+            granted["egress_allow"] = allowed_hosts
+    return granted

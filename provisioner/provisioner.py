@@ -1,267 +1,90 @@
-"""Kernel provisioners that start every kernel inside its own sandbox.
+"""The jupyter_client side: kernel provisioners that start every kernel in its own sandbox.
 
-`SandboxProvisioner` holds the lifecycle and the settings every backend shares;
-`GVisorProvisioner` adds what is particular to runsc. Everything that touches a
-sandbox or a tunnel runs on the shared I/O loop (see `ioloop`), so the kernel
-stays reachable whichever loop, if any, the caller runs.
+`SandboxProvisioner` does the jupyter_client lifecycle only: it reserves the
+kernel's ports, asks for a sandbox (`request.make_sandbox` in-process, or the
+sandbox service), starts the tunnel to it and answers poll, signals and
+shutdown. Its settings are traits derived from `settings.py` and the backend's
+declarations; `provisioner_class` makes one provisioner class per backend.
+Everything that touches a sandbox or a tunnel runs on the shared I/O loop (see
+`ioloop`), so the kernel stays reachable whichever loop, if any, the caller runs.
+Errors leave here as tornado HTTP errors (`http_errors`), so JupyterLab shows
+their message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import os
 import signal
 import socket
-import sys
-import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import HasTraits, TraitError, default, validate
 
-from . import cleanup, guest, limits, policy, quotas
-from .accel import choose as choose_accel
-from .backends.base import Mount, Sandbox, SandboxError, SandboxSpec
-from .backends.gvisor import GVisorSandbox, find_runsc
-from .backends.microvm import MicroVMSandbox, find_qemu
+from . import backends, policy, settings
+from .backends.base import Backend, Sandbox
 from .console import Console
-from .errors import Error, SettingError
+from .errors import Error, SandboxError, SettingError
+from .guest.layout import KERNEL_HOME, KERNEL_PATH
 from .guest.protocol import CHANNELS
 from .http_errors import reported
-from .images import find_image
 from .ioloop import in_thread, run_on_io
-from .microvm_image import find_boot_files
-from .network import MODES as NETWORK_MODES
-from .network import NetworkSpec, parse_bandwidth, parse_destination
-from .service.client import DEFAULT_SOCKET, SOCKET_ENV, service_client
+from .limits import parse_size
+from .request import Made, Requester, SandboxRequest, make_sandbox
+from .service.client import service_client
 from .tunnel import Tunnel, TunnelError, reserve
 
-GUEST_HOME = "/home/sandbox"
-GUEST_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
-FALLBACK_UID = 1000
 ENDING_GRACE = 3.0
 """Seconds a sandbox whose kernel exited gets to end by itself once its channel closed."""
-SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
-                "/run", "/sbin", "/sys", "/usr", "/var/lib", "/var/run", "/var/log", "/var/cache",
-                "/var/spool", "/var/tmp")  # fmt: skip
-"""Folders that are never mounted as a kernel's workspace, nor is anything inside them."""
-SYSTEM_DIRS = frozenset({"/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp", "/var"})
-"""Folders never mounted themselves (their subfolders may be)."""
 
 
-def open_folder(path: Path) -> int:
-    """An O_PATH descriptor of folder `path`, opened one name at a time without following
-    any link, so that what is checked (its owner) is what gets mounted: whoever owns a
-    folder on the way could otherwise swap a name for a link meanwhile. OSError if `path`
-    is missing, not absolute and normal, not a folder, or has a link in it."""
-    if not path.is_absolute() or any(part in (".", "..") for part in path.parts):
-        raise OSError(errno.EINVAL, f"not an absolute, normal path: {path}")
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open("/", flags)
+def _check_setting(self: HasTraits, proposal: dict) -> Any:
+    """Every setting's trait validation: its declaration's `parse` (`settings.py`)."""
+    setting = self.declared[proposal["trait"].name]  # type: ignore[attr-defined]
     try:
-        for name in path.parts[1:]:
-            parent, fd = fd, -1
-            try:
-                fd = os.open(name, flags, dir_fd=parent)
-            finally:
-                os.close(parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        raise
-    return fd
+        return settings.check(setting, proposal["value"])
+    except ValueError as e:
+        raise TraitError(str(e)) from None
 
 
-def open_owned_folder(path: Path, uid: int) -> int:
-    """`open_folder(path)`, if `uid` owns it; SandboxError if not (callers resolve their
-    own links first: the provisioner sends a resolved path)."""
-    refused = SandboxError(f"will not mount {path} into a sandbox: it is not a folder you own")
-    try:
-        fd = open_folder(path)
-    except OSError:  # missing, a link, not a folder: the same words whether or not it exists
-        raise refused from None
-    if os.fstat(fd).st_uid != uid:
-        os.close(fd)
-        raise refused
-    return fd
+def _with_settings(name: str, declared: tuple[settings.Setting, ...]) -> type[HasTraits]:
+    """A traits class holding `declared` as configurable traits, each validated by its
+    declaration. Not Configurable itself: config sections stay the provisioners' names."""
+    namespace: dict[str, Any] = settings.traits(declared)
+    # A name of its own: a subclass's validator of the same name would hide this one.
+    namespace[f"_check_{name}"] = validate(*(s.name for s in declared))(_check_setting)
+    return type(name, (HasTraits,), namespace)
 
 
-def server_installation() -> dict[str, Path]:
-    """What of this server's own software a kernel must never be able to write: its Python
-    environment and this package (a `.pth` file or a changed module runs as the server,
-    with its secrets, the next time it starts)."""
-    return {"the server's Python environment": Path(sys.prefix).resolve(),
-            "the server's Python": Path(sys.base_prefix).resolve(),
-            "jupyter-sandbox itself": Path(__file__).resolve().parent,
-            "the guest agent": Path(guest.__file__).resolve().parent}  # fmt: skip
+class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings", settings.COMMON)):  # type: ignore[misc]
+    """The lifecycle every sandbox backend shares; `provisioner_class` makes one per backend."""
 
-
-def close_mounts(mounts: tuple[Mount, ...]) -> None:
-    """Close the descriptors `workspace_mount` opened (once the sandbox holds its folder)."""
-    for mount in mounts:
-        if mount.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(mount.fd)
-
-
-class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Lifecycle and settings shared by every sandbox backend."""
-
-    backend = ""
-    """The backend's name, as the sandbox service knows it."""
-
-    image = Unicode(
-        "python3",
-        config=True,
-        help="Guest image: a name built by `jupyter sandbox image build`, or a rootfs path.",
-    )
-    workspace = Enum(
-        ["rw", "ro", "none"],
-        "rw",
-        config=True,
-        help="How the kernel's working directory is mounted at the same path in the sandbox.",
-    )
-    cpu_limit = Float(1.0, config=True, help="CPU cores the sandbox may use, e.g. 0.5 or 2.")
-    memory_limit = Unicode(
-        "2G", config=True, help='Memory for the whole sandbox, swap counted: "512M", "2G".'
-    )
-    pids_limit = Int(512, config=True, help="Processes and threads the sandbox may have.")
-    disk_limit = Unicode(
-        "1G",
-        config=True,
-        help='Size of the sandbox\'s writable layer ("512M", "2G"); it is memory, and counts '
-        "toward memory_limit too.",
-    )
-    open_files_limit = Int(4096, config=True, help="Open files per process in the sandbox.")
-    env = Dict(
-        value_trait=Unicode(),
-        config=True,
-        help="Extra environment variables for the kernel (the kernelspec's env is passed too).",
-    )
-    env_allowlist = List(
-        Unicode(),
-        ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "JPY_SESSION_NAME", "IPYKERNEL_CELL_NAME"],
-        config=True,
-        help="Variables of the server's environment that reach the kernel. No others do. "
-        "IPYKERNEL_CELL_NAME is ipykernel's name for cells in tracebacks (test suites set it "
-        "to compare tracebacks).",
-    )
-    kernel_uid = Int(
-        None,
-        allow_none=True,
-        config=True,
-        help="Uid of the kernel in the sandbox; default: the workspace's owner, else 1000.",
-    )
-    policy_file = Unicode(
-        "",
-        config=True,
-        help="The operator's policy (TOML); default: $JUPYTER_SANDBOX_POLICY. Its ceilings "
-        "bind every setting above; a kernelspec may ask for less, never more.",
-    )
-    network = Enum(
-        list(NETWORK_MODES),
-        "none",
-        config=True,
-        help="The kernel's network: none (no device at all), egress (only egress_allow, "
-        "names through a DNS responder) or open (anything but the host, other sandboxes, "
-        "link-local/metadata and multicast addresses).",
-    )
-    egress_allow = List(
-        Unicode(),
-        [],
-        config=True,
-        help='Where an egress kernel may connect: "host", "host:port", "IP", "IP:port", '
-        '"CIDR" or "CIDR:port" (IPv4; TCP and UDP), e.g. ["pypi.org:443", "10.0.0.0/8"].',
-    )
-    network_bandwidth = Unicode(
-        "",
-        config=True,
-        help='Cap on the kernel\'s network in each direction, bits per second: "10M", "512k"; '
-        '"" for none.',
-    )
-    startup_timeout = Float(
-        60.0, config=True, help="Seconds for the sandbox to come up and start the kernel."
-    )
-    mode = Enum(
-        ["auto", "in-process", "service"],
-        "auto",
-        config=True,
-        help="Who makes the sandboxes. in-process: this server (it must be root). service: "
-        "the sandbox service (`jupyter sandbox serve`) on service_socket, for this server's "
-        "user and under the operator's policy; this server's policy_file and kernel_uid are "
-        "then not used. auto: service if this server is not root and the socket exists.",
-    )
-    service_socket = Unicode(
-        config=True,
-        help=f"The sandbox service's socket; default: ${SOCKET_ENV}, else {DEFAULT_SOCKET}.",
-    )
+    kind: ClassVar[Backend]
+    """The backend this provisioner's kernels run under."""
+    declared: ClassVar[dict[str, settings.Setting]] = {s.name: s for s in settings.COMMON}
+    """Every setting of this provisioner, by name."""
 
     @default("service_socket")
     def _default_socket(self) -> str:
-        return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-
-    @validate("memory_limit", "disk_limit")
-    def _check_size(self, proposal: dict) -> str:
-        try:
-            limits.parse_size(proposal["value"])
-        except ValueError as e:
-            raise TraitError(f"invalid {proposal['trait'].name}: {e}") from None
-        return proposal["value"]
-
-    @validate("egress_allow")
-    def _check_egress_allow(self, proposal: dict) -> list[str]:
-        for entry in proposal["value"]:
-            try:
-                parse_destination(entry)
-            except ValueError as e:
-                raise TraitError(f"invalid egress_allow entry: {e}") from None
-        return proposal["value"]
-
-    @validate("network_bandwidth")
-    def _check_bandwidth(self, proposal: dict) -> str:
-        try:
-            parse_bandwidth(proposal["value"])
-        except ValueError as e:
-            raise TraitError(f"invalid network_bandwidth: {e}") from None
-        return proposal["value"]
-
-    @validate("cpu_limit")
-    def _check_cpu(self, proposal: dict) -> float:
-        try:
-            return limits.check_cpu(proposal["value"])
-        except ValueError as e:
-            raise TraitError(f"invalid cpu_limit: {e}") from None
-
-    @validate("pids_limit", "open_files_limit")
-    def _check_count(self, proposal: dict) -> int:
-        name, value = proposal["trait"].name, proposal["value"]
-        if value < 64:
-            raise TraitError(f"invalid {name}: expected an integer >= 64, got {value}")
-        return value
-
-    @validate("kernel_uid")
-    def _check_uid(self, proposal: dict) -> int | None:
-        if proposal["value"] is not None and proposal["value"] <= 0:
-            raise TraitError(f"invalid kernel_uid: expected a uid > 0, got {proposal['value']}")
-        return proposal["value"]
+        return settings.default_socket()
 
     _BASE_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
     def __init__(self, **kwargs: Any) -> None:
+        """Refuses (as a 400 in a server) a setting it does not know or a value its
+        declaration does not accept, naming it: a typo in a kernelspec is an error, not
+        a silently ignored limit."""
         unknown = sorted(set(kwargs) - self._BASE_ARGS - set(self.class_trait_names(config=True)))
         if unknown:
             known = ", ".join(sorted(self.class_trait_names(config=True)))
-            raise reported(
-                SettingError(
-                    f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
-                    f"known settings: {known}"
-                )
-            )
+            raise reported(SettingError(
+                f"unknown {type(self).__name__} setting {', '.join(unknown)}; "
+                f"known settings: {known}"
+            ))  # fmt: skip
         try:
             super().__init__(**kwargs)
         except TraitError as e:
@@ -272,12 +95,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if cls.__name__ in self.config
             for name in self.config[cls.__name__]
         }
-        self.asked = {
-            n: getattr(self, n)
-            for n in policy.SETTINGS
-            if self.has_trait(n) and (n in kwargs or n in configured)
-        }
-        """Limits the kernelspec or the server's config asked for (the policy bounds them)."""
+        self.asked = frozenset(n for n in self.declared if n in kwargs or n in configured)
+        """Settings the kernelspec or the server's config asked for (the policy bounds them)."""
         self.sandbox: Sandbox | None = None
         self.tunnel: Tunnel | None = None
         self.stop_reason = ""
@@ -288,41 +107,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """The kernel's ports on the host, bound from pre_launch on (see `tunnel.reserve`)."""
         self.sandbox_id = ""
         self.user = ""
-        """Whose kernel this is (see `policy.current_identity`), set at each launch."""
-        self.quota = quotas.Quota()
+        """Whose kernel this is, set at each launch."""
         self.through_service = False
         """Whether the sandbox service made this kernel's sandbox (see `mode`)."""
 
-    # -- what a backend provides --------------------------------------------
-
-    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        raise NotImplementedError
-
     # -- launch ---------------------------------------------------------------
-
-    @property
-    def limits(self) -> limits.Limits:
-        return limits.Limits(
-            cpu=self.cpu_limit,
-            memory=limits.parse_size(self.memory_limit),
-            pids=self.pids_limit,
-            disk=limits.parse_size(self.disk_limit),
-            open_files=self.open_files_limit,
-        )
-
-    @property
-    def network_spec(self) -> NetworkSpec:
-        """The kernel's network, from the network traits (already validated)."""
-        if self.egress_allow and self.network != "egress":
-            self.log.warning(
-                "egress_allow is set but network = %r: it only applies to network = 'egress'",
-                self.network,
-            )
-        return NetworkSpec(
-            mode=self.network,
-            allow=tuple(parse_destination(entry) for entry in self.egress_allow),
-            bandwidth=parse_bandwidth(self.network_bandwidth),
-        )
 
     def _choose_mode(self) -> None:
         """Decide, once per launch, whether the sandbox service makes the sandbox."""
@@ -330,41 +119,18 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.through_service and not Path(self.service_socket).exists():
             raise SandboxError(
                 f"no sandbox service listens at {self.service_socket}, and this server "
-                "is not root: start the service (`jupyter sandbox serve`, README: "
+                "is not root: start the service (`jupyter sandbox serve`, docs: "
                 "'Multi-tenant hubs'), or run the server as root"
             )
 
-    async def apply_policy(
-        self, who: policy.Identity | None = None, bounds: dict[str, Any] | None = None
-    ) -> None:
-        """Bound the settings and quota by the policy for `who` (default: this server's user).
-
-        `bounds`: ceilings for what the policy leaves out (the sandbox service's own
-        settings: its callers get no more than those).
-        """
-        if who is None:
-            who = await in_thread(policy.current_identity, self.log)
-        self.user, self.quota = who.user, quotas.Quota()
-        path = self.policy_file or os.environ.get(policy.POLICY_ENV, "")
-        if not path:
-            return
-        ceilings = {**(bounds or {}), **policy.policy_file(path, self.log).current().ceilings(who)}
-        kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
-        granted = policy.apply(ceilings, self.asked, kernel_name, who)
-        try:
-            for name, value in granted.items():
-                setattr(self, name, value)
-        except TraitError as e:
-            raise policy.PolicyError(f"sandbox policy {path}: {e}") from None
-        max_memory = ceilings.get("max_memory")
-        self.quota = quotas.Quota(
-            max_kernels=int(ceilings["max_kernels"]) if "max_kernels" in ceilings else None,
-            max_memory=None if max_memory is None else limits.parse_size(max_memory),
-            rule=f"the sandbox policy {path}",
-        )
-        self.log.info("sandbox policy for %s: %s", who.user, self.limits.describe())
-
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Reserve the kernel's ports on the loopback interface and write its connection
+        file; return the kernel's command (`cmd`) and the launch's keyword arguments.
+
+        The ports are bound here and held until the tunnel listens on them, so that no
+        other process can take one meanwhile. Refuses a transport other than tcp or an
+        address other than loopback: the kernel is reachable only through the tunnel.
+        """
         try:
             return await self._pre_launch(**kwargs)
         except Error as e:
@@ -372,8 +138,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         self._choose_mode()
-        if not self.through_service:  # else the service applies it, for the caller it sees
-            await self.apply_policy()
         km = self.parent
         if km.transport != "tcp":
             raise SandboxError(f"sandboxed kernels need transport 'tcp', not {km.transport!r}")
@@ -398,81 +162,31 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
-    def workspace_mount(self, cwd: str | None, caller_uid: int | None = None
-                        ) -> tuple[str, tuple[Mount, ...]]:  # fmt: skip
-        """The kernel's cwd in the guest and its mounts.
-
-        Each mount carries an O_PATH descriptor of its folder and the owner read from it,
-        so that the folder whose owner decides the kernel's ids is the one mounted: the
-        caller closes them (`close_mounts`) once the sandbox started or failed to.
-        `caller_uid`: the sandbox service's caller, who may mount only a folder it owns.
-        """
-        if self.workspace == "none":
-            return GUEST_HOME, ()
-        confined = caller_uid not in (None, 0)
-        path = Path(cwd or Path.cwd())
-        if not confined:  # a caller's path is taken as it is, links refused (open_owned_folder)
-            path = path.resolve()
-        if str(path) in SYSTEM_DIRS or any(path.is_relative_to(tree) for tree in SYSTEM_TREES):
-            raise SandboxError(
-                f"will not mount {path} into a sandbox: it is a system folder. Start the "
-                "kernel from a project folder, or set workspace = 'none'"
-            )
-        read_only = self.workspace == "ro"
-        if not read_only:
-            for what, place in server_installation().items():
-                if place.is_relative_to(path) or path.is_relative_to(place):
-                    raise SandboxError(
-                        f"will not mount {path} writable into a sandbox: it holds {what} "
-                        f"({place}), which a kernel could change to run code as this server."
-                        " Start the kernel from a folder of notebooks, or set workspace = 'ro'"
-                    )
-        if confined:
-            fd = open_owned_folder(path, caller_uid)  # type: ignore[arg-type]
-        else:
-            try:
-                fd = open_folder(path)
-            except OSError:
-                raise SandboxError(
-                    f"the kernel's working directory {path} does not exist"
-                ) from None
-        found = os.fstat(fd)
-        mount = Mount(source=path, destination=str(path), read_only=read_only, fd=fd,
-                      owner=(found.st_uid, found.st_gid))  # fmt: skip
-        return str(path), (mount,)
-
-    def kernel_owner(self, mounts: tuple[Mount, ...]) -> tuple[int, int]:
-        """Host uid and gid of a root caller's kernel: the workspace's owner's, else 1000
-        (or kernel_uid); never 0. The sandbox service gives any other caller's kernel its own.
-
-        A kernel never runs as root: a root-owned workspace (or one whose owner is not
-        `kernel_uid`) is mounted idmapped, its owner's files shown as the kernel's."""
-        uid = gid = FALLBACK_UID
-        for mount in mounts:
-            if mount.owner is not None and mount.owner[0] != 0:
-                uid, gid = mount.owner
-                gid = gid or uid  # a folder of group root: the kernel still gets a group of its own
-        if self.kernel_uid is not None:
-            uid = gid = self.kernel_uid
-        return uid, gid
-
-    def sandbox_spec(self, mounts: tuple[Mount, ...], owner: tuple[int, int]) -> SandboxSpec:
-        """The sandbox of this kernel, with the settings as they are now (policy applied)."""
-        self.sandbox_id = f"jsb-{self.kernel_id}-{uuid.uuid4().hex[:8]}"
-        return SandboxSpec(
-            sandbox_id=self.sandbox_id,
+    def sandbox_request(self, cwd: str) -> SandboxRequest:
+        """What this kernel asks for: its settings as configured (traits), which of them
+        were asked for, and its working directory on the host."""
+        kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
+        return SandboxRequest(
             kernel_id=self.kernel_id,
-            rootfs=find_image(self.image),
-            agent_dir=Path(guest.__file__).parent,
-            limits=self.limits,
-            mounts=mounts,
-            user=self.user,
-            network=self.network_spec,
-            owner=owner,
+            kernel_name=kernel_name,
+            backend=self.kind.name,
+            settings={name: getattr(self, name) for name in self.declared},
+            asked=self.asked,
+            cwd=cwd,
         )
 
+    async def _make(self, request: SandboxRequest) -> Made:
+        """The started sandbox, in-process or by the sandbox service (`mode`)."""
+        if self.through_service:
+            return await run_on_io(service_client(self.service_socket, self.log).create(request))
+        who = Requester(
+            identity=await in_thread(policy.current_identity, self.log),
+            policy_file=self.policy_file or os.environ.get(settings.POLICY_ENV, ""),
+        )
+        return await run_on_io(make_sandbox(request, who, self.log))
+
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
-        guest = {"PATH": GUEST_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
+        guest = {"PATH": KERNEL_PATH, "HOME": KERNEL_HOME, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
         guest.update({name: env[name] for name in self.env_allowlist if name in env})
         guest.update({name: env.get(name, value) for name, value in self.kernel_spec.env.items()})
         guest.update(self.env)
@@ -498,57 +212,40 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         }
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Make the kernel's sandbox, start the kernel in it and the tunnel to it; return
+        the connection info (the ports reserved in `pre_launch`, now the tunnel's).
+
+        The sandbox gets the settings the operator's policy grants (they become this
+        provisioner's settings too). On any failure nothing is left: no sandbox, no
+        port; the error says why (a policy's or quota's refusal, a missing image...).
+        """
         try:
-            return await self._launch(cmd, kwargs)
+            made = await self._make(self.sandbox_request(kwargs.get("cwd") or str(Path.cwd())))
+            for name, value in made.settings.items():
+                if name in self.declared:
+                    setattr(self, name, value)  # what the kernel runs with, from now on
+            self.user, self.sandbox_id = made.sandbox.record.user, made.sandbox.record.sandbox_id
+            self.log.info(
+                "starting kernel %s in %s sandbox %s",
+                self.kernel_id,
+                made.sandbox.backend,
+                self.sandbox_id,
+            )
+            request = self._launch_request(cmd, kwargs.get("env", {}), made.cwd)
+            self.tunnel = await run_on_io(self._start(made, request))
         except BaseException as e:
             self._release_ports()
             if isinstance(e, Error):
                 raise reported(e) from None
             raise
-
-    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
-        cwd, mounts = self.workspace_mount(kwargs.get("cwd"))
-        if self.through_service:  # the service opens the folder itself, as the caller's
-            close_mounts(mounts)
-            mounts = ()
-        try:
-            return await self._launch_in(cwd, mounts, cmd, kwargs)
-        finally:
-            close_mounts(mounts)  # once: a number closed twice may be someone else's by then
-
-    async def _launch_in(self, cwd: str, mounts: tuple[Mount, ...], cmd: list[str],
-                         kwargs: dict[str, Any]) -> KernelConnectionInfo:  # fmt: skip
-        if self.through_service:
-            sandbox = await run_on_io(
-                service_client(self.service_socket, self.log).create(self, cwd)
-            )
-            self.sandbox_id = sandbox.record.sandbox_id
-        else:
-            await in_thread(cleanup.collect_stale_once, self.log)
-            owner = self.kernel_owner(mounts)
-            sandbox = await self.create_sandbox(self.sandbox_spec(mounts, owner))
-            await in_thread(quotas.admit, sandbox.record, self.quota, self.log)
-        self.log.info(
-            "starting kernel %s in %s sandbox %s (%s)",
-            self.kernel_id,
-            sandbox.backend,
-            self.sandbox_id,
-            self.limits.describe(),
-        )
-        try:
-            request = self._launch_request(cmd, kwargs.get("env", {}), cwd)
-            self.tunnel = await run_on_io(self._start(sandbox, request))
-        except BaseException:  # `_start` removes what it started; not if it never ran
-            if self.tunnel is None:
-                with contextlib.suppress(Exception):
-                    await run_on_io(sandbox.destroy())
-            raise
-        self.sandbox = sandbox
+        self.sandbox = made.sandbox
         self.stop_reason = ""
         return self.connection_info
 
-    async def _start(self, sandbox: Sandbox, request: dict) -> Tunnel:
-        """Start the sandbox and its tunnel; on any failure remove all of it. I/O loop only."""
+    async def _start(self, made: Made, request: dict) -> Tunnel:
+        """Start the tunnel to the sandbox and the kernel in it; on any failure remove all
+        of it. I/O loop only."""
+        sandbox, channel = made.sandbox, made.channel
         key = self.connection_info.get("key", b"")
         tunnel = Tunnel(
             self.log,
@@ -562,7 +259,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         console = Console(self.log, sandbox.record.sandbox_id)
         try:
-            channel = await sandbox.start()
             await console.attach(channel.console_fd)
             await tunnel.attach(channel.read_fd, channel.write_fd)
             await tunnel.launch(request, self.startup_timeout)
@@ -725,60 +421,27 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return {
             "memory": None if sandbox is None else sandbox.memory_usage(),
             "cpu_seconds": None if sandbox is None else sandbox.cpu_seconds(),
-            "memory_limit": limits.parse_size(self.memory_limit),
+            "memory_limit": parse_size(self.memory_limit),
             "cpu_limit": self.cpu_limit,
         }
 
 
-class GVisorProvisioner(SandboxProvisioner):
-    """Runs each kernel in its own gVisor (runsc) sandbox."""
-
-    backend = "gvisor"
-
-    runsc_path = Unicode("runsc", config=True, help="The runsc binary (a name on PATH, or a path).")
-    platform = Enum(
-        ["systrap", "ptrace", "kvm"],
-        "systrap",
-        config=True,
-        help="gVisor platform. systrap is fast and needs nothing from the host.",
+def provisioner_class(backend: Backend) -> type[SandboxProvisioner]:
+    """The provisioner of `backend`'s kernels: `SandboxProvisioner` with the backend's own
+    settings as traits too, named `backend.provisioner_class` (its config section)."""
+    base = _with_settings(f"{backend.provisioner_class}Settings", backend.settings)
+    return type(
+        backend.provisioner_class,
+        (base, SandboxProvisioner),  # the backend's declarations first: they may redefine one
+        {
+            "__doc__": f"Runs each kernel in its own sandbox of backend {backend.name!r}: "
+            f"{type(backend).__doc__}",
+            "__module__": __name__,
+            "kind": backend,
+            "declared": {**SandboxProvisioner.declared, **{s.name: s for s in backend.settings}},
+        },
     )
 
-    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        return GVisorSandbox(spec, self.log, find_runsc(self.runsc_path), self.platform)
 
-
-class MicroVMProvisioner(SandboxProvisioner):
-    """Runs each kernel in its own QEMU microVM, with its own guest kernel."""
-
-    backend = "microvm"
-
-    qemu_path = Unicode(
-        "qemu-system-x86_64", config=True, help="The QEMU binary (a name on PATH, or a path)."
-    )
-    accel = Enum(
-        ["auto", "kvm", "tcg"],
-        "auto",
-        config=True,
-        help="auto: KVM where a probe guest boots under it (once per host boot), else TCG. "
-        "`jupyter sandbox doctor` says which and why.",
-    )
-    startup_timeout = Float(
-        120.0, config=True, help="Seconds for the VM to boot and start the kernel."
-    )
-    snapshots = Bool(
-        True,
-        config=True,
-        help="Start VMs without a network device from a snapshot of their shape (made by "
-        "the first VM of each shape) instead of booting them: seconds instead of ~20 under "
-        "TCG. See backends/microvm_snapshot.py for what restored VMs share.",
-    )
-
-    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        if Path(self.image).is_absolute():
-            raise SandboxError(
-                "microVM kernels need a built image name (image = 'python3'), not a rootfs path"
-            )
-        qemu = find_qemu(self.qemu_path)
-        boot = find_boot_files(self.image)
-        chosen = await in_thread(choose_accel, qemu, boot.kernel, self.accel)
-        return MicroVMSandbox(spec, self.log, qemu, boot, chosen, self.snapshots)
+GVisorProvisioner = provisioner_class(backends.get("gvisor"))
+MicroVMProvisioner = provisioner_class(backends.get("microvm"))

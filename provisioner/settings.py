@@ -44,7 +44,7 @@ DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
 POLICY_ENV = "JUPYTER_SANDBOX_POLICY"
 
 
-def _text(value: Any) -> str:
+def text_value(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
@@ -96,13 +96,19 @@ def _destinations(value: Any) -> list[str]:
     return list(value)
 
 
-def _seconds(value: Any) -> float:
+def seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return float(value)
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
@@ -186,7 +192,7 @@ COMMON: tuple[Setting, ...] = (
         "python3",
         "Guest image: a name built by `jupyter sandbox image build`, or a rootfs path "
         "(in-process gVisor kernels only).",
-        _text,
+        text_value,
         _ALL,
         "images.py (find_image), backends/gvisor.py, backends/microvm.py",
     ),
@@ -196,7 +202,7 @@ COMMON: tuple[Setting, ...] = (
         "rw",
         "How the kernel's working directory is mounted at the same path in the sandbox: "
         "rw, ro, or none (the kernel starts in its home).",
-        _choice("rw", "ro", "none"),
+        one_of("rw", "ro", "none"),
         _ALL,
         "workspace.py (the mount), backends/*.py",
         choices=("rw", "ro", "none"),
@@ -263,7 +269,7 @@ COMMON: tuple[Setting, ...] = (
         "The kernel's network: none (no device at all), egress (only egress_allow, names "
         "through a DNS responder) or open (anything but the host, other sandboxes, "
         "link-local/metadata and multicast addresses).",
-        _choice(*NETWORK_MODES),
+        one_of(*NETWORK_MODES),
         _ALL,
         "network/sandbox.py (namespace, firewall, DNS)",
         magnitude=_by_mode,
@@ -332,7 +338,7 @@ COMMON: tuple[Setting, ...] = (
         "",
         f"The operator's policy (TOML); default: ${POLICY_ENV}. Its ceilings bind every "
         "bounded setting; a kernelspec may ask for less, never more.",
-        _text,
+        text_value,
         frozenset({OPERATOR}),
         "policy.py",
     ),
@@ -341,7 +347,7 @@ COMMON: tuple[Setting, ...] = (
         "float",
         60.0,
         "Seconds for the sandbox to come up and start the kernel.",
-        _seconds,
+        seconds,
         _SERVER,
         "tunnel.py (the agent's launch reply)",
     ),
@@ -353,7 +359,7 @@ COMMON: tuple[Setting, ...] = (
         "sandbox service (`jupyter sandbox serve`) on service_socket, for this server's user "
         "and under the operator's policy; this server's policy_file and kernel_uid are then "
         "not used. auto: service if this server is not root.",
-        _choice("auto", "in-process", "service"),
+        one_of("auto", "in-process", "service"),
         frozenset({OPERATOR}),
         "provisioner.py",
         choices=("auto", "in-process", "service"),
@@ -363,7 +369,7 @@ COMMON: tuple[Setting, ...] = (
         "text",
         "",
         f"The sandbox service's socket; default: ${SOCKET_ENV}, else {DEFAULT_SOCKET}.",
-        _text,
+        text_value,
         frozenset({OPERATOR}),
         "service/client.py",
     ),
@@ -457,3 +463,24 @@ def reference(backend_settings: dict[str, tuple[Setting, ...]]) -> list[Referenc
         rows += [Reference(s, backend, repr(s.default)) for s in settings]
     rows += [Reference(s, "policy file", "unset") for s in QUOTAS]
     return rows
+
+
+def from_config(config: Any, sections: Iterable[str],
+                declared: Iterable[Setting]) -> tuple[dict[str, Any], frozenset[str]]:  # fmt: skip
+    """The values of `declared` as a traitlets `config` sets them in `sections` (later
+    sections win, as a subclass's do), else their defaults; and which were set there.
+
+    For the sandbox service, which makes sandboxes without provisioner instances: its
+    config names them as the provisioners' (`c.GVisorProvisioner.memory_limit`).
+    ValueError naming the setting if a configured value is not accepted.
+    """
+    values = {s.name: s.default for s in declared}
+    configured: set[str] = set()
+    for section in sections:
+        if section not in config:
+            continue
+        for s in declared:
+            if s.name in config[section]:
+                values[s.name] = check(s, config[section][s.name])
+                configured.add(s.name)
+    return values, frozenset(configured)

@@ -23,8 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 from provisioner import accel, cgroups, limits
-from provisioner.backends.base import SandboxError
-from provisioner.errors import SettingError
+from provisioner.errors import SandboxError, SettingError
 from provisioner.microvm_image import find_boot_files
 from provisioner.state import records
 

@@ -1347,7 +1347,7 @@ async def test_microvm_reap_removes_its_network(sandbox_host):
         )  # fmt: skip
         assert owner.stdout.strip() == "-1"  # no owner: only root (the backend) may attach
     finally:
-        microvm.reap(record, logging.getLogger("test"))
+        microvm.MICROVM.reap(record, logging.getLogger("test"))
     assert exists(record) == {"netns": False, "veth": False, "table": False}
     assert not leftover_network()
 

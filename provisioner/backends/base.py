@@ -1,22 +1,32 @@
-"""The backend interface: what the provisioner needs from any kind of sandbox."""
+"""The backend interface: what a kind of sandbox provides, and what every kind shares.
+
+`Backend` is one kind (its settings, how to make, reap and check its sandboxes);
+`Sandbox` one sandbox of it; `SandboxSpec` everything a backend needs to make one.
+"""
 
 from __future__ import annotations
 
 import abc
 import asyncio
 import logging
+import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import cgroups, quotas
+from .. import network as network_gc
+from ..checks import Check
 from ..errors import SandboxError
+from ..guest.layout import AGENT_DIR, KERNEL_UID
 from ..idmap import IdMap
 from ..limits import Limits
-from ..network import NetworkSpec
-from ..state import Record
-
-__all__ = ["SandboxError"]
+from ..network import SandboxNetwork
+from ..network.spec import NetworkSpec
+from ..settings import COMMON, Setting
+from ..state import Record, process_start_time
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class SandboxSpec:
     mounts: tuple[Mount, ...] = field(default_factory=tuple)
     user: str = ""
     """Whose sandbox it is: its cgroup sits in the user's, which holds the user's quota."""
-    owner: tuple[int, int] = (1000, 1000)
+    owner: tuple[int, int] = (KERNEL_UID, KERNEL_UID)
     """Host uid and gid the sandbox acts as (the kernel's; the workspace's owner)."""
     network: NetworkSpec = field(default_factory=NetworkSpec)
     """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
@@ -66,7 +76,6 @@ def kernel_user(spec: SandboxSpec) -> str:
     return f"{uid},{gid},{spec.limits.pids or 0},{spec.limits.open_files}"
 
 
-AGENT_DIR = "/opt/jupyter-sandbox"
 AGENT_ARGV = ("/usr/bin/python3", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
 
 
@@ -83,17 +92,25 @@ class Channel:
 
 
 class Sandbox(abc.ABC):
-    """One sandbox. The methods run on the shared I/O loop."""
+    """One sandbox of some backend. The methods run on the shared I/O loop.
 
-    backend: str
+    The base holds what every backend does alike: the record, the network
+    (`open_network`), the host process's bookkeeping (`started`) and the end of a
+    sandbox (`destroy`: the backend's `stop`, a grace period, SIGKILL, then its
+    backend's `reap`). A backend says how to `start` and `kill` its kind.
+    """
 
-    def __init__(self, spec: SandboxSpec, log: logging.Logger) -> None:
+    stop_grace = 5.0
+    """Seconds the host process gets to end after `stop` before it is SIGKILLed."""
+
+    def __init__(self, backend: Backend, spec: SandboxSpec, log: logging.Logger) -> None:
+        self.kind = backend
         self.spec = spec
         self.log = log
         self.record = Record(
             sandbox_id=spec.sandbox_id,
             kernel_id=spec.kernel_id,
-            backend=self.backend,
+            backend=backend.name,
             cgroup=f"{cgroups.user_cgroup(spec.user)}/{spec.sandbox_id}",
             user=spec.user,
             memory=spec.limits.memory or 0,
@@ -101,10 +118,17 @@ class Sandbox(abc.ABC):
         """What the host keeps of the sandbox, saved before anything is made for it."""
         self.process: subprocess.Popen | None = None
         """The host process the sandbox lives in (`runsc run`, QEMU), once started."""
+        self.network: SandboxNetwork | None = None
+        """The sandbox's network namespace, firewall and DNS, if its mode is not none."""
+
+    @property
+    def backend(self) -> str:
+        return self.record.backend
 
     @abc.abstractmethod
     async def start(self) -> Channel:
-        """Create and start the sandbox with the agent as its first process."""
+        """Create and start the sandbox with the agent as its first process. On failure
+        the caller calls `destroy`, which removes whatever was made."""
 
     def poll(self) -> int | None:
         """Exit status once the sandbox has ended, else None. Must be cheap."""
@@ -114,9 +138,44 @@ class Sandbox(abc.ABC):
     async def kill(self) -> None:
         """Stop every process of the sandbox at once."""
 
-    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Ask the sandbox to end, before `destroy` waits `stop_grace` for it: by default
+        `kill`. A backend whose sandbox ends by itself once its channel closes (a VM
+        powering off) does less."""
+        await self.kill()
+
+    async def stopped(self) -> None:  # noqa: B027 (a hook: most backends need nothing here)
+        """Called by `destroy` once the host process has ended, before the reap."""
+
     async def destroy(self) -> None:
-        """Kill if needed and remove everything the sandbox had on the host. Idempotent."""
+        """Stop the sandbox if needed and remove everything it had on the host. Idempotent."""
+        await self.stop()
+        process = self.process
+        if process is not None and not await self.ended(self.stop_grace):
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        await self.stopped()
+        if self.network is not None:
+            self.network.close()
+        await asyncio.to_thread(self.kind.reap, self.record, self.log)
+
+    async def open_network(self, tap: bool = False) -> list[str]:
+        """Make the sandbox's network if its mode asks for one (removing what it made if
+        that fails): the command prefix that runs the sandbox's host process inside it."""
+        self.record.save()
+        if self.spec.network.mode == "none":
+            return []
+        self.network = SandboxNetwork(self.spec.network, self.record, self.log, tap=tap)
+        await self.network.open()
+        return in_namespace(self.network.netns_path)
+
+    def started(self, process: subprocess.Popen) -> None:
+        """Record the sandbox's host process (and its start time: a later process with the
+        same pid is not it), so that `gc` finds it after a crash."""
+        self.process = process
+        self.record.pid = process.pid
+        self.record.pid_start = process_start_time(process.pid)
+        self.record.save()
 
     def memory_usage(self) -> int | None:
         """Bytes of memory charged to the whole sandbox, if known."""
@@ -148,6 +207,76 @@ class Sandbox(abc.ABC):
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
         return cgroups.cpu_seconds(self.record.cgroup)
+
+
+def in_namespace(netns: Path) -> list[str]:
+    """The prefix that runs a command in network namespace `netns`: nsenter, not `ip netns
+    exec` (that remounts /sys, and runsc then cannot find its cgroups); nsenter execs the
+    command, so the process started is the command itself."""
+    return [shutil.which("nsenter") or "nsenter", f"--net={netns}", "--"]
+
+
+def find_binary(path: str, setting: str, hint: str) -> str:
+    """The full path of a backend's binary `path` (a name on PATH, or a path), named by
+    `setting`; SandboxError with `hint` (how to install it) if there is none."""
+    found = shutil.which(path)
+    if found is None:
+        raise SandboxError(f"{Path(path).name} not found ({setting} = {path!r}); {hint}")
+    return found
+
+
+class Backend(abc.ABC):
+    """One kind of sandbox: its settings and how to make, reap and check it.
+
+    A backend is one module under provisioner/backends/ with one instance of a
+    subclass, listed in `provisioner.backends.BACKENDS`; the provisioner, the
+    sandbox service, gc, doctor and the benchmark find it there by name.
+    """
+
+    name: str
+    """As kernelspecs, records and the sandbox service know it: "gvisor"."""
+    provisioner_class: str
+    """The jupyter_client provisioner's class name (the traitlets config section)."""
+    settings: tuple[Setting, ...] = ()
+    """This backend's own settings (its binary, platform...), beside `settings.COMMON`."""
+
+    @property
+    def provisioner_name(self) -> str:
+        """The entry point kernelspecs name (`kernel_provisioner.provisioner_name`)."""
+        return f"{self.name}-provisioner"
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec, settings: Mapping[str, Any],
+                     log: logging.Logger) -> Sandbox:  # fmt: skip
+        """A sandbox of this kind for `spec`, not started yet; `settings` holds the values
+        of this backend's settings (and the common ones). Raises SandboxError if this host
+        or these settings cannot make one (the binary is missing, say)."""
+
+    @abc.abstractmethod
+    def remove_runtime(self, record: Record, log: logging.Logger) -> None:
+        """Remove what the runtime keeps of a sandbox that may have been this backend's
+        (its container state, its host process if it still runs), whoever made it. Must be
+        harmless for a sandbox this backend does not know. Never raises."""
+
+    def orphans(self, known: set[str]) -> list[str]:
+        """Ids of sandboxes the runtime knows that are not in `known` and have no folder:
+        what a crash left that only the runtime remembers (gc reaps them)."""
+        return []
+
+    def checks(self, settings: Mapping[str, Any], image: str) -> list[Check]:
+        """What `jupyter sandbox doctor` checks for this backend, with these settings."""
+        return []
+
+    def reap(self, record: Record, log: logging.Logger) -> None:
+        """Remove everything the host has of an ended sandbox: the runtime's part, its
+        network, its cgroup and folder. Idempotent; never raises."""
+        self.remove_runtime(record, log)
+        network_gc.remove(record, log)
+        forget(record, log)
+
+    def defaults(self) -> dict[str, Any]:
+        """This backend's settings at their defaults, with the common ones."""
+        return {s.name: s.default for s in (*COMMON, *self.settings)}
 
 
 def forget(record: Record, log: logging.Logger) -> None:

@@ -1,4 +1,10 @@
-"""The gVisor backend: one `runsc run` per kernel, the agent's stdio as the channel."""
+"""The gVisor backend: one `runsc run` per kernel, the agent's stdio as the channel.
+
+Settings of its own: `runsc_path` and `platform`. Each sandbox is an OCI bundle
+(`oci_spec`) over its own overlay of the image (`rootfs.py`), in a cgroup made
+here (so the OOM count outlives runsc's), started inside its network namespace
+when it has a network.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,27 @@ import errno
 import json
 import logging
 import os
-import shutil
+import re
 import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from .. import cgroups, network, rootfs
-from ..state import Record, process_start_time, runtime_dir
+from .. import cgroups, hostcmd, rootfs
+from ..checks import INSTALL, Check
+from ..errors import SandboxError
+from ..guest.layout import AGENT_DIR
+from ..settings import KERNELSPEC, OPERATOR, Setting, one_of, text_value
+from ..state import Record, runtime_dir, sandboxes_dir
 from .base import (
     AGENT_ARGV,
-    AGENT_DIR,
+    Backend,
     Channel,
     Mount,
     Sandbox,
-    SandboxError,
     SandboxSpec,
-    forget,
+    find_binary,
     kernel_user,
 )
 
@@ -70,16 +82,6 @@ def no_set_id_bits() -> dict:
 def host_pids_limit(guest_pids: int) -> int:
     """Host tasks for a sandbox whose guest may have `guest_pids` tasks (measured, with margin)."""
     return 2 * guest_pids + 256
-
-
-def find_runsc(path: str) -> str:
-    found = shutil.which(path)
-    if found is None:
-        raise SandboxError(
-            f"runsc not found (runsc_path = {path!r}); run `jupyter sandbox doctor` "
-            "to see how to install it"
-        )
-    return found
 
 
 def runsc_root() -> Path:
@@ -172,33 +174,24 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
 
 
 class GVisorSandbox(Sandbox):
-    backend = "gvisor"
-
-    def __init__(self, spec: SandboxSpec, log, runsc: str, platform: str) -> None:
-        super().__init__(spec, log)
+    def __init__(self, backend: Backend, spec: SandboxSpec, log: logging.Logger, runsc: str,
+                 platform: str) -> None:  # fmt: skip
+        super().__init__(backend, spec, log)
         self.runsc = runsc
         self.platform = platform
-        self.network: network.SandboxNetwork | None = None
 
     async def start(self) -> Channel:
-        self.record.save()
+        prefix = await self.open_network()
         bundle = self.record.directory
         root = await asyncio.to_thread(
             rootfs.mount, self.spec.rootfs, bundle, self.spec.limits.disk
         )
         files: tuple[Mount, ...] = ()
-        prefix: list[str] = []
-        if self.spec.network.mode != "none":
-            self.network = network.SandboxNetwork(self.spec.network, self.record, self.log)
-            await self.network.open()
+        if self.network is not None:
             files = tuple(
                 Mount(source=source, destination=destination, read_only=True)
                 for source, destination in self.network.guest_files(bundle)
             )
-            # nsenter, not `ip netns exec`: that remounts /sys, and runsc then cannot
-            # find the cgroups. nsenter execs runsc, so the process is runsc itself.
-            nsenter = shutil.which("nsenter") or "nsenter"
-            prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
         mounts = [await asyncio.to_thread(self.host_mount, m, bundle) for m in self.spec.mounts]
         spec = dataclasses.replace(self.spec, mounts=tuple(mounts))
         # Made here, not by runsc: runsc removes the cgroups it made as soon as the
@@ -213,7 +206,7 @@ class GVisorSandbox(Sandbox):
         from_guest_r, from_guest_w = os.pipe2(os.O_CLOEXEC)
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         try:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 [
                     *prefix,
                     self.runsc,
@@ -241,9 +234,7 @@ class GVisorSandbox(Sandbox):
         finally:
             for fd in (to_guest_r, from_guest_w, console_w):
                 os.close(fd)
-        self.record.pid = self.process.pid
-        self.record.pid_start = process_start_time(self.process.pid)
-        self.record.save()
+        self.started(process)
         return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
 
     def host_mount(self, mount: Mount, bundle: Path) -> Mount:
@@ -260,50 +251,107 @@ class GVisorSandbox(Sandbox):
 
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:
-            sandbox_id = self.spec.sandbox_id
-            result = await asyncio.to_thread(
-                run_runsc, self.runsc, "kill", "--all", sandbox_id, "KILL"
-            )
-            if result.returncode:  # typically: it ended meanwhile
-                self.log.debug("runsc kill %s: %s", sandbox_id, result.stderr.strip())
-
-    async def destroy(self) -> None:
-        await self.kill()
-        if self.process is not None:
-            for _ in range(100):
-                if self.process.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                self.process.kill()
-                self.process.wait()
-        if self.network is not None:
-            self.network.close()
-        await asyncio.to_thread(reap, self.record, self.log, self.runsc)
+            # It fails typically because the sandbox ended meanwhile: not worth a warning.
+            argv = runsc_command(self.runsc, "kill", "--all", self.spec.sandbox_id, "KILL")
+            await asyncio.to_thread(hostcmd.quietly, argv, self.log, level=logging.DEBUG)
 
 
-def run_runsc(runsc: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run a runsc command against this project's state root, capturing its output."""
-    return subprocess.run(
-        [runsc, f"--root={runsc_root()}", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def runsc_command(runsc: str, *args: str) -> list[str]:
+    """A runsc command against this project's state root."""
+    return [runsc, f"--root={runsc_root()}", *args]
 
 
-def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
-    """Remove a sandbox's container, network, root mount, cgroup and bundle, whoever made it."""
-    runsc = shutil.which(runsc) or runsc
-    if runsc_root().is_dir():
+RUNSC_MIN_DATE = 20240729
+"""The oldest runsc release with the systrap platform and `--overlay2` as used here."""
+
+
+def runsc_version(runsc: str) -> tuple[str, int | None]:
+    """runsc's version line and its release date (YYYYMMDD), if it says one."""
+    try:
+        out = hostcmd.run([runsc, "--version"], "runsc --version")
+    except SandboxError as e:
+        return str(e), None
+    first = out.splitlines()[0] if out else "unknown"
+    match = re.search(r"(20\d{6})", first)
+    return first, int(match.group(1)) if match else None
+
+
+def check_platform(runsc: str, platform: str) -> Check:
+    """Run a trivial sandbox on `platform`: the only proof that it works here."""
+    fix = "choose another platform: c.GVisorProvisioner.platform = 'systrap'"
+    with tempfile.TemporaryDirectory(prefix="jsb-doctor-") as tmp:
+        argv = [runsc, f"--root={tmp}/state", f"--platform={platform}", "--network=none",
+                "do", "--", "/bin/true"]  # fmt: skip
         try:
-            result = run_runsc(runsc, "delete", "--force", record.sandbox_id)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("runsc delete %s: %s", record.sandbox_id, e)
-        else:
-            output = result.stdout + result.stderr
-            if result.returncode and "does not exist" not in output and "not found" not in output:
-                log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
-    network.remove(record, log)  # never raises
-    forget(record, log)
+            hostcmd.run(argv, f"platform {platform}")
+        except SandboxError as e:
+            return Check(f"platform {platform}", False, str(e)[-300:], fix)
+    return Check(f"platform {platform}", True, "a test sandbox ran")
+
+
+class GVisor(Backend):
+    """gVisor: a user-space kernel (the Sentry) between the kernel's code and the host."""
+
+    name = "gvisor"
+    provisioner_class = "GVisorProvisioner"
+    settings = (
+        Setting(
+            name="runsc_path", kind="text", default="runsc",
+            help="The runsc binary (a name on PATH, or a path).",
+            parse=text_value, who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="backends/gvisor.py",
+        ),
+        Setting(
+            name="platform", kind="choice", default="systrap",
+            help="gVisor platform. systrap is fast and needs nothing from the host; kvm "
+            "needs a usable /dev/kvm.",
+            parse=one_of("systrap", "ptrace", "kvm"), who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="backends/gvisor.py (runsc --platform)", choices=("systrap", "ptrace", "kvm"),
+        ),
+    )  # fmt: skip
+
+    async def create(self, spec: SandboxSpec, settings: Mapping[str, Any],
+                     log: logging.Logger) -> Sandbox:  # fmt: skip
+        runsc = find_binary(
+            settings["runsc_path"], "runsc_path", "run `jupyter sandbox doctor` to see how to "
+            "install it"
+        )  # fmt: skip
+        return GVisorSandbox(self, spec, log, runsc, settings["platform"])
+
+    def remove_runtime(self, record: Record, log: logging.Logger) -> None:
+        if runsc_root().is_dir():
+            argv = runsc_command("runsc", "delete", "--force", record.sandbox_id)
+            hostcmd.quietly(argv, log, gone=("does not exist", "not found"))
+
+    def orphans(self, known: set[str]) -> list[str]:
+        if not runsc_root().is_dir():
+            return []
+        try:
+            listed = hostcmd.run(runsc_command("runsc", "list", "--quiet"), "runsc list")
+        except SandboxError:
+            return []
+        # A starting sandbox has its folder before runsc knows it: spare those.
+        return [
+            sandbox_id
+            for sandbox_id in listed.split()
+            if sandbox_id.startswith("jsb-")
+            and sandbox_id not in known
+            and not (sandboxes_dir() / sandbox_id).exists()
+        ]
+
+    def checks(self, settings: Mapping[str, Any], image: str) -> list[Check]:
+        runsc_path, platform = settings["runsc_path"], settings["platform"]
+        try:
+            runsc = find_binary(runsc_path, "runsc_path", INSTALL)
+        except SandboxError:
+            return [Check("runsc", False, f"{runsc_path!r} not found", INSTALL)]
+        version, date = runsc_version(runsc)
+        new_enough = date is not None and date >= RUNSC_MIN_DATE
+        fix = "" if new_enough else f"systrap needs runsc >= {RUNSC_MIN_DATE}; {INSTALL}"
+        checks = [Check("runsc", new_enough, f"{runsc}: {version}", fix)]
+        if os.geteuid() == 0:
+            checks.append(check_platform(runsc, platform))
+        return checks
+
+
+GVISOR = GVisor()

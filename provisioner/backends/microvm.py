@@ -31,27 +31,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import cgroups, network
-from ..accel import Accel, kvm_group, tsc_arguments
+from ..accel import Accel, choose, kvm_group, tsc_arguments
+from ..checks import INSTALL, Check
+from ..errors import ImageError, SandboxError
 from ..idmap import mapped_tree
-from ..microvm_image import BootFiles
+from ..ioloop import in_thread
+from ..microvm_image import BootFiles, find_boot_files
+from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, seconds, text_value
 from ..state import Record, process_start_time
 from . import microvm_snapshot
-from .base import Channel, Mount, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
+from .base import Backend, Channel, Mount, Sandbox, SandboxSpec, find_binary, kernel_user
 
 PORT = "org.jupyter.sandbox"
 """Names of the virtio-serial ports: PORT.in (to the guest), PORT.out, PORT.config."""
@@ -64,20 +69,10 @@ HOST_TASKS = 64
 POWER_OFF_GRACE = 3.0
 """Seconds a VM whose channel closed gets to power itself off before it is killed."""
 QEMU_FAILED = 1
+"""QEMU's exit status for its own errors (a guest that powers off gives 0)."""
 WARM_PYTHON = "/opt/venv/bin/python"
 """The warm kernel process's Python: the python3-microvm kernelspec's, as it names it
 (its sys.executable is then the same as a fresh kernel's)."""
-"""QEMU's exit status for its own errors (a guest that powers off gives 0)."""
-
-
-def find_qemu(path: str) -> str:
-    found = shutil.which(path)
-    if found is None:
-        raise SandboxError(
-            f"QEMU not found (qemu_path = {path!r}); run `make setup` or "
-            "`apt-get install qemu-system-x86`, and `jupyter sandbox doctor`"
-        )
-    return found
 
 
 def guest_mac(sandbox_id: str) -> str:
@@ -214,13 +209,15 @@ def qemu_groups(argv: list[str]) -> list[str]:
 class MicroVMSandbox(Sandbox):
     backend = "microvm"
 
-    def __init__(self, spec: SandboxSpec, log: logging.Logger, qemu: str, boot: BootFiles,
-                 accel: Accel, use_snapshots: bool = True) -> None:  # fmt: skip
-        super().__init__(spec, log)
+    stop_grace = POWER_OFF_GRACE
+    """The agent powers the VM off once its channel closes: it gets a moment to."""
+
+    def __init__(self, backend: Backend, spec: SandboxSpec, log: logging.Logger, qemu: str,
+                 boot: BootFiles, accel: Accel, use_snapshots: bool = True) -> None:  # fmt: skip
+        super().__init__(backend, spec, log)
         self.qemu = qemu
         self.boot = boot
         self.accel = accel
-        self.network: network.SandboxNetwork | None = None
         self.use_snapshots = use_snapshots
         self.shape = ""
         """The key of this VM's shape's snapshot (microvm_snapshot.shape_key)."""
@@ -228,17 +225,8 @@ class MicroVMSandbox(Sandbox):
         self.settings_task: asyncio.Task | None = None
 
     async def start(self) -> Channel:
-        self.record.save()
         uid, gid = self.spec.owner
-        prefix: list[str] = []
-        if self.spec.network.mode != "none":
-            self.network = network.SandboxNetwork(
-                self.spec.network, self.record, self.log, tap=True
-            )
-            await self.network.open()  # removes what it made if it fails
-            # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
-            nsenter = shutil.which("nsenter") or "nsenter"
-            prefix = [nsenter, f"--net={self.network.netns_path}", "--"]
+        prefix = await self.open_network(tap=True)
         limits = self.spec.limits
         memory = None if limits.memory is None else limits.memory + QEMU_OVERHEAD
         procs = await asyncio.to_thread(
@@ -282,7 +270,7 @@ class MicroVMSandbox(Sandbox):
             pass_fds += (snapshot,)
             self.log.info("sandbox %s starts from the snapshot of its shape", self.spec.sandbox_id)
         try:
-            self.process = spawn(
+            process = spawn(
                 argv, uid, gid, procs=procs, prefix=prefix, pass_fds=pass_fds, stdout=console_w
             )
         except BaseException:  # e.g. no QEMU, or no /dev/kvm it may open (qemu_groups)
@@ -295,9 +283,7 @@ class MicroVMSandbox(Sandbox):
                 end.close()
             os.close(console_w)
         self.restored = snapshot is not None
-        self.record.pid = self.process.pid
-        self.record.pid_start = process_start_time(self.process.pid)
-        self.record.save()
+        self.started(process)
         settings.setblocking(False)
         self.settings_task = asyncio.create_task(
             serve_settings(settings, guest_settings(self.spec))
@@ -357,25 +343,17 @@ class MicroVMSandbox(Sandbox):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
-    async def destroy(self) -> None:
+    async def stop(self) -> None:
+        """Nothing to ask: the agent powers the VM off once its channel closes (`destroy`
+        waits `stop_grace` for that). The guest's settings are no longer served."""
         if self.settings_task is not None:
             self.settings_task.cancel()
+
+    async def stopped(self) -> None:
         process = self.process
-        if process is not None:
-            # The agent powers the VM off once its channel closes: give it a moment.
-            for _ in range(int(POWER_OFF_GRACE / 0.05)):
-                if process.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                process.kill()
-                await asyncio.to_thread(process.wait)
         if self.restored and process is not None and process.returncode == QEMU_FAILED:
             # QEMU itself failed, most likely to load the snapshot: make it again
             await asyncio.to_thread(microvm_snapshot.forget, self.boot, self.shape, self.log)
-        if self.network is not None:
-            self.network.close()
-        await asyncio.to_thread(reap, self.record, self.log)
 
 
 def close_made_fd(made: asyncio.Future) -> None:
@@ -384,15 +362,116 @@ def close_made_fd(made: asyncio.Future) -> None:
         os.close(made.result())
 
 
-def reap(record: Record, log: logging.Logger) -> None:
-    """Stop a microVM sandbox's QEMU if it still runs, and remove what it had on the host
-    (its network too, whoever made it)."""
-    pid = record.pid
-    if record.process_alive():  # not a later process's pid
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while process_start_time(pid) == record.pid_start and time.monotonic() < deadline:
-            time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
-    network.remove(record, log)  # never raises; the tap and bridge go with the namespace
-    forget(record, log)
+class MicroVM(Backend):
+    """QEMU microVMs: a guest kernel of the sandbox's own, under KVM where it works, else TCG."""
+
+    name = "microvm"
+    provisioner_class = "MicroVMProvisioner"
+    settings = (
+        Setting(
+            name="qemu_path", kind="text", default="qemu-system-x86_64",
+            help="The QEMU binary (a name on PATH, or a path).",
+            parse=text_value, who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="backends/microvm.py",
+        ),
+        Setting(
+            name="accel", kind="choice", default="auto",
+            help="auto: KVM where a probe guest boots under it (once per host boot), else "
+            "TCG. `jupyter sandbox doctor` says which and why.",
+            parse=one_of("auto", "kvm", "tcg"), who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="accel.py (the probe), backends/microvm.py", choices=("auto", "kvm", "tcg"),
+        ),
+        Setting(
+            name="startup_timeout", kind="float", default=120.0,
+            help="Seconds for the VM to boot and start the kernel.",
+            parse=seconds, who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="tunnel.py (the agent's launch reply)",
+        ),
+        Setting(
+            name="snapshots", kind="flag", default=True,
+            help="Start VMs without a network device from a snapshot of their shape (made by "
+            "the first VM of each shape) instead of booting them: seconds instead of ~20 under "
+            "TCG. See backends/microvm_snapshot.py for what restored VMs share.",
+            parse=flag, who=frozenset({OPERATOR, KERNELSPEC}),
+            enforced="backends/microvm_snapshot.py",
+        ),
+    )  # fmt: skip
+
+    async def create(self, spec: SandboxSpec, settings: Mapping[str, Any],
+                     log: logging.Logger) -> Sandbox:  # fmt: skip
+        if Path(settings["image"]).is_absolute():
+            raise SandboxError(
+                "microVM kernels need a built image name (image = 'python3'), not a rootfs path"
+            )
+        hint = "run `make setup` or `apt-get install qemu-system-x86`, and `jupyter sandbox doctor`"
+        qemu = find_binary(settings["qemu_path"], "qemu_path", hint)
+        boot = find_boot_files(settings["image"])
+        chosen = await in_thread(choose, qemu, boot.kernel, settings["accel"])
+        return MicroVMSandbox(self, spec, log, qemu, boot, chosen, settings["snapshots"])
+
+    def remove_runtime(self, record: Record, log: logging.Logger) -> None:
+        """Stop the VM's QEMU if it still runs (not a later process with its pid)."""
+        pid = record.pid
+        if record.process_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while process_start_time(pid) == record.pid_start and time.monotonic() < deadline:
+                time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
+
+    def checks(self, settings: Mapping[str, Any], image: str) -> list[Check]:
+        """QEMU, the tap devices, the boot files, and which accelerator VMs get (probed
+        once per host boot), and the saved snapshots."""
+        try:
+            qemu = find_binary(settings["qemu_path"], "qemu_path", INSTALL)
+        except SandboxError:
+            return [Check("microVM: qemu", False, f"{settings['qemu_path']!r} not found",
+                          INSTALL)]  # fmt: skip
+        checks = [Check("microVM: qemu", True, qemu), check_tun()]
+        try:
+            boot = find_boot_files(image)
+        except ImageError as e:
+            return [*checks, Check("microVM: boot files", False, str(e), "run `make setup`")]
+        checks.append(Check("microVM: boot files", True, f"{boot.kernel.parent}"))
+        chosen = choose(qemu, boot.kernel)
+        checks.append(Check("microVM: accelerator", True,
+                            f"{chosen.name.upper()}: {chosen.reason}"))  # fmt: skip
+        saved = sorted(microvm_snapshot.snapshot_dir(boot).glob("*.vmstate"))
+        size = sum(p.stat().st_size for p in saved) >> 20
+        checks.append(Check("microVM: snapshots", True,
+                            f"{len(saved)} VM shapes saved ({size} MiB) in "
+                            f"{microvm_snapshot.snapshot_dir(boot)}; the first VM of a shape "
+                            "makes it"))  # fmt: skip
+        return checks
+
+
+_TUNGETFEATURES = 0x800454CF
+
+
+def check_tun() -> Check:
+    """A microVM with a network gets a tap device that this process, as root, attaches to
+    for QEMU (`network.open_tap`): /dev/net/tun must be a working tun driver that it can
+    open and that can make taps as attached. Its mode does not matter (QEMU never opens it)."""
+    name, tun = "microVM: tap devices", network.TUN_DEVICE
+    needed = "(needed for network = 'egress' or 'open')"
+    try:
+        fd = os.open(tun, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Check(name, False, f"{tun} does not exist {needed}",
+                     "modprobe tun (or run the server where /dev/net/tun exists)")  # fmt: skip
+    except OSError as e:
+        return Check(name, False, f"cannot open {tun}: {e} {needed}",
+                     "run the Jupyter server (or the sandbox service) as root")  # fmt: skip
+    try:
+        features = struct.unpack("I", fcntl.ioctl(fd, _TUNGETFEATURES, bytes(4)))[0]
+    except OSError as e:
+        return Check(name, False, f"{tun} is no tun driver: {e} {needed}", "modprobe tun")
+    finally:
+        os.close(fd)
+    if features & network.TAP_FLAGS != network.TAP_FLAGS:
+        return Check(name, False, f"{tun} cannot make taps with virtio-net headers "
+                     f"(features {features:#x}) {needed}", "a Linux kernel with tun")  # fmt: skip
+    return Check(name, True, f"{tun} opens as uid {os.geteuid()}; QEMU gets an attached tap")
+
+
+MICROVM = MicroVM()

@@ -14,18 +14,15 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..backends.base import Channel, Sandbox
 from ..errors import KINDS, SandboxError, ServiceError
+from ..request import Made, SandboxRequest
+from ..settings import USER_SETTINGS
 from ..state import Record
 from .wire import Connection, WireError, close_fds
 
-if TYPE_CHECKING:
-    from ..provisioner import SandboxProvisioner
-
-SOCKET_ENV = "JUPYTER_SANDBOX_SOCKET"
-DEFAULT_SOCKET = "/run/jupyter-sandbox/service.sock"
 RECONNECT_INTERVAL = 0.5
 CALL_TIMEOUT = 120.0
 """Seconds the service may take to answer (a create starts a sandbox)."""
@@ -38,21 +35,17 @@ class RemoteSandbox(Sandbox):
     lets anyone read them); the exit status comes from the service's events.
     """
 
-    def __init__(self, client: ServiceClient, record: Record, channel: Channel,
-                 log: logging.Logger) -> None:  # fmt: skip
+    def __init__(self, client: ServiceClient, record: Record, log: logging.Logger) -> None:
         self.client = client
         self.record = record
-        self.backend = record.backend
         self.log = log
         self.process = None
+        self.network = None
         self.status: int | None = None
-        self._channel: Channel | None = channel
 
     async def start(self) -> Channel:
-        channel, self._channel = self._channel, None
-        if channel is None:
-            raise SandboxError(f"sandbox {self.record.sandbox_id} was started already")
-        return channel
+        """The service started it: `ServiceClient.create` hands its channel on (`Made`)."""
+        raise SandboxError(f"sandbox {self.record.sandbox_id} was started by the service")
 
     def poll(self) -> int | None:
         return self.status
@@ -62,9 +55,6 @@ class RemoteSandbox(Sandbox):
             await self.client.call("kill", sandbox_id=self.record.sandbox_id)
 
     async def destroy(self) -> None:
-        if self._channel is not None:  # never started: its channel was never handed on
-            channel, self._channel = self._channel, None
-            close_fds([channel.read_fd, channel.write_fd, channel.console_fd])
         try:
             await self.client.call("destroy", sandbox_id=self.record.sandbox_id)
         finally:
@@ -210,40 +200,54 @@ class ServiceClient:
         attached = len(reply.get("attached", {}))
         self.log.info("attached %d sandboxes to the sandbox service", attached)
 
-    async def create(self, prov: SandboxProvisioner, cwd: str) -> RemoteSandbox:
-        """Have the service make `prov`'s sandbox; `prov` takes the settings it was granted."""
-        request: dict[str, Any] = {
-            "kernel_id": prov.kernel_id,
-            "kernel_name": getattr(prov.parent, "kernel_name", "") or prov.kernel_spec.name,
-            "settings": {**prov.asked, "image": prov.image, "workspace": prov.workspace},
-            "cwd": cwd,
+    async def create(self, request: SandboxRequest) -> Made:
+        """Have the service make and start the sandbox of `request`, for this process's user
+        as the service sees it and under the operator's policy; the settings in the answer
+        are those granted. Only the settings a user may ask for are sent (`USER_SETTINGS`):
+        of those, the ones asked for, and the image and workspace."""
+        sent = {name for name in request.asked if name in USER_SETTINGS} | {"image", "workspace"}
+        fields: dict[str, Any] = {
+            "kernel_id": request.kernel_id,
+            "kernel_name": request.kernel_name,
+            "settings": {name: request.settings[name] for name in sorted(sent)},
+            "cwd": request.cwd,
         }
         token = os.environ.get("JUPYTERHUB_API_TOKEN")
         if token and os.environ.get("JUPYTERHUB_USER"):
-            request["hub_token"] = token  # the service asks its own Hub who this token is
-        reply, fds = await self.call("create", **request)
+            fields["hub_token"] = token  # the service asks its own Hub who this token is
+        reply, fds = await self.call("create", **fields)
         try:
             read_fd, write_fd, console_fd = fds
         except ValueError:
             close_fds(fds)
             raise ServiceError(f"the sandbox service sent {len(fds)} descriptors, not 3") from None
-        record = Record(
-            sandbox_id=str(reply["sandbox_id"]),
-            kernel_id=prov.kernel_id,
-            backend=str(reply["backend"]),
-            cgroup=str(reply["cgroup"]),
-            user=str(reply["user"]),
-        )
-        sandbox = RemoteSandbox(self, record, Channel(read_fd, write_fd, console_fd), self.log)
-        self.sandboxes[record.sandbox_id] = sandbox
         try:
-            for name, value in reply["settings"].items():
-                setattr(prov, name, value)
-        except Exception:
-            await sandbox.destroy()
-            raise
-        prov.user = record.user
-        return sandbox
+            record = Record(
+                sandbox_id=str(reply["sandbox_id"]),
+                kernel_id=request.kernel_id,
+                backend=str(reply["backend"]),
+                cgroup=str(reply["cgroup"]),
+                user=str(reply["user"]),
+            )
+            granted = reply["settings"]
+            cwd = reply["cwd"]
+            if (
+                not isinstance(granted, dict)
+                or not set(granted) <= USER_SETTINGS
+                or (not isinstance(cwd, str))
+            ):
+                raise TypeError("settings or cwd")
+        except (KeyError, TypeError) as e:
+            close_fds(fds)
+            raise ServiceError(f"the sandbox service's answer lacks {e}") from None
+        sandbox = RemoteSandbox(self, record, self.log)
+        self.sandboxes[record.sandbox_id] = sandbox
+        return Made(
+            sandbox=sandbox,
+            channel=Channel(read_fd, write_fd, console_fd),
+            settings={**request.settings, **granted},
+            cwd=cwd,
+        )
 
 
 _clients: dict[str, ServiceClient] = {}

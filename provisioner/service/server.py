@@ -31,25 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from traitlets import Float, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .. import cleanup, policy, quotas
-from ..backends.base import Sandbox
+from .. import backends, cleanup, policy, settings
+from ..backends.base import Backend, Sandbox
 from ..errors import RequestError, SandboxError, SettingError, kind_of
 from ..network import SandboxNetwork
-from ..provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
+from ..request import Requester, SandboxRequest, make_sandbox
+from ..settings import DEFAULT_SOCKET, SOCKET_ENV, USER_SETTINGS
 from ..state import Record, process_start_time, records
-from .client import DEFAULT_SOCKET, SOCKET_ENV
 from .wire import Connection, WireError, close_fds
 
-BACKENDS: dict[str, type[SandboxProvisioner]] = {
-    "gvisor": GVisorProvisioner,
-    "microvm": MicroVMProvisioner,
-}
-CALLER_SETTINGS = frozenset({*policy.SETTINGS, "image", "workspace"})
-"""What a caller may ask for; the policy bounds the limits among them."""
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_ATTACH = 256
 """Sandbox ids in one attach: its reply stays well within a message."""
@@ -142,9 +136,9 @@ def check_request(request: dict[str, Any]) -> tuple[int, str]:
         _text(request, "kernel_id", _NAME, 128)
         _text(request, "kernel_name", _NAME, 255)
         settings = request.get("settings")
-        if not isinstance(settings, dict) or not set(settings) <= CALLER_SETTINGS:
+        if not isinstance(settings, dict) or not set(settings) <= USER_SETTINGS:
             raise RequestError(
-                f"settings: expected a table of some of {', '.join(sorted(CALLER_SETTINGS))}"
+                f"settings: expected a table of some of {', '.join(sorted(USER_SETTINGS))}"
             )
         if not _text(request, "cwd").startswith("/"):
             raise RequestError("cwd: expected an absolute path")
@@ -435,67 +429,70 @@ class SandboxService(LoggingConfigurable):
 
     # -- operations: each returns the reply's fields and the descriptors it carries ---
 
-    def _kernelspec(self, name: str) -> tuple[KernelSpec, type[SandboxProvisioner]]:
-        """The service's own kernelspec `name` and its backend: a caller names one, and the
+    def _kernelspec(self, name: str) -> tuple[Backend, dict[str, Any], frozenset[str]]:
+        """The backend of the service's own kernelspec `name`, and the settings it and the
+        service's config give (and which they set): a caller names a kernelspec, and the
         policy's `kernelspecs` mean what the operator installed under that name."""
         try:
             spec = KernelSpecManager(parent=self).get_kernel_spec(name)
         except NoSuchKernel:
             raise RequestError(f"no kernelspec {name!r} is installed for the service") from None
-        spec.name = name  # what the policy's `kernelspecs` name (a spec read from disk has none)
-        provisioner = spec.metadata.get("kernel_provisioner", {}).get("provisioner_name")
-        for cls in BACKENDS.values():
-            if provisioner == f"{cls.backend}-provisioner":
-                return spec, cls
-        raise RequestError(f"kernelspec {name!r} is not a sandboxed one")
+        provisioner = spec.metadata.get("kernel_provisioner", {})
+        backend = backends.for_provisioner(provisioner.get("provisioner_name"))
+        if backend is None:
+            raise RequestError(f"kernelspec {name!r} is not a sandboxed one")
+        declared = {s.name: s for s in (*settings.COMMON, *backend.settings)}
+        sections = ("SandboxProvisioner", backend.provisioner_class)
+        in_spec = provisioner.get("config") or {}
+        try:
+            values, configured = settings.from_config(self.config, sections, declared.values())
+            for setting, value in in_spec.items():
+                values[setting] = settings.check(declared[setting], value)
+        except KeyError as e:
+            raise SettingError(f"the service's kernelspec {name!r}: unknown setting {e}") from None
+        except ValueError as e:
+            raise SettingError(f"the service's kernelspec {name!r}: {e}") from None
+        return backend, values, configured | set(in_spec)
 
     async def op_create(self, caller: Caller, request: dict) -> tuple[dict, tuple[int, ...]]:
         peer = caller.peer
-        settings = dict(request["settings"])
-        if "/" in str(settings.get("image", "")):
+        asked = dict(request["settings"])
+        if "/" in str(asked.get("image", "")):
             raise SettingError("through the sandbox service, image is a built image's name")
-        kernel_spec, cls = await asyncio.to_thread(self._kernelspec, request["kernel_name"])
-        made = {"kernel_id": request["kernel_id"], "kernel_spec": kernel_spec,
-                "config": self.config, "log": self.log}  # fmt: skip
-        prov = cls(**made, **settings)
-        prov.policy_file = self.policy_file  # never the caller's
-        defaults = cls(**made)  # the service's own settings bound what the policy leaves out
-        bounds = {name: getattr(defaults, name) for name in (*policy.LIMITS, "network")}
+        try:
+            asked = {name: settings.check(settings.BY_NAME[name], v) for name, v in asked.items()}
+        except ValueError as e:
+            raise SettingError(str(e)) from None
+        backend, own, configured = await asyncio.to_thread(self._kernelspec, request["kernel_name"])
         hub = None
         if self.hub_api_url and "hub_token" in request:
             hub = (self.hub_api_url, request["hub_token"])
-        who = await asyncio.to_thread(policy.identity_of, peer.user, self.log, hub)
-        await prov.apply_policy(who, bounds)
-        _, mounts = await asyncio.to_thread(prov.workspace_mount, request["cwd"], peer.uid)
-        try:
-            owner = (peer.uid, peer.gid) if peer.uid else prov.kernel_owner(mounts)
-            sandbox = await prov.create_sandbox(prov.sandbox_spec(mounts, owner))
-            sandbox.record.uid = peer.uid
-            await asyncio.to_thread(quotas.admit, sandbox.record, prov.quota, self.log)
-            try:
-                channel = await sandbox.start()
-            except BaseException:
-                await sandbox.destroy()
-                raise
-        finally:
-            close_fds([m.fd for m in mounts if m.fd is not None])
+        identity = await asyncio.to_thread(policy.identity_of, peer.user, self.log, hub)
+        wanted = SandboxRequest(
+            kernel_id=request["kernel_id"],
+            kernel_name=request["kernel_name"],
+            backend=backend.name,
+            settings={**own, **asked},
+            asked=configured | set(asked),
+            cwd=request["cwd"],
+        )
+        # The service's own settings bound what the policy leaves out: its callers get no
+        # more than those.
+        bounds = {name: own[name] for name in settings.BOUNDED}
+        who = Requester(identity, peer.uid, peer.gid, self.policy_file, bounds)
+        made = await make_sandbox(wanted, who, self.log)
+        sandbox, channel = made.sandbox, made.channel
         sandbox_id = sandbox.record.sandbox_id
         # Known from now on, not while it starts: nothing else may destroy it meanwhile.
         self.sandboxes[sandbox_id] = Held(sandbox, peer.uid, None if caller.closed else caller)
-        self.log.info(
-            "sandbox %s for %s (uid %d, pid %d): %s",
-            sandbox_id,
-            peer.user,
-            peer.uid,
-            peer.pid,
-            prov.limits.describe(),
-        )
+        self.log.info("sandbox %s is uid %d's (pid %d)", sandbox_id, peer.uid, peer.pid)
         reply = {
             "sandbox_id": sandbox_id,
             "backend": sandbox.backend,
             "user": peer.user,
             "cgroup": sandbox.record.cgroup,
-            "settings": {name: getattr(prov, name) for name in CALLER_SETTINGS},
+            "cwd": made.cwd,
+            "settings": {name: made.settings[name] for name in USER_SETTINGS},
         }
         return reply, (channel.read_fd, channel.write_fd, channel.console_fd)
 

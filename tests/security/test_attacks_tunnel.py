@@ -46,9 +46,9 @@ from jupyter_client.manager import KernelManager
 from provisioner.guest.protocol import CHANNELS, WINDOW
 from security.kit import HOST_BOOT_ID, PRELUDE, Target
 
-from provisioner.backends.base import Sandbox, SandboxSpec
 from provisioner.errors import SandboxError
 from provisioner.provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
+from provisioner.request import SandboxRequest
 
 MAX_RSS_GROWTH = 64 << 20
 """How much the host process may grow while a hostile sandbox does its worst."""
@@ -449,9 +449,9 @@ class _HostileAgent:
 
     agent_dir: Path
 
-    async def create_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        spec = dataclasses.replace(spec, agent_dir=self.agent_dir)
-        return await super().create_sandbox(spec)  # type: ignore[misc]
+    def sandbox_request(self, cwd: str) -> SandboxRequest:
+        request = super().sandbox_request(cwd)  # type: ignore[misc]
+        return dataclasses.replace(request, agent_dir=self.agent_dir)
 
 
 class HostileGVisor(_HostileAgent, GVisorProvisioner):
