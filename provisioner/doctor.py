@@ -15,9 +15,10 @@ from pathlib import Path
 from . import cgroups, network
 from .accel import choose as choose_accel
 from .backends.microvm_snapshot import snapshot_dir
+from .errors import ImageError
 from .idmap import IdMap, mapped_tree
-from .images import ImageError, find_image, load_manifest, verify_image
-from .microvm_image import find_boot_files
+from .images.boot import find_boot_files
+from .images.store import find_image, load_manifest, verify_image
 
 RUNSC_MIN_DATE = 20240729
 _TUNGETFEATURES = 0x800454CF

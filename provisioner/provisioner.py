@@ -33,9 +33,9 @@ from .console import Console
 from .errors import Error, SettingError
 from .guest.protocol import CHANNELS
 from .http_errors import reported
-from .images import find_image
+from .images.boot import find_boot_files
+from .images.store import find_image
 from .ioloop import in_thread, run_on_io
-from .microvm_image import find_boot_files
 from .network import MODES as NETWORK_MODES
 from .network import NetworkSpec, parse_bandwidth, parse_destination
 from .service.client import DEFAULT_SOCKET, SOCKET_ENV, service_client

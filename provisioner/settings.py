@@ -188,7 +188,7 @@ COMMON: tuple[Setting, ...] = (
         "(in-process gVisor kernels only).",
         _text,
         _ALL,
-        "images.py (find_image), backends/gvisor.py, backends/microvm.py",
+        "images/store.py (find_image), backends/gvisor.py, backends/microvm.py",
     ),
     Setting(
         "workspace",

@@ -1,6 +1,6 @@
 """The microVM backend: one QEMU `-M microvm` per kernel, with its own guest kernel.
 
-The VM boots the image's boot files (`microvm_image`): the image as a read-only
+The VM boots the image's boot files (`images/boot.py`): the image as a read-only
 disk under a tmpfs layer of `disk_limit`, the agent's folder and the workspace
 over virtio-9p, and the tunnel's channel on two virtio-serial ports (one per
 direction, so that the host's ends behave like the gVisor backend's pipes). A
@@ -48,7 +48,7 @@ from typing import Any
 from .. import cgroups, network
 from ..accel import Accel, kvm_group, tsc_arguments
 from ..idmap import mapped_tree
-from ..microvm_image import BootFiles
+from ..images.boot import BootFiles
 from ..state import Record, process_start_time
 from . import microvm_snapshot
 from .base import Channel, Mount, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
