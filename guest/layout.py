@@ -1,6 +1,6 @@
 """Where things are in a sandbox, and who the kernel is there: shared by both ends.
 
-The host builds images and sandboxes with these (provisioner/images.py,
+The host builds images and sandboxes with these (provisioner/images/build.py,
 provisioner/backends/), the guest finds its agent and the kernel's home with
 them. Standard library only, like everything under guest/.
 """

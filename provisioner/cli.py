@@ -14,10 +14,10 @@ from traitlets import Bool, Float, Unicode
 from traitlets.config.loader import KVArgParseConfigLoader
 
 from . import __version__, cgroups, cleanup, doctor
-from .errors import SandboxError, SettingError
-from .images import ImageError, build_image
+from .errors import ImageError, SandboxError, SettingError
+from .images.boot import build_boot_files
+from .images.build import build_image
 from .limits import format_size
-from .microvm_image import build_boot_files
 from .provisioner import GVisorProvisioner, MicroVMProvisioner
 from .service.server import SandboxService
 from .state import records

@@ -14,7 +14,7 @@ from .checks import INSTALL, Check
 from .errors import ImageError
 from .guest.layout import KERNEL_UID
 from .idmap import IdMap, mapped_tree
-from .images import find_image, load_manifest, verify_image
+from .images.store import find_image, load_manifest, verify_image
 
 NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
                  "conntrack": "conntrack"}  # fmt: skip

@@ -30,21 +30,26 @@ def _tail(text: str) -> str:
     return text if len(text) <= TAIL_CHARS else "..." + text[-TAIL_CHARS:]
 
 
+def _advised(message: str, fix: str) -> str:
+    return f"{message}\n{fix}" if fix else message
+
+
 def run(argv: Argv, what: str, *, error: type[Error] = SandboxError, input: str | None = None,
-        timeout: float = 30, env: dict[str, str] | None = None) -> str:  # fmt: skip
+        timeout: float = 30, env: dict[str, str] | None = None, fix: str = "") -> str:  # fmt: skip
     """Run `argv` to its end and return its standard output (whole: the caller parses it;
     these are the host's own tools answering about the host). `error` naming `what`, with
-    the end of its standard error, if it cannot start, times out or exits non-zero."""
+    the end of its standard error, if it cannot start, times out or exits non-zero; `fix`,
+    if given, ends that message on a line of its own (what the reader should do next)."""
     args = [os.fspath(a) for a in argv]
     try:
         feed = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
         result = subprocess.run(args, capture_output=True, text=True, errors="replace",
                                 timeout=timeout, env=env, check=False, **feed)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as e:
-        raise error(f"{what}: {' '.join(args[:4])}: {e}") from None
+        raise error(_advised(f"{what}: {' '.join(args[:4])}: {e}", fix)) from None
     if result.returncode:
-        raise error(f"{what}: {' '.join(args)} failed (exit status {result.returncode}): "
-                    f"{_tail(result.stderr or result.stdout)}")  # fmt: skip
+        raise error(_advised(f"{what}: {' '.join(args)} failed (exit status {result.returncode}): "
+                             f"{_tail(result.stderr or result.stdout)}", fix))  # fmt: skip
     return result.stdout
 
 
@@ -65,9 +70,11 @@ def quietly(argv: Argv, log: logging.Logger, gone: tuple[str, ...] = (), timeout
 
 
 def stream(argv: Argv, log: logging.Logger, what: str, *, error: type[Error] = SandboxError,
-           env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
+           env: dict[str, str] | None = None, cwd: Path | None = None,
+           fix: str = "") -> None:  # fmt: skip
     """Run a long command (a build step) with umask 022, each line of its output going to
-    `log` at debug level and the last `TAIL_LINES` into `error` if it fails.
+    `log` at debug level and the last `TAIL_LINES` into `error` if it fails (`fix`, if
+    given, ending that message on a line of its own, as for `run`).
 
     The umask matters: files a build makes must stay readable by the unprivileged
     kernel user whatever umask the caller has. Interrupted (Ctrl-C, a cancelled
@@ -82,7 +89,8 @@ def stream(argv: Argv, log: logging.Logger, what: str, *, error: type[Error] = S
                                 stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
                                 errors="replace")  # fmt: skip
     except OSError as e:
-        raise error(f"{what}: cannot run {args[4]}: {e}; run `jupyter sandbox doctor`") from e
+        raise error(_advised(f"{what}: cannot run {args[4]}: {e}; run `jupyter sandbox doctor`",
+                             fix)) from e  # fmt: skip
     assert proc.stdout is not None
     with proc:
         try:
@@ -98,4 +106,5 @@ def stream(argv: Argv, log: logging.Logger, what: str, *, error: type[Error] = S
             raise
     if proc.returncode != 0:
         output = "\n".join(tail)
-        raise error(f"{what} failed (exit status {proc.returncode}). Last output:\n{output}")
+        raise error(_advised(f"{what} failed (exit status {proc.returncode}). "
+                             f"Last output:\n{output}", fix))  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 from . import backends, cleanup, guest, policy, quotas, settings
 from .backends.base import Channel, Sandbox, SandboxSpec
 from .errors import PolicyError
-from .images import find_image
+from .images.store import find_image
 from .ioloop import in_thread
 from .limits import Limits, parse_size
 from .network.spec import NetworkSpec, parse_bandwidth, parse_destination

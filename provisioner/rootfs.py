@@ -10,12 +10,15 @@ workspace's path): they never reach the shared image or another tenant's view.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from .hostcmd import quietly, run
 from .idmap import IdMap, attach, mapped_tree
+
+logger = logging.getLogger(__name__)
 
 
 def _mounted(path: Path) -> bool:
@@ -25,9 +28,7 @@ def _mounted(path: Path) -> bool:
 
 
 def _mount(argv: list[str], what: str) -> None:
-    result = subprocess.run(["mount", *argv], capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise OSError(f"cannot mount {what}: {result.stderr.strip()}")
+    run(["mount", *argv], f"cannot mount {what}")
 
 
 def layer(bundle: Path) -> Path:
@@ -76,9 +77,9 @@ def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap) -> Path:
 
 def _unmount(path: Path) -> None:
     if path.exists() and _mounted(path):
-        subprocess.run(["umount", str(path)], capture_output=True, check=False)
+        quietly(["umount", path], logger, gone=("target is busy",))
         if _mounted(path):  # still busy: detach now, the kernel frees it when the last user goes
-            subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
+            quietly(["umount", "--lazy", path], logger)
 
 
 def remove_bundle(bundle: Path) -> None:

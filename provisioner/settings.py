@@ -194,7 +194,7 @@ COMMON: tuple[Setting, ...] = (
         "(in-process gVisor kernels only).",
         text_value,
         _ALL,
-        "images.py (find_image), backends/gvisor.py, backends/microvm.py",
+        "images/store.py (find_image), backends/gvisor.py, backends/microvm.py",
     ),
     Setting(
         "workspace",

@@ -18,8 +18,9 @@ from helpers import microvm_list, runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from provisioner import cgroups, network
-from provisioner.images import ImageError, find_image
-from provisioner.microvm_image import find_boot_files
+from provisioner.errors import ImageError
+from provisioner.images.boot import find_boot_files
+from provisioner.images.store import find_image
 from provisioner.state import records, sandboxes_dir
 
 pytest_plugins = ["security.kit"]

@@ -24,7 +24,7 @@ from traitlets.config import Config
 
 from provisioner import accel, cgroups, limits
 from provisioner.errors import SandboxError, SettingError
-from provisioner.microvm_image import find_boot_files
+from provisioner.images.boot import find_boot_files
 from provisioner.state import records
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,20 +19,12 @@ from pathlib import Path
 
 import pytest
 from conftest import require_sandbox
+from provisioner.guest.layout import GUEST_PYTHON, KERNEL_HOME, KERNEL_UID
 
-from provisioner import microvm_image
-from provisioner.images import (
-    GUEST_PYTHON,
-    SANDBOX_HOME,
-    SANDBOX_UID,
-    ImageError,
-    build_image,
-    find_image,
-    images_dir,
-    load_manifest,
-    recipe_hash,
-    verify_image,
-)
+from provisioner.errors import ImageError
+from provisioner.images import boot
+from provisioner.images.build import build_image, recipe_hash
+from provisioner.images.store import find_image, images_dir, load_manifest, verify_image
 
 pytestmark = pytest.mark.timeout(1800)  # a first build downloads ~110 MB and takes minutes
 
@@ -61,7 +53,7 @@ def test_image_exists(rootfs: Path) -> None:
     # lexists: the venv's python is an absolute symlink, meaningful only inside the guest.
     for rel in (GUEST_PYTHON, "/usr/bin/python3"):
         assert os.path.lexists(rootfs / rel.lstrip("/")), rel
-    home = (rootfs / SANDBOX_HOME.lstrip("/")).stat()
+    home = (rootfs / KERNEL_HOME.lstrip("/")).stat()
     assert stat.S_IMODE(home.st_mode) == 0o1777
 
 
@@ -140,8 +132,8 @@ def test_runs_under_runsc_as_the_kernel_user(rootfs: Path, manifest: dict, tmp_p
     config = json.loads((bundle / "config.json").read_text())
     config["root"] = {"path": str(rootfs), "readonly": False}
     config["process"]["terminal"] = False
-    config["process"]["user"] = {"uid": SANDBOX_UID, "gid": SANDBOX_UID}
-    config["process"]["env"] = ["PATH=/opt/venv/bin:/usr/bin:/bin", f"HOME={SANDBOX_HOME}"]
+    config["process"]["user"] = {"uid": KERNEL_UID, "gid": KERNEL_UID}
+    config["process"]["env"] = ["PATH=/opt/venv/bin:/usr/bin:/bin", f"HOME={KERNEL_HOME}"]
     (bundle / "config.json").write_text(json.dumps(config))
     cid = f"test-images-{uuid.uuid4().hex[:8]}"
     argv = [RUNSC, "--root", str(state), "--platform=systrap", "--network=none"]
@@ -157,7 +149,7 @@ def test_runs_under_runsc_as_the_kernel_user(rootfs: Path, manifest: dict, tmp_p
     assert res.returncode == 0, res.stderr[-2000:]
     # No "Matplotlib is building the font cache" line: the cache is in the image.
     numpy = manifest["python_packages"]["numpy"]
-    assert res.stdout.split() == ["ok", str(SANDBOX_UID), "sandbox", numpy], res.stdout
+    assert res.stdout.split() == ["ok", str(KERNEL_UID), "sandbox", numpy], res.stdout
 
 
 def test_boot_files_of_another_guest_version_are_refused(tmp_path, monkeypatch):
@@ -165,11 +157,9 @@ def test_boot_files_of_another_guest_version_are_refused(tmp_path, monkeypatch):
     would start agents that miss what this version's host tells them: refused, saying why."""
     for name in ("vmlinux", "initramfs.cpio.gz", "root.img"):
         (tmp_path / name).write_bytes(b"x")
-    monkeypatch.setattr(microvm_image, "boot_dir", lambda name: tmp_path)
+    monkeypatch.setattr(boot, "boot_dir", lambda name: tmp_path)
     (tmp_path / "boot.json").write_text(json.dumps({"guest_files": "0" * 16}))
     with pytest.raises(ImageError, match="another version of guest/microvm/"):
-        microvm_image.find_boot_files("python3")
-    (tmp_path / "boot.json").write_text(
-        json.dumps({"guest_files": microvm_image._guest_files_digest()})
-    )
-    assert microvm_image.find_boot_files("python3").kernel == tmp_path / "vmlinux"
+        boot.find_boot_files("python3")
+    (tmp_path / "boot.json").write_text(json.dumps({"guest_files": boot._guest_files_digest()}))
+    assert boot.find_boot_files("python3").kernel == tmp_path / "vmlinux"

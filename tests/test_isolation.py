@@ -13,7 +13,7 @@ from conftest import READY_TIMEOUT, execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from provisioner.images import find_image
+from provisioner.images.store import find_image
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
 from provisioner.backends import microvm_snapshot
-from provisioner.microvm_image import find_boot_files
+from provisioner.images.boot import find_boot_files
 
 PROBE = """
 import ctypes, json, locale, os, random, resource, sys, time

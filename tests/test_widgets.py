@@ -27,7 +27,7 @@ from conftest import BACKENDS, KERNEL, execute, require_sandbox, skip_or_fail
 from helpers import sandboxes_of
 from test_server import JupyterServer, KernelSocket, stdout
 
-from provisioner.images import DEFAULT_IMAGE
+from provisioner.images.store import DEFAULT_IMAGE
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_IMAGE = os.environ.get("JSB_TEST_IMAGE", DEFAULT_IMAGE)

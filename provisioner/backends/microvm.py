@@ -1,6 +1,6 @@
 """The microVM backend: one QEMU `-M microvm` per kernel, with its own guest kernel.
 
-The VM boots the image's boot files (`microvm_image`): the image as a read-only
+The VM boots the image's boot files (`images/boot.py`): the image as a read-only
 disk under a tmpfs layer of `disk_limit`, the agent's folder and the workspace
 over virtio-9p, and the tunnel's channel on two virtio-serial ports (one per
 direction, so that the host's ends behave like the gVisor backend's pipes). A
@@ -51,8 +51,8 @@ from ..accel import Accel, choose, kvm_group, tsc_arguments
 from ..checks import INSTALL, Check
 from ..errors import ImageError, SandboxError
 from ..idmap import mapped_tree
+from ..images.boot import BootFiles, find_boot_files
 from ..ioloop import in_thread
-from ..microvm_image import BootFiles, find_boot_files
 from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, seconds, text_value
 from ..state import Record, process_start_time
 from . import microvm_snapshot

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SandboxError
-from ..microvm_image import SNAPSHOT_BUILDER, BootFiles
+from ..images.boot import SNAPSHOT_BUILDER, BootFiles
 
 MAX_SNAPSHOTS = 8
 BUILDER = SNAPSHOT_BUILDER

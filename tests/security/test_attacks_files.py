@@ -20,7 +20,7 @@ import pytest
 from conftest import READY_TIMEOUT, execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
-from provisioner.images import find_image
+from provisioner.images.store import find_image
 
 NOT_THERE = {"ENOENT"}
 REFUSED = {"EACCES", "EPERM", "ENOENT", "EROFS"}

@@ -39,7 +39,7 @@ from conftest import execute, skip_or_fail
 from kit import PRELUDE
 
 from provisioner.backends.gvisor import AGENT_CAPABILITIES
-from provisioner.microvm_image import boot_dir
+from provisioner.images.boot import boot_dir
 
 CACHE = Path("/var/cache/jupyter-sandbox/audit-tools")
 PACKAGES = ("lynis", "libcap2-bin", "libcap-ng-utils")

@@ -1,11 +1,9 @@
-"""Guest images: the read-only root filesystems that sandboxed kernels run on.
+"""Building a guest image: root only, from the recipe in ``guest/image/``.
 
-A kernel must never see the host's ``/``. Each image is a Debian bookworm
-``minbase`` tree with a virtualenv at ``/opt/venv`` holding ipykernel and the
-scientific stack, built from the recipe in ``guest/image/`` into::
-
-    images_dir()/<name>/rootfs/          the tree runsc uses as the OCI root
-    images_dir()/<name>/manifest.json    what is inside and how it was built
+Each image is a Debian bookworm ``minbase`` tree with a virtualenv at
+``/opt/venv`` holding ipykernel and the scientific stack, with the kernel's
+user (guest/layout.py) and a manifest of what is inside, put where store.py
+finds it.
 
 Building needs root (debootstrap, chroot) and the network (Debian archive,
 PyPI); using an image needs neither. A build is skipped when the recipe has not
@@ -27,64 +25,27 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError
-
-__all__ = [
-    "DEFAULT_IMAGE",
-    "GUEST_PYTHON",
-    "IMAGES_DIR",
-    "SANDBOX_HOME",
-    "SANDBOX_UID",
-    "SANDBOX_USER",
-    "WHEEL_CACHE",
-    "ImageError",
-    "build_image",
-    "find_image",
-    "images_dir",
-    "load_manifest",
-    "recipe_hash",
-    "tree_digest",
-    "verify_image",
-]
+from ..errors import ImageError
+from ..guest.layout import GUEST_PYTHON, KERNEL_HOME, KERNEL_UID, KERNEL_USER
+from ..hostcmd import quietly, run, stream
+from .store import DEFAULT_IMAGE, find_image, image_dir, load_manifest, tree_digest
 
 logger = logging.getLogger(__name__)
 
-#: Documented, root-owned home of built images; ``JUPYTER_SANDBOX_IMAGES_DIR`` overrides it.
-IMAGES_DIR = Path("/var/lib/jupyter-sandbox/images")
-#: Wheels downloaded on the host, reused by later builds.
 WHEEL_CACHE = Path("/var/cache/jupyter-sandbox/wheels")
-#: Debian .debs fetched by debootstrap, reused by later builds.
+"""Wheels downloaded on the host, reused by later builds."""
 DEBOOTSTRAP_CACHE = Path("/var/cache/jupyter-sandbox/debootstrap")
-DEFAULT_IMAGE = "python3"
+"""Debian .debs fetched by debootstrap, reused by later builds."""
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-
-#: The kernel's interpreter inside the guest.
-GUEST_PYTHON = "/opt/venv/bin/python3"
-#: Unprivileged user present in the image; the runtime runs the kernel as it.
-SANDBOX_USER = "sandbox"
-SANDBOX_UID = 1000
-SANDBOX_HOME = "/home/sandbox"
-
-# Bump when the build steps below change what ends up in the image, so that
-# existing images are rebuilt even though the recipe files did not change.
-_BUILDER_VERSION = 1
-# Files in guest/image that do not influence the build (editing them must not
-# trigger a multi-minute rebuild).
-_NOT_RECIPE = {"README.md"}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# Minimal, predictable environment for commands run inside the chroot: the
-# host's environment (tokens, proxies, PIP_* settings) has no business there.
-_CHROOT_ENV = {
+CLEAN_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
     "HOME": "/root",
@@ -92,79 +53,28 @@ _CHROOT_ENV = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     "PIP_NO_CACHE_DIR": "1",
 }
-_TAIL_LINES = 40
+"""Minimal, predictable environment for the build's commands in the chroot, and on the
+host where they need no network: the host's environment (tokens, proxies, PIP_*
+settings) has no business there."""
+FIX_AND_RETRY = (
+    "Fix the cause, then run `jupyter sandbox image build` again "
+    "(`jupyter sandbox doctor` checks the host)."
+)
+"""What a failed build step's error ends with."""
+FORCE_REBUILD = (
+    "Run `jupyter sandbox image build --force` (`jupyter sandbox doctor` checks the host)."
+)
+"""What a failed question about a built tree (a version, a listing) ends with."""
 
-
-def images_dir() -> Path:
-    """Where images live; read at call time so tests and operators can redirect it."""
-    override = os.environ.get("JUPYTER_SANDBOX_IMAGES_DIR")
-    return Path(override) if override else IMAGES_DIR
-
-
-def _image_dir(name: str) -> Path:
-    # Names become path components: refuse anything that could walk out of images_dir().
-    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
-        raise ImageError(
-            f"invalid image name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(or an absolute path to a rootfs directory)"
-        )
-    return images_dir() / name
-
-
-def _missing_parts(rootfs: Path) -> list[str]:
-    """What a usable rootfs lacks. Uses lexists: the venv's python is an absolute
-    symlink that would resolve against the *host's* / if followed here."""
-    return [
-        rel
-        for rel in (GUEST_PYTHON.lstrip("/"), "usr/bin/python3")
-        if not os.path.lexists(rootfs / rel)
-    ]
-
-
-def find_image(name_or_path: str = DEFAULT_IMAGE) -> Path:
-    """Return the rootfs directory of a built image, ready to use as an OCI root.
-
-    A name is looked up under images_dir() and needs its manifest (a tree
-    without one is a build that never finished). An absolute path is taken as
-    a rootfs directory made by other means; only its interpreters are checked.
-    """
-    if Path(name_or_path).is_absolute():
-        rootfs = Path(name_or_path)
-        manifest: Path | None = None
-    else:
-        rootfs = _image_dir(name_or_path) / "rootfs"
-        manifest = rootfs.parent / "manifest.json"
-    build_hint = (
-        "build it with `jupyter sandbox image build` (as root), "
-        "and check the host with `jupyter sandbox doctor`"
-    )
-    if not rootfs.is_dir():
-        raise ImageError(f"guest image not found: {rootfs} does not exist; {build_hint}")
-    if manifest is not None and not manifest.is_file():
-        raise ImageError(
-            f"guest image {rootfs} is incomplete (no {manifest.name}: an interrupted build?); "
-            f"{build_hint}"
-        )
-    missing = _missing_parts(rootfs)
-    if missing:
-        raise ImageError(
-            f"guest image {rootfs} is incomplete (missing {', '.join(missing)}); {build_hint}"
-        )
-    return rootfs
-
-
-def load_manifest(name: str = DEFAULT_IMAGE) -> dict[str, Any] | None:
-    """The image's manifest, or None if it is missing or unreadable (i.e. not built)."""
-    path = _image_dir(name) / "manifest.json"
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable image manifest %s: %s", path, e)
-        return None
-    return data if isinstance(data, dict) else None
+# Bump when the build steps below change what ends up in the image, so that
+# existing images are rebuilt even though the recipe files did not change.
+_BUILDER_VERSION = 1
+# Files in guest/image that do not influence the build (editing them must not
+# trigger a multi-minute rebuild).
+_NOT_RECIPE = {"README.md"}
+# How long a question about the tree being built may take (a version, a listing): far
+# more than it needs, so that only a hung command ends on it.
+_FACT_TIMEOUT = 300
 
 
 def _recipe_files() -> list[tuple[str, bytes]]:
@@ -198,151 +108,12 @@ def _recipe_lines(text: str) -> list[str]:
     return [s for s in (line.split("#", 1)[0].strip() for line in text.splitlines()) if s]
 
 
-def tree_digest(root: Path) -> tuple[str, int]:
-    """Content hash and apparent size (bytes, each inode once) of a directory tree.
-
-    Covers sorted relative paths, file type and mode, owner, file contents,
-    symlink targets and device numbers, so any change an attacker or a stray
-    `chroot` could make to the image changes the hash.
-    """
-    outer = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    seen: set[tuple[int, int]] = set()
-    size = 0
-
-    def walk(dir_fd: int, rel: bytes) -> None:
-        nonlocal size
-        for entry_name in sorted(os.listdir(dir_fd)):
-            name = os.fsencode(entry_name)
-            path = rel + b"/" + name if rel else name
-            st = os.lstat(name, dir_fd=dir_fd)
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                inner = hashlib.sha256()
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                try:
-                    while n := os.readv(fd, [buf]):
-                        inner.update(view[:n])
-                finally:
-                    os.close(fd)
-                data = inner.hexdigest().encode()
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    size += st.st_size
-            elif stat.S_ISLNK(mode):
-                data = os.fsencode(os.readlink(name, dir_fd=dir_fd))
-                size += st.st_size
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                data = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}".encode()
-            else:
-                data = b""
-            outer.update(b"%s\0%o\0%d\0%d\0%s\n" % (path, mode, st.st_uid, st.st_gid, data))
-            if stat.S_ISDIR(mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                try:
-                    walk(sub, path)
-                finally:
-                    os.close(sub)
-
-    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        walk(top, b"")
-    finally:
-        os.close(top)
-    return outer.hexdigest(), size
-
-
-def verify_image(name: str = DEFAULT_IMAGE) -> None:
-    """Check that an image's tree still matches its manifest's content hash.
-
-    Slow-ish (reads every file): meant for `doctor`, not for each kernel start.
-    """
-    rootfs = find_image(name)
-    manifest = load_manifest(name) or {}
-    digest, _ = tree_digest(rootfs)
-    if digest != manifest.get("content_hash"):
-        raise ImageError(
-            f"guest image {rootfs} was modified after it was built (content hash mismatch); "
-            "run `jupyter sandbox image build --force`"
-        )
-
-
-# --------------------------------------------------------------------------- build
-
-
-def run_logged(argv: Sequence[str | os.PathLike[str]], log: logging.Logger, what: str,
-         env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
-    """Run a command with umask 022, its output going to the logger, not the terminal.
-
-    The umask wrapper matters: files a build creates must stay readable by the
-    unprivileged kernel user whatever umask the caller runs with.
-    """
-    args = ["/bin/sh", "-c", 'umask 022 && exec "$@"', "sh", *map(os.fspath, argv)]
-    log.debug("running: %s", " ".join(args[4:]))
-    tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            text=True,
-            errors="replace",
-        )
-    except OSError as e:
-        raise ImageError(f"{what}: cannot run {args[4]}: {e}; run `jupyter sandbox doctor`") from e
-    assert proc.stdout is not None
-    with proc:
-        try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                log.debug("  %s", line)
-        except BaseException:
-            # Interrupted (Ctrl-C, cancellation): stop the child before the caller
-            # deletes its tree. SIGTERM first, so debootstrap can unmount /proc.
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-    if proc.returncode != 0:
-        output = "\n".join(tail)
-        raise ImageError(
-            f"{what} failed (exit status {proc.returncode}). Last output:\n{output}\n"
-            "Fix the cause, then run `jupyter sandbox image build` again "
-            "(`jupyter sandbox doctor` checks the host)."
-        )
-
-
-def capture(argv: Sequence[str | os.PathLike[str]], what: str) -> str:
-    """Run a short command and return its stdout (for facts we record in the manifest)."""
-    args = [os.fspath(a) for a in argv]
-    try:
-        res = subprocess.run(
-            args, capture_output=True, text=True, errors="replace", env=_CHROOT_ENV, check=False
-        )
-    except OSError as e:
-        raise ImageError(f"{what}: cannot run {args[0]}: {e}; run `jupyter sandbox doctor`") from e
-    if res.returncode != 0:
-        err = "\n".join(res.stderr.splitlines()[-_TAIL_LINES:])
-        raise ImageError(
-            f"{what} failed (exit status {res.returncode}):\n{err}\n"
-            "Run `jupyter sandbox image build --force` (`jupyter sandbox doctor` checks the host)."
-        )
-    return res.stdout
-
-
 def _host_env() -> dict[str, str]:
     # debootstrap and pip need the host's network settings (proxy, CA bundle),
     # but a predictable PATH and locale.
     env = dict(os.environ)
     env.update(
-        PATH=_CHROOT_ENV["PATH"] + ":" + env.get("PATH", ""),
+        PATH=CLEAN_ENV["PATH"] + ":" + env.get("PATH", ""),
         LC_ALL="C.UTF-8",
         DEBIAN_FRONTEND="noninteractive",
         PIP_DISABLE_PIP_VERSION_CHECK="1",
@@ -378,7 +149,7 @@ def _remove_tree(path: Path, log: logging.Logger) -> None:
         return
     for mnt in _mounts_under(path):
         log.warning("unmounting leftover mount %s", mnt)
-        subprocess.run(["umount", "--lazy", mnt], check=False, capture_output=True)
+        quietly(["umount", "--lazy", mnt], log)
     left = _mounts_under(path)
     if left:
         log.error("not deleting %s: still mounted: %s", path, ", ".join(left))
@@ -389,9 +160,9 @@ def _remove_tree(path: Path, log: logging.Logger) -> None:
 
 
 @contextlib.contextmanager
-def _locked(image_dir: Path) -> Iterator[None]:
+def _locked(folder: Path) -> Iterator[None]:
     """One build per image at a time (a second caller waits, then sees it is up to date)."""
-    fd = os.open(image_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -406,9 +177,7 @@ def _check_host() -> None:
             "`sudo jupyter sandbox image build`"
         )
     missing = [
-        tool
-        for tool in ("debootstrap", "chroot")
-        if not shutil.which(tool, path=_CHROOT_ENV["PATH"])
+        tool for tool in ("debootstrap", "chroot") if not shutil.which(tool, path=CLEAN_ENV["PATH"])
     ]
     if missing:
         raise ImageError(
@@ -460,7 +229,8 @@ def _download_wheels(
         "--platform", "manylinux_2_28_x86_64", "--platform", "any",
         "--find-links", WHEEL_CACHE, "--dest", staging, "--requirement", requirements,
     ]  # fmt: skip
-    run_logged(cmd, log, "downloading Python wheels on the host (pip download)", env=_host_env())
+    stream(cmd, log, "downloading Python wheels on the host (pip download)", error=ImageError,
+           env=_host_env(), fix=FIX_AND_RETRY)  # fmt: skip
     for wheel in staging.glob("*.whl"):
         cached = WHEEL_CACHE / wheel.name
         if not cached.exists():
@@ -469,15 +239,15 @@ def _download_wheels(
             tmp.replace(cached)
 
 
-def _swap_in(image_dir: Path, new_root: Path, manifest: dict[str, Any], tmp: Path) -> None:
-    """Replace image_dir/{rootfs,manifest.json} with the new build, or change nothing.
+def _swap_in(folder: Path, new_root: Path, manifest: dict[str, Any], tmp: Path) -> None:
+    """Replace folder/{rootfs,manifest.json} with the new build, or change nothing.
 
     The manifest goes first and comes back last: a crash half-way leaves a
     rootfs without a manifest (rejected by find_image, rebuilt next time),
     never a rootfs paired with the wrong manifest. The old tree is moved into
     the build's temp dir, which the caller deletes.
     """
-    rootfs, mpath = image_dir / "rootfs", image_dir / "manifest.json"
+    rootfs, mpath = folder / "rootfs", folder / "manifest.json"
     new_manifest = tmp / "manifest.json"
     with open(new_manifest, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -502,7 +272,7 @@ def _swap_in(image_dir: Path, new_root: Path, manifest: dict[str, Any], tmp: Pat
                 now.rename(was)
         raise
     with contextlib.suppress(OSError):
-        dfd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
@@ -520,31 +290,29 @@ def build_image(
     previous image, if any, is untouched and no temporary files remain.
     """
     log = log or logger
-    image_dir = _image_dir(name)
+    folder = image_dir(name)
     wanted = recipe_hash()
     if not force and _is_current(name, wanted):
-        log.info("image %s is up to date (%s)", name, image_dir / "rootfs")
-        return image_dir / "rootfs"
+        log.info("image %s is up to date (%s)", name, folder / "rootfs")
+        return folder / "rootfs"
     _check_host()
-    image_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with _locked(image_dir):
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with _locked(folder):
         # Another process may have finished the same build while we waited.
         if not force and _is_current(name, wanted):
-            log.info("image %s is up to date (%s)", name, image_dir / "rootfs")
-            return image_dir / "rootfs"
-        for stale in image_dir.glob(".build-*"):  # left by a killed build
+            log.info("image %s is up to date (%s)", name, folder / "rootfs")
+            return folder / "rootfs"
+        for stale in folder.glob(".build-*"):  # left by a killed build
             log.info("removing stale build directory %s", stale)
             _remove_tree(stale, log)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=image_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
         try:
             manifest = _build(name, wanted, tmp, log)
-            _swap_in(image_dir, tmp / "rootfs", manifest, tmp)
+            _swap_in(folder, tmp / "rootfs", manifest, tmp)
         finally:
             _remove_tree(tmp, log)
-    log.info(
-        "image %s built: %s (%.0f MB)", name, image_dir / "rootfs", manifest["size_bytes"] / 1e6
-    )
-    return image_dir / "rootfs"
+    log.info("image %s built: %s (%.0f MB)", name, folder / "rootfs", manifest["size_bytes"] / 1e6)
+    return folder / "rootfs"
 
 
 def _is_current(name: str, wanted: str) -> bool:
@@ -569,23 +337,25 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
 
     t = _step(log, f"debootstrap {DEBIAN_SUITE} (minbase + {', '.join(packages)})")
     DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
-    run_logged(
+    stream(
         [
             "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
             f"--cache-dir={DEBOOTSTRAP_CACHE}", DEBIAN_SUITE, root, DEBIAN_MIRROR,
         ],
-        log, "debootstrap", env=_host_env(),
+        log, "debootstrap", error=ImageError, env=_host_env(), fix=FIX_AND_RETRY,
     )  # fmt: skip
     log.info("image build: debootstrap done in %.0f s", time.monotonic() - t)
 
     def chroot(*argv: str, what: str, user: str | None = None, **env: str) -> None:
         spec = [f"--userspec={user}"] if user else []
-        run_logged(["chroot", *spec, root, *argv], log, what, env={**_CHROOT_ENV, **env})
+        stream(["chroot", *spec, root, *argv], log, what, error=ImageError,
+               env={**CLEAN_ENV, **env}, fix=FIX_AND_RETRY)  # fmt: skip
 
-    py_version = capture(
+    py_version = run(
         ["chroot", root, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        "finding the guest's Python version",
-    ).strip()
+        "finding the guest's Python version", error=ImageError, timeout=_FACT_TIMEOUT,
+        env=CLEAN_ENV, fix=FORCE_REBUILD,
+    ).strip()  # fmt: skip
 
     _step(log, f"creating the virtualenv /opt/venv (Python {py_version})")
     chroot("python3", "-m", "venv", "/opt/venv", what="python3 -m venv /opt/venv")
@@ -613,13 +383,13 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
     _write(site_packages / f"{getpid}.py", recipe[f"{getpid}.py"].decode())
     _write(site_packages / f"{getpid}.pth", f"import {getpid}\n")
 
-    _step(log, f"adding user {SANDBOX_USER} ({SANDBOX_UID}) and tidying up")
+    _step(log, f"adding user {KERNEL_USER} ({KERNEL_UID}) and tidying up")
     chroot(
-        "useradd", "--uid", str(SANDBOX_UID), "--user-group", "--no-create-home",
-        "--home-dir", SANDBOX_HOME, "--shell", "/bin/bash", SANDBOX_USER,
+        "useradd", "--uid", str(KERNEL_UID), "--user-group", "--no-create-home",
+        "--home-dir", KERNEL_HOME, "--shell", "/bin/bash", KERNEL_USER,
         what="useradd",
     )  # fmt: skip
-    home = root / SANDBOX_HOME.lstrip("/")
+    home = root / KERNEL_HOME.lstrip("/")
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o1777)
     _tidy(root)
@@ -637,15 +407,16 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
     # kernel neither rebuilds the cache nor prints "building the font cache".
     chroot(
         GUEST_PYTHON, "-c", "import matplotlib.font_manager",
-        what="matplotlib font cache", user=f"{SANDBOX_UID}:{SANDBOX_UID}",
-        HOME=SANDBOX_HOME, MPLBACKEND="agg",
+        what="matplotlib font cache", user=f"{KERNEL_UID}:{KERNEL_UID}",
+        HOME=KERNEL_HOME, MPLBACKEND="agg",
     )  # fmt: skip
 
     _step(log, "writing the manifest")
-    debs = capture(
-        ["chroot", root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], "dpkg-query"
-    )
-    pys = capture(
+    debs = run(
+        ["chroot", root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], "dpkg-query",
+        error=ImageError, timeout=_FACT_TIMEOUT, env=CLEAN_ENV, fix=FORCE_REBUILD,
+    )  # fmt: skip
+    pys = run(
         [
             "chroot", root, GUEST_PYTHON, "-c",
             "import json, importlib.metadata as m, platform; print(json.dumps({'python': "
@@ -653,6 +424,7 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
             "for d in m.distributions()}}))",
         ],
         "listing the guest's Python packages",
+        error=ImageError, timeout=_FACT_TIMEOUT, env=CLEAN_ENV, fix=FORCE_REBUILD,
     )  # fmt: skip
     py_info = json.loads(pys)
     digest, size = tree_digest(root)
@@ -673,10 +445,10 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
         ),
         "python": GUEST_PYTHON,
         "user": {
-            "name": SANDBOX_USER,
-            "uid": SANDBOX_UID,
-            "gid": SANDBOX_UID,
-            "home": SANDBOX_HOME,
+            "name": KERNEL_USER,
+            "uid": KERNEL_UID,
+            "gid": KERNEL_UID,
+            "home": KERNEL_HOME,
         },
         "content_hash": digest,
         "size_bytes": size,

@@ -23,13 +23,15 @@ import lzma
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import guest
-from .images import DEFAULT_IMAGE, ImageError, _image_dir, capture, load_manifest, run_logged
+from .. import guest
+from ..errors import ImageError
+from ..hostcmd import run, stream
+from .build import CLEAN_ENV, FIX_AND_RETRY, FORCE_REBUILD
+from .store import DEFAULT_IMAGE, image_dir, load_manifest
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 KERNEL_CACHE = Path("/var/cache/jupyter-sandbox/kernel")
@@ -53,7 +55,8 @@ class BootFiles:
 
 
 def boot_dir(name: str = DEFAULT_IMAGE) -> Path:
-    return _image_dir(name) / "microvm"
+    """The folder of image `name`'s boot files (it may not exist yet)."""
+    return image_dir(name) / "microvm"
 
 
 def find_boot_files(name: str = DEFAULT_IMAGE) -> BootFiles:
@@ -94,15 +97,18 @@ def _digest(*parts: bytes) -> str:
 def _kernel_package(log: logging.Logger) -> str:
     """The versioned kernel package the metapackage points at, e.g. linux-image-6.1.0-56-amd64."""
     for attempt in range(2):
-        result = subprocess.run(
-            ["apt-cache", "depends", KERNEL_METAPACKAGE], capture_output=True, text=True
-        )
-        for line in result.stdout.splitlines():
+        try:
+            depends = run(["apt-cache", "depends", KERNEL_METAPACKAGE], "apt-cache depends",
+                          error=ImageError, timeout=120)  # fmt: skip
+        except ImageError:  # not known (yet): apt-cache exits 100
+            depends = ""
+        for line in depends.splitlines():
             dep = line.split(":", 1)[-1].strip()
             if line.strip().startswith("Depends:") and dep.startswith("linux-image-"):
                 return dep
         if attempt == 0:  # a fresh host may have no package lists yet
-            run_logged(["apt-get", "update", "-qq"], log, "apt-get update")
+            stream(["apt-get", "update", "-qq"], log, "apt-get update", error=ImageError,
+                   fix=FIX_AND_RETRY)  # fmt: skip
     raise ImageError(f"apt-cache does not know {KERNEL_METAPACKAGE} even after apt-get update")
 
 
@@ -117,12 +123,15 @@ def _unpacked_kernel(log: logging.Logger) -> tuple[str, Path]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     folder.chmod(0o777)  # apt downloads as its own _apt user
-    run_logged(["apt-get", "download", package], log, f"apt-get download {package}", cwd=folder)
+    stream(["apt-get", "download", package], log, f"apt-get download {package}",
+           error=ImageError, cwd=folder, fix=FIX_AND_RETRY)  # fmt: skip
     folder.chmod(0o755)
     (deb,) = folder.glob("*.deb")
-    run_logged(["dpkg", "-x", deb, folder / "x"], log, "unpacking the guest kernel")
+    stream(["dpkg", "-x", deb, folder / "x"], log, "unpacking the guest kernel",
+           error=ImageError, fix=FIX_AND_RETRY)  # fmt: skip
     # the package ships no modules.dep: its postinst makes it
-    run_logged(["depmod", "-b", folder / "x", version], log, "depmod for the guest kernel")
+    stream(["depmod", "-b", folder / "x", version], log, "depmod for the guest kernel",
+           error=ImageError, fix=FIX_AND_RETRY)  # fmt: skip
     deb.unlink()
     (folder / ".done").touch()
     return version, folder / "x"
@@ -135,8 +144,8 @@ def _extract_vmlinux(bzimage: Path, out: Path) -> None:
     if elf[:4] != b"\x7fELF":
         raise ImageError(f"no ELF kernel inside {bzimage}")
     out.write_bytes(elf)
-    notes = subprocess.run(["readelf", "-n", out], capture_output=True, text=True, check=False)
-    if PVH_NOTE not in notes.stdout:
+    notes = run(["readelf", "-n", out], "readelf -n", error=ImageError, fix=FIX_AND_RETRY)
+    if PVH_NOTE not in notes:
         raise ImageError(f"{bzimage} has no PVH entry point: QEMU cannot boot its vmlinux")
 
 
@@ -144,9 +153,10 @@ def _module_order(version: str, tree: Path) -> list[Path]:
     """Every module file the guest needs, dependencies before their users."""
     order: list[Path] = []
     for module in MODULES:
-        text = capture(
-            ["modprobe", "-d", tree, "-S", version, "--show-depends", module], f"modprobe {module}"
-        )
+        text = run(
+            ["modprobe", "-d", tree, "-S", version, "--show-depends", module], f"modprobe {module}",
+            error=ImageError, env=CLEAN_ENV, fix=FORCE_REBUILD,
+        )  # fmt: skip
         for line in text.splitlines():
             verb, _, rest = line.partition(" ")
             path = Path(rest.split()[0]) if verb == "insmod" and rest else None
@@ -174,7 +184,7 @@ def _make_initramfs(modules: list[Path], out: Path, log: logging.Logger) -> None
         # the kernel gives /init its stdio on /dev/console, before devtmpfs is mounted
         os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
         os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
-        run_logged(
+        stream(
             [
                 "/bin/sh",
                 "-c",
@@ -184,15 +194,19 @@ def _make_initramfs(modules: list[Path], out: Path, log: logging.Logger) -> None
             ],
             log,
             "packing the initramfs",
+            error=ImageError,
             cwd=root,
+            fix=FIX_AND_RETRY,
         )
 
 
 def _make_root_disk(rootfs: Path, out: Path, log: logging.Logger) -> None:
-    used = int(capture(["du", "-sk", "--apparent-size", rootfs], "du").split()[0]) * 1024
+    du = run(["du", "-sk", "--apparent-size", rootfs], "du", error=ImageError, timeout=600,
+             env=CLEAN_ENV, fix=FORCE_REBUILD)  # fmt: skip
+    used = int(du.split()[0]) * 1024
     inodes = sum(1 + len(dirs) + len(files) for _, dirs, files in os.walk(rootfs))
     size_mb = used * 11 // 10 // 2**20 + 64  # the tree, 10% and room for metadata
-    run_logged(
+    stream(
         [
             "mkfs.ext4",
             "-q",
@@ -214,6 +228,8 @@ def _make_root_disk(rootfs: Path, out: Path, log: logging.Logger) -> None:
         ],
         log,
         "making the microVM root disk (mkfs.ext4 -d)",
+        error=ImageError,
+        fix=FIX_AND_RETRY,
     )
 
 
@@ -267,9 +283,10 @@ def build_boot_files(name: str, rootfs: Path, log: logging.Logger) -> BootFiles:
         pwd.getpwnam(SNAPSHOT_BUILDER)
     except KeyError:
         log.info("adding the system user %s (it makes microVM snapshots)", SNAPSHOT_BUILDER)
-        run_logged(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-                    "/nonexistent", "--shell", "/usr/sbin/nologin", SNAPSHOT_BUILDER],
-                   log, f"useradd {SNAPSHOT_BUILDER}")  # fmt: skip
+        stream(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+                "/nonexistent", "--shell", "/usr/sbin/nologin", SNAPSHOT_BUILDER],
+               log, f"useradd {SNAPSHOT_BUILDER}", error=ImageError,
+               fix=FIX_AND_RETRY)  # fmt: skip
     record["modules"] = [m.name for m in modules]
     record["guest_files"] = _guest_files_digest()
     record_path.write_text(json.dumps(record, indent=1) + "\n")

@@ -1,0 +1,8 @@
+"""Guest images: the read-only root filesystems that sandboxed kernels run on.
+
+- `store`: where images live and finding one at kernel start (no root, no network);
+- `build`: making an image from the recipe in ``guest/image/`` (root, network);
+- `boot`: what a microVM boots, made from an image, and finding it at kernel start.
+
+Import from the module that says what you need; nothing is re-exported here.
+"""
