@@ -8,7 +8,7 @@ set it and where it is enforced. From these declarations come:
   kernelspec is checked where it is given;
 - the policy's vocabulary and its checks (`policy.py`: `BOUNDED`, `magnitude`);
 - what a caller of the sandbox service may ask for (`USER_SETTINGS`);
-- the configuration reference of the documentation (docs/conf.py renders `reference`).
+- the configuration reference of the documentation (docs/_ext/settings_reference.py).
 
 Settings particular to one backend are declared in the backend's module
 (`Backend.settings`), in the same form.

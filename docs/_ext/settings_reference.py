@@ -46,10 +46,7 @@ WHO = {
 
 
 def backend_settings() -> dict[str, tuple[Setting, ...]]:
-    """Each registered backend's own settings, by backend name; none before the backends'
-    registry (`provisioner.backends.registered`) exists."""
-    if not hasattr(backends, "registered"):
-        return {}
+    """Each registered backend's own settings, by backend name (`backends.registered`)."""
     return {backend.name: tuple(backend.settings) for backend in backends.registered()}
 
 
