@@ -14,9 +14,11 @@ import subprocess
 import threading
 import time
 
-from . import cgroups, network
+from . import cgroups
 from .backends import gvisor, microvm
 from .backends.gvisor import run_runsc, runsc_root
+from .network import gc as network_gc
+from .network import host as network_host
 from .state import Record, records, sandboxes_dir
 
 UNRECORDED_GRACE = 60.0
@@ -35,7 +37,7 @@ def reap(record: Record, log: logging.Logger) -> None:
 
 
 def _unrecorded(sandbox_id: str) -> Record:
-    names = network.names(sandbox_id)  # removing what does not exist is harmless
+    names = network_host.names(sandbox_id)  # removing what does not exist is harmless
     return Record(
         sandbox_id=sandbox_id,
         kernel_id="?",
@@ -78,11 +80,11 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
                 reaped.append(sandbox_id)
     # Network namespaces, links and tables of no recorded sandbox. Listed before the
     # records are read again: a starting sandbox records itself before making any.
-    objects = network.host_objects()
+    objects = network_gc.host_objects()
     orphans = objects.without(records())
     if orphans:
         log.info("removing network objects of no sandbox: %s", orphans)
-        network.remove_objects(orphans, log)
+        network_gc.remove_objects(orphans, log)
     return reaped
 
 

@@ -12,12 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups, network
+from . import cgroups
 from .accel import choose as choose_accel
 from .backends.microvm_snapshot import snapshot_dir
 from .idmap import IdMap, mapped_tree
 from .images import ImageError, find_image, load_manifest, verify_image
 from .microvm_image import find_boot_files
+from .network import tap as network_tap
 
 RUNSC_MIN_DATE = 20240729
 _TUNGETFEATURES = 0x800454CF
@@ -76,7 +77,7 @@ NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
 
 
 def check_network_tools() -> Check:
-    """The tools network.py runs: without conntrack, say, a removed kernel's flows linger."""
+    """The tools provisioner/network runs: without conntrack, a removed kernel's flows linger."""
     missing = [tool for tool in NETWORK_TOOLS if shutil.which(tool) is None]
     if not missing:
         return Check("network tools", True, ", ".join(NETWORK_TOOLS))
@@ -156,9 +157,9 @@ def check_idmap() -> Check:
 
 def check_tun() -> Check:
     """A microVM with a network gets a tap device that this process, as root, attaches to
-    for QEMU (`network.open_tap`): /dev/net/tun must be a working tun driver that it can
+    for QEMU (`network.tap.open_tap`): /dev/net/tun must be a working tun driver that it can
     open and that can make taps as attached. Its mode does not matter (QEMU never opens it)."""
-    name, tun = "microVM: tap devices", network.TUN_DEVICE
+    name, tun = "microVM: tap devices", network_tap.TUN_DEVICE
     needed = "(needed for network = 'egress' or 'open')"
     try:
         fd = os.open(tun, os.O_RDWR | os.O_CLOEXEC)
@@ -174,7 +175,7 @@ def check_tun() -> Check:
         return Check(name, False, f"{tun} is no tun driver: {e} {needed}", "modprobe tun")
     finally:
         os.close(fd)
-    if features & network.TAP_FLAGS != network.TAP_FLAGS:
+    if features & network_tap.TAP_FLAGS != network_tap.TAP_FLAGS:
         return Check(name, False, f"{tun} cannot make taps with virtio-net headers "
                      f"(features {features:#x}) {needed}", "a Linux kernel with tun")  # fmt: skip
     return Check(name, True, f"{tun} opens as uid {os.geteuid()}; QEMU gets an attached tap")

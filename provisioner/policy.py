@@ -42,8 +42,8 @@ from typing import Any
 
 from .errors import PolicyError
 from .limits import parse_size
-from .network import MODES as NETWORK_MODES
-from .network import parse_bandwidth, parse_destination
+from .network.spec import MODES as NETWORK_MODES
+from .network.spec import parse_bandwidth, parse_destination
 
 try:
     import tomllib

@@ -36,8 +36,8 @@ from .http_errors import reported
 from .images import find_image
 from .ioloop import in_thread, run_on_io
 from .microvm_image import find_boot_files
-from .network import MODES as NETWORK_MODES
-from .network import NetworkSpec, parse_bandwidth, parse_destination
+from .network.spec import MODES as NETWORK_MODES
+from .network.spec import NetworkSpec, parse_bandwidth, parse_destination
 from .service.client import DEFAULT_SOCKET, SOCKET_ENV, service_client
 from .tunnel import Tunnel, TunnelError, reserve
 

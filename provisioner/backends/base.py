@@ -13,7 +13,7 @@ from .. import cgroups, quotas
 from ..errors import SandboxError
 from ..idmap import IdMap
 from ..limits import Limits
-from ..network import NetworkSpec
+from ..network.spec import NetworkSpec
 from ..state import Record
 
 __all__ = ["SandboxError"]
@@ -56,7 +56,7 @@ class SandboxSpec:
     owner: tuple[int, int] = (1000, 1000)
     """Host uid and gid the sandbox acts as (the kernel's; the workspace's owner)."""
     network: NetworkSpec = field(default_factory=NetworkSpec)
-    """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
+    """none (no network device at all), egress or open; see `network.sandbox.SandboxNetwork`."""
 
 
 def kernel_user(spec: SandboxSpec) -> str:

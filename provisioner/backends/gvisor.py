@@ -12,7 +12,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import cgroups, network, rootfs
+from .. import cgroups, rootfs
+from ..network import gc as network_gc
+from ..network.sandbox import SandboxNetwork
 from ..state import Record, process_start_time, runtime_dir
 from .base import (
     AGENT_ARGV,
@@ -178,7 +180,7 @@ class GVisorSandbox(Sandbox):
         super().__init__(spec, log)
         self.runsc = runsc
         self.platform = platform
-        self.network: network.SandboxNetwork | None = None
+        self.network: SandboxNetwork | None = None
 
     async def start(self) -> Channel:
         self.record.save()
@@ -189,7 +191,7 @@ class GVisorSandbox(Sandbox):
         files: tuple[Mount, ...] = ()
         prefix: list[str] = []
         if self.spec.network.mode != "none":
-            self.network = network.SandboxNetwork(self.spec.network, self.record, self.log)
+            self.network = SandboxNetwork(self.spec.network, self.record, self.log)
             await self.network.open()
             files = tuple(
                 Mount(source=source, destination=destination, read_only=True)
@@ -305,5 +307,5 @@ def reap(record: Record, log: logging.Logger, runsc: str = "runsc") -> None:
             output = result.stdout + result.stderr
             if result.returncode and "does not exist" not in output and "not found" not in output:
                 log.warning("runsc delete %s: %s", record.sandbox_id, output.strip())
-    network.remove(record, log)  # never raises
+    network_gc.remove(record, log)  # never raises
     forget(record, log)

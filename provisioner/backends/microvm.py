@@ -16,7 +16,7 @@ on, no network device unless the kernel's network mode asks for one, and in a
 cgroup of its own that holds the VM's memory, CPU quota and the host tasks.
 
 With a network mode other than none, the sandbox gets the same namespace,
-link, firewall and DNS responder as a gVisor one (`network.py`); its
+link, firewall and DNS responder as a gVisor one (`network/sandbox.py`); its
 virtio-net device is backed by a tap device there, bridged with the
 namespace's end of the link. The backend (root) attaches to the tap and hands
 QEMU the descriptor, as libvirt does: QEMU never opens /dev/net/tun, which may
@@ -45,10 +45,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, network
+from .. import cgroups
 from ..accel import Accel, kvm_group, tsc_arguments
 from ..idmap import mapped_tree
 from ..microvm_image import BootFiles
+from ..network import gc as network_gc
+from ..network import tap as network_tap
+from ..network.sandbox import SandboxNetwork
 from ..state import Record, process_start_time
 from . import microvm_snapshot
 from .base import Channel, Mount, Sandbox, SandboxError, SandboxSpec, forget, kernel_user
@@ -88,10 +91,10 @@ def guest_mac(sandbox_id: str) -> str:
 
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
               fds: tuple[int, int, int],
-              net: tuple[network.SandboxNetwork, int] | None = None,
+              net: tuple[SandboxNetwork, int] | None = None,
               mapped_workspace: int | None = None) -> list[str]:  # fmt: skip
     """QEMU's command line for one sandbox, its ports on `fds` (in, out, config); with
-    `net` (the network, a descriptor of its tap: `network.open_tap`), a virtio-net device
+    `net` (the network, a descriptor of its tap: `network.tap.open_tap`), a virtio-net device
     on that tap; with `mapped_workspace`, the workspace is that descriptor's idmapped tree
     (`idmap.py`). Same for every sandbox of the same shape."""
     limits = spec.limits
@@ -220,7 +223,7 @@ class MicroVMSandbox(Sandbox):
         self.qemu = qemu
         self.boot = boot
         self.accel = accel
-        self.network: network.SandboxNetwork | None = None
+        self.network: SandboxNetwork | None = None
         self.use_snapshots = use_snapshots
         self.shape = ""
         """The key of this VM's shape's snapshot (microvm_snapshot.shape_key)."""
@@ -232,9 +235,7 @@ class MicroVMSandbox(Sandbox):
         uid, gid = self.spec.owner
         prefix: list[str] = []
         if self.spec.network.mode != "none":
-            self.network = network.SandboxNetwork(
-                self.spec.network, self.record, self.log, tap=True
-            )
+            self.network = SandboxNetwork(self.spec.network, self.record, self.log, tap=True)
             await self.network.open()  # removes what it made if it fails
             # nsenter, not `ip netns exec` (which remounts /sys); it execs what follows.
             nsenter = shutil.which("nsenter") or "nsenter"
@@ -256,11 +257,11 @@ class MicroVMSandbox(Sandbox):
                 if fd is not None:
                     os.close(fd)
 
-    def open_tap(self, net: network.SandboxNetwork) -> int:
+    def open_tap(self, net: SandboxNetwork) -> int:
         """A descriptor of the network's tap, for QEMU. Called in the I/O loop, not a worker
         thread: it takes a millisecond, and a cancelled wait would leak the descriptor."""
         try:
-            return network.open_tap(net.netns_path)
+            return network_tap.open_tap(net.netns_path)
         except OSError as e:
             raise SandboxError(f"network setup: {e}") from None
 
@@ -394,5 +395,5 @@ def reap(record: Record, log: logging.Logger) -> None:
         deadline = time.monotonic() + 5
         while process_start_time(pid) == record.pid_start and time.monotonic() < deadline:
             time.sleep(0.02)  # it leaves its cgroup once its parent (or init) reaps it
-    network.remove(record, log)  # never raises; the tap and bridge go with the namespace
+    network_gc.remove(record, log)  # never raises; the tap and bridge go with the namespace
     forget(record, log)

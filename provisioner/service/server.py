@@ -38,7 +38,7 @@ from traitlets.config import LoggingConfigurable
 from .. import cleanup, policy, quotas
 from ..backends.base import Sandbox
 from ..errors import RequestError, SandboxError, SettingError, kind_of
-from ..network import SandboxNetwork
+from ..network.sandbox import SandboxNetwork
 from ..provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
 from ..state import Record, process_start_time, records
 from .client import DEFAULT_SOCKET, SOCKET_ENV
