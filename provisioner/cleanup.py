@@ -13,7 +13,9 @@ import subprocess
 import threading
 import time
 
-from . import backends, cgroups, network
+from . import backends, cgroups
+from .network import gc as network_gc
+from .network import host as network_host
 from .state import Record, records, sandboxes_dir
 
 UNRECORDED_GRACE = 60.0
@@ -29,13 +31,13 @@ def reap(record: Record, log: logging.Logger) -> None:
     found = backends.BACKENDS.get(record.backend)
     for backend in [found] if found is not None else backends.registered():
         backend.remove_runtime(record, log)
-    network.remove(record, log)  # never raises
+    network_gc.remove(record, log)  # never raises
     backends.base.forget(record, log)
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
 
 
 def _unrecorded(sandbox_id: str) -> Record:
-    names = network.names(sandbox_id)  # removing what does not exist is harmless
+    names = network_host.names(sandbox_id)  # removing what does not exist is harmless
     return Record(
         sandbox_id=sandbox_id,
         kernel_id="?",
@@ -71,11 +73,11 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
             reaped.append(sandbox_id)
     # Network namespaces, links and tables of no recorded sandbox. Listed before the
     # records are read again: a starting sandbox records itself before making any.
-    objects = network.host_objects()
+    objects = network_gc.host_objects()
     orphans = objects.without(records())
     if orphans:
         log.info("removing network objects of no sandbox: %s", orphans)
-        network.remove_objects(orphans, log)
+        network_gc.remove_objects(orphans, log)
     return reaped
 
 

@@ -22,7 +22,7 @@ NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
 
 
 def check_network_tools() -> Check:
-    """The tools network.py runs: without conntrack, say, a removed kernel's flows linger."""
+    """The tools provisioner/network runs: without conntrack, a removed kernel's flows linger."""
     missing = [tool for tool in NETWORK_TOOLS if shutil.which(tool) is None]
     if not missing:
         return Check("network tools", True, ", ".join(NETWORK_TOOLS))

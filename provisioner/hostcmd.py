@@ -69,6 +69,19 @@ def quietly(argv: Argv, log: logging.Logger, gone: tuple[str, ...] = (), timeout
     return result.returncode == 0
 
 
+def probe(argv: Argv, timeout: float = 30) -> str | None:
+    """Run a question whose failure is itself an answer (does this table exist? what
+    addresses has this link?): its standard output if it exited 0; None if it could not
+    start, timed out or exited non-zero. Never raises, logs nothing."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, errors="replace",
+                                stdin=subprocess.DEVNULL, timeout=timeout, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
 def stream(argv: Argv, log: logging.Logger, what: str, *, error: type[Error] = SandboxError,
            env: dict[str, str] | None = None, cwd: Path | None = None,
            fix: str = "") -> None:  # fmt: skip

@@ -55,7 +55,7 @@ class Record:
     """The caller's uid, for a sandbox the sandbox service made (`service/`): only that
     uid may touch it, and a restarted service adopts it."""
     netns: str = ""
-    """The sandbox's network namespace, veth (host end), nftables table and /30 (network.py);
+    """The sandbox's network namespace, veth (host end), nftables table and /30 (network/);
     each recorded before it is made, so that gc can remove what a crash left."""
     veth: str = ""
     nft_table: str = ""

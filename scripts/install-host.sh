@@ -13,7 +13,7 @@ set -euo pipefail
 HOST_PACKAGES=(
     debootstrap     # builds the guest root filesystem
     e2fsprogs       # mkfs.ext4 -d: guest rootfs image for microVMs
-    iproute2        # per-kernel network namespaces, veths, tc bandwidth caps (network.py)
+    iproute2        # per-kernel network namespaces, veths, tc bandwidth caps (provisioner/network/)
     nftables        # per-kernel firewall for kernels that may use the network
     conntrack       # drops a removed kernel's flows: none reach the next on its addresses
     ca-certificates # TLS to the Debian archive and PyPI while building images

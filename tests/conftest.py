@@ -17,10 +17,11 @@ import pytest
 from helpers import microvm_list, runsc_list
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
-from provisioner import cgroups, network
+from provisioner import cgroups
 from provisioner.errors import ImageError
 from provisioner.images.boot import find_boot_files
 from provisioner.images.store import find_image
+from provisioner.network import gc as network_gc
 from provisioner.state import records, sandboxes_dir
 
 pytest_plugins = ["security.kit"]
@@ -99,9 +100,9 @@ def leftover_mounts() -> list[str]:
     return [p for p in points if p.startswith(base) and p[len(base) :].split("/")[0] not in live]
 
 
-def leftover_network() -> network.HostObjects:
+def leftover_network() -> network_gc.HostObjects:
     """Our network namespaces, veths and nftables tables whose sandbox has no record."""
-    return network.host_objects().without(records())
+    return network_gc.host_objects().without(records())
 
 
 @pytest.fixture(scope="session")

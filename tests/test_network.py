@@ -55,8 +55,14 @@ from hypothesis import strategies as st
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from provisioner import cgroups, dns, network
+from provisioner import cgroups, hostcmd
 from provisioner.errors import SandboxError, SettingError
+from provisioner.network import dns
+from provisioner.network import gc as network_gc
+from provisioner.network import host as network_host
+from provisioner.network import sandbox as network_sandbox
+from provisioner.network import tap as network_tap
+from provisioner.network.spec import Destination, NetworkSpec, parse_bandwidth, parse_destination
 from provisioner.state import Record, records
 
 JUPYTER_SANDBOX = [str(Path(sys.executable).parent / "jupyter"), "sandbox"]
@@ -245,8 +251,8 @@ def test_hosts(sandbox_host: None, tmp_path_factory) -> Iterator[dict]:
 def clear_stale_test_hosts(netns: list[str]) -> None:
     """Remove what a killed earlier run left of `test_hosts` (namespaces, with their veths,
     and the metadata route); fail if a live run holds them (its listeners are in them)."""
-    left = [name for name in netns if network.netns_path(name).exists()]
-    in_use = network._namespaces_in_use(left)
+    left = [name for name in netns if network_host.netns_path(name).exists()]
+    in_use = network_gc._namespaces_in_use(left)
     if in_use:
         skip_or_fail(f"another test run is using the test hosts' namespaces {in_use}")
     for name in left:
@@ -319,7 +325,7 @@ def guest_address(record: Record) -> str:
 
 
 def exists(record: Record) -> dict[str, bool]:
-    tables = network.host_objects().tables
+    tables = network_gc.host_objects().tables
     return {
         "netns": Path("/run/netns", record.netns).exists(),
         "veth": Path("/sys/class/net", record.veth).exists(),
@@ -361,17 +367,17 @@ async def test_bad_network_setting_fails_the_start_naming_it(
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("pypi.org:443", network.Destination(host="pypi.org", port=443)),
-        ("PyPI.org.", network.Destination(host="pypi.org")),
-        ("10.0.0.0/8", network.Destination(net=ipaddress.IPv4Network("10.0.0.0/8"))),
+        ("pypi.org:443", Destination(host="pypi.org", port=443)),
+        ("PyPI.org.", Destination(host="pypi.org")),
+        ("10.0.0.0/8", Destination(net=ipaddress.IPv4Network("10.0.0.0/8"))),
         (
             "192.0.2.7:8080",
-            network.Destination(net=ipaddress.IPv4Network("192.0.2.7/32"), port=8080),
+            Destination(net=ipaddress.IPv4Network("192.0.2.7/32"), port=8080),
         ),
     ],
 )
 def test_destinations_as_operators_write_them(text, expected):
-    assert network.parse_destination(text) == expected
+    assert parse_destination(text) == expected
     assert str(expected) == text.lower().rstrip(".")
 
 
@@ -380,14 +386,14 @@ def test_destinations_as_operators_write_them(text, expected):
     [("10M", 10**7), ("512k", 512_000), ("1G", 10**9), ("8Mbit", 8 * 10**6), ("", None)],
 )
 def test_bandwidths_as_operators_write_them(text, rate):
-    assert network.parse_bandwidth(text) == rate
+    assert parse_bandwidth(text) == rate
 
 
-def bare_network(mode: str = "open", allow: tuple[str, ...] = ()) -> network.SandboxNetwork:
+def bare_network(mode: str = "open", allow: tuple[str, ...] = ()) -> network_sandbox.SandboxNetwork:
     """A sandbox network object with addresses but nothing made on the host."""
-    spec = network.NetworkSpec(mode=mode, allow=tuple(map(network.parse_destination, allow)))
+    spec = NetworkSpec(mode=mode, allow=tuple(map(parse_destination, allow)))
     record = Record(sandbox_id=f"jsb-unit-{os.getpid()}", kernel_id="?", backend="?")
-    net = network.SandboxNetwork(spec, record, logging.getLogger("test"))
+    net = network_sandbox.SandboxNetwork(spec, record, logging.getLogger("test"))
     net.host_ip, net.guest_ip = "10.223.0.1", "10.223.0.2"
     return net
 
@@ -395,7 +401,7 @@ def bare_network(mode: str = "open", allow: tuple[str, ...] = ()) -> network.San
 def test_cloud_metadata_addresses_are_always_blocked(sandbox_host):
     for text in ("100.100.100.200", "100.100.100.200/32", "168.63.129.16:80"):
         with pytest.raises(ValueError, match="always blocked"):
-            network.parse_destination(text)
+            parse_destination(text)
     rules = bare_network().ruleset()
     blocked = next(line for line in rules.splitlines() if "ip daddr {" in line)
     assert (
@@ -407,20 +413,20 @@ def test_cloud_metadata_addresses_are_always_blocked(sandbox_host):
 
 def test_pool_lock_is_host_wide_whatever_the_runtime_dir(sandbox_host, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_SANDBOX_RUNTIME_DIR", str(tmp_path))
-    with network._pool_lock():
-        assert (network.HOST_STATE / "pool.lock").exists()
+    with network_host.pool_lock():
+        assert (network_host.HOST_STATE / "pool.lock").exists()
     assert not list(tmp_path.iterdir())
 
 
 def test_a_freed_subnet_waits_before_it_is_handed_out_again(sandbox_host, tmp_path, monkeypatch):
-    monkeypatch.setattr(network, "_RECENTLY_FREED", tmp_path / "recently-freed.json")
+    monkeypatch.setattr(network_host, "_RECENTLY_FREED", tmp_path / "recently-freed.json")
     fixed = types.SimpleNamespace(randrange=lambda n: n // 2)  # "random": the middle of the pool
-    monkeypatch.setattr(network, "random", fixed)
-    first = network._free_subnet()
-    network._note_freed(str(first))
-    assert network._free_subnet() != first
-    monkeypatch.setattr(network, "REUSE_DELAY", 0.0)  # long ago: free again
-    assert network._free_subnet() == first
+    monkeypatch.setattr(network_host, "random", fixed)
+    first = network_host.free_subnet()
+    network_host.note_freed(str(first))
+    assert network_host.free_subnet() != first
+    monkeypatch.setattr(network_host, "REUSE_DELAY", 0.0)  # long ago: free again
+    assert network_host.free_subnet() == first
 
 
 # -- the DNS responder, alone -----------------------------------------------------------
@@ -520,15 +526,15 @@ async def test_dns_lookups_are_capped_per_sandbox_and_failures_remembered(monkey
         threads.add(threading.current_thread().name.split("_")[0])
         if name.startswith("slow"):
             release.wait(30)
-            raise network.LookupFailed(f"{name}: the resolver gave up (test)")
+            raise network_sandbox.LookupFailed(f"{name}: the resolver gave up (test)")
         return [] if name.startswith("none") else ["192.0.2.7"]
 
-    monkeypatch.setattr(network, "_host_addresses", host_addresses)
-    monkeypatch.setattr(network, "LOOKUP_TIMEOUT", 0.5)
+    monkeypatch.setattr(network_sandbox, "_host_addresses", host_addresses)
+    monkeypatch.setattr(network_sandbox, "LOOKUP_TIMEOUT", 0.5)
     net, port = bare_network("open"), free_port()
     log = logging.getLogger("test")
     responder = await dns.serve("127.0.0.1", port, "127.0.0.1", net._lookup, log, "t")
-    cap = network.LOOKUPS_PER_SANDBOX
+    cap = network_sandbox.LOOKUPS_PER_SANDBOX
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
@@ -607,28 +613,28 @@ async def test_a_name_keeps_its_latest_addresses_open_and_for_a_while(sandbox_ho
     lookups leave in its sets, through the real nft."""
     net = bare_network("egress", ("cdn.example:443", "10.1.0.0/16:22"))
     netns, calls = f"nettest-nft-{os.getpid()}", []
-    real_run = network._run
+    real_run = hostcmd.run
 
-    def run_inside(argv: list[str], input: str | None = None) -> str:
+    def run_inside(argv: list[str], what: str, *, input: str | None = None) -> str:
         calls.append(input)
-        return real_run(["ip", "netns", "exec", netns, *argv], input)
+        return real_run(["ip", "netns", "exec", netns, *argv], what, input=input)
 
     def open_now() -> list[str]:
-        listing = run_inside(["nft", "list", "set", "inet", net.names.table, "allow_port"])
+        listing = run_inside(["nft", "list", "set", "inet", net.names.table, "allow_port"], "?")
         assert all("timeout 5m expires" in line for line in listing.split(",")[1:])
         return sorted(re.findall(r"(10\.1\.0\.\d+) \. 443", listing), key=ipaddress.ip_address)
 
     sh("ip", "netns", "add", netns)
     try:
-        monkeypatch.setattr(network, "_run", run_inside)
-        run_inside(["nft", "-f", "-"], net.ruleset())
+        monkeypatch.setattr(hostcmd, "run", run_inside)
+        run_inside(["nft", "-f", "-"], "?", input=net.ruleset())
         addresses = [f"10.1.0.{i}" for i in range(1, 21)]  # inside the listed network
         await net._open_firewall("cdn.example", addresses[:10])
         assert open_now() == addresses[:10]
         # The name moved on to 15 addresses, 10 of them new: 16 stay open, the latest.
         await net._open_firewall("cdn.example", addresses[5:])
         latest = open_now()
-        assert len(latest) == network.MAX_ADDRESSES and set(addresses[5:]) <= set(latest)
+        assert len(latest) == network_sandbox.MAX_ADDRESSES and set(addresses[5:]) <= set(latest)
         before = len(calls)
         await net._open_firewall("cdn.example", addresses[5:])  # still fresh: nothing to do
         assert len(calls) == before
@@ -698,7 +704,7 @@ async def test_egress_reaches_only_what_is_allowed(
         hosts_file.write_text(
             hosts_file.read_text().replace(f"{ALLOWED} later", f"{BLOCKED} later")
         )
-        await asyncio.sleep(network.CACHE_SECONDS + 0.2)
+        await asyncio.sleep(network_sandbox.CACHE_SECONDS + 0.2)
         later = await run(
             kc, "print(json.dumps([resolve('later.jsb-test'), probe('later.jsb-test', 8080)]))"
         )
@@ -932,7 +938,7 @@ def between_test_hosts() -> str:
 async def test_forwarding_is_for_sandboxes_only_and_undone_after_the_last(
     no_leftovers, workspace, test_hosts
 ):
-    if network.host_objects().links:
+    if network_gc.host_objects().links:
         skip_or_fail("another server's sandboxes are using forwarding now")
     original = forwarding()
     routes = [("nettest-allowed", "10.224.2.0/30", "10.224.1.1"),
@@ -945,9 +951,9 @@ async def test_forwarding_is_for_sandboxes_only_and_undone_after_the_last(
         set_forwarding("0")
         allow = [f"{ALLOWED}:8080"]
         async with kernel(workspace, network="egress", egress_allow=allow) as (_, kc):
-            during = (forwarding(), network._guard_exists(), between_test_hosts())
+            during = (forwarding(), network_host.guard_exists(), between_test_hosts())
             reached = await probes(kc, [(ALLOWED, 8080)])
-        after = (forwarding(), network._guard_exists(), network._FORWARDING_BEFORE.exists())
+        after = (forwarding(), network_host.guard_exists(), network_host.FORWARDING_BEFORE.exists())
     finally:
         for netns, where, via in routes:
             subprocess.run(["ip", "-n", netns, "route", "del", where, "via", via])
@@ -1007,10 +1013,12 @@ async def test_a_sandbox_flows_do_not_reach_the_next_one_on_its_subnet(
             guest = guest_address(a_record)
             assert flows_of(guest)  # the flow a later packet could ride
         assert not flows_of(guest)
-        monkeypatch.setattr(network, "_free_subnet", lambda: ipaddress.IPv4Network(a_record.subnet))
+        monkeypatch.setattr(
+            network_sandbox, "free_subnet", lambda: ipaddress.IPv4Network(a_record.subnet)
+        )
         b_record = Record(sandbox_id=f"jsb-nettest-{os.getpid()}", kernel_id="?", backend="gvisor")
-        b_net = network.SandboxNetwork(network.NetworkSpec(mode="egress"), b_record,
-                                       logging.getLogger("test"))  # fmt: skip
+        b_net = network_sandbox.SandboxNetwork(NetworkSpec(mode="egress"), b_record,
+                                               logging.getLogger("test"))  # fmt: skip
         await b_net.open()
         assert b_net.guest_ip == guest
         listener = subprocess.Popen(
@@ -1033,7 +1041,7 @@ async def test_a_sandbox_flows_do_not_reach_the_next_one_on_its_subnet(
         if b_net is not None:
             b_net.close()
         if b_record is not None:
-            network.remove(b_record, logging.getLogger("test"))
+            network_gc.remove(b_record, logging.getLogger("test"))
             b_record.remove()
 
 
@@ -1163,7 +1171,7 @@ def test_a_dns_flood_does_not_hold_up_other_kernels(no_leftovers, workspace, hos
     # all at once (the sandbox's lookup slots were full), a few after the lookup timeout.
     assert guest["sent"] >= 16 * seconds
     assert set(guest["answers"]) == {str(dns.SERVFAIL)}, guest
-    assert guest["fast"] >= guest["sent"] - 2 * network.LOOKUPS_PER_SANDBOX * seconds, guest
+    assert guest["fast"] >= guest["sent"] - 2 * network_sandbox.LOOKUPS_PER_SANDBOX * seconds, guest
     # Meanwhile the server's own threads stayed free, and another kernel started in time.
     assert result["delay"] < 0.5, result
     assert result["during"] < result["alone"] + 3, result
@@ -1178,10 +1186,10 @@ async def test_failed_network_setup_leaves_nothing(
     def fail(self, rate: int) -> None:
         seen.update(exists(self.record))  # made so far: namespace, veth, table
         if kernel_name != KERNEL:  # and the microVM's tap and bridge
-            seen["tap"] = bool(in_netns(self.record, "ip", "link", "show", network.TAP_IF))
+            seen["tap"] = bool(in_netns(self.record, "ip", "link", "show", network_tap.TAP_IF))
         raise SandboxError("tc failed (injected by the test)")
 
-    monkeypatch.setattr(network.SandboxNetwork, "_limit_bandwidth", fail)
+    monkeypatch.setattr(network_sandbox.SandboxNetwork, "_limit_bandwidth", fail)
     km = AsyncIOLoopKernelManager(
         kernel_name=kernel_name,
         config=Config({"SandboxProvisioner": {"network": "open", "network_bandwidth": "1M"}}),
@@ -1214,7 +1222,7 @@ async def test_microvm_start_failing_after_its_network_leaves_nothing(
         record = next(r for r in records() if r.backend == "microvm" and r.netns)
         seen.update(exists(record))
         seen["ports"] = sorted(
-            re.findall(rf"\d+: (\w+)(?:@\w+)?: .*master {network.BRIDGE_IF}",
+            re.findall(rf"\d+: (\w+)(?:@\w+)?: .*master {network_sandbox.BRIDGE_IF}",
                        in_netns(record, "ip", "-o", "link", "show"))
         )  # fmt: skip
         raise SandboxError("cgroup failed (injected by the test)")
@@ -1225,7 +1233,7 @@ async def test_microvm_start_failing_after_its_network_leaves_nothing(
     )
     with pytest.raises(SandboxError, match="injected by the test"):
         await km.start_kernel(cwd=str(workspace))
-    ports = sorted([network.GUEST_IF, network.TAP_IF])
+    ports = sorted([network_sandbox.GUEST_IF, network_tap.TAP_IF])
     assert seen == {"netns": True, "veth": True, "table": True, "ports": ports}
     assert not leftover_network()
 
@@ -1249,7 +1257,7 @@ async def test_microvm_qemu_gets_an_attached_tap_and_never_opens_dev_net_tun(
     QEMU gets the descriptor: its command line names an fd, never an ifname, the guest's
     network works through it, and nothing changed the device's mode."""
     require_sandbox("microvm")
-    tun_mode = network.TUN_DEVICE.stat().st_mode
+    tun_mode = network_tap.TUN_DEVICE.stat().st_mode
     async with kernel(workspace, BACKENDS["microvm"], network="open") as (km, kc):
         pid = record_of(km).pid
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -1257,12 +1265,12 @@ async def test_microvm_qemu_gets_an_attached_tap_and_never_opens_dev_net_tun(
         fd = re.fullmatch(r"tap,id=net0,fd=(\d+)", netdev)
         assert fd is not None, netdev
         assert not any("ifname" in arg or "script" in arg for arg in argv), argv
-        assert tun_descriptors(pid) == {int(fd.group(1)): network.TAP_IF}
+        assert tun_descriptors(pid) == {int(fd.group(1)): network_tap.TAP_IF}
         uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
         assert uids == ["1000"] * 4  # QEMU is the workspace's owner, not root
         assert await probes(kc, [(ALLOWED, 8080)]) == ["allowed"]
         assert tun_descriptors() == {}  # the backend's own copy is closed
-    assert network.TUN_DEVICE.stat().st_mode == tun_mode  # nothing chmods it
+    assert network_tap.TUN_DEVICE.stat().st_mode == tun_mode  # nothing chmods it
 
 
 def test_open_tap_attaches_only_to_an_existing_tap_in_its_namespace(sandbox_host):
@@ -1273,20 +1281,20 @@ def test_open_tap_attaches_only_to_an_existing_tap_in_its_namespace(sandbox_host
     netns = f"jsbt-tap-{os.getpid()}"  # not ours (jsb-): no gc may take it meanwhile
     sh("ip", "netns", "add", netns)
     try:
-        with pytest.raises(OSError, match=f"cannot attach to tap {network.TAP_IF}") as missing:
-            network.open_tap(Path("/run/netns", netns))
+        with pytest.raises(OSError, match=f"cannot attach to tap {network_tap.TAP_IF}") as missing:
+            network_tap.open_tap(Path("/run/netns", netns))
         assert missing.value.errno == errno.ENODEV
         assert tun_descriptors() == {}
         links = in_netns(Record("?", "?", "?", netns=netns), "ip", "-o", "link")
-        assert "lo:" in links and network.TAP_IF not in links  # none made meanwhile
-        sh("ip", "-n", netns, "tuntap", "add", "dev", network.TAP_IF, "mode", "tap")
-        fd = network.open_tap(Path("/run/netns", netns))
+        assert "lo:" in links and network_tap.TAP_IF not in links  # none made meanwhile
+        sh("ip", "-n", netns, "tuntap", "add", "dev", network_tap.TAP_IF, "mode", "tap")
+        fd = network_tap.open_tap(Path("/run/netns", netns))
         try:
-            assert tun_descriptors() == {fd: network.TAP_IF}
+            assert tun_descriptors() == {fd: network_tap.TAP_IF}
             flags = struct.unpack("16sH", fcntl.ioctl(fd, 0x800454D2, bytes(40))[:18])[1]
-            assert flags & network.TAP_FLAGS == network.TAP_FLAGS  # TUNGETIFF
+            assert flags & network_tap.TAP_FLAGS == network_tap.TAP_FLAGS  # TUNGETIFF
             assert flags & 0x0800  # IFF_PERSIST: the tap `ip` made, not a new one
-            assert not Path("/sys/class/net", network.TAP_IF).exists()  # not the host's
+            assert not Path("/sys/class/net", network_tap.TAP_IF).exists()  # not the host's
         finally:
             os.close(fd)
     finally:
@@ -1333,16 +1341,17 @@ async def test_microvm_reap_removes_its_network(sandbox_host):
     from provisioner.backends import microvm
 
     record = Record(sandbox_id=f"jsb-reap-{os.getpid()}", kernel_id="?", backend="microvm")
-    spec = network.NetworkSpec(mode="open")
-    net = network.SandboxNetwork(spec, record, logging.getLogger("test"), tap=True)
+    spec = NetworkSpec(mode="open")
+    net = network_sandbox.SandboxNetwork(spec, record, logging.getLogger("test"), tap=True)
     await net.open()
     net.close()
     try:
         assert exists(record) == {"netns": True, "veth": True, "table": True}
-        tap = in_netns(record, "ip", "-d", "link", "show", network.TAP_IF)
-        assert "tun type tap" in tap and f"master {network.BRIDGE_IF}" in tap
+        tap = in_netns(record, "ip", "-d", "link", "show", network_tap.TAP_IF)
+        assert "tun type tap" in tap and f"master {network_sandbox.BRIDGE_IF}" in tap
         owner = subprocess.run(
-            ["ip", "netns", "exec", record.netns, "cat", f"/sys/class/net/{network.TAP_IF}/owner"],
+            ["ip", "netns", "exec", record.netns, "cat",
+             f"/sys/class/net/{network_tap.TAP_IF}/owner"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert owner.stdout.strip() == "-1"  # no owner: only root (the backend) may attach
@@ -1354,7 +1363,7 @@ async def test_microvm_reap_removes_its_network(sandbox_host):
 
 def test_gc_removes_network_objects_of_no_sandbox(sandbox_host):
     """What a crash between `ip netns add` and the record's save would leave."""
-    orphan = network.names(f"jsb-orphan-{os.getpid()}")
+    orphan = network_host.names(f"jsb-orphan-{os.getpid()}")
     sh("ip", "netns", "add", orphan.netns)
     peer = ["peer", "name", "eth0", "netns", orphan.netns]
     sh("ip", "link", "add", orphan.veth, "type", "veth", *peer)

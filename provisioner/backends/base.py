@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import cgroups, quotas
-from .. import network as network_gc
 from ..checks import Check
 from ..errors import SandboxError
 from ..guest.layout import AGENT_DIR, KERNEL_UID
 from ..idmap import IdMap
 from ..limits import Limits
-from ..network import SandboxNetwork
+from ..network import gc as network_gc
+from ..network.sandbox import SandboxNetwork
 from ..network.spec import NetworkSpec
 from ..settings import COMMON, Setting
 from ..state import Record, process_start_time
@@ -66,7 +66,7 @@ class SandboxSpec:
     owner: tuple[int, int] = (KERNEL_UID, KERNEL_UID)
     """Host uid and gid the sandbox acts as (the kernel's; the workspace's owner)."""
     network: NetworkSpec = field(default_factory=NetworkSpec)
-    """none (no network device at all), egress or open; see `network.SandboxNetwork`."""
+    """none (no network device at all), egress or open; see `network.sandbox.SandboxNetwork`."""
 
 
 def kernel_user(spec: SandboxSpec) -> str:

@@ -16,7 +16,7 @@ on, no network device unless the kernel's network mode asks for one, and in a
 cgroup of its own that holds the VM's memory, CPU quota and the host tasks.
 
 With a network mode other than none, the sandbox gets the same namespace,
-link, firewall and DNS responder as a gVisor one (`network.py`); its
+link, firewall and DNS responder as a gVisor one (`network/sandbox.py`); its
 virtio-net device is backed by a tap device there, bridged with the
 namespace's end of the link. The backend (root) attaches to the tap and hands
 QEMU the descriptor, as libvirt does: QEMU never opens /dev/net/tun, which may
@@ -46,13 +46,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, network
+from .. import cgroups
 from ..accel import Accel, choose, kvm_group, tsc_arguments
 from ..checks import INSTALL, Check
 from ..errors import ImageError, SandboxError
 from ..idmap import mapped_tree
 from ..images.boot import BootFiles, find_boot_files
 from ..ioloop import in_thread
+from ..network import tap as network_tap
+from ..network.sandbox import SandboxNetwork
 from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, seconds, text_value
 from ..state import Record, process_start_time
 from . import microvm_snapshot
@@ -83,10 +85,10 @@ def guest_mac(sandbox_id: str) -> str:
 
 def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
               fds: tuple[int, int, int],
-              net: tuple[network.SandboxNetwork, int] | None = None,
+              net: tuple[SandboxNetwork, int] | None = None,
               mapped_workspace: int | None = None) -> list[str]:  # fmt: skip
     """QEMU's command line for one sandbox, its ports on `fds` (in, out, config); with
-    `net` (the network, a descriptor of its tap: `network.open_tap`), a virtio-net device
+    `net` (the network, a descriptor of its tap: `network.tap.open_tap`), a virtio-net device
     on that tap; with `mapped_workspace`, the workspace is that descriptor's idmapped tree
     (`idmap.py`). Same for every sandbox of the same shape."""
     limits = spec.limits
@@ -244,11 +246,11 @@ class MicroVMSandbox(Sandbox):
                 if fd is not None:
                     os.close(fd)
 
-    def open_tap(self, net: network.SandboxNetwork) -> int:
+    def open_tap(self, net: SandboxNetwork) -> int:
         """A descriptor of the network's tap, for QEMU. Called in the I/O loop, not a worker
         thread: it takes a millisecond, and a cancelled wait would leak the descriptor."""
         try:
-            return network.open_tap(net.netns_path)
+            return network_tap.open_tap(net.netns_path)
         except OSError as e:
             raise SandboxError(f"network setup: {e}") from None
 
@@ -450,9 +452,9 @@ _TUNGETFEATURES = 0x800454CF
 
 def check_tun() -> Check:
     """A microVM with a network gets a tap device that this process, as root, attaches to
-    for QEMU (`network.open_tap`): /dev/net/tun must be a working tun driver that it can
+    for QEMU (`network.tap.open_tap`): /dev/net/tun must be a working tun driver that it can
     open and that can make taps as attached. Its mode does not matter (QEMU never opens it)."""
-    name, tun = "microVM: tap devices", network.TUN_DEVICE
+    name, tun = "microVM: tap devices", network_tap.TUN_DEVICE
     needed = "(needed for network = 'egress' or 'open')"
     try:
         fd = os.open(tun, os.O_RDWR | os.O_CLOEXEC)
@@ -468,7 +470,7 @@ def check_tun() -> Check:
         return Check(name, False, f"{tun} is no tun driver: {e} {needed}", "modprobe tun")
     finally:
         os.close(fd)
-    if features & network.TAP_FLAGS != network.TAP_FLAGS:
+    if features & network_tap.TAP_FLAGS != network_tap.TAP_FLAGS:
         return Check(name, False, f"{tun} cannot make taps with virtio-net headers "
                      f"(features {features:#x}) {needed}", "a Linux kernel with tun")  # fmt: skip
     return Check(name, True, f"{tun} opens as uid {os.geteuid()}; QEMU gets an attached tap")

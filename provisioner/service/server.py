@@ -38,7 +38,7 @@ from traitlets.config import LoggingConfigurable
 from .. import backends, cleanup, policy, settings
 from ..backends.base import Backend, Sandbox
 from ..errors import RequestError, SandboxError, SettingError, kind_of
-from ..network import SandboxNetwork
+from ..network.sandbox import SandboxNetwork
 from ..request import Requester, SandboxRequest, make_sandbox
 from ..settings import DEFAULT_SOCKET, SOCKET_ENV, USER_SETTINGS
 from ..state import Record, process_start_time, records
