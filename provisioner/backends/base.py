@@ -23,6 +23,7 @@ from ..guest.layout import AGENT_DIR, KERNEL_UID
 from ..idmap import IdMap
 from ..limits import Limits
 from ..network import gc as network_gc
+from ..network.host import in_namespace
 from ..network.sandbox import SandboxNetwork
 from ..network.spec import NetworkSpec
 from ..settings import COMMON, Setting
@@ -207,13 +208,6 @@ class Sandbox(abc.ABC):
     def cpu_seconds(self) -> float | None:
         """CPU time used by the whole sandbox so far, if known."""
         return cgroups.cpu_seconds(self.record.cgroup)
-
-
-def in_namespace(netns: Path) -> list[str]:
-    """The prefix that runs a command in network namespace `netns`: nsenter, not `ip netns
-    exec` (that remounts /sys, and runsc then cannot find its cgroups); nsenter execs the
-    command, so the process started is the command itself."""
-    return [shutil.which("nsenter") or "nsenter", f"--net={netns}", "--"]
 
 
 def find_binary(path: str, setting: str, hint: str) -> str:

@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ class Names:
     netns: str
     veth: str
     table: str
+
+
+def in_namespace(netns: Path) -> list[str]:
+    """The prefix that runs a command in network namespace `netns`: nsenter, not `ip netns
+    exec` (that remounts /sys, and runsc then cannot find its cgroups); nsenter execs the
+    command, so the process started is the command itself."""
+    return [shutil.which("nsenter") or "nsenter", f"--net={netns}", "--"]
 
 
 def names(sandbox_id: str) -> Names:

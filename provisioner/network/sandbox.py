@@ -57,7 +57,6 @@ import concurrent.futures
 import ipaddress
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -74,6 +73,7 @@ from .host import (
     VETH_PREFIX,
     free_subnet,
     hold_forwarding,
+    in_namespace,
     names,
     netns_path,
     pool_lock,
@@ -296,8 +296,7 @@ class SandboxNetwork:
             raise
 
     def _in_netns(self, argv: list[str], input: str | None = None) -> str:
-        nsenter = shutil.which("nsenter") or "nsenter"
-        return hostcmd.run([nsenter, f"--net={self.netns_path}", "--", *argv], SETUP, input=input)
+        return hostcmd.run([*in_namespace(self.netns_path), *argv], SETUP, input=input)
 
     def _make_tap(self) -> None:
         """A microVM's path: the namespace's eth0 (no address) bridged with a persistent tap
