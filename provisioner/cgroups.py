@@ -72,6 +72,37 @@ def make_v2(root: Path, cgroup: str, controllers: str) -> Path:
     return path
 
 
+def procs(cgroup: str) -> list[int]:
+    """The pids of every process in `cgroup` and the cgroups below it, sorted; [] if it is
+    not there.
+
+    Read from the memory controller's hierarchy on v1 (where `find` looks, and where every
+    sandbox's processes are: runsc puts its own there, a VM's QEMU joins it), from the
+    unified one on v2. A process that leaves meanwhile may still be listed. An empty
+    `cgroup` (the root) has none: this never lists the whole host.
+    """
+    if not cgroup.strip("/"):
+        return []
+    pids: set[int] = set()
+    for path in memory_dir(cgroup).rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            pids.update(int(pid) for pid in path.read_text().split())
+    return sorted(pids)
+
+
+def memory_stat(cgroup: str) -> dict[str, int]:
+    """`memory.stat` of `cgroup` as numbers; {} if it is not there. The names are the
+    hierarchy's own: v1 says `rss`, `cache`, `mapped_file`; v2 `anon`, `file`,
+    `file_mapped`; both say `shmem`."""
+    stat = {}
+    with contextlib.suppress(OSError):
+        for line in (memory_dir(cgroup) / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                stat[name] = int(value)
+    return stat
+
+
 def set_memory_limit(cgroup: str, limit: int | None) -> None:
     """Create `cgroup` for memory if needed and cap it (memory plus swap) at `limit` bytes.
 

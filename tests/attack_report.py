@@ -1,26 +1,39 @@
-"""The attack table in SECURITY.md, written by the security suite from its own results.
+"""The attack table (docs/attacks.md), written by the security suite from its own results.
 
 Each attack test carries `@pytest.mark.attack(category, what)` and says, through the
 `verdict` fixture, why the attack failed (or, for a microVM, where it harmlessly
-landed). After a run that covered the whole suite the table between the markers in
-SECURITY.md is rewritten: one row per attack, one column per backend.
+landed). Only when asked (`--attack-table=PATH`, which `make security-report` passes)
+is an `AttackTable` registered: it collects one row per attack, one column per
+backend, and writes the page at the end of the run. A plain test run writes nothing:
+the page is tracked, and a test run must leave the tree as it found it.
 """
 
 from __future__ import annotations
 
-import re
+import datetime
 from pathlib import Path
 
 import pytest
 
-SECURITY_MD = Path(__file__).resolve().parent.parent / "SECURITY.md"
-BEGIN, END = "<!-- attack-table:begin -->", "<!-- attack-table:end -->"
-SUITE = Path(__file__).resolve().parent / "security"
+from provisioner import hostcmd
+from provisioner.errors import Error
+
 BACKEND_NAMES = {"gvisor": "gVisor", "microvm": "microVM"}
 CATEGORIES = ("files", "secrets", "network", "processes", "resources", "tunnel", "audit")
+REPO = Path(__file__).resolve().parent.parent
 
-_rows: dict[str, dict] = {}
-"""attack id -> {"category", "what", "results": {backend: text}}"""
+PAGE = """\
+# Attacks on the sandboxes
+
+<!-- Written by `make security-report` (tests/attack_report.py): do not edit by hand. -->
+
+The security suite (`tests/security/`, and the firewall's attacks in
+`tests/test_network.py`) attacks a real sandboxed kernel of each backend through the
+ordinary execute path; the threat model is in SECURITY.md. Each cell is the reason
+the attack failed, as the test observed it. {written}
+
+{table}
+"""
 
 
 def backend_of(item: pytest.Item) -> str:
@@ -33,41 +46,15 @@ def backend_of(item: pytest.Item) -> str:
     return "gvisor"
 
 
-def record(item: pytest.Item, outcome: str, longrepr: str = "") -> None:
-    """Note an attack test's result: its verdict if it passed, else why not."""
-    marker = item.get_closest_marker("attack")
-    if marker is None:
-        return
-    category, what = marker.args
-    assert category in CATEGORIES, f"unknown attack category {category!r}"
-    row = _rows.setdefault(
-        item.originalname if hasattr(item, "originalname") else item.name,
-        {"category": category, "what": what, "results": {}},
-    )
-    if outcome == "passed":
-        text = getattr(item, "attack_verdict", "") or "failed as expected"
-    elif outcome == "skipped":
-        text = "not run: " + longrepr.splitlines()[-1][:120] if longrepr else "not run"
-    else:
-        text = "**ATTACK NOT STOPPED / TEST FAILED**"
-    row["results"][backend_of(item)] = text
-
-
-def covers_whole_suite(config: pytest.Config) -> bool:
-    """Only a run of every attack may rewrite the table."""
-    if config.option.keyword or config.option.markexpr or getattr(config.option, "lf", False):
-        return False
-    args = [Path(a.split("::")[0]).resolve() for a in config.args] or [SUITE.parent]
-    return any(a.is_dir() and (a == SUITE or a in SUITE.parents) for a in args)
-
-
-def table() -> str:
+def table(rows: dict[str, dict]) -> str:
+    """The markdown table of `rows` (attack id -> {"category", "what", "results":
+    {backend: text}}), ordered by category, then attack."""
     backends = list(BACKEND_NAMES)
     lines = [
         "| # | category | attack | " + " | ".join(BACKEND_NAMES[b] for b in backends) + " |",
         "|---:|---|---|" + "---|" * len(backends),
     ]
-    ordered = sorted(_rows.values(), key=lambda r: (CATEGORIES.index(r["category"]), r["what"]))
+    ordered = sorted(rows.values(), key=lambda r: (CATEGORIES.index(r["category"]), r["what"]))
     for n, row in enumerate(ordered, 1):
         cells = [row["results"].get(b, "not run") for b in backends]
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
@@ -75,12 +62,53 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def write_table(config: pytest.Config) -> None:
-    if not _rows or not covers_whole_suite(config) or not SECURITY_MD.exists():
-        return
-    text = SECURITY_MD.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        return
-    block = f"{BEGIN}\n{table()}\n{END}"
-    SECURITY_MD.write_text(pattern.sub(lambda _: block, text))
+def written() -> str:
+    """`Written on 2026-12-07 at git abc1234.`"""
+    try:
+        commit = hostcmd.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], "git").strip()
+    except Error:
+        commit = "?"
+    return f"Written on {datetime.date.today().isoformat()} at git {commit}."
+
+
+class AttackTable:
+    """A pytest plugin: the results of the attacks run, written to `path` at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        """attack id -> {"category", "what", "results": {backend: text}}"""
+
+    def record(self, item: pytest.Item, outcome: str, longrepr: str = "") -> None:
+        """Note an attack test's result: its verdict if it passed, else why not."""
+        marker = item.get_closest_marker("attack")
+        if marker is None:
+            return
+        category, what = marker.args
+        assert category in CATEGORIES, f"unknown attack category {category!r}"
+        row = self.rows.setdefault(
+            getattr(item, "originalname", item.name),
+            {"category": category, "what": what, "results": {}},
+        )
+        if outcome == "passed":
+            text = getattr(item, "attack_verdict", "") or "failed as expected"
+        elif outcome == "skipped":
+            text = "not run: " + longrepr.splitlines()[-1][:120] if longrepr else "not run"
+        else:
+            text = "**ATTACK NOT STOPPED / TEST FAILED**"
+        row["results"][backend_of(item)] = text
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            self.record(item, report.outcome, str(report.longrepr or ""))
+        return report
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.rows:
+            self.path.write_text(PAGE.format(written=written(), table=table(self.rows)))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.rows:
+            terminalreporter.write_line(f"attack table ({len(self.rows)} attacks): {self.path}")

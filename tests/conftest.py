@@ -180,27 +180,29 @@ async def execute(client, code: str, timeout: float = 60) -> tuple[dict, str, li
 # -- the security suite's table (see attack_report) ---------------------------------
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--attack-table",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the table of the attacks run, and why each failed, to PATH at the end "
+        "(`make security-report`: docs/attacks.md); without it the suite writes nothing",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "attack(category, what): an attack of the security suite, with its table row"
     )
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        attack_report.record(item, report.outcome, str(report.longrepr or ""))
-    return report
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    attack_report.write_table(session.config)
+    path = config.getoption("attack_table")
+    if path is not None:
+        config.pluginmanager.register(attack_report.AttackTable(path.resolve()), "attack_table")
 
 
 @pytest.fixture
 def verdict(request: pytest.FixtureRequest):
-    """Say why the attack failed; the text goes into SECURITY.md's table."""
+    """Say why the attack failed; the text goes into the attack table (docs/attacks.md)."""
 
     def say(text: str) -> None:
         request.node.attack_verdict = text

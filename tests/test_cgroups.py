@@ -86,3 +86,63 @@ def test_sandbox_processes_can_join_its_v2_cgroup(v2: tuple[Path, str, str]) -> 
             assert controller in (second / "cgroup.controllers").read_text().split()
         finally:
             process.kill()
+
+
+def test_procs_of_a_real_v2_cgroup_include_its_children(
+    v2: tuple[Path, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`procs` on the kernel's own v2 files: the hierarchy found above taken as the root."""
+    root, controller, top = v2
+    monkeypatch.setattr(cgroups, "ROOT", root)
+    user = f"/{top}/users/u-alice"
+    path = cgroups.make_v2(root, f"{user}/sandbox-1", f"+{controller}")
+    assert cgroups.procs(f"{user}/sandbox-1") == []
+    with subprocess.Popen(["sleep", "60"]) as process:
+        try:
+            (path / "cgroup.procs").write_text(str(process.pid))
+            assert cgroups.procs(f"{user}/sandbox-1") == [process.pid]
+            assert cgroups.procs(user) == [process.pid]  # a user's: its sandboxes' too
+        finally:
+            process.kill()
+
+
+def fake_hierarchy(root: Path, v2: bool, cgroup: str) -> Path:
+    """A cgroup filesystem's layout under `root` (v2: one hierarchy with
+    `cgroup.controllers` at its top; v1: one per controller), with `cgroup` and a child
+    of it in the memory one, holding processes 7 and 8, 9 in the child. Returns
+    `cgroup`'s memory folder."""
+    memory = root if v2 else root / "memory"
+    memory.mkdir(parents=True, exist_ok=True)
+    if v2:
+        (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    else:
+        (root / "cpu,cpuacct" / cgroup.strip("/")).mkdir(parents=True)
+        (root / "cpu,cpuacct" / cgroup.strip("/") / "cgroup.procs").write_text("99\n")
+    path = memory / cgroup.strip("/")
+    (path / "child").mkdir(parents=True)
+    (memory / "cgroup.procs").write_text("1\n2\n")
+    (path / "cgroup.procs").write_text("8\n7\n")
+    (path / "child" / "cgroup.procs").write_text("9\n")
+    return path
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_procs_and_memory_stat_read_the_memory_hierarchy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: bool
+) -> None:
+    """Both layouts on a fake tree (this host has only one of them): the sandbox's
+    processes and its children's, never another controller's or the root's."""
+    monkeypatch.setattr(cgroups, "ROOT", tmp_path)
+    cgroup = "/jupyter-sandbox/users/u-alice/jsb-1"
+    path = fake_hierarchy(tmp_path, v2, cgroup)
+    assert cgroups.is_v2() is v2
+    assert cgroups.find("jsb-1") == cgroup
+    assert cgroups.procs(cgroup) == [7, 8, 9]
+    assert cgroups.procs("") == []
+    assert cgroups.procs("/jupyter-sandbox/users/u-bob/jsb-2") == []
+
+    assert cgroups.memory_stat(cgroup) == {}
+    names = "anon 4096\nfile 8192\nshmem 0\n" if v2 else "rss 4096\ncache 8192\nshmem 0\n"
+    (path / "memory.stat").write_text(names)
+    expected = {"anon": 4096, "file": 8192} if v2 else {"rss": 4096, "cache": 8192}
+    assert cgroups.memory_stat(cgroup) == {**expected, "shmem": 0}

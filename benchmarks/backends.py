@@ -1,0 +1,138 @@
+"""What the benchmark knows of each sandboxed backend: one list, `BACKENDS`.
+
+Every other module of the benchmark asks this list (a backend's kernelspec, its
+extra kind of start, its own smaller counts, its targets, its runtime's version)
+instead of comparing backend names. A new backend is one more entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound one summary metric of a backend must keep to PASS (else MISS)."""
+
+    metric: str
+    """A key of the backend's summary (`report.summarize`): "start", "execute_p50"..."""
+    limit: float
+    minimum: bool = False
+    """The value must be at least `limit` (throughput); else at most."""
+    relative: bool = True
+    """The bound is on the backend's value over local's (a ratio); else on its own value."""
+    unit: str = "x"
+    informational: bool = False
+    """Shown beside the numbers, but no verdict of the backend's rests on it."""
+    per_accelerator: bool = False
+    """The bound assumes the accelerator the backend's VMs used (TCG here): name it."""
+
+    def met(self, value: float, local: float) -> bool:
+        measured = value / local if self.relative else value
+        return measured >= self.limit if self.minimum else measured <= self.limit
+
+    def text(self, accelerator: str = "") -> str:
+        """`≤ 3x`, `≥ 0.5x`, `≤ 10 s (TCG)`."""
+        text = f"{'≥' if self.minimum else '≤'} {self.limit:g}{self.unit}"
+        if self.per_accelerator:
+            text += f" ({accelerator or '?'})"
+        return text
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A second way of starting a backend's kernels, measured as one more row of starts."""
+
+    label: str
+    title: str
+    row: str
+    """The table row's name; `{n}` is replaced by its number of starts."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Traits of the backend's provisioner for these kernels."""
+    via_service: bool = False
+    """The run's own sandbox service makes these sandboxes (`mode = "service"`)."""
+    count_option: str = ""
+    """The command-line option that gives its number of starts ("" for as many as the
+    backend's own starts)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    """As in `--backends`, and the provisioner registry's name."""
+    title: str
+    kernelspec: str
+    provisioner: str
+    """Its provisioner class, the section of the traitlets config its variant sets."""
+    targets: tuple[Target, ...]
+    variant: Variant | None = None
+    counts: Mapping[str, str] = field(default_factory=dict)
+    """count (`run.COUNTS`) -> the option that gives this backend's own, smaller count of it
+    (its kernels are slow); a count not named here is the common option's."""
+    version: tuple[str, ...] = ()
+    """The command that prints its runtime's version, for the report's header."""
+
+
+NEIGHBOUR_TARGET = 2.0
+"""Most a CPU hog next door may stretch a kernel's execute p99 (loaded / idle)."""
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend(
+        name="gvisor",
+        title="gVisor",
+        kernelspec="python3-gvisor",
+        provisioner="GVisorProvisioner",
+        targets=(
+            Target("start", 3.0),
+            Target("execute_p50", 1.5),
+            Target("throughput", 0.5, minimum=True),
+            Target("neighbour_ratio", NEIGHBOUR_TARGET, relative=False),
+        ),
+        variant=Variant(
+            label="service",
+            title="gVisor (service)",
+            row="the same start, the sandbox made by the sandbox service (`mode = service`)",
+            settings={"mode": "service"},
+            via_service=True,
+        ),
+        version=("runsc", "--version"),
+    ),
+    Backend(
+        name="microvm",
+        title="microVM",
+        kernelspec="python3-microvm",
+        provisioner="MicroVMProvisioner",
+        targets=(
+            # absolute: seconds from start_kernel() to ready, under TCG
+            Target("start", 10.0, relative=False, unit=" s", per_accelerator=True),
+            Target("neighbour_ratio", NEIGHBOUR_TARGET, relative=False, informational=True),
+        ),
+        variant=Variant(
+            label="microvm-boot",
+            title="microVM (booted)",
+            row="the same start, the VM booted instead of restored from its shape's snapshot "
+            "(`snapshots = False`; n={n})",
+            settings={"snapshots": False},
+            count_option="microvm_boot_starts",
+        ),
+        counts={
+            "starts": "microvm_starts",
+            "executes": "microvm_executes",
+            "throughput_mb": "microvm_throughput_mb",
+            "neighbour_executes": "microvm_executes",
+        },
+        version=("qemu-system-x86_64", "--version"),
+    ),
+)
+"""Every sandboxed backend the benchmark can measure, in the order of the report's columns.
+
+Its names are the provisioner registry's (`provisioner.backends`); the rest is the
+benchmark's own (targets, counts)."""
+
+
+def by_name(names: list[str]) -> list[Backend]:
+    """The backends called `names`, in that order. KeyError for an unknown name."""
+    known = {backend.name: backend for backend in BACKENDS}
+    return [known[name] for name in names]
