@@ -2,7 +2,9 @@
 
 Every other module of the benchmark asks this list (a backend's kernelspec, its
 extra kind of start, its own smaller counts, its targets, its runtime's version)
-instead of comparing backend names. A new backend is one more entry here.
+instead of comparing backend names. Each entry names a backend of the project's
+registry (`provisioner.backends`), which gives its provisioner's config section;
+a new backend is one more entry here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from provisioner import backends as registry
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,6 @@ class Backend:
     """As in `--backends`, and the provisioner registry's name."""
     title: str
     kernelspec: str
-    provisioner: str
-    """Its provisioner class, the section of the traitlets config its variant sets."""
     targets: tuple[Target, ...]
     variant: Variant | None = None
     counts: Mapping[str, str] = field(default_factory=dict)
@@ -73,6 +75,12 @@ class Backend:
     (its kernels are slow); a count not named here is the common option's."""
     version: tuple[str, ...] = ()
     """The command that prints its runtime's version, for the report's header."""
+
+    @property
+    def provisioner(self) -> str:
+        """Its provisioner class, the section of the traitlets config its variant sets (the
+        registry's; SettingError if the registry has no backend of this name)."""
+        return registry.get(self.name).provisioner_class
 
 
 NEIGHBOUR_TARGET = 2.0
@@ -83,7 +91,6 @@ BACKENDS: tuple[Backend, ...] = (
         name="gvisor",
         title="gVisor",
         kernelspec="python3-gvisor",
-        provisioner="GVisorProvisioner",
         targets=(
             Target("start", 3.0),
             Target("execute_p50", 1.5),
@@ -103,7 +110,6 @@ BACKENDS: tuple[Backend, ...] = (
         name="microvm",
         title="microVM",
         kernelspec="python3-microvm",
-        provisioner="MicroVMProvisioner",
         targets=(
             # absolute: seconds from start_kernel() to ready, under TCG
             Target("start", 10.0, relative=False, unit=" s", per_accelerator=True),
