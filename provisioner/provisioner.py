@@ -283,9 +283,17 @@ class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings",
 
     @property
     def has_process(self) -> bool:
+        """Whether the kernel's sandbox exists and has not ended (the KernelManager's
+        `has_kernel`). Cheap: reads the host process's status."""
         return self.sandbox is not None and self.sandbox.poll() is None
 
     async def poll(self) -> int | None:
+        """None while the sandbox runs; else its exit status, the kernel's own where the
+        agent reported it (0 once there is no sandbox), as `Popen.poll` would.
+
+        A sandbox the host's OOM killer left wedged is stopped here too, so that its
+        end (and the notebook's notice of why) does not wait for anyone else.
+        """
         sandbox = self.sandbox
         if sandbox is None:
             return 0
@@ -356,11 +364,16 @@ class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings",
         return self.stop_reason
 
     async def wait(self) -> int | None:
+        """Wait for the sandbox to end; its exit status (see `poll`)."""
         while (status := await self.poll()) is None:
             await asyncio.sleep(0.1)
         return status
 
     async def send_signal(self, signum: int) -> None:
+        """Deliver `signum` to the kernel process in the sandbox (through the agent, over
+        the channel), as `os.kill` would to a local kernel: SIGINT interrupts, SIGTERM ends
+        it. SIGKILL kills the whole sandbox at once (`kill`). A signal the closed channel
+        cannot carry is logged, never raised: the kernel is gone or going."""
         if signum == signal.SIGKILL:
             await self.kill()
             return
@@ -377,13 +390,18 @@ class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings",
             )
 
     async def terminate(self, restart: bool = False) -> None:
+        """Ask the kernel to end: SIGTERM to the kernel process (`send_signal`)."""
         await self.send_signal(signal.SIGTERM)
 
     async def kill(self, restart: bool = False) -> None:
+        """End the kernel at once: every process of its sandbox is killed."""
         if self.sandbox is not None:
             await run_on_io(self.sandbox.kill())
 
     async def cleanup(self, restart: bool = False) -> None:
+        """Remove everything of the kernel's sandbox: its watch, its tunnel (the ports
+        close), the sandbox itself and all it had on the host. Idempotent; called after
+        the kernel ended, and before a restart's new launch (which makes a new sandbox)."""
         sandbox, tunnel, watch = self.sandbox, self.tunnel, self.limit_watch
         self.sandbox = self.tunnel = self.limit_watch = None
         if sandbox is not None:
@@ -404,11 +422,14 @@ class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings",
         self.ports = {}
 
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """The base class's info plus the sandbox's id and backend, so that a restarted
+        server's `load_provisioner_info` knows which sandbox it was."""
         info = await super().get_provisioner_info()
         info.update(sandbox_id=self.sandbox_id, backend=getattr(self.sandbox, "backend", None))
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Take back what `get_provisioner_info` saved (the sandbox's id)."""
         await super().load_provisioner_info(provisioner_info)
         self.sandbox_id = provisioner_info.get("sandbox_id", "")
 
