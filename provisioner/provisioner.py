@@ -51,17 +51,20 @@ def _check_setting(self: HasTraits, proposal: dict) -> Any:
         raise TraitError(str(e)) from None
 
 
-def _with_settings(name: str, declared: tuple[settings.Setting, ...]) -> type[HasTraits]:
-    """A traits class holding `declared` as configurable traits, each validated by its
-    declaration. Not Configurable itself: config sections stay the provisioners' names."""
+def settings_namespace(owner: str, declared: tuple[settings.Setting, ...]) -> dict[str, Any]:
+    """A provisioner class's own traits for `declared`, and their validation by each
+    declaration's `parse`. Own traits, not a mixin's: traitlets takes `--Class.trait` on a
+    command line only for a class's own traits."""
     namespace: dict[str, Any] = settings.traits(declared)
-    # A name of its own: a subclass's validator of the same name would hide this one.
-    namespace[f"_check_{name}"] = validate(*(s.name for s in declared))(_check_setting)
-    return type(name, (HasTraits,), namespace)
+    # A name per `owner`: a subclass's validator of the same name would hide this one.
+    namespace[f"_check_{owner}_settings"] = validate(*(s.name for s in declared))(_check_setting)
+    return namespace
 
 
-class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings", settings.COMMON)):  # type: ignore[misc]
+class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """The lifecycle every sandbox backend shares; `provisioner_class` makes one per backend."""
+
+    vars().update(settings_namespace("common", settings.COMMON))  # the settings every backend has
 
     kind: ClassVar[Backend]
     """The backend this provisioner's kernels run under."""
@@ -450,11 +453,13 @@ class SandboxProvisioner(KernelProvisionerBase, _with_settings("CommonSettings",
 def provisioner_class(backend: Backend) -> type[SandboxProvisioner]:
     """The provisioner of `backend`'s kernels: `SandboxProvisioner` with the backend's own
     settings as traits too, named `backend.provisioner_class` (its config section)."""
-    base = _with_settings(f"{backend.provisioner_class}Settings", backend.settings)
     return type(
         backend.provisioner_class,
-        (base, SandboxProvisioner),  # the backend's declarations first: they may redefine one
+        (SandboxProvisioner,),
         {
+            **settings_namespace(
+                backend.name, backend.settings
+            ),  # may redefine a common one's default
             "__doc__": f"Runs each kernel in its own sandbox of backend {backend.name!r}: "
             f"{type(backend).__doc__}",
             "__module__": __name__,
