@@ -63,7 +63,7 @@ nbclient: setup
 
 # Sphinx, MyST and the PyData theme (the [docs] extra); any warning fails the build.
 docs: venv
-	$(BIN)/sphinx-build -W --keep-going -n -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -n -b html docs docs/_build/html
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

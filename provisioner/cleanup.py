@@ -14,6 +14,7 @@ import threading
 import time
 
 from . import backends, cgroups
+from .backends import base
 from .network import gc as network_gc
 from .network import host as network_host
 from .state import Record, records, sandboxes_dir
@@ -29,10 +30,7 @@ def reap(record: Record, log: logging.Logger) -> None:
     backend is not known (no record, or a backend no longer installed) is reaped by every
     backend (each `remove_runtime` is harmless for a sandbox it does not know)."""
     found = backends.BACKENDS.get(record.backend)
-    for backend in [found] if found is not None else backends.registered():
-        backend.remove_runtime(record, log)
-    network_gc.remove(record, log)  # never raises
-    backends.base.forget(record, log)
+    base.reap(record, log, (found,) if found is not None else backends.registered())
     log.info("reaped sandbox %s of kernel %s", record.sandbox_id, record.kernel_id)
 
 

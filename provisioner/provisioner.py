@@ -14,10 +14,12 @@ their message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +30,7 @@ from traitlets import HasTraits, TraitError, default, validate
 from . import backends, policy, settings
 from .backends.base import Backend, Sandbox
 from .console import Console
-from .errors import Error, SandboxError, SettingError
+from .errors import Error, PolicyError, SandboxError, SettingError
 from .guest.layout import KERNEL_HOME, KERNEL_PATH
 from .guest.protocol import CHANNELS
 from .http_errors import reported
@@ -37,6 +39,7 @@ from .limits import parse_size
 from .request import Made, Requester, SandboxRequest, make_sandbox
 from .service.client import service_client
 from .tunnel import Tunnel, TunnelError, reserve
+from .workspace import close_mounts, mount_workspace
 
 ENDING_GRACE = 3.0
 """Seconds a sandbox whose kernel exited gets to end by itself once its channel closed."""
@@ -49,6 +52,29 @@ def _check_setting(self: HasTraits, proposal: dict) -> Any:
         return settings.check(setting, proposal["value"])
     except ValueError as e:
         raise TraitError(str(e)) from None
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """The provisioner's edge: an error of this project leaves as a tornado HTTP error of
+    the same class (`http_errors.reported`), so the Jupyter server answers with its status
+    and message rather than "Unhandled error"."""
+    try:
+        yield
+    except Error as e:
+        raise reported(e) from None
+
+
+async def discard(made: Made, log: logging.Logger) -> None:
+    """Remove a sandbox that was made but will not be used: its channel and all of it."""
+    channel = made.channel
+    for fd in (channel.read_fd, channel.write_fd, channel.console_fd):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        await made.sandbox.destroy()
+    except Exception:
+        log.exception("could not remove sandbox %s", made.sandbox.record.sandbox_id)
 
 
 def settings_namespace(owner: str, declared: tuple[settings.Setting, ...]) -> dict[str, Any]:
@@ -134,10 +160,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         other process can take one meanwhile. Refuses a transport other than tcp or an
         address other than loopback: the kernel is reachable only through the tunnel.
         """
-        try:
+        with reported_errors():
             return await self._pre_launch(**kwargs)
-        except Error as e:
-            raise reported(e) from None
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         self._choose_mode()
@@ -220,30 +244,53 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         The sandbox gets the settings the operator's policy grants (they become this
         provisioner's settings too). On any failure nothing is left: no sandbox, no
-        port; the error says why (a policy's or quota's refusal, a missing image...).
+        port, no connection file (it holds the kernel's key); the error says why (a
+        policy's or quota's refusal, a missing image...).
         """
         try:
-            made = await self._make(self.sandbox_request(kwargs.get("cwd") or str(Path.cwd())))
-            for name, value in made.settings.items():
-                if name in self.declared:
-                    setattr(self, name, value)  # what the kernel runs with, from now on
-            self.user, self.sandbox_id = made.sandbox.record.user, made.sandbox.record.sandbox_id
-            self.log.info(
-                "starting kernel %s in %s sandbox %s",
-                self.kernel_id,
-                made.sandbox.backend,
-                self.sandbox_id,
-            )
-            request = self._launch_request(cmd, kwargs.get("env", {}), made.cwd)
-            self.tunnel = await run_on_io(self._start(made, request))
-        except BaseException as e:
+            with reported_errors():
+                await self._launch(cmd, kwargs)
+        except BaseException:
             self._release_ports()
-            if isinstance(e, Error):
-                raise reported(e) from None
+            self.parent.cleanup_connection_file()
             raise
+        return self.connection_info
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> None:
+        cwd = kwargs.get("cwd") or str(Path.cwd())
+        if self.through_service:
+            cwd = await in_thread(self._checked_workspace, cwd)
+        made = await self._make(self.sandbox_request(cwd))
+        try:
+            self._take(made.settings)
+            self.user, self.sandbox_id = made.sandbox.record.user, made.sandbox.record.sandbox_id
+            self.log.info("starting kernel %s in %s sandbox %s", self.kernel_id,
+                          made.sandbox.backend, self.sandbox_id)  # fmt: skip
+            request = self._launch_request(cmd, kwargs.get("env", {}), made.cwd)
+        except BaseException:
+            await run_on_io(discard(made, self.log))
+            raise
+        self.tunnel = await run_on_io(self._start(made, request))  # it removes all if it fails
         self.sandbox = made.sandbox
         self.stop_reason = ""
-        return self.connection_info
+
+    def _checked_workspace(self, cwd: str) -> str:
+        """`cwd` resolved, once this server's own checks of it as a workspace passed (a
+        system folder, or one holding this server's software writable, is refused here:
+        the sandbox service cannot see which software this server runs). The service
+        checks again, as the caller, what it mounts."""
+        cwd, mounts = mount_workspace(self.workspace, cwd)
+        close_mounts(mounts)
+        return cwd
+
+    def _take(self, granted: Mapping[str, Any]) -> None:
+        """Make the granted settings this provisioner's own: what the kernel runs with."""
+        try:
+            for name, value in granted.items():
+                if name in self.declared:
+                    setattr(self, name, value)
+        except TraitError as e:
+            raise PolicyError(f"a granted setting is not valid here: {e}") from None
 
     async def _start(self, made: Made, request: dict) -> Tunnel:
         """Start the tunnel to the sandbox and the kernel in it; on any failure remove all
@@ -377,20 +424,21 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         the channel), as `os.kill` would to a local kernel: SIGINT interrupts, SIGTERM ends
         it. SIGKILL kills the whole sandbox at once (`kill`). A signal the closed channel
         cannot carry is logged, never raised: the kernel is gone or going."""
-        if signum == signal.SIGKILL:
-            await self.kill()
-            return
-        tunnel = self.tunnel
-        if tunnel is None:
-            return
+        with reported_errors():
+            if signum == signal.SIGKILL:
+                await self.kill()
+                return
+            tunnel = self.tunnel
+            if tunnel is None:
+                return
 
-        async def deliver() -> bool:
-            return tunnel.signal(signum)
+            async def deliver() -> bool:
+                return tunnel.signal(signum)
 
-        if not await run_on_io(deliver()) and await self.poll() is None:
-            self.log.warning(
-                "kernel %s: channel closed, signal %d not delivered", self.kernel_id, signum
-            )
+            if not await run_on_io(deliver()) and await self.poll() is None:
+                self.log.warning(
+                    "kernel %s: channel closed, signal %d not delivered", self.kernel_id, signum
+                )
 
     async def terminate(self, restart: bool = False) -> None:
         """Ask the kernel to end: SIGTERM to the kernel process (`send_signal`)."""
@@ -398,8 +446,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def kill(self, restart: bool = False) -> None:
         """End the kernel at once: every process of its sandbox is killed."""
-        if self.sandbox is not None:
-            await run_on_io(self.sandbox.kill())
+        with reported_errors():
+            if self.sandbox is not None:
+                await run_on_io(self.sandbox.kill())
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove everything of the kernel's sandbox: its watch, its tunnel (the ports
@@ -407,17 +456,20 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         the kernel ended, and before a restart's new launch (which makes a new sandbox)."""
         sandbox, tunnel, watch = self.sandbox, self.tunnel, self.limit_watch
         self.sandbox = self.tunnel = self.limit_watch = None
-        if sandbox is not None:
 
-            async def teardown() -> None:
-                if watch is not None:
-                    watch.cancel()
-                if tunnel is not None:
-                    tunnel.close()
+        async def teardown() -> None:
+            if watch is not None:
+                watch.cancel()
+            if tunnel is not None:
+                tunnel.close()
+            if sandbox is not None:
                 await sandbox.destroy()
 
-            await run_on_io(teardown())
-        self._release_ports()
+        try:
+            with reported_errors():
+                await run_on_io(teardown())
+        finally:
+            self._release_ports()
 
     def _release_ports(self) -> None:
         for sock in self.ports.values():
@@ -452,19 +504,20 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
 def provisioner_class(backend: Backend) -> type[SandboxProvisioner]:
     """The provisioner of `backend`'s kernels: `SandboxProvisioner` with the backend's own
-    settings as traits too, named `backend.provisioner_class` (its config section)."""
+    settings as traits too (and the common ones whose default it changes), named
+    `backend.provisioner_class` (its config section)."""
+    declared = backend.declared()
+    own = tuple(s for s in declared if s.name in backend.changed_defaults or s in backend.settings)
     return type(
         backend.provisioner_class,
         (SandboxProvisioner,),
         {
-            **settings_namespace(
-                backend.name, backend.settings
-            ),  # may redefine a common one's default
+            **settings_namespace(backend.name, own),
             "__doc__": f"Runs each kernel in its own sandbox of backend {backend.name!r}: "
             f"{type(backend).__doc__}",
             "__module__": __name__,
             "kind": backend,
-            "declared": {**SandboxProvisioner.declared, **{s.name: s for s in backend.settings}},
+            "declared": {s.name: s for s in declared},
         },
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import backends, cleanup, guest, policy, quotas, settings
 from .backends.base import Channel, Sandbox, SandboxSpec
-from .errors import PolicyError
+from .errors import PolicyError, SandboxError
 from .images.store import find_image
 from .ioloop import in_thread
 from .limits import Limits, parse_size
@@ -167,8 +167,13 @@ async def make_sandbox(request: SandboxRequest, who: Requester, log: logging.Log
         await in_thread(quotas.admit, sandbox.record, quota, log)
         try:
             channel = await sandbox.start()
-        except BaseException:
-            await sandbox.destroy()
+        except BaseException as e:
+            try:
+                await sandbox.destroy()
+            except Exception:  # the start's failure is the one to report
+                log.exception("could not remove sandbox %s", spec.sandbox_id)
+            if isinstance(e, OSError):  # a pipe, a process, a cgroup: say which kernel
+                raise SandboxError(f"kernel {request.kernel_id} did not start: {e}") from None
             raise
     finally:
         close_mounts(mounts)  # the sandbox holds its folder by now, or failed

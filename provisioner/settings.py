@@ -51,6 +51,8 @@ def text_value(value: Any) -> str:
 
 
 def _size(value: Any) -> str:
+    if not isinstance(value, str):  # a number of bytes is written as a string too: "1073741824"
+        raise ValueError(f'expected a size as a string such as "512M" or "2G", got {value!r}')
     parse_size(value)
     return value
 
@@ -216,17 +218,6 @@ COMMON: tuple[Setting, ...] = (
         choices=("rw", "ro", "none"),
     ),
     Setting(
-        name="cpu_limit",
-        kind="float",
-        default=1.0,
-        help="CPU cores the sandbox may use, e.g. 0.5 or 2.",
-        parse=_cores,
-        who=_ALL,
-        enforced="cgroups.py (a CFS quota on the sandbox's cgroup), backends/*.py",
-        magnitude=_by_number,
-        example="2.0",
-    ),
-    Setting(
         name="memory_limit",
         kind="text",
         default="2G",
@@ -236,18 +227,6 @@ COMMON: tuple[Setting, ...] = (
         enforced="cgroups.py (memory and memory+swap limits), notices.py (the notebook is told)",
         magnitude=_by_size,
         example='"4G"',
-    ),
-    Setting(
-        name="pids_limit",
-        kind="int",
-        default=512,
-        help="Processes and threads the sandbox may have (at least 64).",
-        parse=_count,
-        who=_ALL,
-        enforced="guest/agent.py (RLIMIT_NPROC of the kernel's user), cgroups.py (the host's "
-        "backstop)",
-        magnitude=_by_number,
-        example="256",
     ),
     Setting(
         name="disk_limit",
@@ -262,6 +241,29 @@ COMMON: tuple[Setting, ...] = (
         example='"2G"',
     ),
     Setting(
+        name="cpu_limit",
+        kind="float",
+        default=1.0,
+        help="CPU cores the sandbox may use, e.g. 0.5 or 2.",
+        parse=_cores,
+        who=_ALL,
+        enforced="cgroups.py (a CFS quota on the sandbox's cgroup), backends/*.py",
+        magnitude=_by_number,
+        example="2.0",
+    ),
+    Setting(
+        name="pids_limit",
+        kind="int",
+        default=512,
+        help="Processes and threads the sandbox may have (at least 64).",
+        parse=_count,
+        who=_ALL,
+        enforced="guest/agent.py (RLIMIT_NPROC of the kernel's user), cgroups.py (the host's "
+        "backstop)",
+        magnitude=_by_number,
+        example="256",
+    ),
+    Setting(
         name="open_files_limit",
         kind="int",
         default=4096,
@@ -271,6 +273,18 @@ COMMON: tuple[Setting, ...] = (
         enforced="backends/gvisor.py (OCI rlimits), guest/agent.py (RLIMIT_NOFILE)",
         magnitude=_by_number,
         example="1024",
+    ),
+    Setting(
+        name="network_bandwidth",
+        kind="text",
+        default="",
+        help='Cap on the kernel\'s network in each direction, bits per second: "10M", "512k"; '
+        '"" for none.',
+        parse=_bandwidth,
+        who=_ALL,
+        enforced="network/sandbox.py (tc on the namespace's link)",
+        magnitude=_by_bandwidth,
+        example='"10M"',
     ),
     Setting(
         name="network",
@@ -297,18 +311,6 @@ COMMON: tuple[Setting, ...] = (
         who=_ALL,
         enforced="network/sandbox.py (the firewall's sets, the DNS responder)",
         example='["pypi.org:443", "files.pythonhosted.org:443"]',
-    ),
-    Setting(
-        name="network_bandwidth",
-        kind="text",
-        default="",
-        help='Cap on the kernel\'s network in each direction, bits per second: "10M", "512k"; '
-        '"" for none.',
-        parse=_bandwidth,
-        who=_ALL,
-        enforced="network/sandbox.py (tc on the namespace's link)",
-        magnitude=_by_bandwidth,
-        example='"10M"',
     ),
     Setting(
         name="env",

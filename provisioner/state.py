@@ -51,6 +51,9 @@ class Record:
     """The host process the sandbox lives in (`runsc run`, QEMU), and its start time (to
     tell it from a later process with the same pid)."""
     pid_start: int | None = None
+    runtime: str = ""
+    """The runtime's binary that made the sandbox (runsc, as `runsc_path` found it), so
+    that whoever removes it (gc too) uses the same one, wherever it is installed."""
     uid: int | None = None
     """The caller's uid, for a sandbox the sandbox service made (`service/`): only that
     uid may touch it, and a restarted service adopts it."""

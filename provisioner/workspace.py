@@ -77,7 +77,7 @@ def server_installation() -> dict[str, Path]:
 
 
 def close_mounts(mounts: tuple[Mount, ...]) -> None:
-    """Close the descriptors `workspace_mount` opened (once the sandbox holds its folder)."""
+    """Close the descriptors `mount_workspace` opened (once the sandbox holds its folder)."""
     for mount in mounts:
         if mount.fd is not None:
             with contextlib.suppress(OSError):

@@ -46,8 +46,13 @@ WHO = {
 
 
 def backend_settings() -> dict[str, tuple[Setting, ...]]:
-    """Each registered backend's own settings, by backend name (`backends.registered`)."""
-    return {backend.name: tuple(backend.settings) for backend in backends.registered()}
+    """Each registered backend's own settings, and the common ones whose default it
+    changes, by backend name (`backends.registered`)."""
+    return {
+        backend.name: tuple(s for s in backend.declared() if s.name in backend.changed_defaults)
+        + tuple(backend.settings)
+        for backend in backends.registered()
+    }
 
 
 def declarations() -> dict[str, list[tuple[str, int]]]:
@@ -85,11 +90,17 @@ def declared_at(row: Reference, found: dict[str, list[tuple[str, int]]]) -> str:
     """`path:line` of the row's declaration: in a backend's module for a backend's own
     setting, in settings.py for the others; "" if there is none there."""
     common = row.scope in COMMON_SCOPES
+    changed = not common and row.setting.name in settings.BY_NAME  # a backend's own default
     places = [
         f"{path}:{line}"
         for path, line in found.get(row.setting.name, [])
-        if (path == "provisioner/settings.py") == common
+        if (path == "provisioner/settings.py") == (common or changed)
     ]
+    if changed:
+        source = Path(inspect.getsourcefile(type(backends.get(row.scope))) or "")
+        lines = source.read_text().splitlines()
+        line = next(i for i, text in enumerate(lines, 1) if "changed_defaults =" in text)
+        places.append(f"its default: {source.resolve().relative_to(ROOT)}:{line}")
     return ", ".join(places)
 
 

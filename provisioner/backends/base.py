@@ -11,9 +11,10 @@ import asyncio
 import logging
 import shutil
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .. import cgroups, quotas
@@ -37,7 +38,7 @@ class Mount:
     read_only: bool
     fd: int | None = None
     """An O_PATH descriptor of `source`, opened without following links
-    (`provisioner.open_folder`): the backend mounts what it names, the folder whose owner
+    (`workspace.open_folder`): the backend mounts what it names, the folder whose owner
     was read, whatever the path names by then. Whoever opened it closes it."""
     owner: tuple[int, int] | None = None
     """The host uid and gid that own `source`. When they are not the kernel's
@@ -233,6 +234,8 @@ class Backend(abc.ABC):
     """The jupyter_client provisioner's class name (the traitlets config section)."""
     settings: tuple[Setting, ...] = ()
     """This backend's own settings (its binary, platform...), beside `settings.COMMON`."""
+    changed_defaults: Mapping[str, Any] = MappingProxyType({})
+    """Common settings whose default this backend changes (a VM boots slower), by name."""
 
     @property
     def provisioner_name(self) -> str:
@@ -262,15 +265,29 @@ class Backend(abc.ABC):
         return []
 
     def reap(self, record: Record, log: logging.Logger) -> None:
-        """Remove everything the host has of an ended sandbox: the runtime's part, its
-        network, its cgroup and folder. Idempotent; never raises."""
-        self.remove_runtime(record, log)
-        network_gc.remove(record, log)
-        forget(record, log)
+        """Remove everything the host has of an ended sandbox of this backend (`reap`)."""
+        reap(record, log, (self,))
+
+    def declared(self) -> tuple[Setting, ...]:
+        """Every setting of this backend's kernels: the common ones (with this backend's
+        defaults), then its own."""
+        changed = self.changed_defaults
+        common = (replace(s, default=changed[s.name]) if s.name in changed else s for s in COMMON)
+        return (*common, *self.settings)
 
     def defaults(self) -> dict[str, Any]:
         """This backend's settings at their defaults, with the common ones."""
-        return {s.name: s.default for s in (*COMMON, *self.settings)}
+        return {s.name: s.default for s in self.declared()}
+
+
+def reap(record: Record, log: logging.Logger, kinds: Iterable[Backend]) -> None:
+    """Remove everything the host has of an ended sandbox: what each of `kinds` (the
+    backends it may have been made by) keeps of it, its network, its cgroup and its folder.
+    Idempotent; never raises."""
+    for kind in kinds:
+        kind.remove_runtime(record, log)
+    network_gc.remove(record, log)
+    forget(record, log)
 
 
 def forget(record: Record, log: logging.Logger) -> None:

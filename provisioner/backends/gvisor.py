@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -179,6 +180,7 @@ class GVisorSandbox(Sandbox):
         super().__init__(backend, spec, log)
         self.runsc = runsc
         self.platform = platform
+        self.record.runtime = runsc
 
     async def start(self) -> Channel:
         prefix = await self.open_network()
@@ -320,7 +322,8 @@ class GVisor(Backend):
 
     def remove_runtime(self, record: Record, log: logging.Logger) -> None:
         if runsc_root().is_dir():
-            argv = runsc_command("runsc", "delete", "--force", record.sandbox_id)
+            runsc = record.runtime or shutil.which("runsc") or "runsc"
+            argv = runsc_command(runsc, "delete", "--force", record.sandbox_id)
             hostcmd.quietly(argv, log, gone=("does not exist", "not found"))
 
     def orphans(self, known: set[str]) -> list[str]:

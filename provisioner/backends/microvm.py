@@ -44,6 +44,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .. import cgroups
@@ -55,7 +56,7 @@ from ..images.boot import BootFiles, find_boot_files
 from ..ioloop import in_thread
 from ..network import tap as network_tap
 from ..network.sandbox import SandboxNetwork
-from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, seconds, text_value
+from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, text_value
 from ..state import Record, process_start_time
 from . import microvm_snapshot
 from .base import Backend, Channel, Mount, Sandbox, SandboxSpec, find_binary, kernel_user
@@ -209,8 +210,6 @@ def qemu_groups(argv: list[str]) -> list[str]:
 
 
 class MicroVMSandbox(Sandbox):
-    backend = "microvm"
-
     stop_grace = POWER_OFF_GRACE
     """The agent powers the VM off once its channel closes: it gets a moment to."""
 
@@ -369,6 +368,8 @@ class MicroVM(Backend):
 
     name = "microvm"
     provisioner_class = "MicroVMProvisioner"
+    changed_defaults = MappingProxyType({"startup_timeout": 120.0})
+    """A VM boots (when no snapshot of its shape exists yet) in 15-30 s under TCG."""
     settings = (
         Setting(
             name="qemu_path", kind="text", default="qemu-system-x86_64",
@@ -382,12 +383,6 @@ class MicroVM(Backend):
             "TCG. `jupyter sandbox doctor` says which and why.",
             parse=one_of("auto", "kvm", "tcg"), who=frozenset({OPERATOR, KERNELSPEC}),
             enforced="accel.py (the probe), backends/microvm.py", choices=("auto", "kvm", "tcg"),
-        ),
-        Setting(
-            name="startup_timeout", kind="float", default=120.0,
-            help="Seconds for the VM to boot and start the kernel.",
-            parse=seconds, who=frozenset({OPERATOR, KERNELSPEC}),
-            enforced="tunnel.py (the agent's launch reply)",
         ),
         Setting(
             name="snapshots", kind="flag", default=True,

@@ -16,8 +16,9 @@ import socket
 import threading
 from typing import Any
 
+from .. import settings
 from ..backends.base import Channel, Sandbox
-from ..errors import KINDS, SandboxError, ServiceError
+from ..errors import KINDS, Error, SandboxError, ServiceError
 from ..request import Made, SandboxRequest
 from ..settings import USER_SETTINGS
 from ..state import Record
@@ -171,7 +172,7 @@ class ServiceClient:
     async def _forget(self, sandbox_id: str) -> None:
         try:
             await self.call("destroy", sandbox_id=sandbox_id)
-        except ServiceError as e:
+        except Error as e:  # any refusal: this runs as a task nobody awaits
             self.log.warning("could not destroy unused sandbox %s: %s", sandbox_id, e)
 
     async def _reconnect(self) -> None:
@@ -185,7 +186,7 @@ class ServiceClient:
     async def _attach(self) -> None:
         try:
             reply, _ = await self.call("attach", sandbox_ids=list(self.sandboxes))
-        except ServiceError as e:
+        except Error as e:  # any refusal: this runs as a task nobody awaits
             self.log.warning("could not attach sandboxes to the sandbox service: %s", e)
             return
         for sandbox_id, status in reply.get("attached", {}).items():
@@ -221,6 +222,7 @@ class ServiceClient:
         except ValueError:
             close_fds(fds)
             raise ServiceError(f"the sandbox service sent {len(fds)} descriptors, not 3") from None
+        made = reply.get("sandbox_id")
         try:
             record = Record(
                 sandbox_id=str(reply["sandbox_id"]),
@@ -229,17 +231,21 @@ class ServiceClient:
                 cgroup=str(reply["cgroup"]),
                 user=str(reply["user"]),
             )
-            granted = reply["settings"]
-            cwd = reply["cwd"]
-            if (
-                not isinstance(granted, dict)
-                or not set(granted) <= USER_SETTINGS
-                or (not isinstance(cwd, str))
-            ):
-                raise TypeError("settings or cwd")
-        except (KeyError, TypeError) as e:
+            unknown = set(reply["settings"]) - USER_SETTINGS
+            if unknown:
+                raise ValueError(f"settings {', '.join(sorted(unknown))} are no user's")
+            granted = {
+                name: settings.check(settings.BY_NAME[name], value)
+                for name, value in reply["settings"].items()
+            }
+            cwd = reply.get("cwd", request.cwd)  # a service of an earlier version says none
+            if not isinstance(cwd, str):
+                raise TypeError("cwd is not a string")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             close_fds(fds)
-            raise ServiceError(f"the sandbox service's answer lacks {e}") from None
+            if isinstance(made, str):  # what it made is of no use: it goes at once
+                self._spawn(self._forget(made))
+            raise ServiceError(f"the sandbox service's answer is not valid: {e}") from None
         sandbox = RemoteSandbox(self, record, self.log)
         self.sandboxes[record.sandbox_id] = sandbox
         return Made(

@@ -430,29 +430,23 @@ class SandboxService(LoggingConfigurable):
     # -- operations: each returns the reply's fields and the descriptors it carries ---
 
     def _kernelspec(self, name: str) -> tuple[Backend, dict[str, Any], frozenset[str]]:
-        """The backend of the service's own kernelspec `name`, and the settings it and the
-        service's config give (and which they set): a caller names a kernelspec, and the
-        policy's `kernelspecs` mean what the operator installed under that name."""
+        """The backend of the service's own kernelspec `name`, and the settings the service's
+        config gives it (and which it sets): a caller names a kernelspec, and the policy's
+        `kernelspecs` mean what the operator installed under that name."""
         try:
             spec = KernelSpecManager(parent=self).get_kernel_spec(name)
         except NoSuchKernel:
             raise RequestError(f"no kernelspec {name!r} is installed for the service") from None
-        provisioner = spec.metadata.get("kernel_provisioner", {})
-        backend = backends.for_provisioner(provisioner.get("provisioner_name"))
+        provisioner = spec.metadata.get("kernel_provisioner", {}).get("provisioner_name")
+        backend = backends.for_provisioner(provisioner)
         if backend is None:
             raise RequestError(f"kernelspec {name!r} is not a sandboxed one")
-        declared = {s.name: s for s in (*settings.COMMON, *backend.settings)}
         sections = ("SandboxProvisioner", backend.provisioner_class)
-        in_spec = provisioner.get("config") or {}
         try:
-            values, configured = settings.from_config(self.config, sections, declared.values())
-            for setting, value in in_spec.items():
-                values[setting] = settings.check(declared[setting], value)
-        except KeyError as e:
-            raise SettingError(f"the service's kernelspec {name!r}: unknown setting {e}") from None
+            values, configured = settings.from_config(self.config, sections, backend.declared())
         except ValueError as e:
-            raise SettingError(f"the service's kernelspec {name!r}: {e}") from None
-        return backend, values, configured | set(in_spec)
+            raise SettingError(f"the sandbox service's config: {e}") from None
+        return backend, values, configured
 
     async def op_create(self, caller: Caller, request: dict) -> tuple[dict, tuple[int, ...]]:
         peer = caller.peer
