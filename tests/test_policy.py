@@ -173,6 +173,8 @@ async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path,
     )
     with pytest.raises(PolicyError, match=r"alice: at most '768M'"):
         await greedy.start_kernel(cwd=str(workspace))
+    # nothing of the refused start is left: no port, and no connection file with its key
+    assert greedy.connection_file and not Path(greedy.connection_file).exists()
 
 
 def test_the_documented_examples_are_valid_policies():
