@@ -36,6 +36,9 @@ class Hammer(threading.Thread):
         super().__init__()
         self.ports = ports
         self.began, self.stop = threading.Event(), threading.Event()
+        self.connected_during = threading.Event()
+        """Set once a connection was made after `began`: the shutdown starts then, so that
+        some connection is surely in flight however the threads are scheduled."""
         self.before = self.during = 0
         self.kept: list[socket.socket] = []
 
@@ -57,6 +60,7 @@ class Hammer(threading.Thread):
                     conn.close()
                     continue
                 self.during += 1
+                self.connected_during.set()
                 if len(self.kept) < KEPT:
                     self.kept.append(conn)
                 else:
@@ -96,6 +100,7 @@ async def test_shutdown_while_clients_connect_leaves_no_connection_open(
                 await asyncio.sleep(0.3)
                 kc.stop_channels()
                 hammer.began.set()
+                await asyncio.to_thread(hammer.connected_during.wait, 10)
                 await km.shutdown_kernel(now=now)
                 await asyncio.sleep(0.2)  # connecting on, to ports that must be gone
             finally:
