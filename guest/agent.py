@@ -6,8 +6,8 @@ unprivileged user with a guest-side connection file (ipc transport: no network
 needed inside), joins each stream the host opens to the kernel's matching ipc
 socket, delivers signals, and exits with the kernel's exit status.
 
-Stdlib only; runs with the image's /usr/bin/python3. Logs go to stderr, which
-the host reads into its own log.
+Stdlib only; runs on its own Python (layout.AGENT_PYTHON), never the image's. Logs go
+to stderr, which the host reads into its own log.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ them. Standard library only, like everything under guest/.
 
 AGENT_DIR = "/opt/jupyter-sandbox"
 """Where the host's guest/ folder is mounted read-only in every sandbox."""
+AGENT_RUNTIME = "/opt/jupyter-sandbox-runtime"
+"""The agent's own Python, in every image (provisioner/images/runtime.py): the agent never
+depends on the image's interpreter, which an R-only image does not have."""
+AGENT_PYTHON = f"{AGENT_RUNTIME}/bin/python3"
+"""What runs the agent (and the microVM's pid1, and kernel_init) in every sandbox."""
 KERNEL_USER = "sandbox"
 KERNEL_UID = 1000
 """The kernel's uid (and gid) in the default image, and on the host when a root-owned
@@ -14,6 +19,6 @@ workspace gives it no owner to take (provisioner/workspace.py)."""
 KERNEL_HOME = "/home/sandbox"
 """The kernel's home, and its cwd when no workspace is mounted."""
 GUEST_PYTHON = "/opt/venv/bin/python3"
-"""The kernel's interpreter in the default image."""
+"""The Python kernel's interpreter in the default image (its kernelspec names it)."""
 KERNEL_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 """The kernel's PATH."""

@@ -1,8 +1,9 @@
-"""`jupyter sandbox`: doctor, image build, ps, gc, serve."""
+"""`jupyter sandbox`: doctor, image build/ls/rm, kernelspec install, ps, gc, serve."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -13,11 +14,15 @@ from jupyter_core.application import JupyterApp, base_flags
 from traitlets import Bool, Float, Unicode
 from traitlets.config.loader import KVArgParseConfigLoader
 
-from . import __version__, cgroups, cleanup, doctor
+from . import __version__, cgroups, cleanup, doctor, kernelspecs
 from .errors import ImageError, SandboxError, SettingError
 from .images.boot import build_boot_files
 from .images.build import build_image
-from .limits import format_size
+from .images.imports import DEFAULT_MAX_SIZE, import_image, source_kind
+from .images.install import remove_image, users_of
+from .images.store import DEFAULT_IMAGE, find_image, list_images, load_manifest
+from .kernelspecs import kernelspec_settings
+from .limits import format_size, parse_size
 from .provisioner import GVisorProvisioner, MicroVMProvisioner
 from .service.server import SandboxService
 from .state import records
@@ -35,15 +40,17 @@ class _StrictLoader(KVArgParseConfigLoader):
     a misleading "expected one argument", and keeps any positional argument in
     `extra_args`, which no command here reads: `image build --from X` rebuilt the default
     image and exited 0. Here an option must be an alias or flag of the command or
-    `--Class.trait` of one of its configurable classes, and no positional argument is
-    accepted (on a command with subcommands it is an unknown subcommand). A refusal names
+    `--Class.trait` of one of its configurable classes, and a positional argument only
+    where the command names one (`positional`; on a command with subcommands it is an
+    unknown subcommand). A refusal names
     what was refused and lists what is accepted, on stderr, with argparse's usage-error
     status 2.
     """
 
-    def __init__(self, *args: Any, command: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, command: str, positional: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.command = command
+        self.positional = positional
 
     def _parse_args(self, args: list[str]) -> None:
         options = self._options()
@@ -56,8 +63,8 @@ class _StrictLoader(KVArgParseConfigLoader):
         stray = [*getattr(self.parsed_data, "extra_args", []), *self.extra_args]
         if stray and self.subcommands:
             self._refuse(f"unknown subcommand {stray[0]}", list(self.subcommands))
-        if stray:
-            self._refuse(f"unexpected argument {stray[0]!r}", listed)
+        if len(stray) > self.positional:
+            self._refuse(f"unexpected argument {stray[self.positional]!r}", listed)
 
     def _options(self) -> list[str]:
         """The command's options as typed: its own aliases and flags, those every command
@@ -95,6 +102,13 @@ class _Sub(JupyterApp):
     flags = {k: v for k, v in base_flags.items() if k not in ("generate-config", "y")}
     """jupyter_core's flags but `--generate-config` and `-y`: JupyterApp.start acts on
     them, and these commands' start does not call it."""
+    positional: tuple[str, ...] = ()
+    """Traits the command's positional arguments set, in order (none: it takes none)."""
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        for trait, value in zip(self.positional, self.extra_args, strict=False):
+            setattr(self, trait, value)
 
     def _create_loader(
         self, argv: list[str] | None, aliases: Any, flags: Any, classes: Any
@@ -107,6 +121,7 @@ class _Sub(JupyterApp):
             log=self.log,
             subcommands=self.subcommands,
             command=self.name.replace("-", " "),
+            positional=len(self.positional),
         )
 
     def _find_subcommand(self, name: str) -> str:
@@ -150,34 +165,213 @@ class DoctorApp(_Sub):
 
 class ImageBuildApp(_Sub):
     name = "jupyter-sandbox-image-build"
-    description = "Build the guest image (a Debian root filesystem with Python and ipykernel)."
-    image = Unicode("python3", config=True, help="Name of the image.")
+    description = (
+        "Build an image: without --from, the default one (Debian with Python and ipykernel); "
+        "with --from, NAME from a Binder folder, an OCI image or a root filesystem folder."
+    )
+    image = Unicode(DEFAULT_IMAGE, config=True, help="Name of the image.")
+    source = Unicode(
+        "",
+        config=True,
+        help="What to build it from: a Binder folder, an OCI layout folder, oci:DIR[:TAG], "
+        "oci-archive:FILE, docker-archive:FILE, docker://REGISTRY/REPO:TAG, or a root "
+        "filesystem folder. Empty: the default image's recipe.",
+    )
+    max_size = Unicode(
+        format_size(DEFAULT_MAX_SIZE),
+        config=True,
+        help="The most an imported image may unpack to (e.g. 20G): a bound on "
+        "decompression bombs and gigantic layers.",
+    )
     force = Bool(False, config=True, help="Rebuild even if the recipe did not change.")
+    insecure = Bool(
+        False,
+        config=True,
+        help="Pull from a registry over plain HTTP or with an unverified certificate "
+        "(one on loopback).",
+    )
+    positional = ("image",)
     flags = {
         "force": ({"ImageBuildApp": {"force": True}}, "Rebuild even if up to date."),
+        "insecure": (
+            {"ImageBuildApp": {"insecure": True}},
+            "Pull from a registry without TLS verification.",
+        ),
         **_Sub.flags,
     }
-    aliases = {"name": "ImageBuildApp.image", **_Sub.aliases}
+    aliases = {
+        "name": "ImageBuildApp.image",
+        "from": "ImageBuildApp.source",
+        "max-size": "ImageBuildApp.max_size",
+        **_Sub.aliases,
+    }
 
     def start(self) -> None:
         self.log.setLevel(min(self.log.level, logging.INFO))  # its steps are its output
         started = time.monotonic()
         try:
-            rootfs = build_image(self.image, force=self.force, log=self.log)
+            max_bytes = parse_size(self.max_size)
+            if self.source:
+                source_kind(self.source)  # a SOURCE of no known kind: before any build
+            # The default image first, in any case: it gives every image the agent's
+            # runtime, and a Binder folder its base.
+            default = build_image(DEFAULT_IMAGE, force=self.force and not self.source,
+                                  log=self.log)  # fmt: skip
+            if not self.source:
+                if self.image != DEFAULT_IMAGE:
+                    raise ImageError(
+                        f"image {self.image!r} needs --from SOURCE (only {DEFAULT_IMAGE} is "
+                        "built from the project's recipe)"
+                    )
+                rootfs = default
+            else:
+                import_image(self.image, self.source, max_bytes=max_bytes,
+                             tls_verify=not self.insecure, log=self.log)  # fmt: skip
+                rootfs = find_image(self.image)
             boot = build_boot_files(self.image, rootfs, self.log)
+        except (ImageError, ValueError) as e:
+            self.log.error("%s", e)
+            self.exit(1)
+        kernels = (load_manifest(self.image) or {}).get("kernels", {})
+        self.out(
+            f"image {self.image} ready at {rootfs}, microVM boot files in "
+            f"{boot.kernel.parent} ({time.monotonic() - started:.1f} s); kernels: "
+            f"{', '.join(kernels) or 'none found'}"
+        )
+
+
+class ImageLsApp(_Sub):
+    name = "jupyter-sandbox-image-ls"
+    description = "List images: name, size, kernels, source, build time, kernels using it."
+
+    def start(self) -> None:
+        rows = [("NAME", "SIZE", "KERNELS", "SOURCE", "BUILT", "IN USE")]
+        for name, manifest in list_images():
+            source = manifest.get("source") or {}
+            rows.append(
+                (
+                    name,
+                    format_size(int(manifest.get("size_bytes") or 0)),
+                    ",".join(manifest.get("kernels") or {}) or "-",
+                    str(source.get("reference") or source.get("folder") or source.get("kind", "-")),
+                    str(manifest.get("built_at", "-")),
+                    str(len(users_of(name))),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            self.out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+class ImageRmApp(_Sub):
+    name = "jupyter-sandbox-image-rm"
+    description = "Remove an image (refused while a kernel uses it)."
+    image = Unicode("", config=True, help="Name of the image to remove.")
+    positional = ("image",)
+
+    def start(self) -> None:
+        try:
+            if not self.image:
+                raise ImageError("which image? `jupyter sandbox image rm NAME`")
+            remove_image(self.image, self.log)
         except ImageError as e:
             self.log.error("%s", e)
             self.exit(1)
-        self.out(
-            f"image {self.image} ready at {rootfs}, microVM boot files in "
-            f"{boot.kernel.parent} ({time.monotonic() - started:.1f} s)"
-        )
+        self.out(f"image {self.image} removed")
 
 
 class ImageApp(_Sub):
     name = "jupyter-sandbox-image"
     description = "Manage guest images."
-    subcommands = {"build": (ImageBuildApp, ImageBuildApp.description)}
+    subcommands = {
+        "build": (ImageBuildApp, ImageBuildApp.description),
+        "ls": (ImageLsApp, ImageLsApp.description),
+        "rm": (ImageRmApp, ImageRmApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        super().start()
+
+
+def _setting_value(text: str) -> Any:
+    """A setting given on the command line: JSON where it parses as JSON (2, 0.5, true,
+    ["pypi.org:443"]), else the text itself (1G, egress)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class KernelspecInstallApp(_Sub):
+    name = "jupyter-sandbox-kernelspec-install"
+    description = (
+        "Install host kernelspecs that run an image's kernels in a sandbox: one per "
+        "kernel the image carries (or --kernel), for --backend, with the limits given."
+    )
+    image = Unicode("", config=True, help="The image whose kernels to install (required).")
+    kernel = Unicode("", config=True, help="Only this kernel of the image (default: all).")
+    backend = Unicode("gvisor", config=True, help="The backend: gvisor or microvm.")
+    spec_name = Unicode("", config=True, help="The kernelspec's name (one kernel only).")
+    user = Bool(False, config=True, help="Install for the current user, not system-wide.")
+    sys_prefix = Bool(False, config=True, help="Install into sys.prefix (this environment).")
+    prefix = Unicode("", config=True, help="Install under this prefix.")
+    vars().update(
+        {
+            s.name: Unicode(None, allow_none=True, config=True, help=s.help)
+            for s in kernelspec_settings().values()
+            if s.name != "image"
+        }
+    )
+    aliases = {
+        "image": "KernelspecInstallApp.image",
+        "kernel": "KernelspecInstallApp.kernel",
+        "backend": "KernelspecInstallApp.backend",
+        "name": "KernelspecInstallApp.spec_name",
+        "prefix": "KernelspecInstallApp.prefix",
+        **{
+            s.name.replace("_", "-"): f"KernelspecInstallApp.{s.name}"
+            for s in kernelspec_settings().values()
+            if s.name != "image"
+        },
+        **_Sub.aliases,
+    }
+    flags = {
+        "user": ({"KernelspecInstallApp": {"user": True}}, "Install for the current user."),
+        "sys-prefix": (
+            {"KernelspecInstallApp": {"sys_prefix": True}},
+            "Install into sys.prefix.",
+        ),
+        **_Sub.flags,
+    }
+
+    def start(self) -> None:
+        config = {
+            name: _setting_value(getattr(self, name))
+            for name in kernelspec_settings()
+            if name != "image" and getattr(self, name) is not None
+        }
+        try:
+            if not self.image:
+                raise SettingError("which image? --image NAME (`jupyter sandbox image ls`)")
+            installed = kernelspecs.install(
+                self.image, kernel=self.kernel, backend=self.backend, config=config,
+                name=self.spec_name, user=self.user,
+                prefix=sys.prefix if self.sys_prefix else (self.prefix or None), log=self.log,
+            )  # fmt: skip
+        except (ImageError, SettingError, OSError) as e:
+            self.log.error("%s", e)
+            self.exit(1)
+        for name, where in installed:
+            self.out(f"installed kernelspec {name} in {where}")
+
+
+class KernelspecApp(_Sub):
+    name = "jupyter-sandbox-kernelspec"
+    description = "Kernelspecs for images' kernels."
+    subcommands = {"install": (KernelspecInstallApp, KernelspecInstallApp.description)}
 
     def start(self) -> None:
         if self.subapp is None:
@@ -267,6 +461,7 @@ class SandboxApp(_Sub):
     subcommands = {
         "doctor": (DoctorApp, DoctorApp.description),
         "image": (ImageApp, ImageApp.description),
+        "kernelspec": (KernelspecApp, KernelspecApp.description),
         "ps": (PsApp, PsApp.description),
         "gc": (GcApp, GcApp.description),
         "serve": (ServeApp, ServeApp.description),

@@ -11,7 +11,11 @@ setting nobody asks for takes the ceiling itself.
     memory_limit = "1G"
     cpu_limit = 1.0
     kernelspecs = ["python3-gvisor"]
+    images = ["python3"]            # the images their kernels may run on
     max_kernels = 2                 # quotas: per user, across all kernels (quotas.py)
+
+    [groups.r-course]
+    images = ["course-101"]         # adds to [default]'s list
 
     [groups.instructors]
     memory_limit = "8G"
@@ -51,7 +55,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 POLICY_ENV = settings.POLICY_ENV
-LISTS = ("kernelspecs", "egress_allow")
+LISTS = ("kernelspecs", "images", "egress_allow")
 """The policy's lists: a user's groups add to them (the others: the most generous wins)."""
 
 
@@ -284,3 +288,14 @@ def apply(
         if "egress_allow" not in asked:
             granted["egress_allow"] = allowed_hosts
     return granted
+
+
+def check_image(ceilings: dict[str, Any], image: str, who: Identity) -> None:
+    """PolicyError unless the policy lets `who` run a kernel on `image` (a name, or a
+    rootfs path, which only an unset `images` allows)."""
+    allowed = ceilings.get("images")
+    if allowed is not None and image not in allowed:
+        raise PolicyError(
+            f"the sandbox policy does not let {who.user} use image {image!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )

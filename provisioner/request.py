@@ -87,7 +87,7 @@ def grant(request: SandboxRequest, who: Requester,
     """The settings `request` gets under the policy for `who`, and `who`'s quota.
 
     PolicyError naming the rule if it asks for more than the policy allows, or for a
-    kernelspec `who` may not start. Blocks (reads the policy file): call it in a thread.
+    kernelspec or image `who` may not start. Blocks (reads the policy file): call it in a thread.
     """
     granted = dict(request.settings)
     if not who.policy_file:
@@ -100,6 +100,7 @@ def grant(request: SandboxRequest, who: Requester,
             granted[name] = settings.check(settings.BY_NAME[name], value)
         except ValueError as e:
             raise PolicyError(f"sandbox policy {who.policy_file}: {e}") from None
+    policy.check_image(ceilings, granted["image"], who.identity)
     max_memory = ceilings.get("max_memory")
     quota = quotas.Quota(
         max_kernels=int(ceilings["max_kernels"]) if "max_kernels" in ceilings else None,

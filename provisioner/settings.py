@@ -432,8 +432,20 @@ QUOTAS: tuple[Setting, ...] = (
         enforced="policy.py (apply)",
         example='["python3-gvisor"]',
     ),
+    Setting(
+        name="images",
+        kind="list",
+        default=(),
+        help="The images a user's kernels may run on (by name; a kernelspec names its image); "
+        "unset: any.",
+        parse=_strings,
+        who=frozenset({POLICY}),
+        enforced="policy.py (check_image)",
+        example='["python3", "course-101"]',
+    ),
 )
-"""What only the policy file sets: per-user quotas and the kernelspecs a user may start."""
+"""What only the policy file sets: per-user quotas and the kernelspecs and images a user
+may start."""
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in (*COMMON, *QUOTAS)}
 BOUNDED: tuple[str, ...] = tuple(s.name for s in COMMON if s.bounded)

@@ -51,6 +51,8 @@ class Record:
     """The host process the sandbox lives in (`runsc run`, QEMU), and its start time (to
     tell it from a later process with the same pid)."""
     pid_start: int | None = None
+    image: str = ""
+    """The rootfs of the image the sandbox runs on: `image rm` refuses an image in use."""
     runtime: str = ""
     """The runtime's binary that made the sandbox (runsc, as `runsc_path` found it), so
     that whoever removes it (gc too) uses the same one, wherever it is installed."""

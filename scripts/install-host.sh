@@ -25,6 +25,7 @@ HOST_PACKAGES=(
     cpio            # packs the microVM initramfs
     kmod            # modprobe --show-depends / depmod for the guest kernel's modules
     binutils        # readelf: checks the guest kernel's PVH entry point
+    patchelf        # relocates the agent's own Python into every image (provisioner/images/runtime.py)
 )
 RUNSC=${RUNSC:-/usr/local/bin/runsc} # override only to test this script
 RUNSC_MIN_DATE=20240729

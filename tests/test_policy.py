@@ -177,6 +177,38 @@ async def test_a_kernel_gets_its_users_policy(no_leftovers, workspace, tmp_path,
     assert greedy.connection_file and not Path(greedy.connection_file).exists()
 
 
+def test_images_each_user_or_group_may_use():
+    p = Policy.parse(
+        '[default]\nimages = ["python3"]\n[groups.r-course]\nimages = ["course-101"]\n'
+        "[users.dave]\nimages = []\n"
+    )
+    student_r = Identity("erin", frozenset({"r-course"}))
+    assert p.ceilings(student_r)["images"] == ["course-101", "python3"]  # groups add
+    policy.check_image(p.ceilings(student_r), "course-101", student_r)
+    with pytest.raises(PolicyError, match=r"does not let bob use image 'course-101'; "
+                       r"allowed: python3"):  # fmt: skip
+        policy.check_image(p.ceilings(student), "course-101", student)
+    with pytest.raises(PolicyError, match="allowed: none"):
+        policy.check_image(p.ceilings(Identity("dave", frozenset())), "python3", student)
+    # a rootfs path is an image no list names: only an unset `images` allows it
+    with pytest.raises(PolicyError, match="image '/srv/rootfs'"):
+        policy.check_image(p.ceilings(student_r), "/srv/rootfs", student_r)
+    policy.check_image(Policy.parse("").ceilings(student), "/srv/rootfs", student)
+
+
+async def test_a_kernel_on_an_image_the_policy_refuses_does_not_start(
+    no_leftovers, workspace, tmp_path, monkeypatch
+):
+    path = tmp_path / "policy.toml"
+    path.write_text('[default]\nimages = ["course-101"]\n')
+    monkeypatch.setenv(policy.POLICY_ENV, str(path))
+    monkeypatch.setenv("JUPYTERHUB_USER", "bob")
+    km = AsyncIOLoopKernelManager(kernel_name=KERNEL)  # the kernelspec's image: python3
+    with pytest.raises(PolicyError, match="does not let bob use image 'python3'"):
+        await km.start_kernel(cwd=str(workspace))
+    assert km.connection_file and not Path(km.connection_file).exists()
+
+
 def test_the_documented_examples_are_valid_policies():
     page = (Path(__file__).resolve().parent.parent / "docs" / "policy.md").read_text()
     examples = re.findall(r"```toml\n(.*?)```", page, re.S)

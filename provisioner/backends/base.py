@@ -20,7 +20,7 @@ from typing import Any
 from .. import cgroups, quotas
 from ..checks import Check
 from ..errors import SandboxError
-from ..guest.layout import AGENT_DIR, KERNEL_UID
+from ..guest.layout import AGENT_DIR, AGENT_PYTHON, KERNEL_UID
 from ..idmap import IdMap
 from ..limits import Limits
 from ..network import gc as network_gc
@@ -78,7 +78,8 @@ def kernel_user(spec: SandboxSpec) -> str:
     return f"{uid},{gid},{spec.limits.pids or 0},{spec.limits.open_files}"
 
 
-AGENT_ARGV = ("/usr/bin/python3", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
+AGENT_ARGV = (AGENT_PYTHON, "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
+"""The agent runs on its own Python in every image, never the image's (images/runtime.py)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Sandbox(abc.ABC):
             cgroup=f"{cgroups.user_cgroup(spec.user)}/{spec.sandbox_id}",
             user=spec.user,
             memory=spec.limits.memory or 0,
+            image=str(spec.rootfs),
         )
         """What the host keeps of the sandbox, saved before anything is made for it."""
         self.process: subprocess.Popen | None = None
@@ -230,6 +232,8 @@ class Backend(abc.ABC):
 
     name: str
     """As kernelspecs, records and the sandbox service know it: "gvisor"."""
+    title: str
+    """As people read it, in kernelspecs' display names: "gVisor"."""
     provisioner_class: str
     """The jupyter_client provisioner's class name (the traitlets config section)."""
     settings: tuple[Setting, ...] = ()

@@ -295,6 +295,7 @@ class GVisor(Backend):
     """gVisor: a user-space kernel (the Sentry) between the kernel's code and the host."""
 
     name = "gvisor"
+    title = "gVisor"
     provisioner_class = "GVisorProvisioner"
     settings = (
         Setting(

@@ -78,6 +78,11 @@ WARM_PYTHON = "/opt/venv/bin/python"
 (its sys.executable is then the same as a fresh kernel's)."""
 
 
+def warm_python(rootfs: Path) -> str:
+    """WARM_PYTHON if the image has it, else "" (no warm process: an R-only image)."""
+    return WARM_PYTHON if os.path.lexists(rootfs / WARM_PYTHON.lstrip("/")) else ""
+
+
 def guest_mac(sandbox_id: str) -> str:
     """A locally administered MAC of QEMU's range, the same for the same sandbox."""
     digest = hashlib.sha256(sandbox_id.encode()).digest()
@@ -97,7 +102,7 @@ def qemu_argv(spec: SandboxSpec, qemu: str, boot: BootFiles, accel: Accel,
     command_line = [
         "console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests",
         *(tsc_arguments().split() if accel.name == "tcg" else []),
-        f"jsb.tmp={limits.disk}", f"jsb.warm={WARM_PYTHON}",
+        f"jsb.tmp={limits.disk}", f"jsb.warm={warm_python(spec.rootfs)}",
     ]  # fmt: skip
     argv = [
         qemu, "-name", f"{spec.sandbox_id},process=jsb-microvm", "-M", "microvm",
@@ -367,6 +372,7 @@ class MicroVM(Backend):
     """QEMU microVMs: a guest kernel of the sandbox's own, under KVM where it works, else TCG."""
 
     name = "microvm"
+    title = "microVM"
     provisioner_class = "MicroVMProvisioner"
     changed_defaults = MappingProxyType({"startup_timeout": 120.0})
     """A VM boots (when no snapshot of its shape exists yet) in 15-30 s under TCG."""

@@ -13,10 +13,8 @@ failed build never breaks a working installation.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
-import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -24,18 +22,18 @@ import logging
 import os
 import re
 import shutil
-import stat
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from ..guest.layout import GUEST_PYTHON, KERNEL_HOME, KERNEL_UID, KERNEL_USER
-from ..hostcmd import quietly, run, stream
-from .store import DEFAULT_IMAGE, find_image, image_dir, load_manifest, tree_digest
+from ..guest.layout import GUEST_PYTHON, KERNEL_HOME, KERNEL_PATH, KERNEL_UID, KERNEL_USER
+from ..hostcmd import run, stream
+from .install import building, store
+from .runtime import build_runtime
+from .store import DEFAULT_IMAGE, find_image, image_dir, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ FORCE_REBUILD = (
 
 # Bump when the build steps below change what ends up in the image, so that
 # existing images are rebuilt even though the recipe files did not change.
-_BUILDER_VERSION = 1
+_BUILDER_VERSION = 2
 # Files in guest/image that do not influence the build (editing them must not
 # trigger a multi-minute rebuild).
 _NOT_RECIPE = {"README.md"}
@@ -119,55 +117,6 @@ def _host_env() -> dict[str, str]:
         PIP_DISABLE_PIP_VERSION_CHECK="1",
     )
     return env
-
-
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
-    prefix = os.path.realpath(path)
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 5:
-                    continue
-                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                if mnt == prefix or mnt.startswith(prefix + "/"):
-                    found.append(mnt)
-    except OSError:
-        pass
-    return sorted(found, key=len, reverse=True)
-
-
-def _remove_tree(path: Path, log: logging.Logger) -> None:
-    """Delete a build tree, first detaching anything mounted inside it.
-
-    debootstrap mounts /proc and /sys in its target; a crash can leave them
-    behind, and deleting through a mount would destroy host files.
-    """
-    if not os.path.lexists(path):
-        return
-    for mnt in _mounts_under(path):
-        log.warning("unmounting leftover mount %s", mnt)
-        quietly(["umount", "--lazy", mnt], log)
-    left = _mounts_under(path)
-    if left:
-        log.error("not deleting %s: still mounted: %s", path, ", ".join(left))
-        return
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        log.error("could not delete %s completely", path)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One build per image at a time (a second caller waits, then sees it is up to date)."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _check_host() -> None:
@@ -239,46 +188,6 @@ def _download_wheels(
             tmp.replace(cached)
 
 
-def _swap_in(folder: Path, new_root: Path, manifest: dict[str, Any], tmp: Path) -> None:
-    """Replace folder/{rootfs,manifest.json} with the new build, or change nothing.
-
-    The manifest goes first and comes back last: a crash half-way leaves a
-    rootfs without a manifest (rejected by find_image, rebuilt next time),
-    never a rootfs paired with the wrong manifest. The old tree is moved into
-    the build's temp dir, which the caller deletes.
-    """
-    rootfs, mpath = folder / "rootfs", folder / "manifest.json"
-    new_manifest = tmp / "manifest.json"
-    with open(new_manifest, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    new_manifest.chmod(0o644)
-    undo: list[tuple[Path, Path]] = []  # (where it is now, where it was)
-    try:
-        if os.path.lexists(mpath):
-            mpath.rename(tmp / "old-manifest.json")
-            undo.append((tmp / "old-manifest.json", mpath))
-        if os.path.lexists(rootfs):
-            rootfs.rename(tmp / "old-rootfs")
-            undo.append((tmp / "old-rootfs", rootfs))
-        new_root.rename(rootfs)
-        undo.append((rootfs, new_root))
-        new_manifest.rename(mpath)
-    except BaseException:
-        for now, was in reversed(undo):
-            with contextlib.suppress(OSError):
-                now.rename(was)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def build_image(
     name: str = DEFAULT_IMAGE, *, force: bool = False, log: logging.Logger | None = None
 ) -> Path:
@@ -296,22 +205,12 @@ def build_image(
         log.info("image %s is up to date (%s)", name, folder / "rootfs")
         return folder / "rootfs"
     _check_host()
-    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with _locked(folder):
+    with building(name, log) as tmp:
         # Another process may have finished the same build while we waited.
         if not force and _is_current(name, wanted):
             log.info("image %s is up to date (%s)", name, folder / "rootfs")
             return folder / "rootfs"
-        for stale in folder.glob(".build-*"):  # left by a killed build
-            log.info("removing stale build directory %s", stale)
-            _remove_tree(stale, log)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
-        try:
-            manifest = _build(name, wanted, tmp, log)
-            _swap_in(folder, tmp / "rootfs", manifest, tmp)
-        finally:
-            _remove_tree(tmp, log)
-    log.info("image %s built: %s (%.0f MB)", name, folder / "rootfs", manifest["size_bytes"] / 1e6)
+        store(name, tmp, _build(wanted, tmp, log), log)
     return folder / "rootfs"
 
 
@@ -326,8 +225,9 @@ def _is_current(name: str, wanted: str) -> bool:
     return True
 
 
-def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
-    """The build proper, in tmp/rootfs. Returns the manifest."""
+def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
+    """The build proper, in tmp/rootfs. Returns its manifest (install.store adds what
+    every image's has)."""
     started = time.monotonic()
     recipe = dict(_recipe_files())
     packages = _recipe_lines(recipe["debian-packages.txt"].decode())
@@ -411,6 +311,9 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
         HOME=KERNEL_HOME, MPLBACKEND="agg",
     )  # fmt: skip
 
+    _step(log, "adding the agent's own Python (images/runtime.py)")
+    build_runtime(root, root, log)
+
     _step(log, "writing the manifest")
     debs = run(
         ["chroot", root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], "dpkg-query",
@@ -427,9 +330,8 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
         error=ImageError, timeout=_FACT_TIMEOUT, env=CLEAN_ENV, fix=FORCE_REBUILD,
     )  # fmt: skip
     py_info = json.loads(pys)
-    digest, size = tree_digest(root)
     return {
-        "name": name,
+        "source": {"kind": "recipe", "recipe_hash": wanted_hash},
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 1),
         "recipe_hash": wanted_hash,
@@ -450,8 +352,7 @@ def _build(name: str, wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[
             "gid": KERNEL_UID,
             "home": KERNEL_HOME,
         },
-        "content_hash": digest,
-        "size_bytes": size,
+        "env": [f"PATH={KERNEL_PATH}"],
     }
 
 
@@ -485,7 +386,6 @@ def _tidy(root: Path) -> None:
     _clear_dir(root / "var/log/apt")
     for old in root.glob("var/cache/debconf/*-old"):
         old.unlink()
-    _strip_setid(root)
     # debootstrap copies the host's hostname and resolv.conf into the target.
     _write(root / "etc/hostname", "sandbox\n")
     _write(root / "etc/resolv.conf", "")
@@ -493,18 +393,3 @@ def _tidy(root: Path) -> None:
         root / "etc/hosts",
         "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )
-
-
-def _strip_setid(root: Path) -> None:
-    """Clear setuid/setgid bits (su, mount, passwd, ...).
-
-    The kernel runs unprivileged; nothing in a notebook needs these, and without
-    them code in the kernel cannot become root inside the sandbox even if the
-    runtime forgets no_new_privileges.
-    """
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            path = Path(dirpath, f)
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                path.chmod(stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))

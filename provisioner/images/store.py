@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from ..guest.layout import GUEST_PYTHON
+from ..guest.layout import AGENT_PYTHON
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,9 @@ def image_dir(name: str) -> Path:
 
 
 def _missing_parts(rootfs: Path) -> list[str]:
-    """What a usable rootfs lacks. Uses lexists: the venv's python is an absolute
-    symlink that would resolve against the *host's* / if followed here."""
-    return [
-        rel
-        for rel in (GUEST_PYTHON.lstrip("/"), "usr/bin/python3")
-        if not os.path.lexists(rootfs / rel)
-    ]
+    """What a usable rootfs lacks: the agent's own Python (images/runtime.py). Uses
+    lexists: an image's absolute symlinks would resolve against the *host's* / here."""
+    return [rel for rel in (AGENT_PYTHON.lstrip("/"),) if not os.path.lexists(rootfs / rel)]
 
 
 def find_image(name_or_path: str = DEFAULT_IMAGE) -> Path:
@@ -105,6 +101,22 @@ def load_manifest(name: str = DEFAULT_IMAGE) -> dict[str, Any] | None:
         logger.warning("ignoring unreadable image manifest %s: %s", path, e)
         return None
     return data if isinstance(data, dict) else None
+
+
+def list_images() -> list[tuple[str, dict[str, Any]]]:
+    """Every complete image (one with a manifest), by name, with its manifest."""
+    try:
+        entries = sorted(images_dir().iterdir())
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or not _NAME_RE.fullmatch(entry.name):
+            continue
+        manifest = load_manifest(entry.name)
+        if manifest is not None:
+            found.append((entry.name, manifest))
+    return found
 
 
 def tree_digest(root: Path) -> tuple[str, int]:

@@ -1,0 +1,114 @@
+"""Images from anywhere: `jupyter sandbox image build NAME --from SOURCE`.
+
+SOURCE is one of
+
+- an OCI image: an OCI layout folder (``oci:DIR[:TAG]`` or a folder holding
+  ``oci-layout``), an ``oci-archive:FILE`` or ``docker-archive:FILE`` (what
+  ``docker save`` writes), or a registry reference ``docker://HOST/REPO:TAG``
+  (oci.py, through skopeo);
+- a Binder/repo2docker folder (``apt.txt``, ``requirements.txt``, ``postBuild``,
+  ``runtime.txt``), built on the default image (binder.py);
+- a root filesystem folder, copied (unpack.py).
+
+Whatever the source, the tree is untrusted: it is made in a scratch folder beside
+the image with every hostile entry refused or neutralised (unpack.py), gets the
+agent's own Python (runtime.py) so that its kernels run whatever interpreter it
+has or lacks, and is stored like every image (install.py), its kernelspecs listed
+in its manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError
+from ..guest.layout import KERNEL_PATH
+from . import binder, oci, unpack
+from .install import building, store
+from .runtime import copy_runtime
+from .store import DEFAULT_IMAGE, find_image, image_dir
+
+DEFAULT_MAX_SIZE = 16 << 30
+"""Bytes an imported image may unpack to, unless the operator says otherwise
+(`--max-size`): a bound on decompression bombs and gigantic layers."""
+
+
+def source_kind(source: str) -> str:
+    """The kind of `source` (oci, binder or rootfs); ImageError saying what it may be."""
+    if oci.is_oci_source(source):
+        return "oci"
+    path = Path(source)
+    if path.is_dir():
+        if binder.is_binder_folder(path):
+            return "binder"
+        if any((path / part).is_dir() for part in ("usr", "bin", "etc")):
+            return "rootfs"
+    raise ImageError(
+        f"cannot build an image from {source!r}: expected an OCI image (an OCI layout folder, "
+        "oci:DIR, oci-archive:FILE, docker-archive:FILE or docker://REGISTRY/REPO:TAG), a "
+        "Binder folder (apt.txt, requirements.txt, postBuild, runtime.txt) or a root "
+        "filesystem folder (with usr/, bin/ or etc/)"
+    )
+
+
+def import_image(
+    name: str,
+    source: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_SIZE,
+    tls_verify: bool = True,
+    log: logging.Logger,
+) -> dict[str, Any]:
+    """Build image `name` from `source` and return its manifest.
+
+    The default image must be built (it gives the agent's runtime, and a Binder
+    folder's base). On any failure the image `name` had before, if any, is
+    untouched and nothing of the attempt is left.
+    """
+    if name == DEFAULT_IMAGE:
+        raise ImageError(
+            f"{DEFAULT_IMAGE} is the default image, built from the project's recipe; "
+            "give the imported image another name"
+        )
+    image_dir(name)  # a valid name, before any work
+    kind = source_kind(source)
+    default_rootfs = find_image(DEFAULT_IMAGE)
+    started = time.monotonic()
+    with building(name, log) as tmp:
+        root = tmp / "rootfs"
+        root.mkdir(mode=0o755)
+        env = [f"PATH={KERNEL_PATH}"]
+        if kind == "oci":
+            log.info("image %s: unpacking the OCI image %s", name, source)
+            facts = oci.unpack_image(source, root, max_bytes=max_bytes, log=log,
+                                     tls_verify=tls_verify)  # fmt: skip
+            env = facts.get("config", {}).get("env") or env
+        elif kind == "binder":
+            log.info("image %s: building the Binder folder %s", name, source)
+            facts = binder.build_from_binder(Path(source).resolve(), root,
+                                             base_rootfs=default_rootfs, log=log)  # fmt: skip
+        else:
+            log.info("image %s: copying the root filesystem %s", name, source)
+            report = unpack.copy_tree(Path(source).resolve(), root, unpack.Budget(max_bytes))
+            facts = {"kind": "rootfs", "folder": str(Path(source).resolve()),
+                     "neutralised": dataclasses.asdict(report)}  # fmt: skip
+        copy_runtime(default_rootfs, root)
+        manifest = store(
+            name,
+            tmp,
+            {
+                "source": facts,
+                "env": env,
+                "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "build_seconds": round(time.monotonic() - started, 1),
+            },
+            log,
+        )
+    return manifest

@@ -1,0 +1,161 @@
+"""Host kernelspecs for the kernels an image carries: `jupyter sandbox kernelspec install`.
+
+An image's manifest lists its kernelspecs (images/kernels.py). For each one asked
+for, this writes a kernelspec on the host, through jupyter_client's
+`KernelSpecManager` as `jupyter kernelspec install` does, that starts the same
+argv inside a sandbox of the chosen backend on that image: "R (gVisor sandbox,
+course-101)". Its provisioner config names the image and whatever limits the
+operator gave; the policy still bounds them when a kernel starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+from . import backends, settings
+from .errors import ImageError, SettingError
+from .images.kernels import MAX_LOGO, read_inside
+from .images.store import find_image, load_manifest
+
+KEPT_OUT_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "HOSTNAME", "PWD", "JPY_PARENT_PID"})
+"""Variables of an image's environment a kernelspec does not carry: the sandbox sets them
+for the kernel's user (its home is the sandbox's, whoever the image's user was)."""
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def kernelspec_settings() -> dict[str, settings.Setting]:
+    """What a kernelspec's provisioner config may set, by name (the common settings
+    a kernelspec may set, the backend's own aside)."""
+    return {s.name: s for s in settings.COMMON if settings.KERNELSPEC in s.who}
+
+
+def image_env(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The image's own environment (its OCI config's Env, or the default PATH), minus what
+    the sandbox sets for the kernel's user."""
+    env: dict[str, str] = {}
+    for entry in manifest.get("env") or ():
+        if not isinstance(entry, str) or "=" not in entry:
+            continue
+        name, value = entry.split("=", 1)
+        if _ENV_NAME_RE.fullmatch(name) and name not in KEPT_OUT_ENV and "\0" not in value:
+            env[name] = value
+    return env
+
+
+def kernel_json(
+    image: str,
+    kernel: Mapping[str, Any],
+    backend: backends.Backend,
+    config: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The host kernel.json that runs image `image`'s kernel `kernel` (its manifest entry)
+    under `backend` with provisioner `config` (already checked)."""
+    resource_dir = kernel["resource_dir"]
+    return {
+        # jupyter_client puts the *host* kernelspec's folder for {resource_dir}; the kernel
+        # needs its own folder in the image.
+        "argv": [arg.replace("{resource_dir}", resource_dir) for arg in kernel["argv"]],
+        "display_name": f"{kernel['display_name']} ({backend.title} sandbox, {image})",
+        "language": kernel["language"],
+        "interrupt_mode": kernel.get("interrupt_mode", "signal"),
+        "env": {**image_env(manifest), **kernel.get("env", {})},
+        "metadata": {
+            "debugger": False,
+            "kernel_provisioner": {
+                "provisioner_name": backend.provisioner_name,
+                "config": {"image": image, **config},
+            },
+        },
+    }
+
+
+def install(
+    image: str,
+    *,
+    kernel: str = "",
+    backend: str = "gvisor",
+    config: Mapping[str, Any] | None = None,
+    name: str = "",
+    user: bool = False,
+    prefix: str | None = None,
+    log: logging.Logger,
+) -> list[tuple[str, str]]:
+    """Install host kernelspecs for image `image`'s kernels (all, or `kernel`), and
+    return (kernelspec name, folder) for each.
+
+    ImageError if the image is not built or has no such kernel; SettingError for an
+    unknown backend or a setting a kernelspec may not set or with a bad value.
+    """
+    chosen = backends.get(backend)
+    find_image(image)
+    manifest = load_manifest(image) or {}
+    found: dict[str, Any] = manifest.get("kernels") or {}
+    if kernel and kernel not in found:
+        raise ImageError(
+            f"image {image!r} has no kernel {kernel!r}; it has: {', '.join(found) or 'none'}"
+        )
+    if not found:
+        raise ImageError(
+            f"image {image!r} carries no kernelspec (looked in the usual "
+            "share/jupyter/kernels folders); write a kernelspec for it by hand "
+            "(docs: Environments)"
+        )
+    checked = _checked(config or {})
+    chosen_kernels = [kernel] if kernel else sorted(found)
+    if name and len(chosen_kernels) > 1:
+        raise SettingError(f"--name names one kernelspec; image {image!r} has several: "
+                           f"{', '.join(chosen_kernels)}; pick one with --kernel")  # fmt: skip
+    rootfs = find_image(image)
+    manager = KernelSpecManager()
+    done = []
+    for which in chosen_kernels:
+        entry = found[which]
+        spec_name = name or _spec_name(which, chosen.name, image)
+        with tempfile.TemporaryDirectory(prefix="jsb-kernelspec-") as tmp:
+            folder = Path(tmp) / spec_name
+            folder.mkdir()
+            (folder / "kernel.json").write_text(
+                json.dumps(kernel_json(image, entry, chosen, checked, manifest), indent=2) + "\n"
+            )
+            for logo in entry.get("logos", ()):
+                try:
+                    data = read_inside(rootfs, f"{entry['resource_dir']}/{logo}", MAX_LOGO)
+                except (OSError, ValueError) as e:
+                    log.warning("logo %s of kernel %s left out: %s", logo, which, e)
+                    continue
+                (folder / logo).write_bytes(data)
+            where = manager.install_kernel_spec(str(folder), spec_name, user=user, prefix=prefix)
+        log.info("installed kernelspec %s (%s) in %s", spec_name, which, where)
+        done.append((spec_name, where))
+    return done
+
+
+def _spec_name(kernel: str, backend: str, image: str) -> str:
+    """`ir-gvisor-course-101`: what the kernel is, where it runs, on what."""
+    return re.sub(r"[^a-z0-9._-]+", "-", f"{kernel}-{backend}-{image}".lower())
+
+
+def _checked(config: Mapping[str, Any]) -> dict[str, Any]:
+    allowed = kernelspec_settings()
+    out = {}
+    for key, value in config.items():
+        if key == "image":
+            raise SettingError("the image is the one the kernelspec is installed for")
+        if key not in allowed:
+            raise SettingError(
+                f"a kernelspec cannot set {key!r}; it may set: {', '.join(sorted(allowed))}"
+            )
+        try:
+            out[key] = settings.check(allowed[key], value)
+        except ValueError as e:
+            raise SettingError(str(e)) from None
+    return out
