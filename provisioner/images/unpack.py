@@ -660,13 +660,18 @@ class _Copier:
                 _make_symlink(dst, name, os.readlink(name, dir_fd=src))
                 self.counts.entries += 1
                 continue
+            self.counts.entries += 1
+            if (st.st_dev, st.st_ino) in self.links:  # a hard link to a file copied already
+                _make_room(dst, name, for_dir=False)
+                os.link(self.links[st.st_dev, st.st_ino], name, src_dir_fd=self.tree.root,
+                        dst_dir_fd=dst, follow_symlinks=False)  # fmt: skip
+                continue
             mode = self.counts.mode(st.st_mode, is_dir=kind == stat.S_IFDIR, uid=st.st_uid,
                                     gid=st.st_gid)  # fmt: skip
             if kind == stat.S_IFDIR:
                 self.copy_subdir(src, dst, name, st, mode, depth)
             else:
                 self.copy_file(src, dst, name, st, mode)
-            self.counts.entries += 1
 
     def copy_subdir(self, src: int, dst: int, name: bytes, st: os.stat_result, mode: int,
                     depth: int) -> None:  # fmt: skip
@@ -688,12 +693,7 @@ class _Copier:
             os.close(sub_src)
 
     def copy_file(self, src: int, dst: int, name: bytes, st: os.stat_result, mode: int) -> None:
-        key = (st.st_dev, st.st_ino)
         _make_room(dst, name, for_dir=False)
-        if key in self.links:
-            os.link(self.links[key], name, src_dir_fd=self.tree.root, dst_dir_fd=dst,
-                    follow_symlinks=False)  # fmt: skip
-            return
         # O_NONBLOCK: had the entry become a fifo since lstat, open must not hang on it.
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=src)  # fmt: skip
@@ -711,4 +711,4 @@ class _Copier:
             os.close(fd)
         self.counts.data_bytes += size
         if st.st_nlink > 1:
-            self.links[key] = self.at
+            self.links[st.st_dev, st.st_ino] = self.at
