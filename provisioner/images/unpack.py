@@ -165,9 +165,13 @@ class _Counts:
         if mode & stat.S_IWOTH and not (is_dir and mode & stat.S_ISVTX):
             self.world_writable_cleared += 1
             mode &= ~stat.S_IWOTH
+        self.owner(uid, gid)
+        return mode
+
+    def owner(self, uid: int, gid: int) -> None:
+        """Count an entry the image gave to someone other than root."""
         if uid or gid:
             self.ownership_reset += 1
-        return mode
 
 
 class _Refused(Exception):
@@ -317,6 +321,8 @@ class _Tree:
                     raise _Refused(f"{os.fsdecode(part)!r} on the way is not a directory")
                 if len(stack) > MAX_DEPTH:
                     raise _Refused(f"deeper than {MAX_DEPTH} directories")
+                if create:  # on the way to an entry of this layer: this layer has it too
+                    self.mark(st)
                 stack.append(os.open(part, _OPEN_DIR, dir_fd=here))
             return stack.pop()
         finally:
@@ -540,6 +546,7 @@ def _make_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[byt
                  parent: int, tree: _Tree, counts: _Counts) -> None:  # fmt: skip
     name = parts[-1]
     if member.issym():
+        counts.owner(member.uid, member.gid)
         _make_room(parent, name, for_dir=False)
         tree.mark(_make_symlink(parent, name, os.fsencode(member.linkname)))
         return
@@ -656,6 +663,7 @@ class _Copier:
                 self.counts.specials_skipped += 1
                 continue
             if kind == stat.S_IFLNK:
+                self.counts.owner(st.st_uid, st.st_gid)
                 _make_room(dst, name, for_dir=False)
                 _make_symlink(dst, name, os.readlink(name, dir_fd=src))
                 self.counts.entries += 1
