@@ -26,6 +26,8 @@ HOST_PACKAGES=(
     kmod            # modprobe --show-depends / depmod for the guest kernel's modules
     binutils        # readelf: checks the guest kernel's PVH entry point
     patchelf        # relocates the agent's own Python into every image (provisioner/images/runtime.py)
+    skopeo          # image build --from an OCI layout, archive or registry (provisioner/images/oci.py)
+    docker-registry # the tests' loopback registry that images are pulled from (tests/oci_kit.py)
 )
 RUNSC=${RUNSC:-/usr/local/bin/runsc} # override only to test this script
 RUNSC_MIN_DATE=20240729
