@@ -66,10 +66,18 @@ REFUSED = [
     (["serve", "--policy=/p", "start"], "serve", "unexpected argument 'start'", "--grace-period"),
     (["--image", "X"], "", "unknown option --image", "--log-level"),
     (["build"], "", "unknown subcommand build", "image"),
-    (["kernelspec", "install", "--imag", "X"], "kernelspec install", "unknown option --imag",
-     "--image"),  # fmt: skip
-    (["kernelspec", "install", "--memory=1G"], "kernelspec install", "unknown option --memory",
-     "--memory-limit"),  # fmt: skip
+    (
+        ["kernelspec", "install", "--imag", "X"],
+        "kernelspec install",
+        "unknown option --imag",
+        "--image",
+    ),
+    (
+        ["kernelspec", "install", "--memory=1G"],
+        "kernelspec install",
+        "unknown option --memory",
+        "--memory-limit",
+    ),
     (["kernelspec", "instal"], "kernelspec", "unknown subcommand instal", "install"),
     (["kernelspecs", "install"], "", "unknown subcommand kernelspecs", "kernelspec"),
 ]

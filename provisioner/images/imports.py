@@ -33,6 +33,9 @@ from .install import building, store
 from .runtime import copy_runtime
 from .store import DEFAULT_IMAGE, find_image, image_dir
 
+OCI_DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""An imported image's PATH when its OCI config sets none (a rootfs folder has no config):
+the one Docker and Kubernetes give a container."""
 DEFAULT_MAX_SIZE = 16 << 30
 """Bytes an imported image may unpack to, unless the operator says otherwise
 (`--max-size`): a bound on decompression bombs and gigantic layers."""
@@ -82,7 +85,7 @@ def import_image(
     with building(name, log) as tmp:
         root = tmp / "rootfs"
         root.mkdir(mode=0o755)
-        env = [f"PATH={KERNEL_PATH}"]
+        env = [f"PATH={KERNEL_PATH}"] if kind == "binder" else [OCI_DEFAULT_PATH]
         if kind == "oci":
             log.info("image %s: unpacking the OCI image %s", name, source)
             facts = oci.unpack_image(source, root, max_bytes=max_bytes, log=log,
