@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub browser demo test security-report nbclient docs bench lint fuzz gc
+.PHONY: setup host venv image hub browser kernels demo test security-report nbclient docs bench lint fuzz gc
 
 setup: host venv image
 
@@ -41,10 +41,14 @@ hub: setup
 browser:
 	bash scripts/install-browser.sh
 
+# R with IRkernel on the host: the local kernel the sandboxed R kernels are compared with.
+kernels:
+	bash scripts/install-kernels.sh
+
 demo: setup
 	$(BIN)/python examples/run_tour.py --kernel python3-$(BACKEND)
 
-test: setup hub browser
+test: setup hub browser kernels
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 	$(MAKE) nbclient
 	$(MAKE) docs

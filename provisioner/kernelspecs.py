@@ -22,7 +22,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from . import backends, settings
 from .errors import ImageError, SettingError
-from .images.kernels import MAX_LOGO, read_inside
+from .guest.layout import KERNEL_PATH
+from .images.kernels import MAX_LOGO, read_inside, which_inside
 from .images.store import find_image, load_manifest
 
 KEPT_OUT_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "HOSTNAME", "PWD", "JPY_PARENT_PID"})
@@ -56,18 +57,32 @@ def kernel_json(
     backend: backends.Backend,
     config: Mapping[str, Any],
     manifest: Mapping[str, Any],
+    rootfs: Path,
 ) -> dict[str, Any]:
     """The host kernel.json that runs image `image`'s kernel `kernel` (its manifest entry)
-    under `backend` with provisioner `config` (already checked)."""
-    resource_dir = kernel["resource_dir"]
+    under `backend` with provisioner `config` (already checked).
+
+    The program is written as its path in the image, found on the kernel's PATH there:
+    jupyter_client replaces a bare `python` with the *server's* interpreter, which does
+    not exist in the sandbox. ImageError if the image does not have it."""
+    env = {**image_env(manifest), **kernel.get("env", {})}
+    # jupyter_client puts the *host* kernelspec's folder for {resource_dir}; the kernel
+    # needs its own folder in the image.
+    argv = [arg.replace("{resource_dir}", kernel["resource_dir"]) for arg in kernel["argv"]]
+    if "/" not in argv[0]:
+        found = which_inside(rootfs, argv[0], env.get("PATH", KERNEL_PATH))
+        if found is None:
+            raise ImageError(
+                f"kernel {kernel['display_name']!r} of image {image!r} runs {argv[0]!r}, "
+                f"which is not on its PATH ({env.get('PATH', KERNEL_PATH)}) in the image"
+            )
+        argv[0] = found
     return {
-        # jupyter_client puts the *host* kernelspec's folder for {resource_dir}; the kernel
-        # needs its own folder in the image.
-        "argv": [arg.replace("{resource_dir}", resource_dir) for arg in kernel["argv"]],
+        "argv": argv,
         "display_name": f"{kernel['display_name']} ({backend.title} sandbox, {image})",
         "language": kernel["language"],
         "interrupt_mode": kernel.get("interrupt_mode", "signal"),
-        "env": {**image_env(manifest), **kernel.get("env", {})},
+        "env": env,
         "metadata": {
             "debugger": False,
             "kernel_provisioner": {
@@ -124,7 +139,8 @@ def install(
             folder = Path(tmp) / spec_name
             folder.mkdir()
             (folder / "kernel.json").write_text(
-                json.dumps(kernel_json(image, entry, chosen, checked, manifest), indent=2) + "\n"
+                json.dumps(kernel_json(image, entry, chosen, checked, manifest, rootfs), indent=2)
+                + "\n"
             )
             for logo in entry.get("logos", ()):
                 try:

@@ -22,14 +22,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from ..guest.layout import KERNEL_PATH
+from ..guest.layout import KERNEL_HOME, KERNEL_PATH, KERNEL_UID, KERNEL_USER
 from . import binder, oci, unpack
-from .install import building, store
+from .install import building, real_dirs, store
 from .runtime import copy_runtime
 from .store import DEFAULT_IMAGE, find_image, image_dir
 
@@ -57,6 +58,39 @@ def source_kind(source: str) -> str:
         "Binder folder (apt.txt, requirements.txt, postBuild, runtime.txt) or a root "
         "filesystem folder (with usr/, bin/ or etc/)"
     )
+
+
+MAX_ACCOUNTS_FILE = 1 << 20
+"""An image's /etc/passwd or /etc/group larger than this is replaced, not read."""
+
+
+def add_kernel_user(root: Path) -> None:
+    """Give the untrusted tree `root` what the kernel's user needs, as the default image
+    has it: its home (1777: whoever the kernel runs as may write there), and an entry in
+    /etc/passwd and /etc/group if the image has none for `KERNEL_UID` (R, pip and
+    `getpass` look the user up). An image's own user of that uid (jovyan in the Jupyter
+    Docker Stacks) is kept. Nothing here follows a symlink (install.real_dirs)."""
+    real_dirs(root, KERNEL_HOME.lstrip("/")).chmod(0o1777)
+    etc = real_dirs(root, "etc")
+    for name, root_line, ours in (
+        ("passwd", "root:x:0:0:root:/root:/bin/sh\n",
+         f"{KERNEL_USER}:x:{KERNEL_UID}:{KERNEL_UID}::{KERNEL_HOME}:/bin/sh\n"),
+        ("group", "root:x:0:\n", f"{KERNEL_USER}:x:{KERNEL_UID}:\n"),
+    ):  # fmt: skip
+        path = etc / name
+        text = root_line
+        if path.is_symlink() or (os.path.lexists(path) and not path.is_file()):
+            path.unlink()
+        elif path.is_file() and path.stat().st_size <= MAX_ACCOUNTS_FILE:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        if any(line.split(":")[2:3] == [str(KERNEL_UID)] for line in text.splitlines()):
+            continue
+        if text and not text.endswith("\n"):
+            text += "\n"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + ours)
 
 
 def import_image(
@@ -101,6 +135,7 @@ def import_image(
             facts = {"kind": "rootfs", "folder": str(Path(source).resolve()),
                      "neutralised": dataclasses.asdict(report)}  # fmt: skip
         copy_runtime(default_rootfs, root)
+        add_kernel_user(root)
         manifest = store(
             name,
             tmp,

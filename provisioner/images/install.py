@@ -123,6 +123,31 @@ def strip_setid(root: Path) -> None:
                 path.chmod(stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
 
 
+def real_dirs(root: Path, rel: str) -> Path:
+    """`root`/`rel` as a real directory of `root`, each component too (made 0755 where
+    missing). An untrusted tree may hold anything on the way, symlinks to the host's
+    folders among them: a symlink or file in the way is removed, never followed, so
+    what is written there afterwards stays inside `root`."""
+    here = root
+    for part in Path(rel).parts:
+        here = here / part
+        if here.is_symlink() or (os.path.lexists(here) and not here.is_dir()):
+            here.unlink()
+        if not os.path.lexists(here):
+            here.mkdir(mode=0o755)
+    return here
+
+
+def clear_path(root: Path, rel: str) -> Path:
+    """`root`/`rel`, made absent, its parents real directories of `root` (`real_dirs`)."""
+    target = real_dirs(root, str(Path(rel).parent)) / Path(rel).name
+    if target.is_symlink() or (os.path.lexists(target) and not target.is_dir()):
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    return target
+
+
 @contextlib.contextmanager
 def building(name: str, log: logging.Logger) -> Iterator[Path]:
     """A fresh scratch folder inside image `name`'s folder, with the image locked.

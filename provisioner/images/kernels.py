@@ -106,6 +106,26 @@ def read_inside(root: Path, path: str, limit: int) -> bytes:
     return data
 
 
+def which_inside(root: Path, program: str, path: str) -> str | None:
+    """Where `program` (a bare name) is on `path` (a PATH value) in the image: the first
+    executable regular file, by the path the sandbox will exec; None if there is none."""
+    for folder in path.split(":"):
+        if not folder.startswith("/"):
+            continue
+        candidate = f"{folder.rstrip('/')}/{program}"
+        try:
+            fd = open_inside(root, candidate, os.O_PATH)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    return None
+
+
 def _list_inside(root: Path, path: str) -> list[str]:
     try:
         fd = open_inside(root, path, os.O_RDONLY | os.O_DIRECTORY)

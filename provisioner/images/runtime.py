@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import ImageError
 from ..guest.layout import AGENT_PYTHON, AGENT_RUNTIME
 from ..hostcmd import run
+from .install import clear_path
 
 STDLIB_LEFT_OUT = ("test", "idlelib", "tkinter", "lib2to3", "ensurepip", "turtledemo",
                    "pydoc_data", "venv", "__phello__")  # fmt: skip
@@ -73,28 +74,6 @@ def _libraries(source: Path, binaries: list[str], log: logging.Logger) -> list[s
             found.add(match.group(1) or match.group(2))
     log.debug("agent runtime libraries: %s", ", ".join(sorted(found)))
     return sorted(found)
-
-
-def _clear_path(root: Path, rel: str) -> Path:
-    """`root`/`rel`, made absent, with each parent a real directory of `root`.
-
-    An imported image may hold anything at these paths, symlinks to the host's folders
-    among them: a symlink or file in the way is removed, never followed, so the runtime
-    is always written inside `root`.
-    """
-    here = root
-    for part in Path(rel).parts[:-1]:
-        here = here / part
-        if here.is_symlink() or (os.path.lexists(here) and not here.is_dir()):
-            here.unlink()
-        if not os.path.lexists(here):
-            here.mkdir(mode=0o755)
-    target = here / Path(rel).name
-    if target.is_symlink() or (os.path.lexists(target) and not target.is_dir()):
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    return target
 
 
 def build_runtime(source: Path, dest_root: Path, log: logging.Logger) -> None:
@@ -148,7 +127,7 @@ def build_runtime(source: Path, dest_root: Path, log: logging.Logger) -> None:
             env=_CHROOT_ENV,
             fix="Rebuild the default image with `jupyter sandbox image build --force`.",
         )  # fmt: skip
-        top.rename(_clear_path(dest_root, AGENT_RUNTIME.lstrip("/")))
+        top.rename(clear_path(dest_root, AGENT_RUNTIME.lstrip("/")))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -161,4 +140,4 @@ def copy_runtime(default_rootfs: Path, dest_root: Path) -> None:
             f"the default image has no agent runtime ({source}); "
             "rebuild it with `jupyter sandbox image build --force`"
         )
-    shutil.copytree(source, _clear_path(dest_root, AGENT_RUNTIME.lstrip("/")), symlinks=True)
+    shutil.copytree(source, clear_path(dest_root, AGENT_RUNTIME.lstrip("/")), symlinks=True)

@@ -1,0 +1,196 @@
+"""Imported images for the tests that run kernels on them, made once per test session.
+
+- `imported_image`: the default image re-imported as an OCI image, the way an operator
+  brings their own: its rootfs as one layer plus a layer of the test's own, written as
+  an OCI layout, turned by skopeo into a `docker-archive` (what `docker save` writes),
+  and built with `jupyter sandbox image build NAME --from docker-archive:FILE`. Python
+  kernels run on it like on the default, so the attack suite attacks it too.
+- `r_image`: an image with R and IRkernel and no Python at all: a Debian root made by
+  debootstrap in a scratch folder, built with `--from FOLDER` (a root filesystem).
+
+Each is removed with `jupyter sandbox image rm` when the session ends (nothing left).
+`kernelspecs(...)` installs an image's kernels under a prefix that `JUPYTER_PATH`
+then names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_sandbox
+from oci_kit import entry, layer, require_tools, skopeo_copy
+
+from provisioner.images.build import DEBIAN_MIRROR, DEBIAN_SUITE, DEBOOTSTRAP_CACHE
+from provisioner.images.store import find_image, image_dir, images_dir, load_manifest
+
+IMPORTED = "jsb-test-imported"
+R_IMAGE = "jsb-test-r"
+MARKER = "/etc/jsb-test-layer"
+"""A file only the test's own layer of `imported_image` has."""
+TAR_LAYER = "application/vnd.oci.image.layer.v1.tar"
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def sandbox_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """`jupyter sandbox ...` as the operator runs it, its output kept for the assertion."""
+    jupyter = Path(sys.executable).parent / "jupyter"
+    return subprocess.run([str(jupyter), "sandbox", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def build(name: str, source: str, *extra: str) -> dict:
+    done = sandbox_cli("image", "build", name, "--from", source, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = load_manifest(name)
+    assert manifest is not None
+    return manifest
+
+
+def remove(name: str) -> None:
+    if load_manifest(name) is not None:
+        done = sandbox_cli("image", "rm", name, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not image_dir(name).exists()
+        assert not list(images_dir().glob(f".removing-{name}-*"))
+
+
+def _blob(layout: Path, path: Path | None = None, data: bytes = b"") -> dict[str, object]:
+    """Move file `path` (or write `data`) into the layout's blobs; its descriptor."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    if path is not None:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        size = path.stat().st_size
+        path.rename(blobs / digest.hexdigest())
+    else:
+        digest.update(data)
+        size = len(data)
+        (blobs / digest.hexdigest()).write_bytes(data)
+    return {"digest": f"sha256:{digest.hexdigest()}", "size": size}
+
+
+def oci_layout_of(rootfs: Path, layout: Path, extra: bytes) -> None:
+    """An OCI layout (tag `1`): `rootfs` as an uncompressed layer, then gzip layer `extra`."""
+    layout.mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    base = layout / "base.tar"
+    subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(base), "."],
+                   check=True, timeout=600)  # fmt: skip
+    layers = [{"mediaType": TAR_LAYER, **_blob(layout, base)},
+              {"mediaType": GZIP_LAYER, **_blob(layout, data=extra)}]  # fmt: skip
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"],
+            "WorkingDir": "/",
+            "User": "1000",
+        },
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": [  # an uncompressed layer's is its digest
+                layers[0]["digest"],
+                f"sha256:{hashlib.sha256(gzip.decompress(extra)).hexdigest()}",
+            ],
+        },
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **_blob(layout, data=json.dumps(config).encode()),
+        },
+        "layers": layers,
+    }
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       **_blob(layout, data=json.dumps(manifest).encode()),
+                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
+    }  # fmt: skip
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="session")
+def imported_image() -> Iterator[str]:
+    """The default image plus a layer, imported from a docker-archive: its name."""
+    require_sandbox()
+    require_tools("skopeo")
+    scratch = Path(tempfile.mkdtemp(prefix="jsb-imported-", dir="/var/tmp"))
+    try:
+        extra = layer(entry(MARKER.lstrip("/"), b"from the test's own layer\n"))
+        oci_layout_of(find_image(), scratch / "layout", extra)
+        archive = scratch / "image.tar"
+        skopeo_copy(f"oci:{scratch / 'layout'}:1", f"docker-archive:{archive}:jsb/test:1")
+        shutil.rmtree(scratch / "layout")
+        build(IMPORTED, f"docker-archive:{archive}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        yield IMPORTED
+    finally:
+        remove(IMPORTED)
+
+
+@pytest.fixture(scope="session")
+def r_image() -> Iterator[str]:
+    """R and IRkernel on Debian, no Python: its name."""
+    require_sandbox()
+    require_tools("debootstrap")
+    scratch = Path(tempfile.mkdtemp(prefix="jsb-r-", dir="/var/tmp"))
+    try:
+        DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=r-cran-irkernel",
+             f"--cache-dir={DEBOOTSTRAP_CACHE}", DEBIAN_SUITE, str(scratch / "rootfs"),
+             DEBIAN_MIRROR],
+            check=True, capture_output=True, timeout=1200,
+        )  # fmt: skip
+        build(R_IMAGE, str(scratch / "rootfs"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        yield R_IMAGE
+    finally:
+        remove(R_IMAGE)
+
+
+def kernelspecs(image: str, prefix: Path, *args: str) -> list[str]:
+    """Install `image`'s kernelspecs under `prefix` (`kernelspec install --image ... args`);
+    the names installed."""
+    done = sandbox_cli("kernelspec", "install", "--image", image, "--prefix", str(prefix), *args,
+                       timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line.split()[2] for line in done.stdout.splitlines() if line.startswith("installed")]
+
+
+@pytest.fixture(scope="session")
+def kernel_prefix() -> Iterator[Path]:
+    """A prefix for the session's installed kernelspecs, named by JUPYTER_PATH meanwhile."""
+    prefix = Path(tempfile.mkdtemp(prefix="jsb-kernelspecs-"))
+    saved = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(prefix / "share/jupyter"), *([saved] if saved else [])]
+    )
+    try:
+        yield prefix
+    finally:
+        if saved is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = saved
+        shutil.rmtree(prefix, ignore_errors=True)
