@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import unittest
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
 from conftest import BACKENDS, READY_TIMEOUT, execute, require_sandbox, skip_or_fail
-from images_kit import MARKER, kernelspecs, sandbox_cli
+from images_kit import MARKER, build, kernelspecs, remove, sandbox_cli
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from nbclient import NotebookClient
 from provisioner.guest.layout import AGENT_PYTHON
@@ -27,6 +29,7 @@ from provisioner.guest.layout import AGENT_PYTHON
 from provisioner.images.store import find_image, load_manifest
 
 pytestmark = pytest.mark.timeout(1800)
+COURSE = "jsb-test-course"
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +243,74 @@ def test_an_r_kernel_through_jupyter_servers_rest_and_websocket_api(
         finally:
             ws.close()
             assert server.delete(f"/api/kernels/{kernel_id}").status_code == 204
+
+
+# -- a course's Binder folder: two commands to a sandboxed kernelspec ---------------
+
+COURSE_POSTBUILD = """#!/bin/sh
+set -e
+python -m bash_kernel.install --sys-prefix
+echo "built by postBuild" > /opt/course-marker
+"""
+
+
+@pytest.fixture(scope="module")
+def course(kernel_prefix: Path) -> Iterator[dict[str, str]]:
+    """What a teacher does: a course repository's binder/ folder (a PyPI package, a Debian
+    package, a postBuild adding the bash kernel) built into an image, and its kernels
+    installed as kernelspecs: kernel name -> kernelspec name."""
+    require_sandbox()
+    repo = Path(tempfile.mkdtemp(prefix="jsb-course-", dir="/var/tmp"))
+    try:
+        (repo / "binder").mkdir()
+        (repo / "binder/requirements.txt").write_text("humanize\nbash_kernel\n")
+        (repo / "binder/apt.txt").write_text("# tools the notebooks shell out to\njq\n")
+        (repo / "binder/postBuild").write_text(COURSE_POSTBUILD)
+        (repo / "binder/postBuild").chmod(0o755)
+        (repo / "lesson-1.ipynb").write_text("{}")
+        build(COURSE, str(repo))
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    try:
+        installed = kernelspecs(COURSE, kernel_prefix)
+        yield {name.split("-gvisor-")[0]: name for name in installed}
+    finally:
+        remove(COURSE)
+
+
+def test_a_course_binder_folder_becomes_sandboxed_kernelspecs(course: dict[str, str]) -> None:
+    manifest = load_manifest(COURSE)
+    assert sorted(manifest["kernels"]) == ["bash", "python3"]
+    assert manifest["source"]["kind"] == "binder"
+    assert sorted(manifest["source"]["files"]) == ["apt.txt", "postBuild", "requirements.txt"]
+    assert sorted(course) == ["bash", "python3"]
+
+
+def test_a_course_notebook_imports_its_packages_in_the_sandbox(
+    no_leftovers: None, course: dict[str, str], workspace: Path
+) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import humanize\nprint(humanize.naturalsize(3 * 10**6))"),
+        nbformat.v4.new_code_cell(
+            "import subprocess\n"
+            "print(subprocess.run(['jq', '-n', '6 * 7'], capture_output=True, text=True).stdout)"
+        ),
+        nbformat.v4.new_code_cell("print(open('/opt/course-marker').read())"),
+    ]
+    NotebookClient(nb, kernel_name=course["python3"], timeout=120,
+                   startup_timeout=READY_TIMEOUT,
+                   resources={"metadata": {"path": str(workspace)}}).execute()  # fmt: skip
+    text = ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells]
+    assert text == ["3.0 MB\n", "42\n\n", "built by postBuild\n\n"]
+
+
+def test_a_second_non_python_kernel_bash_from_the_course_image(
+    no_leftovers: None, course: dict[str, str], workspace: Path
+) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("echo $((6 * 7)) $(id -u) $(jq -n '1 + 1')")]
+    NotebookClient(nb, kernel_name=course["bash"], timeout=120, startup_timeout=READY_TIMEOUT,
+                   resources={"metadata": {"path": str(workspace)}}).execute()  # fmt: skip
+    [out] = nb.cells[0].outputs
+    assert out["text"].strip() == "42 1000 2"

@@ -148,5 +148,6 @@ def import_image(
                 "build_seconds": round(time.monotonic() - started, 1),
             },
             log,
+            max_bytes=max_bytes,
         )
     return manifest

@@ -173,15 +173,22 @@ def building(name: str, log: logging.Logger) -> Iterator[Path]:
         os.close(fd)
 
 
-def store(name: str, tmp: Path, manifest: dict[str, Any], log: logging.Logger) -> dict[str, Any]:
+def store(name: str, tmp: Path, manifest: dict[str, Any], log: logging.Logger,
+          max_bytes: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Make `tmp`/rootfs image `name`: clear its set-id bits, list its kernelspecs
     (images/kernels.py), hash it, and swap it in with `manifest` plus those facts.
-    Returns the manifest as stored."""
+    Returns the manifest as stored. ImageError if the tree is larger than `max_bytes`
+    (a Binder folder's postBuild writes the tree itself: its size is known only now)."""
     root = tmp / "rootfs"
     root.chmod(0o755)
     strip_setid(root)
     kernels = find_kernels(root, log)
     digest, size = tree_digest(root)
+    if max_bytes is not None and size > max_bytes:
+        raise ImageError(
+            f"image {name} is {size / 2**30:.1f} GiB, larger than the limit of "
+            f"{max_bytes / 2**30:.1f} GiB (set with --max-size)"
+        )
     manifest = {**manifest, "name": name, "kernels": kernels, "content_hash": digest,
                 "size_bytes": size}  # fmt: skip
     _swap_in(image_dir(name), root, manifest, tmp)
