@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import unittest
@@ -26,7 +27,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from nbclient import NotebookClient
 from provisioner.guest.layout import AGENT_PYTHON
 
-from provisioner.images.store import find_image, load_manifest
+from provisioner.images.store import find_image, image_dir, load_manifest
 
 pytestmark = pytest.mark.timeout(1800)
 COURSE = "jsb-test-course"
@@ -314,3 +315,18 @@ def test_a_second_non_python_kernel_bash_from_the_course_image(
                    resources={"metadata": {"path": str(workspace)}}).execute()  # fmt: skip
     [out] = nb.cells[0].outputs
     assert out["text"].strip() == "42 1000 2"
+
+
+def test_a_binder_image_over_the_size_limit_is_refused_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    require_sandbox()
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "postBuild").write_text("#!/bin/sh\nhead -c 50000000 /dev/zero > /opt/big\n")
+    (folder / "postBuild").chmod(0o755)
+    name = "jsb-test-too-big"
+    done = sandbox_cli("image", "build", name, "--from", str(folder), "--max-size=600M")
+    assert done.returncode == 1
+    assert re.search(rf"image {name} is 6[0-9.]+MB, larger than the limit of 600MB", done.stderr)
+    assert not image_dir(name).exists()  # nor anything in it

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import ImageError
 from ..hostcmd import quietly
+from ..limits import format_size
 from ..state import records
 from .kernels import find_kernels
 from .store import image_dir, images_dir, tree_digest
@@ -154,7 +155,8 @@ def building(name: str, log: logging.Logger) -> Iterator[Path]:
 
     One build per image at a time: a second caller waits, then may find the image
     up to date. Whatever a killed build left is removed first, and the scratch
-    folder (with anything mounted in it) in every case when the block ends.
+    folder (with anything mounted in it) in every case when the block ends; so is
+    the image's folder itself if no image was ever stored in it.
     """
     folder = image_dir(name)
     folder.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -169,6 +171,8 @@ def building(name: str, log: logging.Logger) -> Iterator[Path]:
             yield tmp
         finally:
             remove_tree(tmp, log)
+            if not any(os.path.lexists(folder / part) for part in ("manifest.json", "rootfs")):
+                shutil.rmtree(folder, ignore_errors=True)  # a first build that failed
     finally:
         os.close(fd)
 
@@ -186,8 +190,8 @@ def store(name: str, tmp: Path, manifest: dict[str, Any], log: logging.Logger,
     digest, size = tree_digest(root)
     if max_bytes is not None and size > max_bytes:
         raise ImageError(
-            f"image {name} is {size / 2**30:.1f} GiB, larger than the limit of "
-            f"{max_bytes / 2**30:.1f} GiB (set with --max-size)"
+            f"image {name} is {format_size(size)}B, larger than the limit of "
+            f"{format_size(max_bytes)}B (set with --max-size)"
         )
     manifest = {**manifest, "name": name, "kernels": kernels, "content_hash": digest,
                 "size_bytes": size}  # fmt: skip
