@@ -61,10 +61,10 @@ from .build import (
     CLEAN_ENV,
     DEBIAN_MIRROR,
     DEBIAN_SUITE,
-    _download_wheels,
-    _link_or_copy,
-    _tidy,
-    _write,
+    download_wheels,
+    link_or_copy,
+    tidy,
+    write_file,
 )
 
 CONFIG_DIRS = ("binder", ".binder")
@@ -212,7 +212,7 @@ def build_from_binder(
         log.info("binder: requirements.txt: installing %s", ", ".join(plan.requirements))
         _pip_install(dest, plan.requirements, plan.python_version, log)
     # Before postBuild: afterwards the tree's paths may lead out of it (see above).
-    _tidy(dest)
+    tidy(dest)
     if plan.post_build:
         log.info("binder: running postBuild in a gVisor sandbox")
         _run_post_build(dest, plan.config, plan.post_build, runsc, limits, log)
@@ -433,14 +433,14 @@ def _chroot_env() -> dict[str, str]:
 def _replaced(path: Path, text: str, mode: int = 0o644) -> Iterator[None]:
     """`path` holds `text` meanwhile, then what it held before (or nothing)."""
     before = path.read_bytes() if path.is_file() and not path.is_symlink() else None
-    _write(path, text, mode)
+    write_file(path, text, mode)
     try:
         yield
     finally:
         if before is None:
             path.unlink(missing_ok=True)
         else:
-            _write(path, before.decode("utf-8", "surrogateescape"))
+            write_file(path, before.decode("utf-8", "surrogateescape"))
 
 
 def _apt_install(root: Path, packages: list[str], log: logging.Logger) -> None:
@@ -451,7 +451,7 @@ def _apt_install(root: Path, packages: list[str], log: logging.Logger) -> None:
     parts = root / "etc/apt/sources.list.d"
     if not listed and not any(parts.glob("*.list")) and not any(parts.glob("*.sources")):
         codename = _os_release(root).get("VERSION_CODENAME") or DEBIAN_SUITE
-        _write(sources, f"deb {DEBIAN_MIRROR} {codename} main\n")
+        write_file(sources, f"deb {DEBIAN_MIRROR} {codename} main\n")
 
     def chroot(*argv: str) -> None:
         stream(["chroot", root, *argv], log, f"apt.txt: {' '.join(argv[:2])} in the image",
@@ -510,11 +510,11 @@ def _pip_install(root: Path, requirements: list[str], python_version: str,
             "-c constraints.txt\n" + "".join(f"{r}\n" for r in requirements)
         )
         try:
-            _download_wheels(staging / "requirements.txt", staging, minor, log)
+            download_wheels(staging / "requirements.txt", staging, minor, log)
         except ImageError as e:
             raise ImageError(_pip_error(str(e), minor)) from None
         guest_wheels = root / "tmp" / "binder-wheels"
-        shutil.copytree(staging, guest_wheels, copy_function=_link_or_copy)
+        shutil.copytree(staging, guest_wheels, copy_function=link_or_copy)
         venv_pip = str(Path(GUEST_PYTHON).with_name("pip"))
         stream(
             ["chroot", root, venv_pip, "install", "--no-index", "--find-links",

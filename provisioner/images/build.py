@@ -135,7 +135,7 @@ def _check_host() -> None:
         )
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+def write_file(path: Path, text: str, mode: int = 0o644) -> None:
     path.unlink(missing_ok=True)  # replace symlinks too, never write through them
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -160,7 +160,7 @@ def _step(log: logging.Logger, msg: str) -> float:
     return time.monotonic()
 
 
-def _download_wheels(
+def download_wheels(
     requirements: Path, staging: Path, py_version: str, log: logging.Logger
 ) -> None:
     """pip download on the HOST: pip inside the chroot cannot reach the index here.
@@ -264,13 +264,13 @@ def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
     staging = tmp / "wheels"
     staging.mkdir()
     (staging / "requirements.txt").write_bytes(recipe["requirements.txt"])
-    _download_wheels(staging / "requirements.txt", staging, py_version, log)
+    download_wheels(staging / "requirements.txt", staging, py_version, log)
     log.info("image build: %d wheels ready", len(list(staging.glob("*.whl"))))
 
     _step(log, "installing wheels into /opt/venv")
     # Copy the wheels in rather than bind-mounting: nothing to unmount on failure.
     guest_wheels = root / "tmp" / "wheels"
-    shutil.copytree(staging, guest_wheels, copy_function=_link_or_copy)
+    shutil.copytree(staging, guest_wheels, copy_function=link_or_copy)
     chroot(
         "/opt/venv/bin/pip", "install", "--no-index", "--find-links", "/tmp/wheels",
         "--no-cache-dir", "--requirement", "/tmp/wheels/requirements.txt",
@@ -280,8 +280,8 @@ def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
     site_packages = root / f"opt/venv/lib/python{py_version}/site-packages"
     # A .pth file, not sitecustomize.py: Debian's own sitecustomize comes first on sys.path.
     getpid = "jupyter_sandbox_getpid"
-    _write(site_packages / f"{getpid}.py", recipe[f"{getpid}.py"].decode())
-    _write(site_packages / f"{getpid}.pth", f"import {getpid}\n")
+    write_file(site_packages / f"{getpid}.py", recipe[f"{getpid}.py"].decode())
+    write_file(site_packages / f"{getpid}.pth", f"import {getpid}\n")
 
     _step(log, f"adding user {KERNEL_USER} ({KERNEL_UID}) and tidying up")
     chroot(
@@ -292,7 +292,7 @@ def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
     home = root / KERNEL_HOME.lstrip("/")
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o1777)
-    _tidy(root)
+    tidy(root)
 
     _step(log, "byte-compiling Python and prebuilding the matplotlib font cache")
     try:
@@ -356,7 +356,7 @@ def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
     }
 
 
-def _link_or_copy(src: str, dst: str) -> str:
+def link_or_copy(src: str, dst: str) -> str:
     """Hard-link when possible (same filesystem: instant), copy otherwise."""
     try:
         os.link(src, dst)
@@ -367,7 +367,7 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _tidy(root: Path) -> None:
+def tidy(root: Path) -> None:
     """Drop caches and host leftovers: smaller image, and nothing of the host inside."""
     for d, keep in (
         ("var/cache/apt", ("archives",)),
@@ -387,9 +387,9 @@ def _tidy(root: Path) -> None:
     for old in root.glob("var/cache/debconf/*-old"):
         old.unlink()
     # debootstrap copies the host's hostname and resolv.conf into the target.
-    _write(root / "etc/hostname", "sandbox\n")
-    _write(root / "etc/resolv.conf", "")
-    _write(
+    write_file(root / "etc/hostname", "sandbox\n")
+    write_file(root / "etc/resolv.conf", "")
+    write_file(
         root / "etc/hosts",
         "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )
