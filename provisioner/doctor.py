@@ -14,7 +14,7 @@ from .checks import INSTALL, Check
 from .errors import ImageError
 from .guest.layout import KERNEL_UID
 from .idmap import IdMap, mapped_tree
-from .images.store import find_image, load_manifest, verify_image
+from .images.store import find_image, load_manifest, rebuild_hint, verify_image
 
 NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
                  "conntrack": "conntrack"}  # fmt: skip
@@ -67,7 +67,7 @@ def run_checks(image: str = "python3", overrides: Mapping[str, Any] | None = Non
         built = (manifest or {}).get("built_at", "?")
         checks.append(Check("image", True, f"{rootfs} (built {built}, content verified)"))
     except ImageError as e:
-        checks.append(Check("image", False, str(e), "run `jupyter sandbox image build --force`"))
+        checks.append(Check("image", False, str(e), rebuild_hint(image)))
     for backend in backends.registered():
         wanted = {name: value for name, value in (overrides or {}).items()
                   if name in backend.defaults()}  # fmt: skip

@@ -27,8 +27,9 @@ from .images.kernels import MAX_LOGO, read_inside, which_inside
 from .images.store import find_image, load_manifest
 
 KEPT_OUT_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "HOSTNAME", "PWD", "JPY_PARENT_PID"})
-"""Variables of an image's environment a kernelspec does not carry: the sandbox sets them
-for the kernel's user (its home is the sandbox's, whoever the image's user was)."""
+"""Variables of an image's environment a kernelspec does not carry: they describe the
+image's own user and shell, not the kernel's (the provisioner sets HOME and SHELL for
+the kernel's user; its home is the sandbox's, whoever the image's user was)."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 

@@ -130,14 +130,20 @@ async def test_an_image_in_use_is_not_removed(
     try:
         done = sandbox_cli("image", "rm", imported_image, timeout=120)
         assert done.returncode == 1
-        assert f"image {imported_image!r} is in use by 1 kernel(s) ({km.kernel_id})" in done.stderr
+        assert (
+            f"image {imported_image!r} is in use by 1 kernel(s) ({km.kernel_id}) and cannot "
+            "be removed" in done.stderr
+        )
         assert find_image(imported_image)  # untouched
         listing = sandbox_cli("image", "ls", timeout=60).stdout.splitlines()
         [row] = [line for line in listing if line.startswith(imported_image + " ")]
         assert row.split()[-1] == "1"  # IN USE
     finally:
         await km.shutdown_kernel(now=True)
-    assert sandbox_cli("image", "rm", "no-such-image", timeout=60).returncode == 1
+    assert "no image 'no-such-image'" in sandbox_cli("image", "rm", "no-such-image").stderr
+    default = sandbox_cli("image", "rm", "python3", timeout=60)
+    assert default.returncode == 1 and "python3 is the default image" in default.stderr
+    assert find_image("python3")
 
 
 # -- R ---------------------------------------------------------------------------------

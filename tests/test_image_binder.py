@@ -183,12 +183,12 @@ def test_post_build_ran_in_a_gvisor_sandbox(built: Built) -> None:
     assert got["uid"] == "0" and got["caps"] == "0000000000000000", got
     assert got["net"] == "lo", got  # no network
     assert got["six"] and got["jq"] == "42", got  # after apt.txt and requirements.txt
-    assert got["cwd"] == "/srv/binder", got
+    assert got["cwd"] == "/srv/repo", got  # the repository's root, as repo2docker runs it
     assert got["folder"] == "read-only", got
     assert got["canary"] == "absent", got
     assert built.canary.read_text() == "host secret\n"
-    assert not (built.folder / "binder/written").exists()
-    assert not os.path.lexists(built.dest / "srv/binder")
+    assert not (built.folder / "written").exists()
+    assert not os.path.lexists(built.dest / "srv/repo")
 
 
 def test_the_result_says_what_was_honoured(built: Built, base: Path) -> None:
@@ -219,7 +219,7 @@ def test_a_failing_post_build_says_why_and_leaves_nothing(base: Path, tmp_path: 
     assert "postBuild" in message and "exit status 3" in message, message
     assert "step one" in message and "no data here" in message, message
     assert build_leftovers() == []
-    assert not os.path.lexists(dest / "srv/binder")
+    assert not os.path.lexists(dest / "srv/repo")
     shutil.rmtree(dest)
 
 
@@ -332,6 +332,11 @@ def test_what_is_accepted() -> None:
         "six>=1.16  # comment\nhumanize[extra] ==4.9 ; python_version >= '3.8'\nnumpy \\\n  <3\n\n"
     ) == ["six>=1.16", 'humanize[extra]==4.9; python_version >= "3.8"', "numpy<3"]
     assert post_build_argv(b"anything", 0o755) == ["/bin/sh", "-c", "./postBuild"]
+    assert post_build_argv(b"x", 0o755, "binder/postBuild") == [
+        "/bin/sh",
+        "-c",
+        "./binder/postBuild",
+    ]
     assert post_build_argv(b"#!/usr/bin/env python3\n", 0o644) == [
         "/usr/bin/env", "python3", "./postBuild",
     ]  # fmt: skip
@@ -349,6 +354,6 @@ def test_the_post_build_sandbox_is_confined(tmp_path: Path) -> None:
     assert spec["linux"]["resources"] == {
         "memory": {"limit": 1 << 30, "swap": 1 << 30}, "pids": {"limit": 99},
     }  # fmt: skip
-    (binder,) = [m for m in spec["mounts"] if m["destination"] == "/srv/binder"]
-    assert binder["source"] == str(tmp_path / "binder") and "ro" in binder["options"]
+    (repo,) = [m for m in spec["mounts"] if m["destination"] == "/srv/repo"]
+    assert repo["source"] == str(tmp_path / "binder") and "ro" in repo["options"]
     assert spec["root"] == {"path": str(tmp_path / "root"), "readonly": False}

@@ -53,6 +53,7 @@ from ..checks import INSTALL, Check
 from ..errors import ImageError, SandboxError
 from ..idmap import mapped_tree
 from ..images.boot import BootFiles, find_boot_files
+from ..images.store import load_manifest
 from ..ioloop import in_thread
 from ..network import tap as network_tap
 from ..network.sandbox import SandboxNetwork
@@ -79,8 +80,15 @@ WARM_PYTHON = "/opt/venv/bin/python"
 
 
 def warm_python(rootfs: Path) -> str:
-    """WARM_PYTHON if the image has it, else "" (no warm process: an R-only image)."""
-    return WARM_PYTHON if os.path.lexists(rootfs / WARM_PYTHON.lstrip("/")) else ""
+    """WARM_PYTHON for the default image, else "" (no warm process).
+
+    The warm process runs as the guest's root until the launch hands it over, with the
+    image's Python and whatever its site-packages run at start-up (.pth files): only
+    the image this project builds from its recipe is trusted that far. Kernels of
+    imported images start cold (the agent runs them as the kernel's user)."""
+    manifest = load_manifest(rootfs.parent.name) if rootfs.name == "rootfs" else None
+    trusted = (manifest or {}).get("source", {}).get("kind") == "recipe"
+    return WARM_PYTHON if trusted and os.path.lexists(rootfs / WARM_PYTHON.lstrip("/")) else ""
 
 
 def guest_mac(sandbox_id: str) -> str:

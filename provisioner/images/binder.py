@@ -130,8 +130,9 @@ _REQUIREMENT_OPTIONS = {
     ("-r", "--requirement", "-c", "--constraint"): "other requirement files are not read: "
     "merge them into requirements.txt",
 }  # fmt: skip
-POSTBUILD_MOUNT = "/srv/binder"
-"""Where postBuild's folder is, read-only, in its sandbox; its working directory."""
+POSTBUILD_MOUNT = "/srv/repo"
+"""Where the repository (the folder built from) is, read-only, in postBuild's sandbox:
+its working directory, as repo2docker runs postBuild from the repository's root."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def build_from_binder(
     tidy(dest)
     if plan.post_build:
         log.info("binder: running postBuild in a gVisor sandbox")
-        _run_post_build(dest, plan.config, plan.post_build, runsc, limits, log)
+        _run_post_build(dest, folder, plan.post_build, runsc, limits, log)
     return {
         "kind": "binder",
         "folder": str(folder),
@@ -303,7 +304,8 @@ def _plan(folder: Path, base_rootfs: Path) -> _Plan:
         if (got := read["requirements.txt"])
         else []
     )
-    post_build = post_build_argv(*got) if (got := read["postBuild"]) else None
+    where = (config / "postBuild").relative_to(folder).as_posix()
+    post_build = post_build_argv(*got, where) if (got := read["postBuild"]) else None
     return _Plan(config, python_version, files, apt_packages, requirements, post_build)
 
 
@@ -403,17 +405,18 @@ def requirements_of(text: str) -> list[str]:
     return found
 
 
-def post_build_argv(data: bytes, mode: int) -> list[str]:
-    """How postBuild is run, in its folder: by /bin/sh if executable (as repo2docker's
-    `./postBuild`: a script without `#!` is run by the shell), else by the interpreter
-    its `#!` line names. ImageError if it is neither."""
+def post_build_argv(data: bytes, mode: int, path: str = "postBuild") -> list[str]:
+    """How postBuild (at `path` in the repository) is run from the repository's root: by
+    /bin/sh if executable (as repo2docker's `./binder/postBuild`: a script without `#!`
+    is run by the shell), else by the interpreter its `#!` line names. ImageError if it
+    is neither."""
     if mode & 0o111:
-        return ["/bin/sh", "-c", "./postBuild"]
+        return ["/bin/sh", "-c", f"./{path}"]
     if data.startswith(b"#!"):
         line = data[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         interpreter = line.split(None, 1)  # as Linux: the rest is one argument
         if interpreter and interpreter[0].startswith("/"):
-            return [*interpreter, "./postBuild"]
+            return [*interpreter, f"./{path}"]
     raise ImageError(
         "postBuild is not executable and does not start with a #! line naming its "
         "interpreter: make it executable (chmod +x) or begin it with e.g. #!/bin/bash"
@@ -554,10 +557,10 @@ def _find_runsc() -> str:
     return runsc
 
 
-def post_build_spec(root: Path, config: Path, argv: list[str], cgroup: str,
+def post_build_spec(root: Path, repo: Path, argv: list[str], cgroup: str,
                     limits: PostBuildLimits) -> dict[str, Any]:  # fmt: skip
     """The OCI runtime config of postBuild's sandbox: the tree writable as its root
-    (its writes are the build's result), its folder read-only, scratch space (/tmp,
+    (its writes are the build's result), the repository read-only, scratch space (/tmp,
     /var/tmp, /run) in memory, no network namespace shared, no capabilities."""
     tmpfs = {"type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
     no_caps = {k: [] for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
@@ -586,7 +589,7 @@ def post_build_spec(root: Path, config: Path, argv: list[str], cgroup: str,
             {
                 "destination": POSTBUILD_MOUNT,
                 "type": "bind",
-                "source": str(config),
+                "source": str(repo),
                 "options": ["rbind", "ro", "nosuid", "nodev"],
             },
         ],
@@ -607,7 +610,7 @@ POSTBUILD_TMP_PREFIX = "jsb-postbuild-"
 """The host's temporary folder of a postBuild (its bundle and runsc state), removed after."""
 
 
-def _run_post_build(root: Path, config: Path, argv: list[str], runsc: str,
+def _run_post_build(root: Path, repo: Path, argv: list[str], runsc: str,
                     limits: PostBuildLimits, log: logging.Logger) -> None:  # fmt: skip
     """Run postBuild in a gVisor sandbox over `root` (see `post_build_spec`), its output
     going to `log`; ImageError with its last lines and exit status if it fails or
@@ -622,7 +625,7 @@ def _run_post_build(root: Path, config: Path, argv: list[str], runsc: str,
     made = not os.path.lexists(mount_point)
     if made:  # by us, while the tree is still the trusted copy
         mount_point.mkdir(mode=0o755, parents=True)
-    spec = post_build_spec(root, config, argv, cgroup, limits)
+    spec = post_build_spec(root, repo, argv, cgroup, limits)
     (bundle / "config.json").write_text(json.dumps(spec))
     runsc_state = [runsc, f"--root={state}"]
     timed_out = threading.Event()

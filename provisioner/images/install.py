@@ -28,7 +28,7 @@ from ..hostcmd import quietly
 from ..limits import format_size
 from ..state import records
 from .kernels import find_kernels
-from .store import image_dir, images_dir, tree_digest
+from .store import DEFAULT_IMAGE, image_dir, images_dir, tree_digest
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -195,6 +195,9 @@ def store(name: str, tmp: Path, manifest: dict[str, Any], log: logging.Logger,
         )
     manifest = {**manifest, "name": name, "kernels": kernels, "content_hash": digest,
                 "size_bytes": size}  # fmt: skip
+    # A sandbox's root is an overlay over the image's tree: the old tree must not be
+    # deleted under it. Checked as late as it can be (kernels do not take the lock).
+    _refuse_if_used(name, "rebuilt")
     _swap_in(image_dir(name), root, manifest, tmp)
     log.info("image %s stored: %s (%.0f MB, kernels: %s)", name, image_dir(name) / "rootfs",
              size / 1e6, ", ".join(kernels) or "none")  # fmt: skip
@@ -213,6 +216,12 @@ def remove_image(name: str, log: logging.Logger) -> None:
     ImageError if it does not exist, or while a sandbox uses it: checked again after
     the image is moved out of the way, so a kernel that started in between keeps it.
     """
+    if name == DEFAULT_IMAGE:
+        raise ImageError(
+            f"{DEFAULT_IMAGE} is the default image: every image takes the agent's runtime "
+            "from it and Binder folders build on it; rebuild it with "
+            "`jupyter sandbox image build --force` instead"
+        )
     folder = image_dir(name)
     if not folder.is_dir():
         raise ImageError(
@@ -222,10 +231,10 @@ def remove_image(name: str, log: logging.Logger) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         gone = images_dir() / f".removing-{name}-{os.getpid()}"
-        _refuse_if_used(name)
+        _refuse_if_used(name, "removed")
         folder.rename(gone)
         try:
-            _refuse_if_used(name)
+            _refuse_if_used(name, "removed")
         except ImageError:
             gone.rename(folder)
             raise
@@ -235,10 +244,10 @@ def remove_image(name: str, log: logging.Logger) -> None:
     log.info("image %s removed", name)
 
 
-def _refuse_if_used(name: str) -> None:
+def _refuse_if_used(name: str, what: str) -> None:
     users = users_of(name)
     if users:
         raise ImageError(
-            f"image {name!r} is in use by {len(users)} kernel(s) ({', '.join(users[:5])}); "
-            "shut them down first (`jupyter sandbox ps` lists them)"
+            f"image {name!r} is in use by {len(users)} kernel(s) ({', '.join(users[:5])}) "
+            f"and cannot be {what}; shut them down first (`jupyter sandbox ps` lists them)"
         )

@@ -11,7 +11,7 @@ point there. It then runs in any x86_64 root, whatever libc the image has (or no
 Why a copy inside each image rather than a mount: both backends then find it the
 same way (gVisor uses the image's rootfs as is, the microVM's root disk is made from
 it), and the image's content hash covers it. It is read-only like the rest of the
-root; the kernel can read it and gains nothing from it (~45 MB per image).
+root; the kernel can read it and gains nothing from it (~42 MB per image).
 """
 
 from __future__ import annotations

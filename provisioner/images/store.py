@@ -174,6 +174,16 @@ def tree_digest(root: Path) -> tuple[str, int]:
     return outer.hexdigest(), size
 
 
+def rebuild_hint(name: str) -> str:
+    """How to build image `name` again: the default from its recipe, any other from the
+    source its manifest names."""
+    if name == DEFAULT_IMAGE:
+        return "run `jupyter sandbox image build --force`"
+    source = (load_manifest(name) or {}).get("source") or {}
+    where = source.get("reference") or source.get("folder") or "SOURCE"
+    return f"run `jupyter sandbox image build {name} --from {where}`"
+
+
 def verify_image(name: str = DEFAULT_IMAGE) -> None:
     """Check that an image's tree still matches its manifest's content hash.
 
@@ -185,5 +195,5 @@ def verify_image(name: str = DEFAULT_IMAGE) -> None:
     if digest != manifest.get("content_hash"):
         raise ImageError(
             f"guest image {rootfs} was modified after it was built (content hash mismatch); "
-            "run `jupyter sandbox image build --force`"
+            f"{rebuild_hint(name)}"
         )
