@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import execute, leftover_cgroups
+from images_kit import MARKER
 from jupyter_client.manager import AsyncKernelManager
 from provisioner.guest.protocol import FROM_GUEST, FrameReader, Kind
 from service_kit import (
@@ -457,3 +458,23 @@ async def test_a_root_server_in_service_mode_starts_kernels_one_after_another(
         finally:
             await km.shutdown_kernel(now=True)
         assert reply["status"] == "ok" and text.strip() == str(workspace)
+
+
+async def test_a_kernel_on_an_imported_image_through_the_service(
+    users, service, nothing_left, workspace, imported_image
+):
+    """An image is a name the service resolves on its side: a server asks for it like any
+    setting, and the kernel runs on it (its own layer's file is there)."""
+    config = Config({"SandboxProvisioner": {"mode": "service", "image": imported_image,
+                                            "service_socket": str(service.socket)}})  # fmt: skip
+    km = AsyncKernelManager(kernel_name="python3-gvisor", config=config)
+    await km.start_kernel(cwd=str(workspace))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=120)
+        reply, text, _ = await execute(kc, f"print(open({MARKER!r}).read())")
+        kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert reply["status"] == "ok" and text.strip() == "from the test's own layer"
