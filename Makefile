@@ -3,6 +3,7 @@
 #   make test   the whole test suite, against the real runsc and the real guest image
 #   make security-report   the attacks of the security suite, both backends: docs/attacks.md
 #   make bench  the sandboxed kernels against the local one: benchmarks/results/
+#   make bench-images   import time and disk use of a ~1 GiB image: benchmarks/results/images-*
 #   make nbclient   nbclient's own test suite (from its PyPI sdist) with python3-gvisor as python3
 #   make docs   the documentation (docs/) into docs/_build/html, warnings as errors
 #   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
@@ -12,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub browser kernels demo test security-report nbclient docs bench lint fuzz gc
+.PHONY: setup host venv image hub browser kernels demo test security-report nbclient docs bench bench-images lint fuzz gc
 
 setup: host venv image
 
@@ -71,6 +72,9 @@ docs: venv
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+bench-images: setup
+	$(BIN)/python benchmarks/images.py
 
 # The fuzzers of the tunnel's host end and of the other parsers of guest bytes, for
 # JSB_FUZZ_SECONDS per test (make test runs them briefly). No sandbox is started.

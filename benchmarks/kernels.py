@@ -44,16 +44,15 @@ LOCAL = Kind("local", "local", "python3")
 
 
 def kinds(backends: list[Backend]) -> dict[str, Kind]:
-    """label -> Kind: local, each backend, and each backend's variant (if it has one)."""
+    """label -> Kind: local, each backend, and each of its variants."""
     found = {LOCAL.label: LOCAL}
     for backend in backends:
         found[backend.name] = Kind(backend.name, backend.title, backend.kernelspec, backend)
-        variant = backend.variant
-        if variant is not None:
+        for variant in backend.variants:
             found[variant.label] = Kind(
                 variant.label,
                 variant.title,
-                backend.kernelspec,
+                variant.kernelspec or backend.kernelspec,
                 backend,
                 variant.settings,
                 variant.via_service,

@@ -33,7 +33,8 @@ RESULTS = "benchmarks/results"
 def summarize(raw: dict) -> dict[str, dict[str, float]]:
     """label -> metric -> value: medians and percentiles of the raw samples. A variant's
     starts (a label of `raw["starts"]` that is no kernel of the other measurements) get
-    {"start": median}."""
+    {"start": median, "start_vs_local": its ratio to local's, "start_vs_backend": its
+    ratio to its backend's own kernels' start}."""
     s: dict[str, dict[str, float]] = {}
     for label in raw["labels"]:
         ex = raw["executes"][label]
@@ -56,19 +57,33 @@ def summarize(raw: dict) -> dict[str, dict[str, float]]:
         )
     for label, times in raw["starts"].items():
         if label not in s and times:
-            s[label] = {"start": statistics.median(times)}
+            start = statistics.median(times)
+            s[label] = {
+                "start": start,
+                "start_vs_local": start / s["local"]["start"],
+                "start_vs_backend": start / s[raw["variants"][label]]["start"],
+            }
     return s
 
 
 def verdicts(s: dict, backends: list[Backend]) -> dict[str, dict[str, str]]:
-    """backend -> metric -> PASS / MISS, for each of its targets (informational ones too)."""
-    return {
+    """backend -> metric -> PASS / MISS, for each of its targets (informational ones too);
+    and variant label -> {"start": PASS / MISS} for each measured variant with a bound
+    over its backend's start (`Variant.versus_backend`)."""
+    found = {
         b.name: {
             t.metric: "PASS" if t.met(s[b.name][t.metric], s["local"][t.metric]) else "MISS"
             for t in b.targets
         }
         for b in backends
     }
+    for b in backends:
+        for v in b.variants:
+            t = v.versus_backend
+            if t is not None and v.label in s:
+                met = t.met(s[v.label][t.metric], s[b.name][t.metric])
+                found[v.label] = {t.metric: "PASS" if met else "MISS"}
+    return found
 
 
 def ms(value: float) -> str:
@@ -117,13 +132,14 @@ class Tables:
         return "", ""
 
     def line(self, name: str, local: str, cells: dict[str, tuple[str, str]],
-             metric: str = "") -> str:  # fmt: skip
+             metric: str = "", verdict: tuple[str, str] = ("", "")) -> str:  # fmt: skip
         """A row: cells is backend -> (value, ratio), a backend missing from it gets empty
-        cells; the targets and results are those of every backend on `metric`."""
+        cells; the targets and results are those of every backend on `metric`, else
+        `verdict` (target, result)."""
         values = [local]
         for b in self.backends:
             values += cells.get(b.name, ("", ""))
-        pairs = [self.target(b, metric) for b in self.backends] if metric else []
+        pairs = [self.target(b, metric) for b in self.backends] if metric else [verdict]
         targets = "; ".join(t for t, _ in pairs if t)
         results = ", ".join(r for _, r in pairs if r)
         return f"| {name} | {' | '.join(values)} | {targets} | {results} |"
@@ -144,15 +160,23 @@ class Tables:
         return ", ".join(f"{self.kinds[label].title} {n}{unit}" for label, n in values.items())
 
     def variants(self) -> list[str]:
-        """A row of starts for each backend's variant that was measured."""
+        """A row of starts for each backend's variant that was measured; one with a bound
+        over its backend's start shows that ratio, the bound and its verdict."""
         lines = []
         for b in self.backends:
-            if b.variant is None or b.variant.label not in self.s:
-                continue
-            start = self.s[b.variant.label]["start"]
-            n = len(self.raw["starts"][b.variant.label])
-            cells = {b.name: (whole_ms(start), f"{start / self.local['start']:.2f}x")}
-            lines.append(self.line(b.variant.row.format(n=n), "", cells))
+            for v in b.variants:
+                if v.label not in self.s:
+                    continue
+                m = self.s[v.label]
+                n = len(self.raw["starts"][v.label])
+                cells = {b.name: (whole_ms(m["start"]), f"{m['start_vs_local']:.2f}x")}
+                verdict = ("", "")
+                t = v.versus_backend
+                if t is not None:
+                    verdict = (f"{t.text()} {b.title}",
+                               f"{self.verdicts[v.label][t.metric]}: "
+                               f"{m['start_vs_backend']:.2f}x {b.title}")  # fmt: skip
+                lines.append(self.line(v.row.format(n=n), "", cells, verdict=verdict))
         return lines
 
     def main(self) -> str:
@@ -263,6 +287,13 @@ def markdown(raw: dict, s: dict, backends: list[Backend], kinds: dict[str, Kind]
         accel = "/".join(env["accelerators"].get(b.name, [])).upper()
         header.append(
             f"- {b.title}: {env['versions'][b.name]}" + (f", accelerator {accel}" if accel else "")
+        )
+    for label, image in raw.get("images", {}).items():
+        header.append(
+            f"- {kinds[label].title}: image `{image['name']}` imported by the run from a "
+            f"{image['source_bytes'] / 1e6:.0f} MB docker-archive in "
+            f"{image['build_seconds']:.0f} s (`image build`, microVM root disk included; "
+            f"{image['size_bytes'] / 1e6:.0f} MB stored), removed at the end"
         )
     header.append(f"- command: `{env['command']}`; every sample in `{raw_file}`")
     if raw["args"].get("note"):

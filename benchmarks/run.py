@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python benchmarks/run.py [--backends gvisor,microvm] [--starts 5]
         [--executes 1000] [--throughput-mb 50] [--microvm-starts 3] [--microvm-executes 200]
-        [--microvm-throughput-mb 10] [--out benchmarks/results]
+        [--microvm-throughput-mb 10] [--no-imported] [--out benchmarks/results]
 
 Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--backends`
 (`python3-gvisor`, `python3-microvm`; the list is `backends.BACKENDS`):
@@ -11,6 +11,11 @@ Measures, for the kernelspecs `python3` (local, unsandboxed) and those of `--bac
 - start: `AsyncKernelManager.start_kernel()` until `client.wait_for_ready()` returns
   (the first kernel_info_reply), median of `--starts` starts; with gVisor, also the
   same start through the sandbox service (`jupyter sandbox serve`, started for the run);
+  with gVisor, also the same start on an imported image (unless `--no-imported`): the
+  run imports the default image plus a layer through a docker-archive (imported.py)
+  before any start, installs its kernel with `kernelspec install --image`, and removes
+  the image at its end, whatever happens; its ratio to gVisor's start on the default
+  image has a target (within 10%);
   with the microVM, also the same start booted instead of restored from its shape's
   snapshot (`snapshots = False`, `--microvm-boot-starts` of them);
 - execute round trip: `execute_request` for `pass` until both its `execute_reply`
@@ -35,13 +40,15 @@ and `.json`, copied to `<out>/latest.md` and `latest.json`. Every kernel is shut
 and the script checks that none of its sandboxes is left behind.
 
 The modules beside this one: backends (what is known of each backend), kernels
-(starting and driving them; the run's state), measure, memory, report, leftovers.
+(starting and driving them; the run's state), imported (the imported image), measure,
+memory, report, leftovers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -52,7 +59,8 @@ from typing import Any
 
 import leftovers
 import report
-from backends import BACKENDS, Backend, by_name
+from backends import BACKENDS, Backend, Variant, by_name
+from imported import IMPORTED, imported_kernel
 from kernels import Kernel, Kind, Run, kinds, sandbox_service
 from measure import (
     measure_executes,
@@ -81,16 +89,23 @@ def variant_starts(
     args: argparse.Namespace, backends: list[Backend], counts: dict[str, dict[str, int]]
 ) -> dict[str, int]:
     """label -> starts, for each backend's variant: its option's count, else as many as
-    its backend's starts (none where its option says 0)."""
+    its backend's starts (none where its option says 0, or its skip option is given)."""
     starts = {}
     for b in backends:
-        if b.variant is None:
-            continue
-        option = b.variant.count_option
-        n = getattr(args, option) if option else counts[b.name]["starts"]
-        if n > 0:
-            starts[b.variant.label] = n
+        for variant in b.variants:
+            if variant.skip_option and getattr(args, variant.skip_option):
+                continue
+            option = variant.count_option
+            n = getattr(args, option) if option else counts[b.name]["starts"]
+            if n > 0:
+                starts[variant.label] = n
     return starts
+
+
+def imports(args: argparse.Namespace, backends: list[Backend]) -> list[Variant]:
+    """The variants measured in this run that start kernels on an image the run imports."""
+    measured = variant_starts(args, backends, plan(args, backends))
+    return [v for b in backends for v in b.variants if v.image and v.label in measured]
 
 
 async def benchmark(args: argparse.Namespace, run: Run, backends: list[Backend]) -> dict:
@@ -110,6 +125,7 @@ async def benchmark(args: argparse.Namespace, run: Run, backends: list[Backend])
         "labels": labels,
         "backends": [b.name for b in backends],
         "plan": counts,
+        "variants": {v.label: b.name for b in backends for v in b.variants},
     }
     print(f"starts ({said('starts')}), alternating", file=sys.stderr)
     starts = {**each("starts"), **variant_starts(args, backends, counts)}
@@ -173,6 +189,12 @@ def backend_list(text: str) -> list[str]:
     return chosen
 
 
+def interrupted(signum: int, frame: object) -> None:
+    """SIGTERM outside the event loop (while an image is imported or removed): unwind as
+    Ctrl-C does, so that whatever the run made is removed."""
+    raise KeyboardInterrupt
+
+
 def parser() -> argparse.ArgumentParser:
     names = ",".join(b.name for b in BACKENDS)
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -217,6 +239,12 @@ def parser() -> argparse.ArgumentParser:
         help="starts of the microVM kernel booted, not restored from a snapshot (0: none)",
     )
     p.add_argument(
+        "--no-imported",
+        action="store_true",
+        help=f"no gVisor starts on an imported image (by default the run imports {IMPORTED}, "
+        "the default image plus a layer through a docker-archive, and removes it at its end)",
+    )
+    p.add_argument(
         "--microvm-executes",
         type=int,
         default=200,
@@ -258,15 +286,28 @@ def main(argv: list[str] | None = None) -> int:
     # as a notebook folder: the sandboxed kernel runs as its owner
     os.chown(run.cwd, KERNEL_UID, KERNEL_UID)
     raw: dict | None = None
+    left: list[str] = []
+    images: dict[str, dict] = {}
+    signal.signal(signal.SIGTERM, interrupted)
     try:
-        raw = asyncio.run(amain(args, run, backends))
+        with contextlib.ExitStack() as stack:  # the imported images, removed at the end
+            for variant in imports(args, backends):
+                images[variant.label] = stack.enter_context(
+                    imported_kernel(variant.image, variant.kernelspec)
+                )
+            try:
+                raw = asyncio.run(amain(args, run, backends))
+            finally:
+                signal.signal(signal.SIGTERM, interrupted)  # asyncio.run put back the default
+                left = leftovers.check(run.sandboxes)
+                if left:
+                    print(f"ERROR: sandboxes left behind (now force-removed): {left}",
+                          file=sys.stderr)  # fmt: skip
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
+        raw = None
     finally:
         shutil.rmtree(run.cwd, ignore_errors=True)
-        left = leftovers.check(run.sandboxes)
-        if left:
-            print(f"ERROR: sandboxes left behind (now force-removed): {left}", file=sys.stderr)
     if raw is None or left:
         return 1
 
@@ -274,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     env["accelerators"] = {name: sorted(found) for name, found in run.accelerators.items()}
     env["sandboxes"] = sorted(run.sandboxes)
     raw["environment"] = env
+    raw["images"] = images
     s = report.summarize(raw)
     raw["summary"] = s
     raw["verdicts"] = report.verdicts(s, backends)
