@@ -15,6 +15,7 @@ import time
 
 from . import backends, cgroups
 from .backends import base
+from .images.install import collect_leftovers
 from .network import gc as network_gc
 from .network import host as network_host
 from .state import Record, records, sandboxes_dir
@@ -76,6 +77,7 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
     if orphans:
         log.info("removing network objects of no sandbox: %s", orphans)
         network_gc.remove_objects(orphans, log)
+    collect_leftovers(log)  # and what interrupted image builds left
     return reaped
 
 

@@ -7,12 +7,14 @@ and the network); later runs find it up to date and take seconds.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -163,3 +165,35 @@ def test_boot_files_of_another_guest_version_are_refused(tmp_path, monkeypatch):
         boot.find_boot_files("python3")
     (tmp_path / "boot.json").write_text(json.dumps({"guest_files": boot._guest_files_digest()}))
     assert boot.find_boot_files("python3").kernel == tmp_path / "vmlinux"
+
+
+def test_gc_removes_what_interrupted_image_builds_left(tmp_path: Path) -> None:
+    """A build killed half-way leaves its scratch folder (and, for a first build, the
+    image's folder); a removal killed half-way, the image moved aside. `jupyter sandbox
+    gc` removes those, and never a build that is running or an image that is stored."""
+    store = tmp_path / "images"
+    (store / "stored/rootfs").mkdir(parents=True)
+    (store / "stored/manifest.json").write_text("{}")
+    (store / "stored/.lock").touch()
+    (store / "stored/.build-killed/rootfs/usr").mkdir(parents=True)
+    (store / "first/.build-killed").mkdir(parents=True)
+    (store / "first/.lock").touch()
+    (store / "busy/.build-running").mkdir(parents=True)
+    (store / "busy/.lock").touch()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (store / f".removing-gone-{dead.pid}/rootfs").mkdir(parents=True)
+    (store / f".removing-live-{os.getpid()}").mkdir()
+    with open(store / "busy/.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running build holds it
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "jupyter"), "sandbox", "gc"],
+            env={**os.environ, "JUPYTER_SANDBOX_IMAGES_DIR": str(store)},
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+    assert left == [
+        f".removing-live-{os.getpid()}", "busy", "busy/.build-running", "busy/.lock",
+        "stored", "stored/.lock", "stored/manifest.json", "stored/rootfs",
+    ]  # fmt: skip

@@ -251,3 +251,43 @@ def _refuse_if_used(name: str, what: str) -> None:
             f"image {name!r} is in use by {len(users)} kernel(s) ({', '.join(users[:5])}) "
             f"and cannot be {what}; shut them down first (`jupyter sandbox ps` lists them)"
         )
+
+
+def collect_leftovers(log: logging.Logger) -> list[str]:
+    """Remove what killed builds and removals left in the store, and return it: the
+    scratch folders of builds no one is running (an image's lock is free), the folder of
+    an image never stored, an image half removed by a process that is gone."""
+    try:
+        entries = sorted(images_dir().iterdir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        if entry.name.startswith(".removing-"):
+            pid = entry.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                remove_tree(entry, log)
+                removed.append(str(entry))
+            continue
+        if entry.is_symlink() or not (entry / ".lock").is_file():
+            continue
+        try:
+            fd = os.open(entry / ".lock", os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:  # not root: the store is not ours to tidy
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build or removal is running
+            for stale in sorted(entry.glob(".build-*")):
+                remove_tree(stale, log)
+                removed.append(str(stale))
+            if not any(os.path.lexists(entry / part) for part in ("manifest.json", "rootfs")):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed what interrupted image builds left: %s", ", ".join(removed))
+    return removed
