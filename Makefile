@@ -55,8 +55,9 @@ test: setup hub browser kernels
 	$(MAKE) docs
 
 # The attack table, docs/attacks.md (tracked): every attack of the security suite
-# against both backends, and why each failed. `make test` runs the same attacks and
-# writes nothing. SECURITY_TESTS narrows the run (the table then holds only its attacks).
+# against both backends (and gVisor on an imported image), and why each failed.
+# `make test` runs the same attacks and writes nothing. SECURITY_TESTS narrows the
+# run (the table then holds only its attacks).
 ATTACK_TABLE ?= docs/attacks.md
 SECURITY_TESTS ?= tests/security tests/test_network.py
 security-report: setup

@@ -24,9 +24,11 @@ from provisioner.images.store import find_image
 from provisioner.network import gc as network_gc
 from provisioner.state import records, sandboxes_dir
 
-pytest_plugins = ["security.kit", "oci_kit", "images_kit"]
-"""Plugins: the security suite's shared attack target (one kernel per backend); the OCI
-image tests' registry and work folder; imported images made once per session."""
+pytest_plugins = ["oci_kit", "images_kit", "security.kit"]
+"""Plugins: the OCI image tests' registry and work folder; imported images made once per
+session; the security suite's shared attack target (one kernel per target: each backend,
+and gVisor on an imported image). In this order: each imports the one before it, which
+pytest must have loaded first to rewrite its asserts."""
 
 BACKENDS = {"gvisor": "python3-gvisor", "microvm": "python3-microvm"}
 """Every backend and its kernelspec: tests that take `kernel_name` run against each."""

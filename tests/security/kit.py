@@ -1,7 +1,12 @@
 """What every attack needs: a sandboxed kernel to attack from, and things worth stealing.
 
-One kernel per backend serves all the attacks of a module that leave it alive (a
-microVM under TCG takes half a minute to start). Before it starts, the
+The attacks run from three targets (`TARGETS`): a kernel of each backend on the
+default image, and a gVisor kernel on an image imported the way an operator brings
+their own (`imported_image` of images_kit: the default image re-imported from a
+docker-archive plus a layer, its kernelspec written by `jupyter sandbox kernelspec
+install`), for an imported image must get the same guarantees. One kernel per target
+serves all the attacks of a module that leave it alive (a microVM under TCG takes
+half a minute to start). Before it starts, the
 host is seeded with secrets an attacker would look for: a file outside any
 workspace, another user's home, a server environment variable, another kernel's
 connection file. Each attack runs through the ordinary execute path and prints
@@ -29,7 +34,14 @@ from typing import Any
 
 import pytest
 from conftest import BACKENDS, READY_TIMEOUT, our_sandboxes, require_sandbox
+from images_kit import kernelspecs
 from jupyter_client.manager import KernelManager
+
+from provisioner.images.store import DEFAULT_IMAGE
+
+TARGETS = {"gvisor": ("gvisor", False), "microvm": ("microvm", False),
+           "gvisor-imported": ("gvisor", True)}  # fmt: skip
+"""What the attacks run from, by test id: (backend, on the imported image?)."""
 
 HOST_BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -78,6 +90,14 @@ class Target:
     kc: Any
     workspace: Path
     planted: dict[str, Any] = field(default_factory=dict)
+    image: str = DEFAULT_IMAGE
+    """The image the kernel runs on: attacks that start kernels of their own start them
+    on it too (with `kernel_name`, and this as their provisioner's `image`)."""
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernelspec this kernel was started from."""
+        return self.km.kernel_name
 
     def run(self, code: str, timeout: float = 120) -> Any:
         """Execute `code`; return the JSON it reported on its last line."""
@@ -142,11 +162,26 @@ def start_kernel(kernel_name: str, workspace: Path, env_token: str) -> tuple[Ker
     return km, kc
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="session")
+def imported_python(imported_image: str, kernel_prefix: Path) -> str:
+    """The imported image's Python kernel installed for gVisor: its kernelspec name."""
+    [name] = kernelspecs(imported_image, kernel_prefix, "--kernel", "python3",
+                         "--backend", "gvisor")  # fmt: skip
+    return name
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """One sandboxed kernel per backend and module, attacked by its tests in turn (and gone
-    before the next module: other tests count what this process has running)."""
-    require_sandbox(request.param)
+    """One sandboxed kernel per target (`TARGETS`) and module, attacked by its tests in
+    turn (and gone before the next module: other tests count what this process has
+    running). The imported image is made only when its target runs."""
+    backend, imported = TARGETS[request.param]
+    require_sandbox(backend)
+    if imported:
+        image = request.getfixturevalue("imported_image")
+        kernel_name = request.getfixturevalue("imported_python")
+    else:
+        image, kernel_name = DEFAULT_IMAGE, BACKENDS[backend]
     before = our_sandboxes()
     workspace = Path(tempfile.mkdtemp(prefix="jsb-attack-", dir="/tmp"))
     os.chown(workspace, 1000, 1000)
@@ -172,9 +207,10 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
                 other_ports=[other.shell_port, other.iopub_port, other.hb_port],
             )
             try:
-                km, kc = start_kernel(BACKENDS[request.param], workspace, planted["env_token"])
+                km, kc = start_kernel(kernel_name, workspace, planted["env_token"])
                 try:
-                    target = Target(request.param, km, kc, workspace, planted)
+                    assert km.provisioner.image == image, "the target runs another image"
+                    target = Target(backend, km, kc, workspace, planted, image)
                     target.run(PRELUDE + "\nreport(ready=True)")
                     yield target
                 finally:

@@ -165,7 +165,7 @@ def test_symlink_out_of_the_workspace(target, verdict):
 
 @pytest.mark.attack("files", "write into the image and the system folders")
 def test_writes_stay_in_the_throwaway_layer(target, verdict):
-    rootfs = find_image("python3")
+    rootfs = find_image(target.image)
     passwd = rootfs / "etc" / "passwd"
     before = hashlib.sha256(passwd.read_bytes()).hexdigest()
     found = target.run(

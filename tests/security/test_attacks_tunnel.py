@@ -8,13 +8,14 @@ Two attackers:
   check that they run in a sandbox (`assert_sandboxed`): PID 1 must never be the
   host's init.
 - a compromised agent, the worst case: code inside owns PID 1. Real sandboxes are
-  started whose agent is `HOSTILE_AGENT`, a script of this test, in place of
-  guest/agent.py (`HostileGVisor`, `HostileMicroVM`: test-only subclasses of the
-  provisioners; the production code always takes the installed agent). It checks
-  its boot id likewise, does the handshake, then writes forged frames: an oversized
-  length, an unknown kind, a stream the host never opened, frames without end on a
-  stream the host closed, one-shot frames replayed without end, a flood of DATA
-  while it never reads, or it just stops reading while the clients send.
+  started (of the target's backend, on its image) whose agent is `HOSTILE_AGENT`, a
+  script of this test, in place of guest/agent.py (`HostileGVisor`, `HostileMicroVM`:
+  test-only subclasses of the provisioners; the production code always takes the
+  installed agent). It checks its boot id likewise, does the handshake, then writes
+  forged frames: an oversized length, an unknown kind, a stream the host never
+  opened, frames without end on a stream the host closed, one-shot frames replayed
+  without end, a flood of DATA while it never reads, or it just stops reading while
+  the clients send.
 
 For each forged case the host (this test process plays the server) must log the
 protocol error and stop that sandbox, leave nothing behind (`no_leftovers`, and
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKENDS, READY_TIMEOUT
+from conftest import READY_TIMEOUT
 from jupyter_client.manager import KernelManager
 from provisioner.guest.protocol import CHANNELS, WINDOW
 from security.kit import HOST_BOOT_ID, PRELUDE, Target
@@ -710,13 +711,14 @@ def run_hostile(
     log.propagate = False
     host_log = HostLog()
     log.addHandler(host_log)
-    km = KernelManager(kernel_name=BACKENDS[backend], autorestart=False, log=log)
+    km = KernelManager(kernel_name=target.kernel_name, autorestart=False, log=log)
     km.kernel_id = str(uuid.uuid4())
     # The kernel manager keeps a provisioner it already has (as on a restart).
     provisioner = HOSTILE[backend](
         kernel_id=km.kernel_id,
         kernel_spec=km.kernel_spec,
         parent=km,
+        image=target.image,
         workspace="none",
         env={"JSB_HOSTILE": case},
     )
@@ -887,14 +889,18 @@ KERNEL_USER = PRELUDE + textwrap.dedent(
 def test_launch_cannot_choose_the_kernels_user_or_limits(
     target: Target, workspace: Path, no_leftovers, verdict
 ) -> None:
-    km = KernelManager(kernel_name=BACKENDS[target.backend], autorestart=False)
+    km = KernelManager(kernel_name=target.kernel_name, autorestart=False)
     km.kernel_id = str(uuid.uuid4())
     km.provisioner = GREEDY[target.backend](
-        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km, pids_limit=128
+        kernel_id=km.kernel_id,
+        kernel_spec=km.kernel_spec,
+        parent=km,
+        image=target.image,
+        pids_limit=128,
     )
     km.start_kernel(cwd=str(workspace))
     try:
-        greedy = Target(target.backend, km, km.client(), workspace)
+        greedy = Target(target.backend, km, km.client(), workspace, image=target.image)
         greedy.kc.start_channels()
         greedy.kc.wait_for_ready(timeout=READY_TIMEOUT)
         seen = greedy.run(KERNEL_USER)
