@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import warm_kernel
+from layout import KERNEL_WRITABLE
 from protocol import (
     CHANNELS,
     FROM_HOST,
@@ -88,6 +89,16 @@ def kernel_user() -> tuple[int, int, dict[int, int]]:
     return uid, gid, limits
 
 
+def writable_folders() -> None:
+    """Make `KERNEL_WRITABLE` writable for the kernel (1777), in this sandbox's own layer."""
+    for folder in KERNEL_WRITABLE:
+        try:
+            Path(folder).mkdir(mode=0o755, parents=True, exist_ok=True)
+            Path(folder).chmod(0o1777)
+        except OSError as e:
+            log(f"cannot make {folder} writable for the kernel: {e}")
+
+
 class Agent(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -140,6 +151,7 @@ class Agent(asyncio.Protocol):
     async def start_kernel(self) -> None:
         spec = self.launch
         uid, gid, rlimits = kernel_user()
+        writable_folders()
         RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(RUNTIME_DIR, uid, gid)
         connection = dict(spec["connection"])
@@ -184,7 +196,7 @@ class Agent(asyncio.Protocol):
         try:
             init = subprocess.Popen(
                 # "kernel_init" names it in `ps` (its code comes on stdin)
-                [sys.executable, "-I", "-B", "-", "kernel_init", str(theirs.fileno())],
+                [sys.executable, "-I", "-S", "-B", "-", "kernel_init", str(theirs.fileno())],
                 stdin=subprocess.PIPE,
                 stdout=sys.stderr,
                 stderr=sys.stderr,

@@ -18,6 +18,10 @@ KERNEL_UID = 1000
 workspace gives it no owner to take (provisioner/workspace.py)."""
 KERNEL_HOME = "/home/sandbox"
 """The kernel's home, and its cwd when no workspace is mounted."""
+KERNEL_WRITABLE = ("/tmp", "/var/tmp", KERNEL_HOME)
+"""Folders the kernel may write to (mode 1777), made so by the agent in each sandbox's own
+writable layer: in the image store on the host nothing is world-writable, so that no
+local user of the host can plant a file there that every kernel of the image would see."""
 GUEST_PYTHON = "/opt/venv/bin/python3"
 """The Python kernel's interpreter in the default image (its kernelspec names it)."""
 KERNEL_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"

@@ -211,18 +211,19 @@ class ImageBuildApp(_Sub):
         started = time.monotonic()
         try:
             max_bytes = parse_size(self.max_size)
+            # What the command line asks is checked before anything is built.
             if self.source:
-                source_kind(self.source)  # a SOURCE of no known kind: before any build
+                source_kind(self.source)
+            elif self.image != DEFAULT_IMAGE:
+                raise ImageError(
+                    f"image {self.image!r} needs --from SOURCE (only {DEFAULT_IMAGE} is "
+                    "built from the project's recipe)"
+                )
             # The default image first, in any case: it gives every image the agent's
             # runtime, and a Binder folder its base.
             default = build_image(DEFAULT_IMAGE, force=self.force and not self.source,
                                   log=self.log)  # fmt: skip
             if not self.source:
-                if self.image != DEFAULT_IMAGE:
-                    raise ImageError(
-                        f"image {self.image!r} needs --from SOURCE (only {DEFAULT_IMAGE} is "
-                        "built from the project's recipe)"
-                    )
                 rootfs = default
             else:
                 import_image(self.image, self.source, max_bytes=max_bytes,

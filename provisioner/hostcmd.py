@@ -20,6 +20,8 @@ from .errors import Error, SandboxError
 TAIL_CHARS = 4000
 """What of a failed command's output an error message carries (its end)."""
 TAIL_LINES = 40
+MAX_LINE = 65536
+"""The most of a build command's output read as one line (the rest is the next line's)."""
 """Lines of a streamed command's output kept for its error message."""
 
 Argv = Sequence[str | os.PathLike[str]]
@@ -107,7 +109,9 @@ def stream(argv: Argv, log: logging.Logger, what: str, *, error: type[Error] = S
     assert proc.stdout is not None
     with proc:
         try:
-            for line in proc.stdout:
+            # Bounded reads: a command that prints without a newline (a hostile postBuild)
+            # must not make this process hold its whole output as one line.
+            while line := proc.stdout.readline(MAX_LINE):
                 tail.append(line.rstrip()[:TAIL_CHARS])
                 log.debug("  %s", tail[-1])
         except BaseException:

@@ -31,6 +31,11 @@ KEPT_OUT_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "HOSTNAME", "PWD",
 image's own user and shell, not the kernel's (the provisioner sets HOME and SHELL for
 the kernel's user; its home is the sandbox's, whoever the image's user was)."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_]+\}")
+"""What jupyter_client fills in in a kernelspec's argv (from the server's side)."""
+SPEC_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""A kernelspec name jupyter_client accepts (and one that is only a folder's name)."""
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def kernelspec_settings() -> dict[str, settings.Setting]:
@@ -66,10 +71,24 @@ def kernel_json(
     The program is written as its path in the image, found on the kernel's PATH there:
     jupyter_client replaces a bare `python` with the *server's* interpreter, which does
     not exist in the sandbox. ImageError if the image does not have it."""
-    env = {**image_env(manifest), **kernel.get("env", {})}
+    # `$` doubled: jupyter_client expands ${VAR} in a kernelspec's env from the *server's*
+    # environment (its secrets), and the image must not name any of them.
+    env = {
+        k: v.replace("$", "$$") for k, v in {**image_env(manifest), **kernel.get("env", {})}.items()
+    }
     # jupyter_client puts the *host* kernelspec's folder for {resource_dir}; the kernel
     # needs its own folder in the image.
     argv = [arg.replace("{resource_dir}", kernel["resource_dir"]) for arg in kernel["argv"]]
+    for arg in argv:
+        # jupyter_client fills in {env}, {cwd}, {prefix}... from the server's side: the
+        # server's whole environment would reach the sandbox. Only the connection file.
+        unknown = set(PLACEHOLDER.findall(arg)) - {"{connection_file}"}
+        if unknown:
+            raise ImageError(
+                f"kernel {kernel['display_name']!r} of image {image!r} names "
+                f"{', '.join(sorted(unknown))} in its argv: only {{connection_file}} and "
+                "{resource_dir} are filled in for a sandboxed kernel"
+            )
     if "/" not in argv[0]:
         found = which_inside(rootfs, argv[0], env.get("PATH", KERNEL_PATH))
         if found is None:
@@ -127,6 +146,10 @@ def install(
         )
     checked = _checked(config or {})
     chosen_kernels = [kernel] if kernel else sorted(found)
+    if name and not SPEC_NAME.fullmatch(name):
+        raise SettingError(
+            f"invalid kernelspec name {name!r}: lowercase letters, digits, '.', '_' or '-'"
+        )
     if name and len(chosen_kernels) > 1:
         raise SettingError(f"--name names one kernelspec; image {image!r} has several: "
                            f"{', '.join(chosen_kernels)}; pick one with --kernel")  # fmt: skip
@@ -143,13 +166,18 @@ def install(
                 json.dumps(kernel_json(image, entry, chosen, checked, manifest, rootfs), indent=2)
                 + "\n"
             )
+            # PNG logos only, checked: the Jupyter server serves a kernelspec's files from
+            # its own origin, and an SVG of the image's could carry a script.
             for logo in entry.get("logos", ()):
+                if not logo.endswith(".png"):
+                    continue
                 try:
                     data = read_inside(rootfs, f"{entry['resource_dir']}/{logo}", MAX_LOGO)
-                except (OSError, ValueError) as e:
+                except (OSError, ImageError) as e:
                     log.warning("logo %s of kernel %s left out: %s", logo, which, e)
                     continue
-                (folder / logo).write_bytes(data)
+                if data.startswith(PNG):
+                    (folder / logo).write_bytes(data)
             where = manager.install_kernel_spec(str(folder), spec_name, user=user, prefix=prefix)
         log.info("installed kernelspec %s (%s) in %s", spec_name, which, where)
         done.append((spec_name, where))

@@ -57,6 +57,8 @@ except ModuleNotFoundError:  # Python 3.10
 POLICY_ENV = settings.POLICY_ENV
 LISTS = ("kernelspecs", "images", "egress_allow")
 """The policy's lists: a user's groups add to them (the others: the most generous wins)."""
+OPEN_WHEN_UNSET = ("kernelspecs", "images")
+"""Lists that allow anything when [default] does not set them."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ class Policy:
         result = dict(self.default)
         for group in sorted(who.groups & set(self.groups)):
             for name, value in self.groups[group].items():
+                if name in OPEN_WHEN_UNSET and name not in result:
+                    # Where [default] sets no kernelspecs or images, any may be used, and a
+                    # group (which only ever raises ceilings) does not narrow that.
+                    continue
                 if name in LISTS:
                     result[name] = sorted({*result.get(name, []), *value})
                 elif name not in result or _magnitude(name, value) > _magnitude(name, result[name]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,7 +57,8 @@ def test_image_exists(rootfs: Path) -> None:
     for rel in (GUEST_PYTHON, "/usr/bin/python3"):
         assert os.path.lexists(rootfs / rel.lstrip("/")), rel
     home = (rootfs / KERNEL_HOME.lstrip("/")).stat()
-    assert stat.S_IMODE(home.st_mode) == 0o1777
+    # Not world-writable in the store on the host (the agent makes it so in each sandbox)
+    assert stat.S_IMODE(home.st_mode) == 0o755
 
 
 def test_manifest_records_what_is_inside(rootfs: Path, manifest: dict) -> None:
@@ -197,3 +199,20 @@ def test_gc_removes_what_interrupted_image_builds_left(tmp_path: Path) -> None:
         f".removing-live-{os.getpid()}", "busy", "busy/.build-running", "busy/.lock",
         "stored", "stored/.lock", "stored/manifest.json", "stored/rootfs",
     ]  # fmt: skip
+
+
+def test_a_build_step_printing_without_newlines_is_read_in_bounded_pieces() -> None:
+    """A hostile postBuild may print gigabytes without a newline: the build reads its
+    output in pieces of at most MAX_LINE characters, never as one line."""
+    import resource
+
+    from provisioner.hostcmd import MAX_LINE, TAIL_CHARS, TAIL_LINES, stream
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="exit status 3") as failed:
+        stream(["sh", "-c", "head -c 300000000 /dev/zero | tr '\\\\0' x; exit 3"],
+               logging.getLogger("test"), "a noisy step", error=ImageError)  # fmt: skip
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 64 * 1024, f"the reader grew by {grown} KiB"  # 300 MB were printed
+    assert len(str(failed.value)) < TAIL_LINES * (TAIL_CHARS + 1) + 200
+    assert MAX_LINE <= 1 << 20

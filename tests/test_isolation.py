@@ -198,6 +198,6 @@ async def test_host_processes_are_invisible(kc):
     assert not [c for c in guest.values() if "pytest" in c]  # ...not here
     # PID 1 is ours, not the host's init: the init of the kernel's own PID namespace
     # (kernel_init, which hides the agent), or in a VM's warm kernel pid1.py and the agent
-    assert " -I -B - kernel_init " in guest["1"] or "/run/jsb/pid1.py" in guest["1"], guest
+    assert " -I -S -B - kernel_init " in guest["1"] or "/run/jsb/pid1.py" in guest["1"], guest
     if "kernel_init" in guest["1"]:
         assert not [c for c in guest.values() if "agent.py" in c]

@@ -194,6 +194,9 @@ def test_images_each_user_or_group_may_use():
     with pytest.raises(PolicyError, match="image '/srv/rootfs'"):
         policy.check_image(p.ceilings(student_r), "/srv/rootfs", student_r)
     policy.check_image(Policy.parse("").ceilings(student), "/srv/rootfs", student)
+    # a group never restricts what [default] leaves open: it only raises ceilings
+    open_default = Policy.parse('[groups.r-course]\nimages = ["course-101"]\n')
+    policy.check_image(open_default.ceilings(student_r), "python3", student_r)
 
 
 async def test_a_kernel_on_an_image_the_policy_refuses_does_not_start(

@@ -78,8 +78,9 @@ def kernel_user(spec: SandboxSpec) -> str:
     return f"{uid},{gid},{spec.limits.pids or 0},{spec.limits.open_files}"
 
 
-AGENT_ARGV = (AGENT_PYTHON, "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
-"""The agent runs on its own Python in every image, never the image's (images/runtime.py)."""
+AGENT_ARGV = (AGENT_PYTHON, "-S", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
+"""The agent runs on its own Python in every image, never the image's (images/runtime.py),
+and without `site` (-S): nothing of the image's /etc is imported by a root process."""
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ FORCE_REBUILD = (
 
 # Bump when the build steps below change what ends up in the image, so that
 # existing images are rebuilt even though the recipe files did not change.
-_BUILDER_VERSION = 2
+_BUILDER_VERSION = 3
 # Files in guest/image that do not influence the build (editing them must not
 # trigger a multi-minute rebuild).
 _NOT_RECIPE = {"README.md"}
@@ -291,7 +291,7 @@ def _build(wanted_hash: str, tmp: Path, log: logging.Logger) -> dict[str, Any]:
     )  # fmt: skip
     home = root / KERNEL_HOME.lstrip("/")
     home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o1777)
+    home.chmod(0o755)  # the agent makes it writable in each sandbox's own layer
     tidy(root)
 
     _step(log, "byte-compiling Python and prebuilding the matplotlib font cache")

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import ImageError
 from ..guest.layout import KERNEL_HOME, KERNEL_PATH, KERNEL_UID, KERNEL_USER
 from . import binder, oci, unpack
-from .install import building, real_dirs, store
+from .install import building, clear_path, real_dirs, store
 from .runtime import copy_runtime
 from .store import DEFAULT_IMAGE, find_image, image_dir
 
@@ -66,11 +66,11 @@ MAX_ACCOUNTS_FILE = 1 << 20
 
 def add_kernel_user(root: Path) -> None:
     """Give the untrusted tree `root` what the kernel's user needs, as the default image
-    has it: its home (1777: whoever the kernel runs as may write there), and an entry in
+    has it: its home (0755 here: the agent makes it writable in each sandbox), and an entry in
     /etc/passwd and /etc/group if the image has none for `KERNEL_UID` (R, pip and
     `getpass` look the user up). An image's own user of that uid (jovyan in the Jupyter
     Docker Stacks) is kept. Nothing here follows a symlink (install.real_dirs)."""
-    real_dirs(root, KERNEL_HOME.lstrip("/")).chmod(0o1777)
+    real_dirs(root, KERNEL_HOME.lstrip("/")).chmod(0o755)
     etc = real_dirs(root, "etc")
     for name, root_line, ours in (
         ("passwd", "root:x:0:0:root:/root:/bin/sh\n",
@@ -136,6 +136,9 @@ def import_image(
                      "neutralised": dataclasses.asdict(report)}  # fmt: skip
         copy_runtime(default_rootfs, root)
         add_kernel_user(root)
+        # The agent's own dynamic loader would read the image's /etc/ld.so.preload and
+        # load what it names into a root process: an imported image has none.
+        clear_path(root, "etc/ld.so.preload")
         manifest = store(
             name,
             tmp,

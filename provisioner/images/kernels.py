@@ -19,6 +19,8 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..errors import ImageError
+
 KERNELSPEC_DIRS = (
     "/opt/venv/share/jupyter/kernels",
     "/opt/conda/share/jupyter/kernels",
@@ -38,10 +40,6 @@ LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 MAX_LOGO = 256 * 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
-class _Invalid(ValueError):
-    """A kernel.json the manifest will not list (the reason is logged)."""
 
 
 def open_inside(root: Path, path: str, flags: int = os.O_RDONLY) -> int:
@@ -89,11 +87,11 @@ def open_inside(root: Path, path: str, flags: int = os.O_RDONLY) -> int:
 
 def read_inside(root: Path, path: str, limit: int) -> bytes:
     """The content of regular file `path` of the image, at most `limit` bytes (else
-    _Invalid): a FIFO or device planted there is refused, never opened for reading."""
+    ImageError): a FIFO or device planted there is refused, never opened for reading."""
     fd = open_inside(root, path, os.O_PATH)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Invalid(f"{path} is not a regular file")
+            raise ImageError(f"{path} is not a regular file")
         real = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(fd)
@@ -102,7 +100,7 @@ def read_inside(root: Path, path: str, limit: int) -> bytes:
     finally:
         os.close(real)
     if len(data) > limit:
-        raise _Invalid(f"{path} is larger than {limit} bytes")
+        raise ImageError(f"{path} is larger than {limit} bytes")
     return data
 
 
@@ -140,28 +138,28 @@ def _list_inside(root: Path, path: str) -> list[str]:
 def _text(spec: dict[str, Any], key: str, default: str | None = None) -> str:
     value = spec.get(key, default)
     if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
-        raise _Invalid(f"{key} must be a string of 1 to {MAX_TEXT} characters")
+        raise ImageError(f"{key} must be a string of 1 to {MAX_TEXT} characters")
     if any(ord(c) < 32 for c in value):
-        raise _Invalid(f"{key} holds control characters")
+        raise ImageError(f"{key} holds control characters")
     return value
 
 
 def parse_kernel_json(data: bytes) -> dict[str, Any]:
-    """The fields of a kernel.json that a sandboxed kernel uses, checked; _Invalid if any
+    """The fields of a kernel.json that a sandboxed kernel uses, checked; ImageError if any
     is missing, of the wrong type or too large (the rest is dropped)."""
     try:
         spec = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise _Invalid(f"not JSON: {e}") from None
+        raise ImageError(f"not JSON: {e}") from None
     if not isinstance(spec, dict):
-        raise _Invalid("not a JSON object")
+        raise ImageError("not a JSON object")
     argv = spec.get("argv")
     if (
         not isinstance(argv, list)
         or not 1 <= len(argv) <= MAX_ARGS
         or not all(isinstance(a, str) and 0 < len(a) <= MAX_ARG and "\0" not in a for a in argv)
     ):
-        raise _Invalid(f"argv must be a list of 1 to {MAX_ARGS} non-empty strings")
+        raise ImageError(f"argv must be a list of 1 to {MAX_ARGS} non-empty strings")
     env = spec.get("env", {})
     if (
         not isinstance(env, dict)
@@ -172,10 +170,10 @@ def parse_kernel_json(data: bytes) -> dict[str, Any]:
             for k, v in env.items()
         )
     ):  # fmt: skip
-        raise _Invalid(f"env must map at most {MAX_ENV} variable names to strings")
+        raise ImageError(f"env must map at most {MAX_ENV} variable names to strings")
     interrupt = spec.get("interrupt_mode", "signal")
     if interrupt not in ("signal", "message"):
-        raise _Invalid("interrupt_mode must be signal or message")
+        raise ImageError("interrupt_mode must be signal or message")
     return {
         "argv": argv,
         "display_name": _text(spec, "display_name"),
@@ -201,13 +199,13 @@ def find_kernels(root: Path, log: logging.Logger) -> dict[str, dict[str, Any]]:
             folder = f"{base}/{name}"
             try:
                 if not _NAME_RE.fullmatch(name):
-                    raise _Invalid("the folder's name is not a kernel name")
+                    raise ImageError("the folder's name is not a kernel name")
                 spec = parse_kernel_json(
                     read_inside(root, f"{folder}/kernel.json", MAX_KERNEL_JSON)
                 )
             except FileNotFoundError:
                 continue
-            except (_Invalid, OSError) as e:
+            except (ImageError, OSError) as e:
                 log.warning("image kernelspec %s left out: %s", folder, e)
                 continue
             spec["resource_dir"] = folder

@@ -28,8 +28,11 @@ from ..hostcmd import run
 from .install import clear_path
 
 STDLIB_LEFT_OUT = ("test", "idlelib", "tkinter", "lib2to3", "ensurepip", "turtledemo",
-                   "pydoc_data", "venv", "__phello__")  # fmt: skip
-"""Parts of the standard library no agent needs: less to copy into every image."""
+                   "pydoc_data", "venv", "__phello__",
+                   "sitecustomize.py", "usercustomize.py")  # fmt: skip
+"""Parts of the standard library no agent needs: less to copy into every image. Debian's
+sitecustomize.py is a link to /etc/python3.X/, which in a sandbox is the *image's*: the
+agent (root there) must never run a file of the image (it also runs with -S)."""
 MODULES_LEFT_OUT = re.compile(
     r"^(_test|_xx|xxlimited|_ctypes_test|_curses|readline|_dbm|nis|ossaudiodev|_tkinter)"
 )
@@ -117,6 +120,7 @@ def build_runtime(source: Path, dest_root: Path, log: logging.Logger) -> None:
             "relocating the agent runtime (patchelf)", error=ImageError, timeout=_FACT_TIMEOUT,
             fix="Install patchelf (scripts/install-host.sh), then build the image again.",
         )  # fmt: skip
+        _check_links(top)
         # Proof that it needs nothing outside itself: run it where nothing else exists.
         (staging / "tmp").mkdir()
         run(
@@ -130,6 +134,19 @@ def build_runtime(source: Path, dest_root: Path, log: logging.Logger) -> None:
         top.rename(clear_path(dest_root, AGENT_RUNTIME.lstrip("/")))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_links(top: Path) -> None:
+    """ImageError for a symlink in the runtime that leads out of it: in a sandbox it would
+    lead into the image, whose files the agent must never load."""
+    for path in top.rglob("*"):
+        if path.is_symlink():
+            target = os.path.normpath(path.parent / path.readlink())
+            if not (target + "/").startswith(str(top) + "/"):
+                raise ImageError(
+                    f"the agent runtime's {path.relative_to(top)} links out of it "
+                    f"({path.readlink()}); rebuild the default image with --force"
+                )
 
 
 def copy_runtime(default_rootfs: Path, dest_root: Path) -> None:
