@@ -77,7 +77,10 @@ def collect(log: logging.Logger, include_live: bool = False) -> list[str]:
     if orphans:
         log.info("removing network objects of no sandbox: %s", orphans)
         network_gc.remove_objects(orphans, log)
-    collect_leftovers(log)  # and what interrupted image builds left
+    try:  # and what interrupted image builds left; never at the cost of the rest
+        collect_leftovers(log)
+    except Exception:
+        log.exception("could not remove what interrupted image builds left")
     return reaped
 
 

@@ -18,9 +18,10 @@ from . import __version__, cgroups, cleanup, doctor, kernelspecs
 from .errors import ImageError, SandboxError, SettingError
 from .images.boot import build_boot_files
 from .images.build import build_image
-from .images.imports import DEFAULT_MAX_SIZE, import_image, source_kind
+from .images.imports import import_image, source_kind
 from .images.install import remove_image, users_of
 from .images.store import DEFAULT_IMAGE, find_image, list_images, load_manifest
+from .images.unpack import DEFAULT_MAX_SIZE
 from .kernelspecs import kernelspec_settings
 from .limits import format_size, parse_size
 from .provisioner import GVisorProvisioner, MicroVMProvisioner

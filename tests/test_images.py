@@ -176,17 +176,19 @@ def test_gc_removes_what_interrupted_image_builds_left(tmp_path: Path) -> None:
     store = tmp_path / "images"
     (store / "stored/rootfs").mkdir(parents=True)
     (store / "stored/manifest.json").write_text("{}")
-    (store / "stored/.lock").touch()
+    (store / ".locks").mkdir()
+    (store / ".locks/stored.lock").touch()
     (store / "stored/.build-killed/rootfs/usr").mkdir(parents=True)
     (store / "first/.build-killed").mkdir(parents=True)
-    (store / "first/.lock").touch()
+    (store / ".locks/first.lock").touch()
     (store / "busy/.build-running").mkdir(parents=True)
-    (store / "busy/.lock").touch()
+    (store / ".locks/busy.lock").touch()
+    (store / "stray/.build-x").mkdir(parents=True)  # no lock: not made by a build
     dead = subprocess.Popen(["true"])
     dead.wait()
     (store / f".removing-gone-{dead.pid}/rootfs").mkdir(parents=True)
     (store / f".removing-live-{os.getpid()}").mkdir()
-    with open(store / "busy/.lock") as held:
+    with open(store / ".locks/busy.lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running build holds it
         done = subprocess.run(
             [str(Path(sys.executable).parent / "jupyter"), "sandbox", "gc"],
@@ -196,8 +198,9 @@ def test_gc_removes_what_interrupted_image_builds_left(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     left = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
     assert left == [
-        f".removing-live-{os.getpid()}", "busy", "busy/.build-running", "busy/.lock",
-        "stored", "stored/.lock", "stored/manifest.json", "stored/rootfs",
+        ".locks", ".locks/busy.lock", ".locks/first.lock", ".locks/stored.lock",
+        f".removing-live-{os.getpid()}", "busy", "busy/.build-running",
+        "stored", "stored/manifest.json", "stored/rootfs", "stray", "stray/.build-x",
     ]  # fmt: skip
 
 

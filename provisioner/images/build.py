@@ -34,6 +34,7 @@ from ..hostcmd import run, stream
 from .install import building, store
 from .runtime import build_runtime
 from .store import DEFAULT_IMAGE, find_image, image_dir, load_manifest
+from .unpack import DEFAULT_MAX_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def build_image(
         if not force and _is_current(name, wanted):
             log.info("image %s is up to date (%s)", name, folder / "rootfs")
             return folder / "rootfs"
-        store(name, tmp, _build(wanted, tmp, log), log)
+        store(name, tmp, _build(wanted, tmp, log), log, max_bytes=DEFAULT_MAX_SIZE)
     return folder / "rootfs"
 
 

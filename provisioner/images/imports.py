@@ -30,16 +30,13 @@ from typing import Any
 from ..errors import ImageError
 from ..guest.layout import KERNEL_HOME, KERNEL_PATH, KERNEL_UID, KERNEL_USER
 from . import binder, oci, unpack
-from .install import building, clear_path, real_dirs, store
+from .install import building, clear_path, image_lock, real_dirs, store
 from .runtime import copy_runtime
 from .store import DEFAULT_IMAGE, find_image, image_dir
 
 OCI_DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """An imported image's PATH when its OCI config sets none (a rootfs folder has no config):
 the one Docker and Kubernetes give a container."""
-DEFAULT_MAX_SIZE = 16 << 30
-"""Bytes an imported image may unpack to, unless the operator says otherwise
-(`--max-size`): a bound on decompression bombs and gigantic layers."""
 
 
 def source_kind(source: str) -> str:
@@ -80,7 +77,7 @@ def add_kernel_user(root: Path) -> None:
         path = etc / name
         text = root_line
         if path.is_symlink() or (os.path.lexists(path) and not path.is_file()):
-            path.unlink()
+            clear_path(root, f"etc/{name}")  # a symlink, a folder, a device...
         elif path.is_file() and path.stat().st_size <= MAX_ACCOUNTS_FILE:
             text = path.read_text(encoding="utf-8", errors="replace")
         if any(line.split(":")[2:3] == [str(KERNEL_UID)] for line in text.splitlines()):
@@ -97,15 +94,17 @@ def import_image(
     name: str,
     source: str,
     *,
-    max_bytes: int = DEFAULT_MAX_SIZE,
+    max_bytes: int = unpack.DEFAULT_MAX_SIZE,
     tls_verify: bool = True,
     log: logging.Logger,
 ) -> dict[str, Any]:
     """Build image `name` from `source` and return its manifest.
 
     The default image must be built (it gives the agent's runtime, and a Binder
-    folder's base). On any failure the image `name` had before, if any, is
-    untouched and nothing of the attempt is left.
+    folder's base); its lock is held shared throughout, so that it is not rebuilt
+    under the import. On any failure the image `name` had before, if any, is
+    untouched and nothing of the attempt is left; every failure is an ImageError
+    naming the image (the CLI shows its message, never a traceback).
     """
     if name == DEFAULT_IMAGE:
         raise ImageError(
@@ -114,6 +113,17 @@ def import_image(
         )
     image_dir(name)  # a valid name, before any work
     kind = source_kind(source)
+    try:
+        with image_lock(DEFAULT_IMAGE, shared=True):
+            return _import(name, source, kind, max_bytes=max_bytes, tls_verify=tls_verify,
+                           log=log)  # fmt: skip
+    except OSError as e:  # shutil.Error too: a tree the host cannot copy or delete
+        raise ImageError(f"image {name}: cannot build it from {source}: {e}") from e
+
+
+def _import(name: str, source: str, kind: str, *, max_bytes: int, tls_verify: bool,
+            log: logging.Logger) -> dict[str, Any]:  # fmt: skip
+    """`import_image`'s work, the default image's lock held."""
     default_rootfs = find_image(DEFAULT_IMAGE)
     started = time.monotonic()
     with building(name, log) as tmp:

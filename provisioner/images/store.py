@@ -7,7 +7,9 @@ A kernel must never see the host's ``/``: it runs on a built image::
     images_dir()/<name>/microvm/         what a microVM boots (boot.py)
 
 This module is what a kernel start needs: it reads, never writes, and needs
-neither root nor the network. Making an image is build.py's.
+neither root nor the network. Images are made by build.py (the default one, from
+the project's recipe) and imports.py (from an OCI image, a Binder folder or a
+rootfs folder), and stored or removed by install.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +134,27 @@ def tree_digest(root: Path) -> tuple[str, int]:
     view = memoryview(buf)
     seen: set[tuple[int, int]] = set()
     size = 0
+    # Depth first, each directory's entries sorted, a directory's own line before its
+    # content: an explicit stack of (directory fd, its path, its names left), not
+    # recursion, so that no depth of tree raises RecursionError.
+    stack: list[tuple[int, bytes, Iterator[str]]] = []
 
-    def walk(dir_fd: int, rel: bytes) -> None:
-        nonlocal size
-        for entry_name in sorted(os.listdir(dir_fd)):
+    def enter(dir_fd: int, path: bytes) -> None:
+        try:
+            stack.append((dir_fd, path, iter(sorted(os.listdir(dir_fd)))))
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    try:
+        enter(os.open(root, os.O_RDONLY | os.O_DIRECTORY), b"")
+        while stack:
+            dir_fd, rel, names = stack[-1]
+            entry_name = next(names, None)
+            if entry_name is None:
+                stack.pop()
+                os.close(dir_fd)
+                continue
             name = os.fsencode(entry_name)
             path = rel + b"/" + name if rel else name
             st = os.lstat(name, dir_fd=dir_fd)
@@ -160,17 +180,11 @@ def tree_digest(root: Path) -> tuple[str, int]:
                 data = b""
             outer.update(b"%s\0%o\0%d\0%d\0%s\n" % (path, mode, st.st_uid, st.st_gid, data))
             if stat.S_ISDIR(mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                try:
-                    walk(sub, path)
-                finally:
-                    os.close(sub)
-
-    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        walk(top, b"")
+                enter(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd),
+                      path)  # fmt: skip
     finally:
-        os.close(top)
+        for dir_fd, _rel, _names in stack:
+            os.close(dir_fd)
     return outer.hexdigest(), size
 
 

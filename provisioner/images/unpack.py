@@ -32,7 +32,7 @@ the host. What the image asks for is enforced or neutralised as follows:
   privileges from a file) and so is the world-write bit, except on directories with
   the sticky bit (``/tmp``): the store lives on the host, where a world-writable
   file could be changed by any local user; inside the sandbox the root is read-only
-  anyway.
+  anyway. (install.check_tree, run on every finished tree, clears it there too.)
 - OCI whiteouts: ``.wh.NAME`` removes NAME of the lower layers, ``.wh..wh..opq``
   removes a directory's lower content (what this layer itself put there stays);
   neither is ever materialised; other ``.wh..wh.`` names (aufs metadata) are ignored.
@@ -64,6 +64,9 @@ from typing import BinaryIO
 from ..errors import ImageError
 from .store import images_dir
 
+DEFAULT_MAX_SIZE = 16 << 30
+"""Bytes an image may unpack to, unless the operator says otherwise (`--max-size`): a
+bound on decompression bombs, gigantic layers and a postBuild filling the disk."""
 MAX_ENTRIES = 2_000_000
 """Entries one import may have (all layers together): a real image has far fewer."""
 MAX_DEPTH = 256
