@@ -47,7 +47,7 @@ def check_tree(dest: Path) -> None:
     tool = (dest / "usr/bin/tool").stat()
     assert stat.S_IMODE(tool.st_mode) == 0o755 and tool.st_uid == 0
     assert (dest / "usr/bin/tool2").stat().st_ino == tool.st_ino
-    assert stat.S_IMODE((dest / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((dest / "tmp").stat().st_mode) == 0o1775  # no world-write in the store
     assert (dest / "usr/share/jupyter/kernels/ir/kernel.json").is_file()
 
 

@@ -16,7 +16,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -33,24 +32,6 @@ from .kernels import find_kernels
 from .store import DEFAULT_IMAGE, image_dir, images_dir, tree_digest
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
-    prefix = os.path.realpath(path)
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 5:
-                    continue
-                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                if mnt == prefix or mnt.startswith(prefix + "/"):
-                    found.append(mnt)
-    except OSError:
-        pass
-    return sorted(found, key=len, reverse=True)
-
-
 def remove_tree(path: Path, log: logging.Logger) -> None:
     """Delete a build tree, first detaching anything mounted inside it.
 
@@ -59,10 +40,10 @@ def remove_tree(path: Path, log: logging.Logger) -> None:
     """
     if not os.path.lexists(path):
         return
-    for mnt in mounts_under(path):
+    for mnt in unpack.mounts_under(path):
         log.warning("unmounting leftover mount %s", mnt)
         quietly(["umount", "--lazy", mnt], log)
-    left = mounts_under(path)
+    left = unpack.mounts_under(path)
     if left:
         log.error("not deleting %s: still mounted: %s", path, ", ".join(left))
         return

@@ -123,8 +123,8 @@ def unpack_image(source: str, dest: Path, *, max_bytes: int, log: logging.Logger
 
 def _check_size(skopeo: list[str], ref: str, tls_verify: bool, max_bytes: int,
                 env: dict[str, str]) -> None:  # fmt: skip
-    """Refuse an image whose compressed layers alone exceed `max_bytes`, before fetching
-    them, when its manifest says their sizes (a schema 1 manifest does not)."""
+    """Refuse, before fetching its layers, an image `_preflight` refuses (a multi-platform
+    index is followed to its linux/amd64 manifest on a registry)."""
 
     def inspect(what: str) -> dict[str, Any]:
         out = run([*skopeo, "inspect", "--raw", f"--tls-verify={str(tls_verify).lower()}", what],
@@ -138,16 +138,35 @@ def _check_size(skopeo: list[str], ref: str, tls_verify: bool, max_bytes: int,
         if not ref.startswith("docker://"):
             return  # a local index: skopeo copy picks the same, bounded by RLIMIT_FSIZE
         manifest = inspect(f"{_untagged(ref)}@{digest}")
+    _preflight(manifest, ref, max_bytes)
+
+
+def _preflight(manifest: dict[str, Any], ref: str, max_bytes: int) -> None:
+    """Refuse the image whose (single-platform) manifest is `manifest` before fetching it:
+    a docker schema 1 manifest, more than `MAX_LAYERS` layers, or compressed layers
+    alone over `max_bytes`. From a registry (``docker://``) the manifest must give
+    every layer's size, or nothing would bound the fetch but RLIMIT_FSIZE; a local
+    source's manifest (an archive's, made up by skopeo) may not, its files being
+    bounded already."""
+    if manifest.get("schemaVersion") == 1 or "fsLayers" in manifest:
+        raise ImageError(
+            f"{ref}: schema 1 manifests are not supported: push the image again with a "
+            "current Docker/skopeo"
+        )
     layers = manifest.get("layers")
-    if isinstance(layers, list) and all(
+    if isinstance(layers, list) and len(layers) > MAX_LAYERS:
+        raise ImageError(f"{ref}: the image has {len(layers)} layers, more than {MAX_LAYERS}")
+    if not isinstance(layers, list) or not all(
         isinstance(x, dict) and type(x.get("size")) is int and x["size"] >= 0 for x in layers
     ):
-        total = sum(x["size"] for x in layers)
-        if total > max_bytes:
-            raise ImageError(
-                f"{ref}: {too_large(max_bytes)}: its layers alone are {human_size(total)} "
-                "compressed"
-            )
+        if ref.startswith("docker://"):
+            raise ImageError(f"{ref}: its manifest does not give every layer's size; {_FIX}")
+        return
+    total = sum(x["size"] for x in layers)
+    if total > max_bytes:
+        raise ImageError(
+            f"{ref}: {too_large(max_bytes)}: its layers alone are {human_size(total)} compressed"
+        )
 
 
 def _pick_platform(index: dict[str, Any], ref: str) -> str:

@@ -29,18 +29,21 @@ the host. What the image asks for is enforced or neutralised as follows:
   holding files of arbitrary host uids would hand them to whoever has that uid on
   the host.
 - Modes are kept, but setuid/setgid bits are cleared (nothing in a kernel may gain
-  privileges from a file) and so is the world-write bit, except on directories with
-  the sticky bit (``/tmp``): the store lives on the host, where a world-writable
-  file could be changed by any local user; inside the sandbox the root is read-only
-  anyway. (install.check_tree, run on every finished tree, clears it there too.)
+  privileges from a file) and so is the world-write bit, on everything, sticky
+  directories (``/tmp``) included (their sticky bit is kept): the store lives on the
+  host, where any local user could change a world-writable file or plant one in a
+  world-writable directory (``rootfs/tmp/...``) that every kernel of the image then
+  sees. The few directories a kernel writes (``/tmp``, its home) are made writable in
+  each sandbox's own layer, never in the store.
 - OCI whiteouts: ``.wh.NAME`` removes NAME of the lower layers, ``.wh..wh..opq``
   removes a directory's lower content (what this layer itself put there stays);
   neither is ever materialised; other ``.wh..wh.`` names (aufs metadata) are ignored.
 - Size: each entry costs its data plus `ENTRY_COST` (a bound on what ``du`` counts
   for it) against a `Budget` shared by every layer of one import, charged *before*
   its data is written, so a decompression bomb stops at the limit instead of filling
-  the disk; at most `MAX_ENTRIES` entries. A header (pax, long name) over
-  `MAX_HEADER` bytes is refused before it is read into memory.
+  the disk; at most `MAX_ENTRIES` entries. The headers before one entry (pax, GNU
+  long names, sparse maps: tarfile reads each chain whole into memory) are refused
+  once they pass `MAX_HEADER` bytes in all, before the read that would pass it.
 - A corrupt or truncated archive is an ImageError naming the layer.
 
 On any error `dest` holds a partial tree: the caller (which made it, as a
@@ -54,6 +57,7 @@ import dataclasses
 import gzip
 import lzma
 import os
+import re
 import stat
 import tarfile
 import zlib
@@ -76,7 +80,8 @@ MAX_HOPS = 40
 MAX_NAME = 4096
 """Bytes of an entry's name or a symlink's target (Linux's PATH_MAX)."""
 MAX_HEADER = 4 << 20
-"""Bytes of one tar header read at once (a pax header, a GNU long name)."""
+"""Bytes of the headers before one entry, in all (pax headers, GNU long names, sparse
+maps): tarfile holds a chain whole in memory, at several times its size once parsed."""
 ENTRY_COST = 4096
 """What each entry costs against the budget besides its data: an inode and the rounding
 up of its data to a block, so that a budget bounds the tree's disk use."""
@@ -146,27 +151,30 @@ class LayerReport:
     """Whiteouts and opaque whiteouts applied."""
 
 
-@dataclasses.dataclass
+_FIELDS = frozenset(f.name for f in dataclasses.fields(LayerReport))
+
+
 class _Counts:
-    entries: int = 0
-    data_bytes: int = 0
-    specials_skipped: int = 0
-    setid_cleared: int = 0
-    world_writable_cleared: int = 0
-    ownership_reset: int = 0
-    whiteouts: int = 0
+    """LayerReport's counts while a layer or folder is applied (by field name)."""
+
+    def __init__(self) -> None:
+        self._n = dict.fromkeys(_FIELDS, 0)
+
+    def add(self, field: str, n: int = 1) -> None:
+        """Add `n` to the LayerReport field `field` (KeyError if there is none)."""
+        self._n[field] += n
 
     def report(self) -> LayerReport:
-        return LayerReport(**dataclasses.asdict(self))
+        return LayerReport(**self._n)
 
-    def mode(self, mode: int, *, is_dir: bool, uid: int, gid: int) -> int:
+    def mode(self, mode: int, *, uid: int, gid: int) -> int:
         """The permission bits to give an entry the image gave `mode`, counted."""
         mode = stat.S_IMODE(mode)
         if mode & _SETID:
-            self.setid_cleared += 1
+            self.add("setid_cleared")
             mode &= ~_SETID
-        if mode & stat.S_IWOTH and not (is_dir and mode & stat.S_ISVTX):
-            self.world_writable_cleared += 1
+        if mode & stat.S_IWOTH:
+            self.add("world_writable_cleared")
             mode &= ~stat.S_IWOTH
         self.owner(uid, gid)
         return mode
@@ -174,7 +182,7 @@ class _Counts:
     def owner(self, uid: int, gid: int) -> None:
         """Count an entry the image gave to someone other than root."""
         if uid or gid:
-            self.ownership_reset += 1
+            self.add("ownership_reset")
 
 
 class _Refused(Exception):
@@ -413,16 +421,36 @@ class _Prefixed:
 
 class _Forward:
     """What tarfile reads: the decompressed layer, forward only (seeking ahead reads and
-    drops), and never more than `MAX_HEADER` bytes at once, which tarfile asks for only
-    to read a whole header (pax, long name) into memory."""
+    drops).
+
+    In header mode (while `_open_tar` and `_next` read an entry's headers) it refuses a
+    read that would bring the headers read since the mode was turned on past
+    `MAX_HEADER` bytes: tarfile reads a header chain (pax headers, GNU long names, a
+    sparse map and its extension blocks) whole into memory, one read per header or
+    block, so no single read's bound would bound the chain. An entry's data
+    is read, and skipped by `seek`, outside header mode: the Budget bounds it.
+    """
 
     def __init__(self, source: BinaryIO | _Prefixed) -> None:
         self._source = source
         self._pos = 0
+        self._headers: int | None = None  # bytes of headers read; None: not in header mode
+
+    def header_mode(self, on: bool) -> None:
+        """Start counting a new header chain (`on`), or stop counting."""
+        self._headers = 0 if on else None
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > MAX_HEADER:
-            raise _Refused(f"a header longer than {human_size(MAX_HEADER)}")
+        if n is None or n < 0:
+            raise _Refused("tar asked to read the layer whole")
+        if self._headers is not None:
+            if self._headers + n > MAX_HEADER:
+                raise _Refused(f"a header longer than {human_size(MAX_HEADER)} (pax headers, "
+                               "long names or a sparse map, in all)")  # fmt: skip
+            self._headers += n
+        return self._read(n)
+
+    def _read(self, n: int) -> bytes:
         out = b""
         while len(out) < n:
             try:
@@ -441,9 +469,37 @@ class _Forward:
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         if whence != os.SEEK_SET or pos < self._pos:
             raise _Corrupt(OSError("tar stream asked to seek backwards"))
-        while self._pos < pos and self.read(min(_CHUNK, pos - self._pos)):
+        while self._pos < pos and self._read(min(_CHUNK, pos - self._pos)):
             pass
         return self._pos
+
+
+# What tarfile's header parsing lets through on a malformed header (a sparse map cut
+# short: IndexError; a number it cannot parse: ValueError; ...) besides its TarError.
+_HEADER_ERRORS = (IndexError, ValueError, RecursionError, EOFError, OSError)
+
+
+def _open_tar(source: _Forward) -> tarfile.TarFile:
+    """tarfile reading `source`; opening reads the first entry's headers, in header mode."""
+    source.header_mode(True)
+    try:
+        return tarfile.open(fileobj=source, mode="r:", encoding="utf-8",  # type: ignore[call-overload]
+                            errors="surrogateescape")  # fmt: skip
+    except _HEADER_ERRORS as e:
+        raise _Corrupt(e) from e
+    finally:
+        source.header_mode(False)
+
+
+def _next(tar: tarfile.TarFile, source: _Forward) -> tarfile.TarInfo | None:
+    """The layer's next entry, its headers read in `source`'s header mode."""
+    source.header_mode(True)
+    try:
+        return tar.next()
+    except _HEADER_ERRORS as e:
+        raise _Corrupt(e) from e
+    finally:
+        source.header_mode(False)
 
 
 def _decompressed(stream: BinaryIO, media_type: str) -> BinaryIO | _Prefixed:
@@ -482,9 +538,8 @@ def apply_layer(stream: BinaryIO, dest: Path, budget: Budget, *, what: str,
     name = "(start)"
     try:
         source = _Forward(_decompressed(stream, media_type))
-        with tarfile.open(fileobj=source, mode="r:", encoding="utf-8",  # type: ignore[call-overload]
-                          errors="surrogateescape") as tar:  # fmt: skip
-            while (member := tar.next()) is not None:
+        with _open_tar(source) as tar:
+            while (member := _next(tar, source)) is not None:
                 tar.members.clear()  # tarfile keeps every member read; this only streams
                 name = member.name
                 _apply_member(tar, member, tree, budget, counts)
@@ -529,10 +584,10 @@ def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree, bu
                 _remove(parent, base[4:])
         finally:
             os.close(parent)
-        counts.whiteouts += 1
+        counts.add("whiteouts")
         return
     if member.ischr() or member.isblk() or member.isfifo():
-        counts.specials_skipped += 1
+        counts.add("specials_skipped")
         return
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         raise _Refused(f"unsupported tar entry type {member.type!r}")
@@ -542,7 +597,7 @@ def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree, bu
         _make_member(tar, member, parts, parent, tree, counts)
     finally:
         os.close(parent)
-    counts.entries += 1
+    counts.add("entries")
 
 
 def _make_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[bytes, ...],
@@ -553,7 +608,7 @@ def _make_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[byt
         _make_room(parent, name, for_dir=False)
         tree.mark(_make_symlink(parent, name, os.fsencode(member.linkname)))
         return
-    mode = counts.mode(member.mode, is_dir=member.isdir(), uid=member.uid, gid=member.gid)
+    mode = counts.mode(member.mode, uid=member.uid, gid=member.gid)
     if member.isdir():
         if not _make_room(parent, name, for_dir=True):
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -578,7 +633,7 @@ def _make_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[byt
         _make_room(parent, name, for_dir=False)
         st, size = _write_file(parent, name, chunks(), mode, member.mtime, None)
         tree.mark(st)
-        counts.data_bytes += size
+        counts.add("data_bytes", size)
 
 
 def _make_hardlink(linkname: str, parent: int, name: bytes, tree: _Tree) -> None:
@@ -606,13 +661,36 @@ def _make_hardlink(linkname: str, parent: int, name: bytes, tree: _Tree) -> None
         os.close(where)
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
+    prefix = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if mnt == prefix or mnt.startswith(prefix + "/"):
+                    found.append(mnt)
+    except OSError:
+        pass
+    return sorted(found, key=len, reverse=True)
+
+
 def copy_tree(source: Path, dest: Path, budget: Budget) -> LayerReport:
     """Copy a root filesystem folder into `dest` by the same rules as a layer.
 
     The source is read through directory fds without following any symlink in it
-    (they are copied as symlinks), hard links within it are kept, and a directory on
-    another filesystem (a mount point: ``/proc`` in a chroot) is refused. Refused
-    too: a source that is ``/``, that holds the images store, or that holds `dest`.
+    (they are copied as symlinks), hard links within it are kept, and a source with
+    anything mounted below it (``/proc`` in a chroot, a bind mount of a host folder,
+    even from the same filesystem) is refused, as is a directory on another
+    filesystem met while copying. Refused too: a source that is ``/``, that holds the
+    images store, or that holds `dest`; and, when the source is not root's, a hard
+    link to a file not of the source's owner: where ``fs.protected_hardlinks`` is 0,
+    anyone may hard-link a file they cannot read (``/etc/shadow``) into a folder they
+    can write, and this copy, run by root, would read it into the image.
     ImageError on these, past `budget` and on a read or write error; `dest` is then
     partial (the caller removes it).
     """
@@ -624,6 +702,12 @@ def copy_tree(source: Path, dest: Path, budget: Budget) -> LayerReport:
     ):
         if inside == real or inside.startswith(real.rstrip("/") + "/"):
             raise ImageError(f"cannot use {source} as a root filesystem: {why}")
+    mounted = [m for m in mounts_under(Path(real)) if m != real]
+    if mounted:
+        raise ImageError(
+            f"cannot use {source} as a root filesystem: {mounted[-1]} is mounted inside it "
+            "(unmount what is mounted below it, or copy it without them)"
+        )
     try:
         src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -649,7 +733,8 @@ class _Copier:
     """One copy_tree: walks the source by fds, writes into the tree by fds."""
 
     def __init__(self, src: int, tree: _Tree, budget: Budget, counts: _Counts) -> None:
-        self.device = os.fstat(src).st_dev
+        top = os.fstat(src)
+        self.device, self.owner = top.st_dev, top.st_uid
         self.tree, self.budget, self.counts = tree, budget, counts
         self.links: dict[tuple[int, int], bytes] = {}
         self.at = b""
@@ -663,22 +748,21 @@ class _Copier:
             self.budget.entry(0)
             kind = stat.S_IFMT(st.st_mode)
             if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-                self.counts.specials_skipped += 1
+                self.counts.add("specials_skipped")
                 continue
             if kind == stat.S_IFLNK:
                 self.counts.owner(st.st_uid, st.st_gid)
                 _make_room(dst, name, for_dir=False)
                 _make_symlink(dst, name, os.readlink(name, dir_fd=src))
-                self.counts.entries += 1
+                self.counts.add("entries")
                 continue
-            self.counts.entries += 1
+            self.counts.add("entries")
             if (st.st_dev, st.st_ino) in self.links:  # a hard link to a file copied already
                 _make_room(dst, name, for_dir=False)
                 os.link(self.links[st.st_dev, st.st_ino], name, src_dir_fd=self.tree.root,
                         dst_dir_fd=dst, follow_symlinks=False)  # fmt: skip
                 continue
-            mode = self.counts.mode(st.st_mode, is_dir=kind == stat.S_IFDIR, uid=st.st_uid,
-                                    gid=st.st_gid)  # fmt: skip
+            mode = self.counts.mode(st.st_mode, uid=st.st_uid, gid=st.st_gid)
             if kind == stat.S_IFDIR:
                 self.copy_subdir(src, dst, name, st, mode, depth)
             else:
@@ -712,6 +796,11 @@ class _Copier:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
                 raise _Refused("it changed while being copied")
+            if self.owner != 0 and now.st_nlink > 1 and now.st_uid != self.owner:
+                raise _Refused(
+                    f"a hard link to a file of uid {now.st_uid} in a folder of uid {self.owner} "
+                    "(it may be a file its owner cannot read): copy the file instead of linking"
+                )
 
             def chunks() -> Iterator[bytes]:
                 while chunk := os.read(fd, _CHUNK):
@@ -720,6 +809,6 @@ class _Copier:
             _, size = _write_file(dst, name, chunks(), mode, st.st_mtime, self.budget.charge)
         finally:
             os.close(fd)
-        self.counts.data_bytes += size
+        self.counts.add("data_bytes", size)
         if st.st_nlink > 1:
             self.links[st.st_dev, st.st_ino] = self.at

@@ -16,18 +16,22 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 from oci_kit import Workdir, du, entry, layer, require_tools, write_layout
 
 from provisioner.errors import ImageError
-from provisioner.images.oci import _unpack_layout, unpack_image
-from provisioner.images.unpack import MAX_HEADER, Budget, LayerReport, apply_layer
+from provisioner.images.oci import MAX_LAYERS, _preflight, _unpack_layout, unpack_image
+from provisioner.images.unpack import MAX_HEADER, Budget, LayerReport, apply_layer, copy_tree
 
 log = logging.getLogger("test")
 MiB = 1 << 20
@@ -105,14 +109,29 @@ def test_device_nodes_and_fifos_are_skipped(work: Workdir) -> None:
 
 
 def test_setid_and_world_write_bits_are_cleared(work: Workdir) -> None:
+    """World-write goes everywhere, sticky directories too: in the host's store a local
+    user could otherwise plant files (dest/tmp/x) that every kernel of the image sees."""
     report = apply(work, entry("su", b"\x7fELF", mode=0o6755),
                    entry("open", b"x", mode=0o666), entry("tmp", type=tarfile.DIRTYPE, mode=0o1777),
                    entry("dir", type=tarfile.DIRTYPE, mode=0o2777))  # fmt: skip
     assert stat.S_IMODE((work.dest / "su").stat().st_mode) == 0o755
     assert stat.S_IMODE((work.dest / "open").stat().st_mode) == 0o664
-    assert stat.S_IMODE((work.dest / "tmp").stat().st_mode) == 0o1777  # sticky: kept
+    assert stat.S_IMODE((work.dest / "tmp").stat().st_mode) == 0o1775  # sticky bit kept
     assert stat.S_IMODE((work.dest / "dir").stat().st_mode) == 0o775
-    assert report.setid_cleared == 2 and report.world_writable_cleared == 2
+    assert report.setid_cleared == 2 and report.world_writable_cleared == 3
+
+
+def test_copy_tree_clears_world_write_too(tmp_path: Path) -> None:
+    source, dest = tmp_path / "rootfs", tmp_path / "dest"
+    (source / "tmp").mkdir(parents=True)
+    (source / "tmp").chmod(0o1777)
+    (source / "open").write_text("x")
+    (source / "open").chmod(0o666)
+    dest.mkdir()
+    report = copy_tree(source, dest, Budget(MiB))
+    assert stat.S_IMODE((dest / "tmp").stat().st_mode) == 0o1775
+    assert stat.S_IMODE((dest / "open").stat().st_mode) == 0o664
+    assert report.world_writable_cleared == 2
 
 
 def test_owners_are_reset_to_root(work: Workdir) -> None:
@@ -178,6 +197,74 @@ def test_huge_header_is_refused_before_it_is_read(work: Workdir) -> None:
     info.pax_headers = {"comment": "x" * (MAX_HEADER + 1)}
     with pytest.raises(ImageError, match="a header longer than 4 MiB"):
         apply(work, (info, data))
+
+
+def checksummed(block: bytearray) -> bytes:
+    """A tar header block with its checksum (of the block, the checksum field as spaces)."""
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+SPARSE = b"%011o\0" % 1 * 2  # one sparse struct: offset 1, 1 byte
+
+
+def sparse_chain(blocks: int, *, end: bool = True) -> bytes:
+    """A GNU sparse header followed by `blocks` extension blocks, each full of sparse
+    structs and saying another follows (tarfile's _proc_sparse keeps them all)."""
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    head = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    head[386 : 386 + 4 * 24] = SPARSE * 4
+    head[482] = 1  # extended
+    head[483:495] = b"%011o\0" % 1
+    ext = SPARSE * 21 + b"\1" + bytes(7)
+    return checksummed(head) + ext * blocks + (bytes(1024) if end else b"")
+
+
+def header_chain(kind: str) -> bytes:
+    """A tar whose first entry's headers alone are over 4 MiB, each header under it."""
+    if kind == "sparse":
+        return sparse_chain(200_000)  # 100 MB of sparse map, under 1 MB gzipped
+    if kind == "gnusparse-1.0":  # a pax-announced sparse map read from the entry's data
+        info = tarfile.TarInfo("f")
+        info.size = 8 * MiB
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "f", "GNU.sparse.realsize": "1"}  # fmt: skip
+        number = b"1".rjust(63, b"0") + b"\n"
+        return info.tobuf(format=tarfile.PAX_FORMAT) + b"%d\n" % MiB + number * (MiB // 8)
+    out = b""  # a chain of pax headers or GNU long names, each 1 MiB
+    for _ in range(8):
+        info = tarfile.TarInfo("n" * MiB)
+        info.pax_headers = {"comment": "c" * MiB}
+        fmt = tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT
+        block = info.tobuf(format=fmt)
+        out += block[: -tarfile.BLOCKSIZE]  # every header but the entry's own
+    return out + tarfile.TarInfo("f").tobuf() + bytes(1024)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "gnusparse-1.0", "pax", "long-names"])
+def test_header_chains_are_bounded(work: Workdir, kind: str) -> None:
+    """MAX_HEADER bounds each header chain, not only each header: a 434 KB layer of one
+    sparse header and 200 000 extension blocks once took 308 MB in tarfile, and ended
+    in a bare IndexError."""
+    data = gzip.compress(header_chain(kind), compresslevel=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=r"layer 1/1: refused .*a header longer than 4 MiB"):
+            apply_layer(io.BytesIO(data), work.dest, Budget(64 * MiB), what="layer 1/1")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * MiB, f"{peak / MiB:.0f} MiB"
+    assert not any(work.dest.iterdir())
+
+
+def test_a_header_chain_cut_short_is_corrupt(work: Workdir) -> None:
+    """tarfile's bare IndexError (a sparse map cut short) is the corrupt-layer error."""
+    with pytest.raises(ImageError, match=r"layer 1/1: corrupt or truncated archive"):
+        apply_layer(io.BytesIO(sparse_chain(3, end=False)), work.dest, Budget(MiB),
+                    what="layer 1/1")  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "not an archive", "empty"])
@@ -304,3 +391,66 @@ def test_an_image_for_another_platform(work: Workdir, tmp_path: Path) -> None:
     write_layout(tmp_path / "layout", [layer(entry("f", b"x"))], architecture="arm64")
     with pytest.raises(ImageError, match="arm64"):
         unpack_image(str(tmp_path / "layout"), work.dest, max_bytes=MiB, log=log)
+
+
+def test_copy_tree_refuses_a_bind_mount_inside(tmp_path: Path) -> None:
+    """A bind mount from the same filesystem (same st_dev) is still refused."""
+    if os.geteuid() != 0:
+        skip_or_fail("mounting needs root")
+    source, dest, secret = tmp_path / "rootfs", tmp_path / "dest", tmp_path / "secret"
+    for path in (source / "etc", dest, secret):
+        path.mkdir(parents=True)
+    (secret / "key").write_text("host secret")
+    subprocess.run(["mount", "--bind", str(secret), str(source / "etc")], check=True)
+    try:
+        with pytest.raises(ImageError, match=r"rootfs/etc is mounted inside it"):
+            copy_tree(source, dest, Budget(MiB))
+    finally:
+        subprocess.run(["umount", str(source / "etc")], check=True)
+    assert not any(dest.iterdir())
+
+
+def test_copy_tree_refuses_a_hard_link_to_someone_elses_file(tmp_path: Path) -> None:
+    """With fs.protected_hardlinks=0 a user may hard-link root's files (/etc/shadow) into
+    a folder of theirs; root copying that folder must not read them into the image."""
+    if os.geteuid() != 0:
+        skip_or_fail("owning files as another user needs root")
+    source, dest = tmp_path / "rootfs", tmp_path / "dest"
+    (source / "etc").mkdir(parents=True)
+    dest.mkdir()
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:secret")
+    shadow.chmod(0o600)
+    os.link(shadow, source / "etc/shadow")
+    (source / "mine").write_text("a file of the folder's owner, linked twice")
+    os.link(source / "mine", source / "mine2")
+    for path in (source, source / "etc", source / "mine"):
+        os.chown(path, 4242, 4242)
+    with pytest.raises(ImageError, match=r"refused 'etc/shadow': a hard link to a file of uid 0"):
+        copy_tree(source, dest, Budget(MiB))
+    assert not (dest / "etc/shadow").exists()
+    (source / "etc/shadow").unlink()  # the owner's own hard links are copied as links
+    shutil.rmtree(dest)
+    dest.mkdir()
+    copy_tree(source, dest, Budget(MiB))
+    assert (dest / "mine").stat().st_ino == (dest / "mine2").stat().st_ino
+
+
+def test_preflight_refuses_schema_1_and_too_many_layers() -> None:
+    ref = "docker://registry.example/x:1"
+    layer_desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 10,
+                  "digest": "sha256:" + "b" * 64}  # fmt: skip
+    schema1 = {"schemaVersion": 1, "name": "x", "tag": "1",
+               "fsLayers": [{"blobSum": "sha256:" + "b" * 64}]}  # fmt: skip
+    with pytest.raises(ImageError, match="schema 1 manifests are not supported: push the image"):
+        _preflight(schema1, ref, MiB)
+    with pytest.raises(ImageError, match=f"257 layers, more than {MAX_LAYERS}"):
+        _preflight({"schemaVersion": 2, "layers": [layer_desc] * 257}, ref, 1 << 40)
+    with pytest.raises(ImageError, match="does not give every layer's size"):
+        _preflight({"schemaVersion": 2, "layers": [{**layer_desc, "size": "10"}]}, ref, MiB)
+    with pytest.raises(ImageError, match="does not give every layer's size"):
+        _preflight({"schemaVersion": 2}, ref, MiB)
+    with pytest.raises(ImageError, match=r"larger than the limit of 16 bytes .*20 bytes compr"):
+        _preflight({"schemaVersion": 2, "layers": [layer_desc] * 2}, ref, 16)
+    _preflight({"schemaVersion": 2, "layers": [layer_desc] * MAX_LAYERS}, ref, MiB)
+    _preflight({"schemaVersion": 2}, "docker-archive:/x.tar", MiB)  # local: bounded already
