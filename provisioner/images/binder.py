@@ -67,6 +67,8 @@ from .build import (
     write_file,
 )
 
+CHROOT_DEVICES = {"null": 3, "zero": 5, "full": 7, "random": 8, "urandom": 9}
+"""The memory devices (major 1) apt and dpkg use in the build's chroot, by minor."""
 CONFIG_DIRS = ("binder", ".binder")
 """Sub-folders that hold a repository's configuration; either makes its top files ignored."""
 HONOURED = ("runtime.txt", "apt.txt", "requirements.txt", "postBuild")
@@ -206,6 +208,16 @@ def build_from_binder(
     # A copy, never hard links: apt and pip change files of the base in place.
     stream(["cp", "-a", "--reflink=auto", "--", f"{base_rootfs}/.", dest], log,
            "copying the base image", error=ImageError)  # fmt: skip
+    # Nothing is world-writable in the store (install.check_tree clears it again when the
+    # image is stored), but apt's download user and the build's tools need /tmp.
+    for scratch in ("tmp", "var/tmp"):
+        (dest / scratch).chmod(0o1777)  # the base's copy: nothing untrusted ran in it yet
+    # Nor does the store keep device nodes (check_tree removes them again); apt and
+    # dpkg in the chroot need the harmless ones.
+    (dest / "dev").mkdir(mode=0o755, exist_ok=True)
+    for node, minor in CHROOT_DEVICES.items():
+        os.mknod(dest / "dev" / node, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+        (dest / "dev" / node).chmod(0o666)  # past the umask
     if plan.apt_packages:
         log.info("binder: apt.txt: installing %s", " ".join(plan.apt_packages))
         _apt_install(dest, plan.apt_packages, log)
