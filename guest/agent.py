@@ -1,10 +1,12 @@
 """The guest agent: PID 1 of every sandbox.
 
 It speaks the tunnel protocol on its stdin/stdout (the sandbox's byte channel),
-takes the kernel's launch as a LAUNCH message, starts the kernel as an
-unprivileged user with a guest-side connection file (ipc transport: no network
-needed inside), joins each stream the host opens to the kernel's matching ipc
-socket, delivers signals, and exits with the kernel's exit status.
+or, in a Kubernetes pod (JSB_LISTEN set), on one TLS connection it accepts on the
+pod's network (`listen_tls`); takes the kernel's launch as a LAUNCH message, starts
+the kernel as an unprivileged user with a guest-side connection file (ipc
+transport: no network needed inside), joins each stream the host opens to the
+kernel's matching ipc socket, delivers signals, and exits with the kernel's exit
+status.
 
 Stdlib only; runs on its own Python (layout.AGENT_PYTHON), never the image's. Logs go
 to stderr, which the host reads into its own log.
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hmac
 import json
 import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import warm_kernel
@@ -49,6 +54,11 @@ START_TIMEOUT = 30.0
 """Seconds kernel_init gets to start the kernel (it needs milliseconds)."""
 CONNECT_TIMEOUT = 120.0
 """How long a stream waits for the kernel to bind its socket."""
+TOKEN_BYTES = 32
+"""The per-kernel token a TLS client sends first (`listen_tls`): its proof of being the
+kernel's owner, beside the certificate that proves to it that this is its kernel."""
+AUTH_TIMEOUT = 10.0
+"""Seconds a TLS client gets to complete its handshake and send the token."""
 
 
 def oom_kills() -> int:
@@ -151,9 +161,11 @@ class Agent(asyncio.Protocol):
     async def start_kernel(self) -> None:
         spec = self.launch
         uid, gid, rlimits = kernel_user()
-        writable_folders()
+        if os.geteuid() == 0:
+            writable_folders()
         RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(RUNTIME_DIR, uid, gid)
+        if os.geteuid() == 0:
+            os.chown(RUNTIME_DIR, uid, gid)
         connection = dict(spec["connection"])
         connection.update(
             transport="ipc",
@@ -162,7 +174,8 @@ class Agent(asyncio.Protocol):
         )
         connection_file = RUNTIME_DIR / "connection.json"
         connection_file.write_text(json.dumps(connection))
-        os.chown(connection_file, uid, gid)
+        if os.geteuid() == 0:
+            os.chown(connection_file, uid, gid)
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
 
@@ -188,7 +201,13 @@ class Agent(asyncio.Protocol):
     def spawn(argv: list[str], spec: dict, uid: int, gid: int, rlimits: dict[int, int]) -> int:
         """Start the kernel afresh as its user, in a PID namespace of its own; the pid of
         that namespace's init (kernel_init.py), which passes signals on and exits as the
-        kernel does. The kernel sees none of this sandbox's processes but its own."""
+        kernel does. The kernel sees none of this sandbox's processes but its own.
+
+        An agent that is not root (a Kubernetes pod under Pod Security `restricted` runs
+        every process as the kernel's user) can neither change user nor make namespaces:
+        it starts the kernel as its own child (`spawn_as_self`)."""
+        if os.geteuid() != 0:
+            return Agent.spawn_as_self(argv, spec, uid, gid, rlimits)
         if LIBC.unshare(CLONE_NEWPID) != 0:  # for our children: kernel_init is their PID 1
             errno = ctypes.get_errno()
             raise OSError(errno, f"unshare the PID namespace: {os.strerror(errno)}")
@@ -222,6 +241,34 @@ class Agent(asyncio.Protocol):
         if answer != "ok":
             raise OSError(answer or "kernel_init ended")
         return init.pid
+
+    @staticmethod
+    def spawn_as_self(argv: list[str], spec: dict, uid: int, gid: int,
+                      rlimits: dict[int, int]) -> int:  # fmt: skip
+        """Start the kernel as this agent's own child, in a session of its own: for an
+        agent that already runs as the kernel's user and may not change it. It holds none
+        of the agent's descriptors; the pod's no_new_privs and dropped capabilities were
+        set by the runtime before the agent started."""
+        if (os.getuid(), os.getgid()) != (uid, gid):
+            raise OSError(f"the agent runs as {os.getuid()}:{os.getgid()}, not as the "
+                          f"kernel's user {uid}:{gid}, and is not root")  # fmt: skip
+
+        def limit() -> None:
+            os.umask(0o077)
+            for which, value in rlimits.items():
+                resource.setrlimit(which, (value, value))
+
+        kernel = subprocess.Popen(
+            argv,
+            env=spec["env"],
+            cwd=spec["cwd"],
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            start_new_session=True,
+            preexec_fn=limit,  # the agent runs no threads: safe before exec
+        )
+        return kernel.pid
 
     def reap_children(self) -> None:
         """As PID 1, collect every exited process: orphans too, or they pile up as zombies."""
@@ -278,12 +325,17 @@ class Agent(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(status)
 
-    async def run(self, tunnel_in: int, tunnel_out: int) -> int:
+    async def over_pipes(self, tunnel_in: int, tunnel_out: int) -> None:
+        """Take the channel on two pipe ends (the sandbox's stdin and stdout)."""
         loop = self.loop
         self.out, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(tunnel_out, "wb", buffering=0)
         )
         await loop.connect_read_pipe(lambda: self, os.fdopen(tunnel_in, "rb", buffering=0))
+
+    async def run(self, open_channel: Callable[[Agent], Awaitable[None]]) -> int:
+        loop = self.loop
+        await open_channel(self)
         self.send(encode_json(Kind.HELLO, {"version": VERSION}))
         launched = loop.create_task(self.launched.wait())
         await asyncio.wait([launched, self.done], return_when=asyncio.FIRST_COMPLETED)
@@ -319,6 +371,70 @@ class Agent(asyncio.Protocol):
             await asyncio.sleep(0.01)
 
 
+class _Gate(asyncio.Protocol):
+    """A TLS client's connection until it proved itself: TOKEN_BYTES bytes equal to the
+    kernel's token, within AUTH_TIMEOUT. Then the connection is the agent's channel;
+    anything else is closed without a word (the NetworkPolicy should have kept the
+    client out already: this holds where the cluster does not enforce it)."""
+
+    def __init__(self, agent: Agent, token: bytes, taken: asyncio.Future[None]) -> None:
+        self.agent, self.token, self.taken = agent, token, taken
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(AUTH_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None and self.timer is not None
+        self.buffer += data[: TOKEN_BYTES + MAX_CONTROL_PAYLOAD]
+        if len(self.buffer) < TOKEN_BYTES:
+            return
+        self.timer.cancel()
+        proof, rest = self.buffer[:TOKEN_BYTES], self.buffer[TOKEN_BYTES:]
+        if self.taken.done() or not hmac.compare_digest(proof, self.token):
+            log("refused a TLS client without the kernel's token")
+            self.transport.abort()
+            return
+        self.transport.set_protocol(self.agent)
+        self.agent.out = self.transport
+        self.taken.set_result(None)
+        if rest:
+            self.agent.data_received(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def listen_tls(port: int, tls_dir: Path) -> Callable[[Agent], Awaitable[None]]:
+    """The channel as one TLS connection on the pod's network (Kubernetes): listen on
+    `port` with the kernel's own certificate (`tls_dir`/tls.crt, tls.key), take the first
+    client that sends the kernel's token (`tls_dir`/token) as the channel, and stop
+    listening. The host connects to the pod, never the reverse: the API server is not
+    in the channel's path (docs/kubernetes.md says why)."""
+
+    async def open_channel(agent: Agent) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(tls_dir / "tls.crt", tls_dir / "tls.key")
+        token = (tls_dir / "token").read_bytes().strip()
+        taken = agent.loop.create_future()
+        server = await agent.loop.create_server(
+            lambda: _Gate(agent, bytes.fromhex(token.decode()), taken), port=port, ssl=context,
+            ssl_handshake_timeout=AUTH_TIMEOUT, reuse_address=True,
+        )  # fmt: skip
+        try:
+            await taken
+        finally:
+            server.close()  # nobody else gets in; the channel's connection stays open
+
+    return open_channel
+
+
 def main() -> None:
     # Keep the channel out of reach of the kernel: move it off fds 0/1 (os.dup's
     # copies are not inherited) and leave /dev/null in their place.
@@ -330,9 +446,16 @@ def main() -> None:
     # Nothing of ours to the kernel's user through /proc or ptrace, whatever its uid.
     if LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "cannot make the agent undumpable")
+    listen = os.environ.get("JSB_LISTEN", "")
+    if listen:
+        open_channel = listen_tls(int(listen), Path(os.environ["JSB_TLS_DIR"]))
+    else:
+
+        async def open_channel(agent: Agent) -> None:
+            await agent.over_pipes(tunnel_in, tunnel_out)
 
     async def run() -> int:
-        return await Agent().run(tunnel_in, tunnel_out)
+        return await Agent().run(open_channel)
 
     sys.exit(asyncio.run(run()))
 

@@ -26,3 +26,6 @@ GUEST_PYTHON = "/opt/venv/bin/python3"
 """The Python kernel's interpreter in the default image (its kernelspec names it)."""
 KERNEL_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 """The kernel's PATH."""
+AGENT_IN_RUNTIME = f"{AGENT_RUNTIME}/agent"
+"""The agent's code inside the runtime's folder, where the runtime travels with it: the
+Kubernetes agent image, copied by its init container into the kernel pod."""

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import HasTraits, TraitError, default, validate
+from traitlets.utils.importstring import import_item
 
 from . import backends, policy, settings
 from .backends.base import Backend, Sandbox
@@ -67,10 +68,7 @@ def reported_errors() -> Iterator[None]:
 
 async def discard(made: Made, log: logging.Logger) -> None:
     """Remove a sandbox that was made but will not be used: its channel and all of it."""
-    channel = made.channel
-    for fd in (channel.read_fd, channel.write_fd, channel.console_fd):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    made.channel.close()
     try:
         await made.sandbox.destroy()
     except Exception:
@@ -143,7 +141,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- launch ---------------------------------------------------------------
 
     def _choose_mode(self) -> None:
-        """Decide, once per launch, whether the sandbox service makes the sandbox."""
+        """Decide, once per launch, whether the sandbox service makes the sandbox (a backend
+        with a `maker` of its own never asks the local one)."""
+        if self.kind.maker:
+            self.through_service = False
+            return
         self.through_service = self.mode == "service" or (self.mode == "auto" and os.geteuid() != 0)
         if self.through_service and not Path(self.service_socket).exists():
             raise SandboxError(
@@ -203,7 +205,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
 
     async def _make(self, request: SandboxRequest) -> Made:
-        """The started sandbox, in-process or by the sandbox service (`mode`)."""
+        """The started sandbox, in-process, by the sandbox service (`mode`), or by the
+        backend's own maker (`Backend.maker`: the Kubernetes service)."""
+        if self.kind.maker:
+            maker = import_item(self.kind.maker).for_settings(
+                {name: getattr(self, name) for name in self.declared}, self.log
+            )
+            return await run_on_io(maker.create(request))
         if self.through_service:
             return await run_on_io(service_client(self.service_socket, self.log).create(request))
         who = Requester(
@@ -309,8 +317,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         console = Console(self.log, sandbox.record.sandbox_id)
         try:
-            await console.attach(channel.console_fd)
-            await tunnel.attach(channel.read_fd, channel.write_fd)
+            await channel.attach(tunnel, console)
             await tunnel.launch(request, self.startup_timeout)
             await tunnel.listen(self.ports)
             self.limit_watch = self._watch_limits(self._stop_on_limit(sandbox, tunnel))
@@ -397,7 +404,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         the sandbox wedged, its channel open; once it is stopped the channel closes and
         the tunnel tells the notebook why (`explain`).
         """
-        stopped = await sandbox.wait_out_of_memory() and self._limit_reason(sandbox, tunnel)
+        stopped = await sandbox.wait_stopped() and self._limit_reason(sandbox, tunnel)
         if stopped and not tunnel.closed:
             await sandbox.kill()
 
@@ -411,6 +418,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not self.stop_reason and (guest_oom or sandbox.out_of_memory()):
             self.stop_reason = f"it exceeded its memory limit, memory_limit = {self.memory_limit}"
             self.log.error("kernel %s: %s; stopping its sandbox", self.kernel_id, self.stop_reason)
+        elif not self.stop_reason and (outside := sandbox.stopped_by()):
+            self.stop_reason = outside
+            self.log.error("kernel %s: %s", self.kernel_id, outside)
         return self.stop_reason
 
     async def wait(self) -> int | None:
@@ -524,3 +534,4 @@ def provisioner_class(backend: Backend) -> type[SandboxProvisioner]:
 
 GVisorProvisioner = provisioner_class(backends.get("gvisor"))
 MicroVMProvisioner = provisioner_class(backends.get("microvm"))
+KubernetesProvisioner = provisioner_class(backends.get("kubernetes"))

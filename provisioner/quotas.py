@@ -58,22 +58,27 @@ def admit(record: Record, quota: Quota, log: logging.Logger) -> None:
             for r in records()
             if r.user == user and r.sandbox_id != record.sandbox_id and r.owner_alive()
         ]
-        if quota.max_kernels is not None and len(live) >= quota.max_kernels:
-            raise QuotaError(
-                f"kernel quota: {user} already runs {len(live)} of at most "
-                f"{quota.max_kernels} sandboxed kernels (max_kernels in {quota.rule}); "
-                "shut one down to start another"
-            )
-        if quota.max_memory is not None:
-            held = sum(r.memory for r in live)
-            if held + record.memory > quota.max_memory:
-                raise QuotaError(
-                    f"memory quota: {user}'s {len(live)} running kernels hold "
-                    f"{format_size(held)} of at most {format_size(quota.max_memory)} "
-                    f"(max_memory in {quota.rule}), and this kernel's memory_limit is "
-                    f"{format_size(record.memory)}; shut a kernel down or ask for less"
-                )
+        check(user, [r.memory for r in live], record.memory, quota)
         record.save()
+
+
+def check(user: str, held: list[int], memory: int, quota: Quota) -> None:
+    """QuotaError naming the quota if `user`, whose running kernels hold `held` bytes of
+    memory each, may not start one more of `memory` bytes. Where the kernels are counted
+    is the caller's: host records (`admit`) or a cluster's pods (kubernetes/service.py)."""
+    if quota.max_kernels is not None and len(held) >= quota.max_kernels:
+        raise QuotaError(
+            f"kernel quota: {user} already runs {len(held)} of at most "
+            f"{quota.max_kernels} sandboxed kernels (max_kernels in {quota.rule}); "
+            "shut one down to start another"
+        )
+    if quota.max_memory is not None and sum(held) + memory > quota.max_memory:
+        raise QuotaError(
+            f"memory quota: {user}'s {len(held)} running kernels hold "
+            f"{format_size(sum(held))} of at most {format_size(quota.max_memory)} "
+            f"(max_memory in {quota.rule}), and this kernel's memory_limit is "
+            f"{format_size(memory)}; shut a kernel down or ask for less"
+        )
 
 
 def release(user: str) -> None:

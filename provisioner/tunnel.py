@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 
@@ -41,6 +42,8 @@ EXPLAIN_TRIES, EXPLAIN_INTERVAL = 10, 0.05
 """How long a closed channel waits for a limit's trace before it is taken as no limit's doing."""
 MAX_UNREAD = 8 * 1024 * 1024
 """Bytes queued for a guest that does not read its channel before it counts as broken."""
+CONNECT_TIMEOUT = 30.0
+"""Seconds a TLS handshake with an agent on the network may take (`connect`)."""
 
 
 _GUEST_JSON = frozenset({Kind.HELLO, Kind.STARTED, Kind.EXIT, Kind.ERROR})
@@ -224,6 +227,25 @@ class Tunnel(asyncio.Protocol):
             reader.close()
             writer.close()
             raise
+
+    async def connect(self, host: str, port: int, context: ssl.SSLContext,
+                      server_hostname: str, token: bytes) -> None:  # fmt: skip
+        """Take the channel as a TLS connection to an agent listening on the network (a
+        Kubernetes pod's, `agent.listen_tls`): `context` trusts only the kernel's own
+        certificate, whose name is `server_hostname`; `token` is the kernel's proof that
+        this is its owner, sent first. OSError (ssl.SSLError among them) if it fails."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(
+            lambda: self, host, port, ssl=context, server_hostname=server_hostname,
+            ssl_handshake_timeout=CONNECT_TIMEOUT,
+        )  # fmt: skip
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # one small frame per keystroke: no Nagle delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert isinstance(transport, asyncio.WriteTransport | asyncio.ReadTransport)
+        self.out = transport  # type: ignore[assignment]
+        self.transport_in = transport  # type: ignore[assignment]
+        transport.write(token)
 
     async def launch(self, request: dict, timeout: float) -> int:
         """Hand the kernel's launch to the agent; return the kernel's pid in the guest."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 from ..errors import SettingError
 from .base import Backend
 from .gvisor import GVISOR
+from .kubernetes import KUBERNETES
 from .microvm import MICROVM
 
-BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (GVISOR, MICROVM)}
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (GVISOR, MICROVM, KUBERNETES)}
 
 
 def get(name: str) -> Backend:

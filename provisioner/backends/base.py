@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -19,6 +21,7 @@ from typing import Any
 
 from .. import cgroups, quotas
 from ..checks import Check
+from ..console import Console
 from ..errors import SandboxError
 from ..guest.layout import AGENT_DIR, AGENT_PYTHON, KERNEL_UID
 from ..idmap import IdMap
@@ -29,6 +32,7 @@ from ..network.sandbox import SandboxNetwork
 from ..network.spec import NetworkSpec
 from ..settings import COMMON, Setting
 from ..state import Record, process_start_time
+from ..tunnel import Tunnel
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,22 @@ AGENT_ARGV = (AGENT_PYTHON, "-S", "-s", "-E", "-B", f"{AGENT_DIR}/agent.py")
 and without `site` (-S): nothing of the image's /etc is imported by a root process."""
 
 
+class Channel(abc.ABC):
+    """How the host reaches a started sandbox's agent: what the tunnel runs over."""
+
+    @abc.abstractmethod
+    async def attach(self, tunnel: Tunnel, console: Console) -> None:
+        """Hand the channel to `tunnel` (and what the sandbox prints to `console`): they
+        own it from now on. I/O loop only."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of a channel that was never attached. Idempotent."""
+
+
 @dataclass(frozen=True)
-class Channel:
-    """The host's ends of a running sandbox's pipes."""
+class PipeChannel(Channel):
+    """The host's ends of a running sandbox's pipes (gVisor's stdio, a VM's serial ports)."""
 
     read_fd: int
     """Frames from the agent."""
@@ -93,6 +110,15 @@ class Channel:
     """Frames to the agent."""
     console_fd: int
     """What the sandbox prints outside the tunnel."""
+
+    async def attach(self, tunnel: Tunnel, console: Console) -> None:
+        await console.attach(self.console_fd)
+        await tunnel.attach(self.read_fd, self.write_fd)
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd, self.console_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Sandbox(abc.ABC):
@@ -200,6 +226,18 @@ class Sandbox(abc.ABC):
         `cgroups.wait_for_oom_kill`). Cancel it to stop watching."""
         return await cgroups.wait_for_oom_kill(self.record.cgroup)
 
+    def stopped_by(self) -> str:
+        """Why the platform stopped the sandbox from outside, in words for its user (a
+        Kubernetes pod evicted, its node lost), or "". Must be cheap. Host backends: ""
+        (their stops from outside are the memory limit's: `out_of_memory`)."""
+        return ""
+
+    async def wait_stopped(self) -> bool:
+        """Wait until something outside the kernel stops the sandbox (the OOM killer; a
+        platform's `stopped_by`): True; False once the sandbox is gone. Cancel it to stop
+        watching. By default the memory limit is the only such thing."""
+        return await self.wait_out_of_memory()
+
     async def ended(self, within: float) -> bool:
         """Whether the sandbox's host process ends within `within` seconds (polled)."""
         deadline = asyncio.get_running_loop().time() + within
@@ -241,6 +279,11 @@ class Backend(abc.ABC):
     """This backend's own settings (its binary, platform...), beside `settings.COMMON`."""
     changed_defaults: Mapping[str, Any] = MappingProxyType({})
     """Common settings whose default this backend changes (a VM boots slower), by name."""
+    maker: str = ""
+    """Where a server's sandboxes of this backend are made, when that is neither the server
+    itself nor the local sandbox service: the import path of a class with
+    `for_settings(settings, log)` and `async create(SandboxRequest) -> Made` (the
+    Kubernetes service's client). Named, not imported: the client sits above the seam."""
 
     @property
     def provisioner_name(self) -> str:

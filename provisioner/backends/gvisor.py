@@ -33,6 +33,7 @@ from .base import (
     Backend,
     Channel,
     Mount,
+    PipeChannel,
     Sandbox,
     SandboxSpec,
     find_binary,
@@ -237,7 +238,7 @@ class GVisorSandbox(Sandbox):
             for fd in (to_guest_r, from_guest_w, console_w):
                 os.close(fd)
         self.started(process)
-        return Channel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
+        return PipeChannel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
 
     def host_mount(self, mount: Mount, bundle: Path) -> Mount:
         """`mount` with a source runsc may take as it is: the folder itself, or a bind

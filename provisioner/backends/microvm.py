@@ -60,7 +60,16 @@ from ..network.sandbox import SandboxNetwork
 from ..settings import KERNELSPEC, OPERATOR, Setting, flag, one_of, text_value
 from ..state import Record, process_start_time
 from . import microvm_snapshot
-from .base import Backend, Channel, Mount, Sandbox, SandboxSpec, find_binary, kernel_user
+from .base import (
+    Backend,
+    Channel,
+    Mount,
+    PipeChannel,
+    Sandbox,
+    SandboxSpec,
+    find_binary,
+    kernel_user,
+)
 
 PORT = "org.jupyter.sandbox"
 """Names of the virtio-serial ports: PORT.in (to the guest), PORT.out, PORT.config."""
@@ -302,7 +311,7 @@ class MicroVMSandbox(Sandbox):
         self.settings_task = asyncio.create_task(
             serve_settings(settings, guest_settings(self.spec))
         )
-        return Channel(
+        return PipeChannel(
             read_fd=from_guest.detach(), write_fd=to_guest.detach(), console_fd=console_r
         )
 

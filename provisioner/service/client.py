@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from .. import settings
-from ..backends.base import Channel, Sandbox
+from ..backends.base import Channel, PipeChannel, Sandbox
 from ..errors import KINDS, Error, SandboxError, ServiceError
 from ..request import Made, SandboxRequest
 from ..settings import USER_SETTINGS
@@ -250,7 +250,7 @@ class ServiceClient:
         self.sandboxes[record.sandbox_id] = sandbox
         return Made(
             sandbox=sandbox,
-            channel=Channel(read_fd, write_fd, console_fd),
+            channel=PipeChannel(read_fd, write_fd, console_fd),
             settings={**request.settings, **granted},
             cwd=cwd,
         )

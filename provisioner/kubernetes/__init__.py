@@ -1,0 +1,8 @@
+"""The Kubernetes backend's pieces: each kernel a pod of its own in a sandboxing RuntimeClass.
+
+In the user's server: `client` (asks the service, reaches the pod over TLS). In the
+cluster, the sandbox service: `service` (HTTP, the caller's hub token, policy and
+quotas), `hub` (whose token it is), `cluster` (the one watch, pods made and deleted),
+`manifests` (the kernel's Pod, Secret and NetworkPolicy), `credentials` (the kernel's
+TLS identity). docs/kubernetes.md says why it is built so.
+"""
