@@ -42,8 +42,10 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$source_id" ]]; then
     trap 'rm -rf "$build"' EXIT
     cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/provisioner" "$REPO/guest" "$build/"
     "$PREFIX/venv/bin/python" -m pip install -q "$build[lab]" # [lab]: JupyterLab's widget manager too
-    for spec in "$REPO"/kernelspecs/*/; do
-        "$PREFIX/venv/bin/jupyter" kernelspec install "$spec" --sys-prefix --replace >/dev/null
+    # this host's backends only: python3-kubernetes is for a cluster's servers (deploy/kubernetes)
+    for spec in python3-gvisor python3-microvm; do
+        "$PREFIX/venv/bin/jupyter" kernelspec install "$REPO/kernelspecs/$spec" --sys-prefix \
+            --replace >/dev/null
     done
     echo "$source_id" >"$stamp"
 fi
