@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 from kube_schemas import load_yaml_documents, restricted_violations, validate
-
 from provisioner.guest.layout import GUEST_PYTHON
+
 from provisioner.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +355,7 @@ def test_values_register_the_service_with_its_role() -> None:
     hub = values()["hub"]
     assert hub["services"] == {SERVICE: {"name": SERVICE}}  # no URL, no admin, token made
     [role] = hub["loadRoles"].values()
-    assert sorted(role["scopes"]) == ["read:users:groups", "read:users:name"]
+    assert sorted(role["scopes"]) == ["read:servers", "read:users:groups", "read:users:name"]
     assert role["services"] == [SERVICE]
     assert not {"users", "groups"} & set(role)
 

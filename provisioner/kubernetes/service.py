@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -121,6 +122,11 @@ class KubernetesService(LoggingConfigurable):
         "NetworkPolicy admits. '{username}' is the user's name as KubeSpawner writes it in "
         "labels, '{servername}' the server's.",
     )  # fmt: skip
+    server_label_scheme = Unicode(
+        "safe", config=True,
+        help="How KubeSpawner spells user names in labels: safe (KubeSpawner 7, "
+        "zero-to-jupyterhub 4) or escape (KubeSpawner 6).",
+    )  # fmt: skip
     blocked_networks = List(
         Unicode(), list(BLOCKED_BY_DEFAULT), config=True,
         help='What network = "open" never reaches: the cluster\'s pod, service and node '
@@ -213,7 +219,9 @@ class KubernetesService(LoggingConfigurable):
 
     def labels_for(self, user: str, server: str) -> dict[str, str]:
         """The owner's server pod's labels (`server_pod_labels`, filled in)."""
-        values = {"username": kubespawner_label(user), "servername": kubespawner_label(server)}
+        scheme = self.server_label_scheme
+        values = {"username": kubespawner_label(user, scheme),
+                  "servername": kubespawner_label(server, scheme)}  # fmt: skip
         return {k: v.format(**values) for k, v in self.server_pod_labels.items()}
 
     def plan(self, kernel_id: str, user: str, server: str, kernelspec: str,
@@ -231,7 +239,7 @@ class KubernetesService(LoggingConfigurable):
         workspace = None
         guest_cwd = KERNEL_HOME
         if granted["workspace"] in ("rw", "ro"):
-            escaped = kubespawner_label(user)
+            escaped = kubespawner_label(user, self.server_label_scheme)
             workspace = Workspace(
                 claim=self.workspace_claim.format(username=escaped, servername=server),
                 mount_path=self.workspace_mount_path,
@@ -548,9 +556,32 @@ class NoKernel(RequestError):
     http_status = 404
 
 
-def kubespawner_label(name: str) -> str:
-    """`name` as KubeSpawner writes it in its pods' labels ("safe" slug scheme)."""
-    return manifests.label_value(name)
+_LABEL_SAFE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
+
+
+def kubespawner_label(name: str, scheme: str = "safe") -> str:
+    """`name` as KubeSpawner writes it in its pods' `hub.jupyter.org/username` label, so
+    that a kernel's NetworkPolicy selects its owner's server pod.
+
+    "safe" (KubeSpawner 7, zero-to-jupyterhub 4): a valid label value is kept as it is,
+    anything else (or a name with "--") becomes a readable part of at most 21 characters,
+    "---" and the first 8 hex digits of the name's SHA-256. "escape" (KubeSpawner 6): each
+    character other than a lowercase letter or digit becomes "-" and its UTF-8 bytes in
+    hex, then all is lowercased. Labels only select: the service decides whose a kernel
+    is by the pod's owner annotation, never by a label."""
+    if scheme == "escape":
+        safe = set("abcdefghijklmnopqrstuvwxyz0123456789")
+        escaped = "".join(c if c in safe else "".join(f"-{b:02x}" for b in c.encode())
+                          for c in name)  # fmt: skip
+        return escaped.lower()
+    if not name or ("--" not in name and _LABEL_SAFE.match(name)):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    readable = _NOT_ALPHANUMERIC.sub("-", name.lower()).lstrip("-")[:21].rstrip("-")
+    if readable and not readable[0].isalpha():
+        readable = "x-" + readable[:19]
+    return f"{readable or 'x'}---{digest}"
 
 
 def _own(kind: backends.Backend, name: str) -> settings.Setting:
