@@ -98,7 +98,7 @@ def _blobs(layout: Path) -> Path:
     return blobs
 
 
-def add_blob(layout: Path, data: bytes) -> tuple[str, int]:
+def _add_blob(layout: Path, data: bytes) -> tuple[str, int]:
     """Store `data` in `layout`'s blobs (made if need be): its digest and size."""
     digest = hashlib.sha256(data).hexdigest()
     (_blobs(layout) / digest).write_bytes(data)
@@ -108,7 +108,7 @@ def add_blob(layout: Path, data: bytes) -> tuple[str, int]:
 def _json_blob(layout: Path, media_type: str, value: object) -> dict[str, object]:
     """Store `value` as canonical JSON; its descriptor."""
     data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-    digest, size = add_blob(layout, data)
+    digest, size = _add_blob(layout, data)
     return {"mediaType": media_type, "digest": digest, "size": size}
 
 
@@ -119,7 +119,7 @@ def add_layer(layout: Path, source: bytes | Path, media_type: str = GZIP_LAYER) 
     if media_type not in (TAR_LAYER, GZIP_LAYER):
         raise ValueError(f"a layer here is a tar or a gzipped tar, not {media_type}")
     if isinstance(source, bytes):
-        digest, size = add_blob(layout, source)
+        digest, size = _add_blob(layout, source)
         raw = gzip.decompress(source) if media_type == GZIP_LAYER else source
         return Layer(media_type, digest, size, f"sha256:{hashlib.sha256(raw).hexdigest()}")
     digest_of, diff_of = hashlib.sha256(), hashlib.sha256()
@@ -157,6 +157,7 @@ def add_tree_layer(layout: Path, tree: Path, *, owner: tuple[int, int] = (0, 0),
     fd, name = tempfile.mkstemp(prefix=".layer-", dir=blobs)
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o644)  # as the other blobs: a layout is there to be copied
         with os.fdopen(fd, "wb") as out:
             compressed = _Hashing(out)
             with gzip.GzipFile(filename="", mode="wb", fileobj=compressed,

@@ -65,9 +65,10 @@ def _pin_pycs(top: Path, mtime: int) -> None:
 
 
 def build_agent_image(layout: Path, tag: str) -> str:
-    """Write the agent image (see the module) into `layout`, a new or empty folder, as an
-    OCI image layout tagged `tag`: its manifest's digest. ImageError if the default image,
-    whose runtime it takes, is not built."""
+    """Write the agent image (see the module) into `layout`, a new or empty folder in an
+    existing one (where the image's tree is staged meanwhile), as an OCI image layout
+    tagged `tag`: its manifest's digest. ImageError if the default image, whose runtime
+    it takes, is not built."""
     runtime_source = find_image()
     staging = Path(tempfile.mkdtemp(prefix=".agent-image-", dir=layout.parent))
     try:
