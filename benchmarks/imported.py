@@ -15,7 +15,6 @@ times the import of a ~1 GiB one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from provisioner.guest.layout import KERNEL_PATH, KERNEL_UID
+
+from provisioner.images.oci_layout import TAR_LAYER, RunConfig, add_layer, write_image
 from provisioner.images.store import find_image, image_dir
 
 IMPORTED = "bench-imported"
@@ -36,7 +38,6 @@ IMPORTED = "bench-imported"
 KERNELSPEC = f"python3-gvisor-{IMPORTED}"
 """The kernelspec run.py installs for it (`kernelspec install --image ... --name`)."""
 SCRATCH = Path("/var/tmp")
-TAR_LAYER = "application/vnd.oci.image.layer.v1.tar"
 CLI_TIMEOUT = 1800.0
 """Seconds an `image build` may take (a 1 GiB import under load, its root disk too)."""
 STOP_TIMEOUT = 120.0
@@ -82,24 +83,6 @@ def sandbox_cli(*args: str, timeout: float = CLI_TIMEOUT) -> tuple[float, list[t
     return seconds, lines
 
 
-def _blob(layout: Path, path: Path | None = None, data: bytes = b"") -> dict[str, object]:
-    """Move file `path` (or write `data`) into the layout's blobs; its descriptor."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    if path is not None:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        size = path.stat().st_size
-        path.rename(blobs / digest.hexdigest())
-    else:
-        digest.update(data)
-        size = len(data)
-        (blobs / digest.hexdigest()).write_bytes(data)
-    return {"digest": f"sha256:{digest.hexdigest()}", "size": size}
-
-
 def small_layer(path: Path, name: str, data: bytes) -> Path:
     """An uncompressed layer at `path` holding one file `name`."""
     info = tarfile.TarInfo(name)
@@ -129,38 +112,13 @@ def oci_layout(layout: Path, layers: Iterable[Path]) -> None:
     `layers` (uncompressed tar files, moved into the layout), with the default image's
     environment in its config."""
     layout.mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     base = layout / "base.tar"
     subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(find_image()), "-cf",
                     str(base), "."], check=True, timeout=CLI_TIMEOUT)  # fmt: skip
-    descriptors = [{"mediaType": TAR_LAYER, **_blob(layout, path)} for path in [base, *layers]]
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"],
-            "WorkingDir": "/",
-            "User": "1000",
-        },
-        # an uncompressed layer's diff_id is its digest
-        "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descriptors]},
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **_blob(layout, data=json.dumps(config).encode()),
-        },
-        "layers": descriptors,
-    }
-    index = {
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       **_blob(layout, data=json.dumps(manifest).encode()),
-                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-    }  # fmt: skip
-    (layout / "index.json").write_text(json.dumps(index))
+    stored = [add_layer(layout, path, TAR_LAYER) for path in [base, *layers]]
+    config = RunConfig(env=[f"PATH={KERNEL_PATH}", "LANG=C.UTF-8"], working_dir="/",
+                       user=str(KERNEL_UID))  # fmt: skip
+    write_image(layout, stored, tag="1", config=config)
 
 
 def docker_archive(scratch: Path, layers: Iterable[Path]) -> Path:

@@ -12,6 +12,11 @@ AGENT_RUNTIME = "/opt/jupyter-sandbox-runtime"
 depends on the image's interpreter, which an R-only image does not have."""
 AGENT_PYTHON = f"{AGENT_RUNTIME}/bin/python3"
 """What runs the agent (and the microVM's pid1, and kernel_init) in every sandbox."""
+AGENT_IN_RUNTIME = f"{AGENT_RUNTIME}/agent"
+"""Where the agent's code (agent.py and the modules it runs) sits inside the runtime's folder:
+in the agent image and so on Kubernetes, where an init container copies the whole folder into
+a volume that the kernel's container mounts read-only at `AGENT_RUNTIME`. The user's image
+then needs neither the runtime nor the agent baked in (provisioner/kubernetes/agent_image.py)."""
 KERNEL_USER = "sandbox"
 KERNEL_UID = 1000
 """The kernel's uid (and gid) in the default image, and on the host when a root-owned
@@ -26,6 +31,3 @@ GUEST_PYTHON = "/opt/venv/bin/python3"
 """The Python kernel's interpreter in the default image (its kernelspec names it)."""
 KERNEL_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 """The kernel's PATH."""
-AGENT_IN_RUNTIME = f"{AGENT_RUNTIME}/agent"
-"""The agent's code inside the runtime's folder, where the runtime travels with it: the
-Kubernetes agent image, copied by its init container into the kernel pod."""

@@ -1,4 +1,5 @@
-"""`jupyter sandbox`: doctor, image build/ls/rm, kernelspec install, ps, gc, serve."""
+"""`jupyter sandbox`: doctor, image build/ls/rm, kernelspec install, kubernetes agent-image,
+ps, gc, serve."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .images.install import remove_image, users_of
 from .images.store import DEFAULT_IMAGE, find_image, list_images, load_manifest
 from .images.unpack import DEFAULT_MAX_SIZE
 from .kernelspecs import kernelspec_settings
+from .kubernetes.agent_image import push_agent_image
 from .limits import format_size, parse_size
 from .provisioner import GVisorProvisioner, MicroVMProvisioner
 from .service.server import SandboxService
@@ -106,6 +108,12 @@ class _Sub(JupyterApp):
     positional: tuple[str, ...] = ()
     """Traits the command's positional arguments set, in order (none: it takes none)."""
 
+    @property
+    def command(self) -> str:
+        """The command as typed, for its messages: its name with spaces (a subcommand whose
+        own name has a dash says so as a class attribute)."""
+        return self.name.replace("-", " ")
+
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
         for trait, value in zip(self.positional, self.extra_args, strict=False):
@@ -121,7 +129,7 @@ class _Sub(JupyterApp):
             classes=classes,
             log=self.log,
             subcommands=self.subcommands,
-            command=self.name.replace("-", " "),
+            command=self.command,
             positional=len(self.positional),
         )
 
@@ -133,6 +141,17 @@ class _Sub(JupyterApp):
     def out(self, text: str = "") -> None:
         """Command output (the one place this package writes to stdout)."""
         sys.stdout.write(text + "\n")
+
+
+class _Group(_Sub):
+    """A command that only holds subcommands (`subcommands`); alone, it lists them and
+    exits 1."""
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        super().start()
 
 
 class DoctorApp(_Sub):
@@ -282,7 +301,7 @@ class ImageRmApp(_Sub):
         self.out(f"image {self.image} removed")
 
 
-class ImageApp(_Sub):
+class ImageApp(_Group):
     name = "jupyter-sandbox-image"
     description = "Manage guest images."
     subcommands = {
@@ -290,12 +309,6 @@ class ImageApp(_Sub):
         "ls": (ImageLsApp, ImageLsApp.description),
         "rm": (ImageRmApp, ImageRmApp.description),
     }
-
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_subcommands()
-            self.exit(1)
-        super().start()
 
 
 def _setting_value(text: str) -> Any:
@@ -370,16 +383,64 @@ class KernelspecInstallApp(_Sub):
             self.out(f"installed kernelspec {name} in {where}")
 
 
-class KernelspecApp(_Sub):
+class KernelspecApp(_Group):
     name = "jupyter-sandbox-kernelspec"
     description = "Kernelspecs for images' kernels."
     subcommands = {"install": (KernelspecInstallApp, KernelspecInstallApp.description)}
 
+
+class KubernetesAgentImageApp(_Sub):
+    name = "jupyter-sandbox-kubernetes-agent-image"
+    command = "jupyter sandbox kubernetes agent-image"
+    description = (
+        "Build the agent image (the agent and its Python, which an init container puts into "
+        "every kernel pod) and copy it to DEST with skopeo."
+    )
+    dest = Unicode(
+        "",
+        config=True,
+        help="Where to: docker://REGISTRY/REPO:TAG, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
+        "docker-archive:FILE[:NAME:TAG].",
+    )
+    insecure = Bool(
+        False,
+        config=True,
+        help="Push to a registry over plain HTTP or with an unverified certificate (one on "
+        "loopback).",
+    )
+    aliases = {"to": "KubernetesAgentImageApp.dest", **_Sub.aliases}
+    flags = {
+        "insecure": (
+            {"KubernetesAgentImageApp": {"insecure": True}},
+            "Push to a registry without TLS verification.",
+        ),
+        **_Sub.flags,
+    }
+
     def start(self) -> None:
-        if self.subapp is None:
-            self.print_subcommands()
+        self.log.setLevel(min(self.log.level, logging.INFO))  # its steps are its output
+        started = time.monotonic()
+        try:
+            if not self.dest:
+                raise ImageError(f"where to? `{self.command} --to DEST`")
+            # The agent's runtime comes from the default image: built, and up to date.
+            build_image(DEFAULT_IMAGE, force=False, log=self.log)
+            digest = push_agent_image(self.dest, self.insecure)
+        except ImageError as e:
+            self.log.error("%s", e)
             self.exit(1)
-        super().start()
+        self.out(
+            f"agent image {__version__} ({digest}) copied to {self.dest} "
+            f"({time.monotonic() - started:.1f} s)"
+        )
+
+
+class KubernetesApp(_Group):
+    name = "jupyter-sandbox-kubernetes"
+    description = "Kernels as Kubernetes pods: the agent image."
+    subcommands = {
+        "agent-image": (KubernetesAgentImageApp, KubernetesAgentImageApp.description),
+    }
 
 
 class PsApp(_Sub):
@@ -457,23 +518,18 @@ class ServeApp(_Sub):
             self.exit(1)
 
 
-class SandboxApp(_Sub):
+class SandboxApp(_Group):
     name = "jupyter-sandbox"
     description = "Sandboxed Jupyter kernels (gVisor, microVM): check, build, list, clean up."
     subcommands = {
         "doctor": (DoctorApp, DoctorApp.description),
         "image": (ImageApp, ImageApp.description),
         "kernelspec": (KernelspecApp, KernelspecApp.description),
+        "kubernetes": (KubernetesApp, KubernetesApp.description),
         "ps": (PsApp, PsApp.description),
         "gc": (GcApp, GcApp.description),
         "serve": (ServeApp, ServeApp.description),
     }
-
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_subcommands()
-            self.exit(1)
-        super().start()
 
 
 main = SandboxApp.launch_instance

@@ -15,9 +15,6 @@ then names.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -29,16 +26,19 @@ from pathlib import Path
 import pytest
 from conftest import require_sandbox
 from oci_kit import entry, layer, require_tools, skopeo_copy
+from provisioner.guest.layout import KERNEL_PATH, KERNEL_UID
 
 from provisioner.images.build import DEBIAN_MIRROR, DEBIAN_SUITE, DEBOOTSTRAP_CACHE
+from provisioner.images.oci_layout import TAR_LAYER, RunConfig, add_layer, write_image
 from provisioner.images.store import find_image, image_dir, images_dir, load_manifest
 
 IMPORTED = "jsb-test-imported"
 R_IMAGE = "jsb-test-r"
 MARKER = "/etc/jsb-test-layer"
 """A file only the test's own layer of `imported_image` has."""
-TAR_LAYER = "application/vnd.oci.image.layer.v1.tar"
-GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+IMAGE_CONFIG = RunConfig(env=[f"PATH={KERNEL_PATH}", "LANG=C.UTF-8"], working_dir="/",
+                         user=str(KERNEL_UID))  # fmt: skip
+"""The run config of `imported_image`: the default image's environment and kernel user."""
 
 
 def sandbox_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -64,65 +64,14 @@ def remove(name: str) -> None:
         assert not list(images_dir().glob(f".removing-{name}-*"))
 
 
-def _blob(layout: Path, path: Path | None = None, data: bytes = b"") -> dict[str, object]:
-    """Move file `path` (or write `data`) into the layout's blobs; its descriptor."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    if path is not None:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        size = path.stat().st_size
-        path.rename(blobs / digest.hexdigest())
-    else:
-        digest.update(data)
-        size = len(data)
-        (blobs / digest.hexdigest()).write_bytes(data)
-    return {"digest": f"sha256:{digest.hexdigest()}", "size": size}
-
-
 def oci_layout_of(rootfs: Path, layout: Path, extra: bytes) -> None:
     """An OCI layout (tag `1`): `rootfs` as an uncompressed layer, then gzip layer `extra`."""
     layout.mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     base = layout / "base.tar"
     subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(base), "."],
                    check=True, timeout=600)  # fmt: skip
-    layers = [{"mediaType": TAR_LAYER, **_blob(layout, base)},
-              {"mediaType": GZIP_LAYER, **_blob(layout, data=extra)}]  # fmt: skip
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"],
-            "WorkingDir": "/",
-            "User": "1000",
-        },
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": [  # an uncompressed layer's is its digest
-                layers[0]["digest"],
-                f"sha256:{hashlib.sha256(gzip.decompress(extra)).hexdigest()}",
-            ],
-        },
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **_blob(layout, data=json.dumps(config).encode()),
-        },
-        "layers": layers,
-    }
-    index = {
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       **_blob(layout, data=json.dumps(manifest).encode()),
-                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-    }  # fmt: skip
-    (layout / "index.json").write_text(json.dumps(index))
+    layers = [add_layer(layout, base, TAR_LAYER), add_layer(layout, extra)]
+    write_image(layout, layers, tag="1", config=IMAGE_CONFIG)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,7 @@ registry with the real skopeo and docker-registry."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
-import json
 import shutil
 import subprocess
 import tarfile
@@ -18,7 +15,7 @@ import pytest
 from conftest import skip_or_fail
 from helpers import free_port, port_open
 
-GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+from provisioner.images.oci_layout import RunConfig, add_layer, write_image
 
 
 def entry(name: str, data: bytes = b"", **attrs: object) -> tuple[tarfile.TarInfo, bytes]:
@@ -42,52 +39,13 @@ def layer(*entries: tuple[tarfile.TarInfo, bytes], compression: str = "gz") -> b
     return buf.getvalue()
 
 
-def _blob(layout: Path, data: bytes) -> dict[str, object]:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
-
-
 def write_layout(layout: Path, layers: list[bytes], *, tag: str = "1",
-                 config: dict[str, object] | None = None, media_type: str = GZIP_LAYER,
-                 architecture: str = "amd64") -> str:  # fmt: skip
-    """An OCI image layout at `layout` with `layers` (already compressed as `media_type`
-    says) tagged `tag`; returns the manifest's digest."""
-    layout.mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    diff_ids = []
-    for data in layers:
-        raw = gzip.decompress(data) if media_type.endswith("gzip") else data
-        diff_ids.append(f"sha256:{hashlib.sha256(raw).hexdigest()}")
-    image_config = {
-        "architecture": architecture,
-        "os": "linux",
-        "config": config or {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **_blob(layout, json.dumps(image_config).encode()),
-        },
-        "layers": [{"mediaType": media_type, **_blob(layout, data)} for data in layers],
-    }
-    mdesc = _blob(layout, json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **mdesc,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index))
-    return str(mdesc["digest"])
+                 config: RunConfig | None = None, architecture: str = "amd64") -> str:  # fmt: skip
+    """An OCI image layout at `layout` with `layers` (gzipped tars) tagged `tag`; returns
+    the manifest's digest."""
+    stored = [add_layer(layout, data) for data in layers]
+    return write_image(layout, stored, tag=tag, config=config or RunConfig(),
+                       architecture=architecture)  # fmt: skip
 
 
 def require_tools(*tools: str) -> None:

@@ -80,6 +80,24 @@ REFUSED = [
     ),
     (["kernelspec", "instal"], "kernelspec", "unknown subcommand instal", "install"),
     (["kernelspecs", "install"], "", "unknown subcommand kernelspecs", "kernelspec"),
+    (
+        ["kubernetes", "agent-image", "--dest=x"],
+        "kubernetes agent-image",
+        "unknown option --dest",
+        "--to",
+    ),
+    (
+        ["kubernetes", "agent-image", "--to", "x", "y"],
+        "kubernetes agent-image",
+        "unexpected argument 'y'",
+        "--insecure",
+    ),
+    (
+        ["kubernetes", "agent-images"],
+        "kubernetes",
+        "unknown subcommand agent-images",
+        "agent-image",
+    ),
 ]
 
 
@@ -115,8 +133,8 @@ def test_unknown_subcommand_lists_the_subcommands() -> None:
     done = sandbox("nope")
     assert done.returncode == 2
     assert done.stderr == (
-        "jupyter sandbox: unknown subcommand nope; accepted: doctor, image, kernelspec, ps, gc, "
-        "serve\n"
+        "jupyter sandbox: unknown subcommand nope; accepted: doctor, image, kernelspec, "
+        "kubernetes, ps, gc, serve\n"
     )
 
 
@@ -124,9 +142,10 @@ def test_no_subcommand_prints_the_subcommands() -> None:
     """`jupyter sandbox` alone still prints the subcommands and exits 1."""
     done = sandbox()
     assert done.returncode == 1
-    for sub in ("doctor", "image", "kernelspec", "ps", "gc", "serve"):
+    for sub in ("doctor", "image", "kernelspec", "kubernetes", "ps", "gc", "serve"):
         assert f"\n{sub}\n" in done.stdout
     assert sandbox("image").returncode == 1
+    assert sandbox("kubernetes").returncode == 1
 
 
 def test_version() -> None:
@@ -141,6 +160,7 @@ def test_version() -> None:
         ["doctor", "--help"],
         ["gc", "--help"],
         ["image", "build", "--help"],
+        ["kubernetes", "agent-image", "--help"],
         ["serve", "--help-all"],
         ["help"],
         ["image", "build", "--from", "X", "--help"],  # help wins, as in argparse
@@ -150,6 +170,16 @@ def test_help(argv: list[str]) -> None:
     done = sandbox(*argv)
     assert done.returncode == 0, done
     assert "Options\n=======" in done.stdout or "Subcommands\n===========" in done.stdout
+
+
+def test_agent_image_without_a_destination_does_not_build() -> None:
+    started = time.monotonic()
+    done = sandbox("kubernetes", "agent-image", "--insecure")
+    assert time.monotonic() - started < REFUSAL_SECONDS
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "where to? `jupyter sandbox kubernetes agent-image --to DEST`" in line
 
 
 def test_ps() -> None:

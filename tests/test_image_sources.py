@@ -19,6 +19,7 @@ from oci_kit import Workdir, entry, layer, require_tools, skopeo_copy, write_lay
 
 from provisioner.errors import ImageError
 from provisioner.images.oci import is_oci_source, unpack_image
+from provisioner.images.oci_layout import RunConfig
 from provisioner.images.unpack import Budget, LayerReport, apply_layer, copy_tree
 
 log = logging.getLogger("test")
@@ -36,8 +37,8 @@ TOP = layer(
     entry("usr/share/jupyter/kernels/ir/kernel.json", b'{"argv": ["R"]}'),
     entry("usr/bin/tool2", type=tarfile.LNKTYPE, linkname="usr/bin/tool"),
 )
-CONFIG = {"Env": ["PATH=/usr/bin", "LANG=C.UTF-8"], "WorkingDir": "/home/jovyan",
-          "User": "1000", "Cmd": ["start-notebook.sh"]}  # fmt: skip
+CONFIG = RunConfig(env=["PATH=/usr/bin", "LANG=C.UTF-8"], working_dir="/home/jovyan",
+                   user="1000", cmd=["start-notebook.sh"])  # fmt: skip
 
 
 def check_tree(dest: Path) -> None:

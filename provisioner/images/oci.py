@@ -69,8 +69,9 @@ def is_oci_source(source: str) -> bool:
     return source.startswith(TRANSPORTS) or (Path(source) / "oci-layout").is_file()
 
 
-def _reference(source: str) -> str:
-    """skopeo's name for `source`: as given, or ``oci:`` + a bare layout folder's path."""
+def reference(source: str) -> str:
+    """skopeo's name for `source` (an image read, or written): as given, or ``oci:`` + a
+    bare layout folder's path."""
     if source.startswith(TRANSPORTS):
         return source
     path = str(Path(source).resolve())
@@ -93,14 +94,10 @@ def unpack_image(source: str, dest: Path, *, max_bytes: int, log: logging.Logger
     failed; the temporary folder is removed in every case, `dest` is then partial
     (the caller removes it).
     """
-    ref = _reference(source)
+    ref = reference(source)
     tmp = Path(tempfile.mkdtemp(prefix=".oci-", dir=dest.parent))
     try:
-        policy = tmp / "policy.json"
-        policy.write_text(json.dumps(_POLICY), encoding="utf-8")
-        skopeo = ["skopeo", "--policy", str(policy), "--override-os", PLATFORM[0],
-                  "--override-arch", PLATFORM[1]]  # fmt: skip
-        env = {**os.environ, "TMPDIR": str(tmp)}  # skopeo's own temporary files go too
+        skopeo, env = skopeo_command(tmp)
         _check_size(skopeo, ref, tls_verify, max_bytes, env)
         log.info("fetching %s with skopeo", source)
         try:
@@ -119,6 +116,18 @@ def unpack_image(source: str, dest: Path, *, max_bytes: int, log: logging.Logger
         return _unpack_layout(tmp / "layout", source, dest, max_bytes, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def skopeo_command(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """How to run skopeo (the command before its verb, and its environment) with every
+    file of its own in the private temporary folder `tmp`, which the caller removes: its
+    signature policy (see the module) and its temporary files. It picks linux/amd64 out
+    of a multi-platform image."""
+    policy = tmp / "policy.json"
+    policy.write_text(json.dumps(_POLICY), encoding="utf-8")
+    command = ["skopeo", "--policy", str(policy), "--override-os", PLATFORM[0],
+               "--override-arch", PLATFORM[1]]  # fmt: skip
+    return command, {**os.environ, "TMPDIR": str(tmp)}
 
 
 def _check_size(skopeo: list[str], ref: str, tls_verify: bool, max_bytes: int,

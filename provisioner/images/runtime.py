@@ -38,6 +38,11 @@ MODULES_LEFT_OUT = re.compile(
 )
 """Extension modules left out, and with them the libraries only they load
 (ncurses, readline, Berkeley DB, NIS, Kerberos)."""
+AGENT_NEEDS = ("asyncio", "ctypes", "json", "hashlib", "_hashlib", "hmac", "secrets", "resource",
+               "socket", "ssl", "_ssl", "subprocess")  # fmt: skip
+"""Modules the agent needs that load shared libraries or the runtime's own parts, imported
+in the check that the runtime runs alone. `_hashlib` and `_ssl` by name: hashlib falls
+back to its built-in hashes without OpenSSL, and on Kubernetes the agent speaks TLS."""
 _LIB_RE = re.compile(r"=>\s*(/\S+)|^\s*(/\S+)\s+\(")
 _FACT_TIMEOUT = 120
 _CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -125,8 +130,7 @@ def build_runtime(source: Path, dest_root: Path, log: logging.Logger) -> None:
         (staging / "tmp").mkdir()
         run(
             ["chroot", str(staging), AGENT_PYTHON, "-I", "-B", "-c",
-             "import asyncio, ctypes, json, hashlib, resource, socket, subprocess\n"
-             "ctypes.CDLL(None)"],
+             f"import {', '.join(AGENT_NEEDS)}\nctypes.CDLL(None)"],
             "checking the agent runtime alone", error=ImageError, timeout=_FACT_TIMEOUT,
             env=_CHROOT_ENV,
             fix="Rebuild the default image with `jupyter sandbox image build --force`.",

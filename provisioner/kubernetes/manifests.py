@@ -41,6 +41,11 @@ GRACE_SECONDS = 5
 """Seconds a kernel pod gets after SIGTERM (a shutdown): the kernel has said goodbye by then."""
 AGENT_VOLUME_SIZE = "256Mi"
 """Room for the agent's runtime (about 45 MB) in its emptyDir."""
+INSTALL_ARGV = (AGENT_PYTHON, "-S", "-s", "-E", "-B", f"{AGENT_IN_RUNTIME}/install_agent.py")
+"""The agent image's entrypoint (guest/install_agent.py): the init container adds the
+volume's mount point."""
+AGENT_VOLUME = "/agent"
+"""Where the init container mounts the kernel's agent volume (its copy's destination)."""
 MANAGED_BY = "jupyter-sandbox"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
@@ -237,7 +242,7 @@ def pod(plan: KernelPlan) -> dict[str, Any]:
                     f"{AGENT_IN_RUNTIME}/install_agent.py",
                     "/agent",
                 ],
-                "volumeMounts": [{"name": "agent", "mountPath": "/agent"}],
+                "volumeMounts": [{"name": "agent", "mountPath": AGENT_VOLUME}],
                 "resources": {
                     "requests": {"cpu": "100m", "memory": "64Mi"},
                     "limits": {"cpu": "500m", "memory": "64Mi"},
