@@ -9,13 +9,15 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 from jupyter_core.application import JupyterApp, base_flags
 from traitlets import Bool, Float, Unicode
 from traitlets.config.loader import KVArgParseConfigLoader
 
-from . import __version__, cgroups, cleanup, doctor, kernelspecs
+from . import __version__, cgroups, cleanup, doctor, kernelspecs, settings
+from .checks import Check
 from .errors import ImageError, SandboxError, SettingError
 from .images.boot import build_boot_files
 from .images.build import build_image
@@ -152,35 +154,6 @@ class _Group(_Sub):
             self.print_subcommands()
             self.exit(1)
         super().start()
-
-
-class DoctorApp(_Sub):
-    name = "jupyter-sandbox-doctor"
-    description = "Check that this host can run sandboxed kernels; exit 1 if it cannot."
-    runsc_path = Unicode("runsc", config=True, help="runsc binary to check.")
-    platform = Unicode("systrap", config=True, help="gVisor platform to check.")
-    image = Unicode("python3", config=True, help="Guest image to check.")
-    aliases = {
-        "platform": "DoctorApp.platform",
-        "runsc": "DoctorApp.runsc_path",
-        "image": "DoctorApp.image",
-        **_Sub.aliases,
-    }
-
-    def start(self) -> None:
-        overrides = {"runsc_path": self.runsc_path, "platform": self.platform}
-        checks = doctor.run_checks(self.image, overrides)
-        for check in checks:
-            self.out(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-            if not check.ok and check.fix:
-                self.out(f"       fix: {check.fix}")
-        failed = [c for c in checks if not c.ok]
-        self.out(
-            "this host can run sandboxed kernels"
-            if not failed
-            else f"{len(failed)} problem(s): sandboxed kernels cannot start here"
-        )
-        self.exit(1 if failed else 0)
 
 
 class ImageBuildApp(_Sub):
@@ -435,10 +408,185 @@ class KubernetesAgentImageApp(_Sub):
         )
 
 
+class _KubernetesServiceApp(_Sub):
+    """A command that acts as the Kubernetes sandbox service does: with its configuration
+    (`--config FILE`, a traitlets file setting `c.KubernetesService...`, as the service's
+    ConfigMap holds it; `--KubernetesService.trait=value` too)."""
+
+    config_path = Unicode("", config=True, help="The service's configuration file (Python).")
+    aliases = {"config": "_KubernetesServiceApp.config_path", **_Sub.aliases}
+
+    @property
+    def classes(self) -> list[type]:  # type: ignore[override]
+        from .kubernetes.service import KubernetesService
+
+        return [*super().classes, KubernetesService]
+
+    def kubernetes_service(self) -> Any:
+        """The service's configuration as this command was given it."""
+        from .kubernetes.service import KubernetesService
+
+        if self.config_path:
+            path = Path(self.config_path).resolve()
+            if not path.is_file():
+                raise SettingError(f"no configuration file {self.config_path}")
+            self.load_config_file(path.name, path=str(path.parent))
+        return KubernetesService(parent=self)
+
+
+def report(app: _Sub, checks: list[Check], where: str) -> NoReturn:
+    """Print `checks` as doctor does, and exit 1 if one failed."""
+    for check in checks:
+        app.out(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            app.out(f"       fix: {check.fix}")
+    failed = [c for c in checks if not c.ok]
+    app.out(
+        f"{where} can run sandboxed kernels"
+        if not failed
+        else f"{len(failed)} problem(s): sandboxed kernels cannot start on {where}"
+    )
+    app.exit(1 if failed else 0)
+
+
+class DoctorApp(_KubernetesServiceApp):
+    name = "jupyter-sandbox-doctor"
+    description = (
+        "Check that this host (or with --kubernetes, a cluster) can run sandboxed kernels; "
+        "exit 1 if it cannot."
+    )
+    runsc_path = Unicode("runsc", config=True, help="runsc binary to check.")
+    platform = Unicode("systrap", config=True, help="gVisor platform to check.")
+    image = Unicode("python3", config=True, help="Guest image to check.")
+    kubernetes = Bool(
+        False, config=True,
+        help="Check the cluster the Kubernetes service's configuration (--config) reaches: "
+        "API, RBAC, RuntimeClass, a probe pod's kernel, NetworkPolicy enforcement.",
+    )  # fmt: skip
+    network = Bool(True, config=True, help="With --kubernetes: probe NetworkPolicy too.")
+    aliases = {
+        "platform": "DoctorApp.platform",
+        "runsc": "DoctorApp.runsc_path",
+        "image": "DoctorApp.image",
+        **_KubernetesServiceApp.aliases,
+    }
+    flags = {
+        "kubernetes": ({"DoctorApp": {"kubernetes": True}}, "Check a Kubernetes cluster."),
+        "no-network": ({"DoctorApp": {"network": False}}, "Skip the NetworkPolicy probe."),
+        **_Sub.flags,
+    }
+
+    def start(self) -> None:
+        if self.kubernetes:
+            from .kubernetes.doctor import run_checks
+
+            checks = asyncio.run(run_checks(self.kubernetes_service(), network=self.network))
+            report(self, checks, "this cluster")
+        overrides = {"runsc_path": self.runsc_path, "platform": self.platform}
+        report(self, doctor.run_checks(self.image, overrides), "this host")
+
+
+class KubernetesServeApp(_KubernetesServiceApp):
+    name = "jupyter-sandbox-kubernetes-serve"
+    command = "jupyter sandbox kubernetes serve"
+    description = (
+        "Run the Kubernetes sandbox service (a JupyterHub service in the cluster, holding the "
+        "only Kubernetes credential for kernels; docs: 'Kubernetes')."
+    )
+
+    def start(self) -> None:
+        from .kubernetes.service import serve
+
+        self.log.setLevel(min(self.log.level, logging.INFO))
+        try:
+            service = self.kubernetes_service()
+            asyncio.run(serve(service))
+        except SettingError as e:
+            self.log.error("%s", e)
+            self.exit(2)
+
+
+class KubernetesRenderApp(_KubernetesServiceApp):
+    name = "jupyter-sandbox-kubernetes-render"
+    command = "jupyter sandbox kubernetes render"
+    description = (
+        "Print, as YAML, the Pod and NetworkPolicy that a kernel start would create for USER "
+        "with KERNELSPEC under the service's configuration and policy, without a cluster."
+    )
+    user = Unicode("user", config=True, help="Whose kernel (their policy and labels).")
+    groups = Unicode("", config=True, help="The user's hub groups, comma-separated.")
+    server = Unicode("", config=True, help="The user's server name ('' for the default).")
+    kernelspec = Unicode(
+        "python3-kubernetes", config=True,
+        help="A kernelspec on this machine: its provisioner config is what the kernel asks.",
+    )  # fmt: skip
+    aliases = {
+        "user": "KubernetesRenderApp.user",
+        "groups": "KubernetesRenderApp.groups",
+        "server": "KubernetesRenderApp.server",
+        "kernelspec": "KubernetesRenderApp.kernelspec",
+        **_KubernetesServiceApp.aliases,
+    }
+
+    def start(self) -> None:
+        import yaml
+
+        from .kubernetes.service import render
+
+        try:
+            service = self.kubernetes_service()
+            asked = _asked_by(self.kernelspec)
+            groups = frozenset(g for g in self.groups.split(",") if g)
+            objects = asyncio.run(render(service, self.user, groups, self.server,
+                                         self.kernelspec, asked))  # fmt: skip
+        except (SettingError, SandboxError) as e:
+            self.log.error("%s", e)
+            self.exit(1)
+        self.out(yaml.safe_dump_all(objects, sort_keys=False).rstrip())
+
+
+def _asked_by(kernelspec: str) -> dict[str, Any]:
+    """What a kernelspec's provisioner config asks of the service (its user settings);
+    SettingError if there is no such kernelspec here."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(kernelspec)
+    except NoSuchKernel:
+        raise SettingError(
+            f"no kernelspec {kernelspec!r} here (`jupyter kernelspec list`)"
+        ) from None
+    config = spec.metadata.get("kernel_provisioner", {}).get("config", {})
+    return {name: value for name, value in config.items() if name in settings.USER_SETTINGS}
+
+
+class KubernetesGcApp(_KubernetesServiceApp):
+    name = "jupyter-sandbox-kubernetes-gc"
+    command = "jupyter sandbox kubernetes gc"
+    description = (
+        "Delete kernel pods nobody will delete (ended ones, and those whose server is gone), "
+        "once, as the running service does every gc_interval."
+    )
+
+    def start(self) -> None:
+        from .kubernetes.service import collect_once
+
+        self.log.setLevel(min(self.log.level, logging.INFO))
+        try:
+            deleted = asyncio.run(collect_once(self.kubernetes_service()))
+        except (SettingError, SandboxError) as e:
+            self.log.error("%s", e)
+            self.exit(1)
+        self.out(f"deleted {len(deleted)} kernel pod(s)" + "".join(f"\n  {n}" for n in deleted))
+
+
 class KubernetesApp(_Group):
     name = "jupyter-sandbox-kubernetes"
-    description = "Kernels as Kubernetes pods: the agent image."
+    description = "Kernels as Kubernetes pods: the service, the agent image, what a start makes."
     subcommands = {
+        "serve": (KubernetesServeApp, KubernetesServeApp.description),
+        "render": (KubernetesRenderApp, KubernetesRenderApp.description),
+        "gc": (KubernetesGcApp, KubernetesGcApp.description),
         "agent-image": (KubernetesAgentImageApp, KubernetesAgentImageApp.description),
     }
 

@@ -32,6 +32,8 @@ import traceback
 from pathlib import Path
 
 AGENT_DIR = "/opt/jupyter-sandbox"
+# Before anything here imports ssl: not the image's openssl.cnf (layout.AGENT_OPENSSL_CONF).
+os.environ["OPENSSL_CONF"] = os.devnull
 CONFIG_FD = 5
 """The config port, opened by init."""
 CONNECTION_FILE = "/run/kernel/connection.json"

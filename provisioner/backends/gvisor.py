@@ -25,7 +25,7 @@ from typing import Any
 from .. import cgroups, hostcmd, rootfs
 from ..checks import INSTALL, Check
 from ..errors import SandboxError
-from ..guest.layout import AGENT_DIR
+from ..guest.layout import AGENT_DIR, AGENT_OPENSSL_CONF
 from ..settings import KERNELSPEC, OPERATOR, Setting, one_of, text_value
 from ..state import Record, runtime_dir, sandboxes_dir
 from .base import (
@@ -139,6 +139,7 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG=C.UTF-8",
                 f"JSB_KERNEL={kernel_user(spec)}",
+                f"OPENSSL_CONF={AGENT_OPENSSL_CONF}",
             ],
             "cwd": "/",
             "capabilities": {

@@ -27,7 +27,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..guest.layout import AGENT_IN_RUNTIME, AGENT_PYTHON, AGENT_RUNTIME, KERNEL_HOME, KERNEL_UID
+from ..guest.layout import (
+    AGENT_IN_RUNTIME,
+    AGENT_OPENSSL_CONF,
+    AGENT_PYTHON,
+    AGENT_RUNTIME,
+    KERNEL_HOME,
+    KERNEL_UID,
+)
 from ..limits import Limits
 from ..network.spec import NetworkSpec
 
@@ -260,6 +267,7 @@ def pod(plan: KernelPlan) -> dict[str, Any]:
                     {"name": "JSB_LISTEN", "value": str(AGENT_PORT)},
                     {"name": "JSB_TLS_DIR", "value": TLS_DIR},
                     {"name": "JSB_KERNEL", "value": kernel_user_env(plan.limits)},
+                    {"name": "OPENSSL_CONF", "value": AGENT_OPENSSL_CONF},
                 ],
                 "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
                 "resources": _resources(plan.limits),

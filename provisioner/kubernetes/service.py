@@ -34,6 +34,7 @@ import re
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -649,6 +650,35 @@ async def _resolve(network: NetworkSpec, log: logging.Logger) -> dict[str, list[
             a for a in addresses if not ipaddress.ip_address(a).is_link_local
         ]
     return found
+
+
+async def render(service: KubernetesService, user: str, groups: frozenset[str], server: str,
+                 kernelspec: str, asked: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The Pod and NetworkPolicy a start of `kernelspec` by `user` would make now (egress
+    names resolved now), without a cluster: for review and for policy tools. The Secret
+    is left out: its credentials are made afresh at each start."""
+    service.check_config()
+    caller = Caller(name=user, groups=groups, servers=None)
+    kernel_id = str(uuid.uuid4())
+    granted, _ = await asyncio.to_thread(service.grant, caller, kernel_id, kernelspec,
+                                         dict(asked), "")  # fmt: skip
+    addresses = await _resolve(network_of(granted, service.log), service.log)
+    plan = service.plan(kernel_id, user, server, kernelspec, granted, "", addresses)
+    return [manifests.pod(plan), manifests.network_policy(plan)]
+
+
+async def collect_once(service: KubernetesService) -> list[str]:
+    """One gc pass, as the running service makes every `gc_interval`: the pods deleted."""
+    service.check_config()
+    api = await service.connect()
+    service.cluster = Cluster(api, service.namespace, service.log)
+    service.hub = Hub(service.hub_api_url, service.hub_api_token, service.log)
+    try:
+        await service.cluster.start()
+        return await service.collect()
+    finally:
+        await service.hub.close()
+        await service.cluster.close()
 
 
 async def serve(service: KubernetesService) -> None:
