@@ -24,7 +24,7 @@ from provisioner.images.store import find_image
 from provisioner.network import gc as network_gc
 from provisioner.state import records, sandboxes_dir
 
-pytest_plugins = ["oci_kit", "images_kit", "security.kit"]
+pytest_plugins = ["oci_kit", "images_kit", "security.kit", "kube_kit"]
 """Plugins: the OCI image tests' registry and work folder; imported images made once per
 session; the security suite's shared attack target (one kernel per target: each backend,
 and gVisor on an imported image). In this order: each imports the one before it, which
