@@ -126,7 +126,10 @@ def test_labels_select_and_annotations_say_whose() -> None:
     assert manifests.label_value("Amy.Smith@example.org") != manifests.label_value(
         "amy.smith@example.org"
     )
-    assert pod["metadata"]["name"] == f"jsb-{KERNEL}"
+    assert pod["metadata"]["name"] == f"jsb-{KERNEL}-{p.instance}"
+    assert len(pod["metadata"]["name"]) <= 63
+    again = plan(user="Amy.Smith@example.org", server="gpu")  # a restart: same kernel id
+    assert again.name != p.name  # its objects never meet the old ones' being deleted
 
 
 def test_the_policy_admits_only_the_owners_server_pod() -> None:

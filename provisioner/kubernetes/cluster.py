@@ -27,7 +27,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from ..errors import SandboxError
 from . import manifests
-from .manifests import ANNOTATION_MEMORY, ANNOTATION_SERVER, ANNOTATION_USER, KernelPlan
+from .manifests import (
+    ANNOTATION_KERNEL,
+    ANNOTATION_MEMORY,
+    ANNOTATION_SERVER,
+    ANNOTATION_USER,
+    KernelPlan,
+)
 
 WATCH_SECONDS = 300
 """How long one watch request lasts before it is renewed (the API server's own cap is
@@ -53,6 +59,7 @@ class KernelPod:
     user: str
     server: str
     memory: int
+    kernel_id: str = ""
     phase: str = "Pending"
     pod_ip: str = ""
     node: str = ""
@@ -85,13 +92,20 @@ class KernelPod:
         }  # fmt: skip
 
 
-def _owner(pod: client.V1Pod) -> tuple[str, str, int]:
+def _owner(pod: client.V1Pod) -> KernelPod:
+    """A new state for `pod`, from its owner annotations (what the service wrote)."""
     annotations = pod.metadata.annotations or {}
     try:
         memory = int(annotations.get(ANNOTATION_MEMORY, "0"))
     except ValueError:
         memory = 0
-    return annotations.get(ANNOTATION_USER, ""), annotations.get(ANNOTATION_SERVER, ""), memory
+    return KernelPod(
+        name=pod.metadata.name,
+        user=annotations.get(ANNOTATION_USER, ""),
+        server=annotations.get(ANNOTATION_SERVER, ""),
+        memory=memory,
+        kernel_id=annotations.get(ANNOTATION_KERNEL, ""),
+    )
 
 
 def _read(state: KernelPod, pod: client.V1Pod) -> None:
@@ -230,8 +244,7 @@ class Cluster:
         if state is None:
             if deleted:
                 return
-            user, server, memory = _owner(pod)
-            state = self.pods[name] = KernelPod(name, user, server, memory)
+            state = self.pods[name] = _owner(pod)
         _read(state, pod)
         if deleted:
             self._gone(name)
@@ -289,8 +302,7 @@ class Cluster:
             raise
         state = self.pods.get(plan.name)
         if state is None:  # the watch has not seen it yet
-            user, server, memory = _owner(made)
-            state = self.pods[plan.name] = KernelPod(plan.name, user, server, memory)
+            state = self.pods[plan.name] = _owner(made)
             _read(state, made)
         return state
 

@@ -59,10 +59,13 @@ LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_USER = "jupyter-sandbox/user"
 LABEL_SERVER = "jupyter-sandbox/server"
 LABEL_KERNEL = "jupyter-sandbox/kernel-id"
+LABEL_INSTANCE = "jupyter-sandbox/instance"
 ANNOTATION_USER = "jupyter-sandbox/user"
 """The owner's exact name (a label holds only `label_value` of it): what the service checks."""
 ANNOTATION_SERVER = "jupyter-sandbox/server"
 ANNOTATION_KERNELSPEC = "jupyter-sandbox/kernelspec"
+ANNOTATION_KERNEL = "jupyter-sandbox/kernel-id"
+"""The kernel's exact id (its label is `label_value` of it)."""
 ANNOTATION_MEMORY = "jupyter-sandbox/memory"
 """Bytes of memory the kernel was granted: what the user's `max_memory` quota counts."""
 KERNEL_POD = "jupyter-sandbox-kernel"
@@ -86,9 +89,12 @@ def label_value(name: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def object_name(kernel_id: str) -> str:
-    """The kernel's Pod, Secret and NetworkPolicy name: `jsb-<kernel id>` (a DNS label)."""
-    return f"jsb-{label_value(kernel_id)}"[:63].rstrip("-")
+def object_name(kernel_id: str, instance: str) -> str:
+    """The Pod, Secret and NetworkPolicy name of one start of a kernel:
+    `jsb-<kernel id>-<instance>` (a DNS label). A restart keeps the kernel's id; the
+    instance tells its new objects from the old ones, which Kubernetes' garbage
+    collector may still be deleting."""
+    return f"jsb-{label_value(kernel_id)[:50]}-{instance}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class KernelPlan:
     user: str
     server: str
     """The owner's server name ("" for the default server)."""
+    instance: str
+    """This start's own part of the objects' names (a restart keeps the kernel id)."""
     kernelspec: str
     namespace: str
     image: str
@@ -142,7 +150,7 @@ class KernelPlan:
 
     @property
     def name(self) -> str:
-        return object_name(self.kernel_id)
+        return object_name(self.kernel_id, self.instance)
 
     def labels(self) -> dict[str, str]:
         return {
@@ -151,6 +159,7 @@ class KernelPlan:
             LABEL_USER: label_value(self.user),
             LABEL_SERVER: label_value(self.server) if self.server else "default",
             LABEL_KERNEL: label_value(self.kernel_id),
+            LABEL_INSTANCE: self.instance,
         }
 
     def annotations(self) -> dict[str, str]:
@@ -158,6 +167,7 @@ class KernelPlan:
             ANNOTATION_USER: self.user,
             ANNOTATION_SERVER: self.server,
             ANNOTATION_KERNELSPEC: self.kernelspec,
+            ANNOTATION_KERNEL: self.kernel_id,
             ANNOTATION_MEMORY: str(self.limits.memory or 0),
         }
 
@@ -375,7 +385,12 @@ def network_policy(plan: KernelPlan) -> dict[str, Any]:
         "kind": "NetworkPolicy",
         "metadata": plan.metadata(),
         "spec": {
-            "podSelector": {"matchLabels": {LABEL_KERNEL: label_value(plan.kernel_id)}},
+            "podSelector": {
+                "matchLabels": {
+                    LABEL_KERNEL: label_value(plan.kernel_id),
+                    LABEL_INSTANCE: plan.instance,
+                }
+            },
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import time
@@ -249,7 +250,8 @@ class KubernetesService(LoggingConfigurable):
             )
             guest_cwd = _inside(cwd, self.workspace_mount_path)
         return KernelPlan(
-            kernel_id=kernel_id, user=user, server=server, kernelspec=kernelspec,
+            kernel_id=kernel_id, user=user, server=server, instance=secrets.token_hex(3),
+            kernelspec=kernelspec,
             namespace=self.namespace, image=image, agent_image=self.agent_image,
             runtime_class=self.runtime_class or None, limits=limits_of(granted),
             network=network, egress_addresses=dict(egress_addresses),
@@ -426,8 +428,9 @@ class KubernetesService(LoggingConfigurable):
         plan = self.plan(kernel_id, caller.name, server, kernelspec, granted, cwd, addresses)
         memory = plan.limits.memory or 0
         assert self.cluster is not None
-        if plan.name in self.cluster.pods:
-            raise RequestError(f"kernel {kernel_id} already has a pod")
+        running = [p for p in self.cluster.of_user(caller.name) if p.kernel_id == kernel_id]
+        if running:
+            raise RequestError(f"kernel {kernel_id} already has a pod: {running[0].name}")
         lock = self._user_locks.setdefault(caller.name, asyncio.Lock())
         async with lock:
             starting = self._starting.setdefault(caller.name, [])
