@@ -63,7 +63,8 @@ def make(name: str) -> Credentials:
     """Fresh credentials for the kernel whose objects are called `name`."""
     key = ec.generate_private_key(ec.SECP256R1())
     server_name = f"{name}.kernel.jupyter-sandbox"
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
+    # the name is in the SAN (a common name holds 64 characters only)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jupyter-sandbox kernel")])
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
         x509.CertificateBuilder()
