@@ -169,18 +169,30 @@ c.JupyterHub.load_groups = {{"instructors": {{"users": ["carol"]}}}}
         wait_until(stopped, 120, f"{user}'s server stopped", interval=0.5)
 
 
-@pytest.fixture(scope="module")
-def jupyterhub() -> Iterator[Hub]:
-    """A running JupyterHub (module scope) whose service `jupyter-sandbox` is not running yet."""
+def started_hub(folder: Path, kernelspecs: Path, service_url: str) -> Hub:
+    """A running JupyterHub in `folder` with users amy, ben and carol (carol in group
+    instructors); its single-user servers find kernelspecs in `kernelspecs` and the
+    service at `service_url`. The caller stops it."""
     if not PROXY.exists():
         skip_or_fail(f"{PROXY} is missing: run `bash deploy/install-hub.sh` (make test does)")
+    folder.mkdir(parents=True, exist_ok=True)
+    hub = Hub(folder, kernelspecs, service_url)
+    hub.start()
+    try:
+        for user in ("amy", "ben", "carol"):
+            hub.add_user(user)
+    except BaseException:
+        hub.stop()
+        raise
+    return hub
+
+
+@pytest.fixture(scope="module")
+def jupyterhub() -> Iterator[Hub]:
+    """A running JupyterHub (module scope) for tests of the hub alone (no service)."""
     with tempfile.TemporaryDirectory(prefix="jsb-k8s-hub-") as folder:
-        kernelspecs = Path(folder) / "share"
-        hub = Hub(Path(folder), kernelspecs, service_url="")
-        hub.start()
+        hub = started_hub(Path(folder), Path(folder) / "share", service_url="")
         try:
-            for user in ("amy", "ben", "carol"):
-                hub.add_user(user)
             yield hub
         finally:
             hub.stop()

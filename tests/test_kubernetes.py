@@ -1,0 +1,566 @@
+"""The Kubernetes backend end to end: a real JupyterHub, the real service, the cluster double.
+
+What runs for real: JupyterHub and its single-user servers (jupyter_server, over HTTP
+and websockets through configurable-http-proxy); `jupyter sandbox kubernetes serve`
+as a process holding the deploy folder's RBAC (deploy/kubernetes/rbac.yaml, enforced
+by the double on every request); the real `kubernetes_asyncio` client; and each
+kernel pod's containers under runsc, from the manifest the service made: the agent
+image's init container (the image `jupyter sandbox kubernetes agent-image` builds,
+unpacked by the project's importer), then the kernel image with the agent on its
+own Python, reached over TLS at the pod's IP. What stands in for a cluster is the
+double (tests/kube_double): the API server and one kubelet. docs/kubernetes.md says
+what that leaves unverified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+import requests
+import yaml
+from conftest import require_sandbox
+from helpers import free_port
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from kube_double import Double, running_double
+from kube_kit import KERNELSPEC, Hub, started_hub, wait_until
+from kube_schemas import restricted_violations, validate
+from kubernetes_asyncio import client
+from nbclient import NotebookClient
+from test_server import KernelSocket
+
+from provisioner.images.oci import unpack_image
+from provisioner.images.store import find_image
+from provisioner.kubernetes import credentials
+from provisioner.kubernetes.agent_image import build_agent_image
+from provisioner.kubernetes.manifests import AGENT_PORT, SELECTOR
+
+REPO = Path(__file__).resolve().parent.parent
+NAMESPACE = "jupyter-sandbox-kernels"
+KERNEL_IMAGE = "registry.test/jupyter-sandbox-python3:1"
+AGENT_IMAGE = "registry.test/jupyter-sandbox-agent:1"
+POLICY = """
+[default]
+memory_limit = "1G"
+cpu_limit = 1.0
+max_kernels = 3
+
+[users.ben]
+max_kernels = 1
+"""
+
+pytestmark = pytest.mark.usefixtures("sandbox_host")
+
+
+def deploy_documents(name: str) -> list[dict[str, Any]]:
+    with open(REPO / "deploy" / "kubernetes" / name) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def deploy_rules() -> list[dict[str, Any]]:
+    """The service's RBAC exactly as deploy/kubernetes/rbac.yaml grants it."""
+    rules = []
+    for doc in deploy_documents("rbac.yaml"):
+        if doc["kind"] == "Role":
+            rules += [{**r, "namespace": NAMESPACE} for r in doc["rules"]]
+        elif doc["kind"] == "ClusterRole":
+            rules += doc["rules"]
+    return rules
+
+
+def namespace_labels() -> dict[str, str]:
+    [ns] = [d for d in deploy_documents("namespace.yaml") if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == NAMESPACE
+    return dict(ns["metadata"]["labels"])
+
+
+@dataclass
+class Cluster:
+    """The double, the hub and the service, as one test module uses them."""
+
+    double: Double
+    hub: Hub
+    service_url: str
+    kernelspecs: Path
+    config: Path
+    folder: Path
+    process: subprocess.Popen | None = None
+
+    def start_service(self) -> None:
+        log = open(self.folder / "service.log", "ab")  # noqa: SIM115 (the process holds it)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "provisioner.cli", "kubernetes", "serve",
+             "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"the service exited:\n{self.service_log()[-3000:]}")
+            try:
+                return requests.get(f"{self.service_url}/health", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, 60, "the Kubernetes sandbox service answers")
+
+    def stop_service(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+    def service_log(self) -> str:
+        return (self.folder / "service.log").read_text(errors="replace")
+
+    def ask(self, method: str, path: str, token: str, **kw: Any) -> requests.Response:
+        headers = {"Authorization": f"token {token}"}
+        return requests.request(method, f"{self.service_url}{path}", headers=headers,
+                                timeout=120, **kw)  # fmt: skip
+
+    def kube(self, call: str, *args: Any, **kw: Any) -> Any:
+        """One CoreV1Api call to the double with the service's own credentials."""
+
+        async def go() -> Any:
+            async with client.ApiClient(self.double.configuration()) as api:
+                return await getattr(client.CoreV1Api(api), call)(*args, **kw)
+
+        return asyncio.run(go())
+
+    def kernel_pods(self) -> list[Any]:
+        return self.kube("list_namespaced_pod", NAMESPACE, label_selector=SELECTOR).items
+
+    def objects_left(self) -> dict[str, list[str]]:
+        """Every kernel Pod, Secret and NetworkPolicy in the kernels' namespace."""
+
+        async def go() -> dict[str, list[str]]:
+            async with client.ApiClient(self.double.configuration()) as api:
+                core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
+                pods = await core.list_namespaced_pod(NAMESPACE, label_selector=SELECTOR)
+                secrets = await core.list_namespaced_secret(NAMESPACE, label_selector=SELECTOR)
+                policies = await net.list_namespaced_network_policy(
+                    NAMESPACE, label_selector=SELECTOR
+                )
+                return {
+                    kind: [o.metadata.name for o in listed.items]
+                    for kind, listed in (("pods", pods), ("secrets", secrets),
+                                         ("policies", policies))
+                }  # fmt: skip
+
+        return asyncio.run(go())
+
+    def until_nothing_left(self, timeout: float = 60) -> None:
+        wait_until(lambda: not any(self.objects_left().values()), timeout,
+                   f"every kernel object is gone: {self.objects_left()}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agent_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agent image as `kubernetes agent-image` builds it, unpacked by the importer."""
+    require_sandbox()
+    folder = tmp_path_factory.mktemp("agent")
+    build_agent_image(folder / "layout", "1")
+    rootfs = folder / "rootfs"
+    rootfs.mkdir()
+    unpack_image(f"oci:{folder / 'layout'}:1", rootfs, max_bytes=1 << 30,
+                 log=__import__("logging").getLogger("test"))  # fmt: skip
+    return rootfs
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, agent_rootfs: Path) -> Iterator[Cluster]:
+    folder = tmp_path_factory.mktemp("k8s")
+    with running_double(
+        folder,
+        images={KERNEL_IMAGE: find_image(), AGENT_IMAGE: agent_rootfs},
+        namespaces={NAMESPACE: namespace_labels(), "jhub": {}},
+        runtime_classes={"gvisor": "runsc"},
+        rules=deploy_rules(),
+    ) as double:
+        port = free_port()
+        service_url = f"http://127.0.0.1:{port}"
+        kernelspecs = folder / "share"
+        spec_dir = kernelspecs / "kernels" / KERNELSPEC
+        spec_dir.mkdir(parents=True)
+        spec = json.loads((REPO / "kernelspecs" / KERNELSPEC / "kernel.json").read_text())
+        spec["metadata"]["kernel_provisioner"]["config"]["service_url"] = service_url
+        (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        hub = started_hub(folder / "hub", kernelspecs, service_url)
+        token_file = folder / "kube-token"
+        token_file.write_text(double.token)
+        (folder / "policy.toml").write_text(POLICY)
+        config = folder / "jupyter_sandbox_config.py"
+        config.write_text(f"""
+c.KubernetesService.ip = "127.0.0.1"
+c.KubernetesService.port = {port}
+c.KubernetesService.namespace = {NAMESPACE!r}
+c.KubernetesService.agent_image = {AGENT_IMAGE!r}
+c.KubernetesService.images = {{"python3": {KERNEL_IMAGE!r}}}
+c.KubernetesService.api_url = {double.url!r}
+c.KubernetesService.api_token_file = {str(token_file)!r}
+c.KubernetesService.hub_api_url = {hub.api_url!r}
+c.KubernetesService.hub_api_token = {hub.service_token!r}
+c.KubernetesService.policy_file = {str(folder / "policy.toml")!r}
+c.KubernetesService.token_ttl = 1.0
+c.KubernetesService.gc_interval = 2.0
+c.KubernetesService.ended_grace = 5.0
+""")
+        env = Cluster(double, hub, service_url, kernelspecs, config, folder)
+        env.start_service()
+        try:
+            yield env
+        finally:
+            env.stop_service()
+            hub.stop()
+            print(env.service_log()[-3000:])
+        assert env.objects_left() == {"pods": [], "secrets": [], "policies": []}
+
+
+@pytest.fixture
+def as_user(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make this test process a server of `user`: its hub token in the environment."""
+
+    def become(user: str) -> str:
+        token = cluster.hub.token(user)
+        monkeypatch.setenv("JUPYTERHUB_API_TOKEN", token)
+        return token
+
+    return become
+
+
+def kernel_manager(cluster: Cluster) -> AsyncKernelManager:
+    ksm = KernelSpecManager(kernel_dirs=[str(cluster.kernelspecs / "kernels")])
+    return AsyncKernelManager(kernel_name=KERNELSPEC, kernel_spec_manager=ksm)
+
+
+async def run(km: AsyncKernelManager, code: str, timeout: float = 60) -> tuple[str, dict]:
+    """Execute `code`; its stdout and the reply's content."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+
+        def keep(msg: dict) -> None:
+            if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+                out.append(msg["content"]["text"])
+
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=keep)
+        return "".join(out), reply["content"]
+    finally:
+        kc.stop_channels()
+
+
+def test_a_notebook_runs_in_a_kernel_pod_that_is_gone_after(cluster: Cluster, as_user: Any) -> None:
+    as_user("amy")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import os, socket; print(os.getuid(), os.getgid())"),
+        nbformat.v4.new_code_cell("print(open('/proc/version').read())"),
+        nbformat.v4.new_code_cell("print(sorted(k for k in os.environ if 'TOKEN' in k))"),
+        nbformat.v4.new_code_cell("print(socket.gethostname())"),
+    ]
+    seen: dict[str, Any] = {}
+
+    async def go() -> None:
+        km = kernel_manager(cluster)
+        notebook = NotebookClient(nb, km=km, timeout=120)
+        async with notebook.async_setup_kernel():
+            [pod] = cluster.kernel_pods()
+            seen["pod"] = client.ApiClient().sanitize_for_serialization(pod)
+            for index, cell in enumerate(nb.cells):
+                await notebook.async_execute_cell(cell, index)
+
+    asyncio.run(go())
+    outputs = ["".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells]
+    assert outputs[0].split() == ["1000", "1000"]
+    assert "4.4.0" in outputs[1]  # gVisor's kernel, not this host's
+    assert outputs[2].strip() == "[]"  # JUPYTERHUB_API_TOKEN stays in the server
+    pod = seen["pod"]
+    assert outputs[3].strip() == pod["metadata"]["name"]
+    assert pod["spec"]["runtimeClassName"] == "gvisor"
+    assert pod["metadata"]["annotations"]["jupyter-sandbox/user"] == "amy"
+    # The pod as the cluster stored it: valid in every supported release, restricted.
+    for key in ("status",):
+        pod.pop(key, None)
+    validate({"apiVersion": "v1", "kind": "Pod", **pod})
+    assert restricted_violations(pod["spec"]) == []
+    cluster.until_nothing_left()
+
+
+def test_interrupt_restart_and_shutdown(cluster: Cluster, as_user: Any) -> None:
+    as_user("amy")
+
+    async def go() -> None:
+        km = kernel_manager(cluster)
+        await km.start_kernel()
+        try:
+            [first] = [p.metadata.name for p in cluster.kernel_pods()]
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=60)
+            msg_id = kc.execute("import time; time.sleep(120)")
+            await asyncio.sleep(2)
+            await km.interrupt_kernel()
+            reply = await kc.get_shell_msg(timeout=30)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = await kc.get_shell_msg(timeout=30)
+            assert reply["content"]["status"] == "error"
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            kc.stop_channels()
+            await km.restart_kernel()
+            names = [p.metadata.name for p in cluster.kernel_pods()]
+            assert first not in names and len(names) == 1  # a new pod, the old one gone
+            out, content = await run(km, "print(6 * 7)")
+            assert (out.strip(), content["status"]) == ("42", "ok")
+        finally:
+            await km.shutdown_kernel()
+
+    asyncio.run(go())
+    cluster.until_nothing_left()
+
+
+def test_tokens_and_tenants(cluster: Cluster, as_user: Any) -> None:
+    """A forged or expired token is refused; one user never sees, signals or deletes
+    another's kernel, through the service or over the pod network."""
+    amy = as_user("amy")
+    ben = cluster.hub.token("ben")
+    expired = cluster.hub.token("ben", expires_in=1)
+
+    async def go() -> None:
+        km = kernel_manager(cluster)
+        await km.start_kernel()
+        try:
+            [pod] = cluster.kernel_pods()
+            name, ip = pod.metadata.name, pod.status.pod_ip
+            assert cluster.ask("GET", f"/kernels/{name}", amy).json()["name"] == name
+            for verb in ("GET", "DELETE"):
+                answer = cluster.ask(verb, f"/kernels/{name}", ben)
+                assert answer.status_code == 404, answer.text  # as for no kernel at all
+            assert cluster.ask("GET", "/kernels", ben).json()["kernels"] == []
+            assert cluster.ask("GET", "/kernels", "forged-" + amy[7:]).status_code == 401
+            time.sleep(2)
+            assert cluster.ask("GET", "/kernels", expired).status_code == 401
+            assert cluster.ask("GET", "/kernels", cluster.hub.admin_token).status_code == 403
+            # Over the network, a pod that is not amy's server: no token, no kernel.
+            await assert_refused_without_credentials(ip)
+            out, _ = await run(km, "print('still mine')")
+            assert out.strip() == "still mine"
+        finally:
+            await km.shutdown_kernel()
+
+    asyncio.run(go())
+    cluster.until_nothing_left()
+
+
+async def assert_refused_without_credentials(ip: str) -> None:
+    """The agent on `ip` answers neither plain TCP, nor TLS trusting another kernel's
+    certificate, nor its own certificate without its token."""
+    # plain TCP: no TLS handshake, no frame; the agent drops the connection
+    reader, writer = await asyncio.open_connection(ip, AGENT_PORT)
+    writer.write(b"\x00" * 64)
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(1024), 30) == b""
+    writer.close()
+    # TLS with another kernel's certificate pinned: this one's does not verify
+    other = credentials.make("jsb-other")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.open_connection(ip, AGENT_PORT, ssl=other.client_context(),
+                                      server_hostname=other.server_name)  # fmt: skip
+    # TLS without verification (as if the certificate were stolen), then a wrong token:
+    # the agent closes without a word (no HELLO frame)
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(ip, AGENT_PORT, ssl=unverified)
+    writer.write(b"\x01" * credentials.TOKEN_BYTES)
+    assert await asyncio.wait_for(reader.read(1024), 30) == b""
+    writer.close()
+
+
+def test_a_user_over_quota_is_refused(cluster: Cluster, as_user: Any) -> None:
+    as_user("ben")
+
+    async def go() -> None:
+        first, second = kernel_manager(cluster), kernel_manager(cluster)
+        await first.start_kernel()
+        try:
+            with pytest.raises(Exception, match="kernel quota: ben already runs 1 of at most 1"):
+                await second.start_kernel()
+        finally:
+            await first.shutdown_kernel()
+
+    asyncio.run(go())
+    cluster.until_nothing_left()
+
+
+def test_a_restarted_service_adopts_its_kernels(cluster: Cluster, as_user: Any) -> None:
+    as_user("amy")
+
+    async def go() -> None:
+        km = kernel_manager(cluster)
+        await km.start_kernel()
+        try:
+            out, _ = await run(km, "x = 41; print('set')")
+            cluster.stop_service()
+            out, _ = await run(km, "print(x + 1)")  # the service is not in the channel
+            assert out.strip() == "42"
+            cluster.start_service()
+            token = os.environ["JUPYTERHUB_API_TOKEN"]
+            mine = cluster.ask("GET", "/kernels", token).json()["kernels"]
+            assert [k["name"] for k in mine] == [p.metadata.name for p in cluster.kernel_pods()]
+        finally:
+            await km.shutdown_kernel()  # deleted through the new service
+
+    asyncio.run(go())
+    cluster.until_nothing_left()
+
+
+def test_gc_deletes_the_kernels_of_a_server_that_is_gone(cluster: Cluster) -> None:
+    """carol runs no server: a kernel started with her token is collected."""
+    carol = cluster.hub.token("carol")
+    answer = cluster.ask("POST", "/kernels", carol, json={
+        "kernel_id": "0c0ffee0-0000-4000-8000-000000000001", "kernel_name": KERNELSPEC,
+        "server": "", "settings": {}, "cwd": "",
+    })  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    cluster.until_nothing_left(timeout=60)
+    assert "gc: deleting kernel pod " + answer.json()["name"] in cluster.service_log()
+
+
+def _server_kernel(cluster: Cluster, user: str, token: str) -> tuple[Any, str]:
+    """A kernel of `user`'s single-user server (spawned by the hub), and its websocket."""
+
+    @dataclass
+    class Server:
+        ws_url: str
+        token: str
+
+    base = f"{cluster.hub.url}/user/{user}"
+    answer = requests.post(f"{base}/api/kernels", json={"name": KERNELSPEC},
+                           headers={"Authorization": f"token {token}"}, timeout=180)  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    kernel_id = answer.json()["id"]
+    server = Server(ws_url=base.replace("http://", "ws://"), token=token)
+    return KernelSocket(server, kernel_id), kernel_id  # type: ignore[arg-type]
+
+
+def notice_and_restart(cluster: Cluster, socket_: KernelSocket, kernel_id: str, token: str,
+                       cause: Any, expected: str) -> None:  # fmt: skip
+    """Run `cause` (which ends the kernel's pod), then the notebook is told `expected` and
+    the server's restarter gives it a new pod whose kernel answers."""
+    [before] = [p.metadata.name for p in cluster.kernel_pods()]
+    socket_.send("execute_request", {"code": "import time; time.sleep(300)", "silent": False,
+                                     "store_history": False, "user_expressions": {},
+                                     "allow_stdin": False, "stop_on_error": True})  # fmt: skip
+    time.sleep(1)
+    cause(before)
+    told, restarting = "", False
+    deadline = time.monotonic() + 120
+    while not (told and restarting):
+        assert time.monotonic() < deadline, f"told {told!r}, restarting {restarting}"
+        socket_.ws.settimeout(5)
+        try:
+            msg = json.loads(socket_.ws.recv())
+        except Exception:
+            continue
+        if msg["msg_type"] == "stream" and "[jupyter-sandbox]" in msg["content"]["text"]:
+            told = msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
+            restarting = True
+    assert expected in told, told
+
+    def new_pod() -> bool:
+        return any(p.metadata.name != before for p in cluster.kernel_pods())
+
+    wait_until(new_pod, 120, "the restarter made a new kernel pod")
+    wait_until(lambda: before not in [p.metadata.name for p in cluster.kernel_pods()], 60,
+               "the old pod is gone")  # fmt: skip
+    reply, _iopub = socket_.execute("print('back')", timeout=120)
+    assert reply["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def dan_server(cluster: Cluster) -> Iterator[str]:
+    """dan's single-user server (jupyter_server, spawned by the hub); his token."""
+    cluster.hub.add_user("dan")
+    token = cluster.hub.token("dan")
+    cluster.hub.start_server("dan")
+    try:
+        yield token
+    finally:
+        cluster.hub.stop_server("dan")
+
+
+def test_through_the_hub_an_oom_kill_is_told_and_the_kernel_restarts(
+    cluster: Cluster, dan_server: str
+) -> None:
+    ws, kernel_id = _server_kernel(cluster, "dan", dan_server)
+    try:
+        reply, _iopub = ws.execute("print(2 + 2)", timeout=120)
+        assert reply["status"] == "ok"
+
+        def hog(_: str) -> None:
+            ws.send("execute_request", {
+                "code": "chunks = []\nwhile True: chunks.append(bytearray(64 << 20))",
+                "silent": False, "store_history": False, "user_expressions": {},
+                "allow_stdin": False, "stop_on_error": True,
+            })  # fmt: skip
+
+        notice_and_restart(cluster, ws, kernel_id, dan_server, hog, "memory limit")
+    finally:
+        ws.close()
+        requests.delete(f"{cluster.hub.url}/user/dan/api/kernels/{kernel_id}",
+                        headers={"Authorization": f"token {dan_server}"}, timeout=120)  # fmt: skip
+    cluster.until_nothing_left()
+
+
+@pytest.mark.parametrize("what", ["deleted", "evicted", "node lost"])
+def test_through_the_hub_a_pod_ended_from_outside_is_told_and_restarted(
+    cluster: Cluster, dan_server: str, what: str
+) -> None:
+    ws, kernel_id = _server_kernel(cluster, "dan", dan_server)
+
+    def end(name: str) -> None:
+        if what == "deleted":
+            cluster.kube("delete_namespaced_pod", name, NAMESPACE, grace_period_seconds=0)
+        elif what == "evicted":
+            asyncio.run(cluster.double.evict(NAMESPACE, name))
+        else:
+            asyncio.run(cluster.double.lose_node())
+
+    expected = {"deleted": "its pod was deleted", "evicted": "Kubernetes evicted its pod",
+                "node lost": "its node was lost"}[what]  # fmt: skip
+    try:
+        notice_and_restart(cluster, ws, kernel_id, dan_server, end, expected)
+    finally:
+        ws.close()
+        requests.delete(f"{cluster.hub.url}/user/dan/api/kernels/{kernel_id}",
+                        headers={"Authorization": f"token {dan_server}"}, timeout=120)  # fmt: skip
+    cluster.until_nothing_left()
+
+
+def test_the_deploy_rbac_is_what_the_service_needs(cluster: Cluster) -> None:
+    """The service ran every test above under deploy/kubernetes/rbac.yaml's rules only
+    (the double enforces them on every request); nothing outside them is allowed."""
+    with pytest.raises(client.exceptions.ApiException) as refused:
+        cluster.kube("list_namespaced_pod", "jhub")
+    assert refused.value.status == 403
+    with pytest.raises(client.exceptions.ApiException) as refused:
+        cluster.kube("connect_get_namespaced_pod_exec", "x", NAMESPACE, command=["id"])
+    assert refused.value.status == 403
