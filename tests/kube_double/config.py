@@ -20,7 +20,8 @@ folders on this host, claims as host folders). Every key but `token` is optional
       "host_pod_namespace": "hub",
       "runsc": "runsc",
       "platform": "systrap",
-      "bookmark_seconds": 10
+      "bookmark_seconds": 10,
+      "watch_history": 5000
     }
 
 - `namespaces`: name -> labels (each also gets `kubernetes.io/metadata.name`).
@@ -30,6 +31,7 @@ folders on this host, claims as host folders). Every key but `token` is optional
 - `claims`: `claim` (any namespace) or `namespace/claim` -> host folder.
 - `rules`: the caller's RBAC (Role rules with a `namespace`, ClusterRole rules without),
   enforced on every request and answered by access reviews. Absent: everything allowed.
+- `watch_history`: events kept for watches resuming from a resourceVersion (older: 410).
 - `host_pod_labels`: the host itself (the bridge's address) counts as a pod with these
   labels in `host_pod_namespace` when NetworkPolicies are enforced.
 """
@@ -81,6 +83,7 @@ class Config:
     runsc: str = "runsc"
     platform: str = "systrap"
     bookmark_seconds: float = 10.0
+    watch_history: int = 5000
 
     @property
     def gateway(self) -> str:
@@ -180,6 +183,11 @@ def parse(raw: Any) -> Config:
         if not isinstance(seconds, (int, float)) or not 0.1 <= seconds <= 3600:
             raise ValueError("bookmark_seconds: expected a number from 0.1 to 3600")
         values["bookmark_seconds"] = float(seconds)
+    if "watch_history" in raw:
+        history = raw["watch_history"]
+        if not isinstance(history, int) or not 10 <= history <= 1_000_000:
+            raise ValueError("watch_history: expected a whole number from 10 to 1000000")
+        values["watch_history"] = history
     return Config(**values)
 
 

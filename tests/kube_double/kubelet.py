@@ -42,11 +42,10 @@ from typing import Any
 
 import aiohttp
 
-from . import oci
+from . import mounts, oci
 from .config import Config
 from .kinds import CONFIG_MAP, POD, SECRET
 from .meta import bad_request, later, not_found, now
-from .mounts import remove_tree
 from .network import Network, PodNet
 from .runtime import Container, Exit
 from .store import Event, Store
@@ -468,14 +467,17 @@ class PodWorker:
         for i, mount in enumerate(container.get("volumeMounts") or []):
             volume = volumes[mount["name"]]
             source = volume.path
+            read_only = volume.read_only or bool(mount.get("readOnly"))
             if mount.get("subPath"):
                 source = self.dir / "subpaths" / name / str(i)
                 sub_path(volume, mount["subPath"], source)
-            binds.append(
-                oci.Bind(
-                    source, mount["mountPath"], volume.read_only or bool(mount.get("readOnly"))
-                )
-            )
+                if read_only:
+                    mounts.read_only(source)
+            elif read_only:
+                view = self.dir / "read-only" / name / str(i)
+                mounts.bind_read_only(source, view)
+                source = view
+            binds.append(oci.Bind(source, mount["mountPath"], read_only))
         return binds
 
     async def _run_container(self, container: Obj, volumes: dict[str, HostVolume]) -> Exit:
@@ -505,6 +507,7 @@ class PodWorker:
         assert self.net is not None
         read_only = bool(oci.security(self.pod, container).get("readOnlyRootFilesystem"))
         await runner.start(spec, self.net.netns, read_only, oci.memory_limit(container))
+        await runner.running()
         started = now()
         status.container_id = f"containerd://{cid}"
         status.image_id = "sha256:" + hashlib.sha256(status.image.encode()).hexdigest()
@@ -858,7 +861,7 @@ class Kubelet:
 
     async def _remove_folder(self, uid: str) -> None:
         if uid not in self.workers:
-            await asyncio.to_thread(remove_tree, self.state / "pods" / uid)
+            await asyncio.to_thread(mounts.remove_tree, self.state / "pods" / uid)
 
     # -- for the API and the test hooks -------------------------------------------------
 

@@ -58,6 +58,28 @@ def tmpfs(target: Path, size: int | None, mode: int) -> None:
     hostcmd.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", target], "emptyDir volume")
 
 
+def read_only(target: Path) -> None:
+    """Make the bind mount at `target` read-only."""
+    hostcmd.run(["mount", "-o", "remount,bind,ro", target], "read-only volume")
+
+
+def bind_read_only(source: Path, target: Path) -> None:
+    """Bind the folder or file `source` onto `target` (made here), read-only on the host.
+
+    Read-only for runsc alone is not enough: runsc 20240729 with directfs (its default)
+    truncates a file that a container opens with O_TRUNC on a read-only bind, although the
+    open itself fails with EROFS. The kubelet mounts a read-only claim read-only on the node
+    too; here every read-only volume is.
+    """
+    if source.is_dir():
+        target.mkdir(mode=0o700, parents=True)
+    else:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.touch(mode=0o600)
+    hostcmd.run(["mount", "--bind", source, target], "read-only volume")
+    read_only(target)
+
+
 def bind_fd(fd: int, target: Path) -> None:
     """Bind what `fd` (an O_PATH descriptor of this process) names onto `target`: the path
     that led to it may change meanwhile, the bind does not follow."""

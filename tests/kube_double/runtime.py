@@ -37,6 +37,7 @@ LOG_BYTES = 4 * 1024 * 1024
 LAYER_BYTES = 16 * 1024 * 1024
 """The host-side upper layer of a root: only mount points are made there."""
 READ_CHUNK = 65536
+STATE_POLL = 0.02
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,18 @@ class Container:
         )
         assert self.process.stdout is not None
         self._pump = asyncio.create_task(self._keep_log(self.process.stdout))
+
+    async def running(self) -> bool:
+        """Wait until runsc says the container runs (True), or until it has ended (False):
+        the kubelet reports a container running once the runtime has started it."""
+        assert self.process is not None
+        while self.process.returncode is None:
+            state = await asyncio.to_thread(hostcmd.probe, self.runsc("state", self.cid))
+            with contextlib.suppress(ValueError, AttributeError):
+                if state and json.loads(state).get("status") == "running":
+                    return True
+            await asyncio.sleep(STATE_POLL)
+        return False
 
     async def _keep_log(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(READ_CHUNK):

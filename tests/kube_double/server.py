@@ -108,10 +108,16 @@ def _operator_objects(config: Config, store: Store) -> None:
                     }
                 ],
                 "nodeInfo": {
-                    "containerRuntimeVersion": "containerd://1.7.0 (runsc)",
-                    "kubeletVersion": "v1.31.0-kube-double",
-                    "operatingSystem": "linux",
                     "architecture": "amd64",
+                    "bootID": "",
+                    "containerRuntimeVersion": "containerd://1.7.0 (runsc)",
+                    "kernelVersion": os.uname().release,
+                    "kubeProxyVersion": "",
+                    "kubeletVersion": "v1.31.0-kube-double",
+                    "machineID": "",
+                    "operatingSystem": "linux",
+                    "osImage": "kube double",
+                    "systemUUID": "",
                 },
             },
         },
@@ -119,7 +125,7 @@ def _operator_objects(config: Config, store: Store) -> None:
 
 
 async def _serve(config: Config, state: Path, port: int) -> bool:
-    store = Store()
+    store = Store(config.watch_history)
     network = Network(config)
     await asyncio.to_thread(network.setup)
     _operator_objects(config, store)
