@@ -11,7 +11,9 @@ service of the test's own; nothing here mocks the hub or the service.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -20,18 +22,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import yaml
 from conftest import skip_or_fail
 from helpers import free_port
+from kube_double import Double, running_double
+
+from provisioner.images.oci import unpack_image
+from provisioner.images.store import find_image
+from provisioner.kubernetes.agent_image import build_agent_image
+from provisioner.kubernetes.manifests import SELECTOR
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 PROXY = Path("/opt/jupyter-sandbox/proxy/node_modules/.bin/configurable-http-proxy")
 KERNELSPEC = "python3-kubernetes"
+NAMESPACE = "jupyter-sandbox-kernels"
+KERNEL_IMAGE = "registry.test/jupyter-sandbox-python3:1"
+AGENT_IMAGE = "registry.test/jupyter-sandbox-agent:1"
 SERVICE = "jupyter-sandbox"
 SERVICE_SCOPES = ["read:users:name", "read:users:groups", "read:servers"]
 """As deploy/kubernetes/z2jh-values.yaml's role for the service."""
@@ -196,3 +209,165 @@ def jupyterhub() -> Iterator[Hub]:
             yield hub
         finally:
             hub.stop()
+
+
+def deploy_documents(name: str) -> list[dict[str, Any]]:
+    with open(REPO / "deploy" / "kubernetes" / name) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def deploy_rules() -> list[dict[str, Any]]:
+    """The service's RBAC exactly as deploy/kubernetes/rbac.yaml grants it."""
+    rules = []
+    for doc in deploy_documents("rbac.yaml"):
+        if doc["kind"] == "Role":
+            rules += [{**r, "namespace": NAMESPACE} for r in doc["rules"]]
+        elif doc["kind"] == "ClusterRole":
+            rules += doc["rules"]
+    return rules
+
+
+def namespace_labels() -> dict[str, str]:
+    [ns] = [d for d in deploy_documents("namespace.yaml") if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == NAMESPACE
+    return dict(ns["metadata"]["labels"])
+
+
+@dataclass
+class Cluster:
+    """The double, the hub and the service, as one test module uses them."""
+
+    double: Double
+    hub: Hub
+    service_url: str
+    kernelspecs: Path
+    config: Path
+    folder: Path
+    process: subprocess.Popen | None = None
+
+    def start_service(self) -> None:
+        log = open(self.folder / "service.log", "ab")  # noqa: SIM115 (the process holds it)
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "jupyter-sandbox"), "kubernetes", "serve",
+             "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"the service exited:\n{self.service_log()[-3000:]}")
+            try:
+                return requests.get(f"{self.service_url}/health", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, 60, "the Kubernetes sandbox service answers")
+
+    def stop_service(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+    def service_log(self) -> str:
+        return (self.folder / "service.log").read_text(errors="replace")
+
+    def ask(self, method: str, path: str, token: str, **kw: Any) -> requests.Response:
+        headers = {"Authorization": f"token {token}"}
+        return requests.request(method, f"{self.service_url}{path}", headers=headers,
+                                timeout=120, **kw)  # fmt: skip
+
+    def kube(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """One request to the double's API with the service's own credentials (plain HTTP:
+        usable from inside a test's event loop too)."""
+        headers = {"Authorization": f"Bearer {self.double.token}"}
+        return requests.request(method, f"{self.double.url}{path}", timeout=60,
+                                headers=headers, **kw)  # fmt: skip
+
+    def listed(self, path: str) -> list[dict[str, Any]]:
+        answer = self.kube("GET", path, params={"labelSelector": SELECTOR})
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["items"])
+
+    def kernel_pods(self) -> list[dict[str, Any]]:
+        return self.listed(f"/api/v1/namespaces/{NAMESPACE}/pods")
+
+    def objects_left(self) -> dict[str, list[str]]:
+        """Every kernel Pod, Secret and NetworkPolicy in the kernels' namespace."""
+        paths = {
+            "pods": f"/api/v1/namespaces/{NAMESPACE}/pods",
+            "secrets": f"/api/v1/namespaces/{NAMESPACE}/secrets",
+            "policies": f"/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/networkpolicies",
+        }
+        return {kind: [o["metadata"]["name"] for o in self.listed(path)]
+                for kind, path in paths.items()}  # fmt: skip
+
+    def until_nothing_left(self, timeout: float = 60) -> None:
+        wait_until(lambda: not any(self.objects_left().values()), timeout,
+                   f"every kernel object is gone: {self.objects_left()}")  # fmt: skip
+
+
+def agent_rootfs(folder: Path) -> Path:
+    """The agent image as `kubernetes agent-image` builds it, unpacked by the project's own
+    importer into `folder`/rootfs (what the double's kubelet runs for the init container)."""
+    build_agent_image(folder / "layout", "1")
+    rootfs = folder / "rootfs"
+    rootfs.mkdir()
+    unpack_image(f"oci:{folder / 'layout'}:1", rootfs, max_bytes=1 << 30,
+                 log=logging.getLogger("kube_kit"))  # fmt: skip
+    return rootfs
+
+
+@contextlib.contextmanager
+def kube_cluster(folder: Path, policy: str, servers: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """The double (deploy/kubernetes/'s namespace labels and RBAC), a hub, and the service
+    as a process, in `folder`; `servers`: users whose single-user servers run (a test
+    process acting as their server needs the hub to see one, or gc takes its kernels).
+    On the way out all of it stops, and no kernel object may be left."""
+    with running_double(
+        folder,
+        images={KERNEL_IMAGE: find_image(), AGENT_IMAGE: agent_rootfs(folder / "agent")},
+        namespaces={NAMESPACE: namespace_labels(), "jhub": {}},
+        runtime_classes={"gvisor": "runsc"},
+        rules=deploy_rules(),
+    ) as double:
+        port = free_port()
+        service_url = f"http://127.0.0.1:{port}"
+        kernelspecs = folder / "share"
+        spec_dir = kernelspecs / "kernels" / KERNELSPEC
+        spec_dir.mkdir(parents=True)
+        spec = json.loads((REPO / "kernelspecs" / KERNELSPEC / "kernel.json").read_text())
+        spec["metadata"]["kernel_provisioner"]["config"]["service_url"] = service_url
+        (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        hub = started_hub(folder / "hub", kernelspecs, service_url)
+        token_file = folder / "kube-token"
+        token_file.write_text(double.token)
+        (folder / "policy.toml").write_text(policy)
+        config = folder / "jupyter_sandbox_config.py"
+        config.write_text(f"""
+c.KubernetesService.ip = "127.0.0.1"
+c.KubernetesService.port = {port}
+c.KubernetesService.namespace = {NAMESPACE!r}
+c.KubernetesService.agent_image = {AGENT_IMAGE!r}
+c.KubernetesService.images = {{"python3": {KERNEL_IMAGE!r}}}
+c.KubernetesService.api_url = {double.url!r}
+c.KubernetesService.api_token_file = {str(token_file)!r}
+c.KubernetesService.hub_api_url = {hub.api_url!r}
+c.KubernetesService.hub_api_token = {hub.service_token!r}
+c.KubernetesService.policy_file = {str(folder / "policy.toml")!r}
+c.KubernetesService.token_ttl = 1.0
+c.KubernetesService.gc_interval = 2.0
+c.KubernetesService.ended_grace = 5.0
+""")
+        env = Cluster(double, hub, service_url, kernelspecs, config, folder)
+        try:
+            env.start_service()
+            for user in servers:
+                hub.start_server(user)
+            yield env
+        finally:
+            env.stop_service()
+            hub.stop()
+            sys.stderr.write(env.service_log()[-3000:])  # shown by pytest on failure
+        assert env.objects_left() == {"pods": [], "secrets": [], "policies": []}

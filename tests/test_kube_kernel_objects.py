@@ -96,8 +96,11 @@ def test_limits_become_requests_and_limits_and_a_sized_scratch_volume() -> None:
         "memory": str(512 << 20), "cpu": "500m", "ephemeral-storage": str(2 << 30),
     }  # fmt: skip
     assert kernel["resources"]["requests"] == kernel["resources"]["limits"]
-    [scratch] = [v for v in pod["spec"]["volumes"] if v["name"] == "scratch"]
-    assert scratch["emptyDir"]["sizeLimit"] == str(2 << 30)
+    writable = [v for v in pod["spec"]["volumes"] if v["name"] in manifests.WRITABLE]
+    assert [v["emptyDir"]["sizeLimit"] for v in writable] == [str(2 << 30)] * 4
+    mounted = {m["mountPath"] for m in kernel["volumeMounts"] if not m.get("readOnly")}
+    assert mounted == {"/tmp", "/var/tmp", "/home/sandbox", "/run/kernel"}
+    assert not any("subPath" in m for m in kernel["volumeMounts"])
     env = {e["name"]: e["value"] for e in kernel["env"]}
     assert env["JSB_KERNEL"] == "1000,1000,128,4096"  # the agent's rlimits: pids, files
     assert env["JSB_LISTEN"] == str(manifests.AGENT_PORT)

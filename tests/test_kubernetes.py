@@ -18,10 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,28 +28,18 @@ from typing import Any
 import nbformat
 import pytest
 import requests
-import yaml
 from conftest import require_sandbox
-from helpers import free_port
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from kube_double import Double, running_double
-from kube_kit import KERNELSPEC, Hub, started_hub, wait_until
+from kube_kit import KERNELSPEC, NAMESPACE, Cluster, kube_cluster, wait_until
 from kube_schemas import restricted_violations, validate
-from kubernetes_asyncio import client
 from nbclient import NotebookClient
 from test_server import KernelSocket
 
-from provisioner.images.oci import unpack_image
-from provisioner.images.store import find_image
 from provisioner.kubernetes import credentials
-from provisioner.kubernetes.agent_image import build_agent_image
-from provisioner.kubernetes.manifests import AGENT_PORT, SELECTOR
+from provisioner.kubernetes.manifests import AGENT_PORT
 
 REPO = Path(__file__).resolve().parent.parent
-NAMESPACE = "jupyter-sandbox-kernels"
-KERNEL_IMAGE = "registry.test/jupyter-sandbox-python3:1"
-AGENT_IMAGE = "registry.test/jupyter-sandbox-agent:1"
 POLICY = """
 [default]
 memory_limit = "1G"
@@ -66,169 +53,12 @@ max_kernels = 1
 pytestmark = pytest.mark.usefixtures("sandbox_host")
 
 
-def deploy_documents(name: str) -> list[dict[str, Any]]:
-    with open(REPO / "deploy" / "kubernetes" / name) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
-
-
-def deploy_rules() -> list[dict[str, Any]]:
-    """The service's RBAC exactly as deploy/kubernetes/rbac.yaml grants it."""
-    rules = []
-    for doc in deploy_documents("rbac.yaml"):
-        if doc["kind"] == "Role":
-            rules += [{**r, "namespace": NAMESPACE} for r in doc["rules"]]
-        elif doc["kind"] == "ClusterRole":
-            rules += doc["rules"]
-    return rules
-
-
-def namespace_labels() -> dict[str, str]:
-    [ns] = [d for d in deploy_documents("namespace.yaml") if d["kind"] == "Namespace"]
-    assert ns["metadata"]["name"] == NAMESPACE
-    return dict(ns["metadata"]["labels"])
-
-
-@dataclass
-class Cluster:
-    """The double, the hub and the service, as one test module uses them."""
-
-    double: Double
-    hub: Hub
-    service_url: str
-    kernelspecs: Path
-    config: Path
-    folder: Path
-    process: subprocess.Popen | None = None
-
-    def start_service(self) -> None:
-        log = open(self.folder / "service.log", "ab")  # noqa: SIM115 (the process holds it)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "provisioner.cli", "kubernetes", "serve",
-             "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-
-        def up() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"the service exited:\n{self.service_log()[-3000:]}")
-            try:
-                return requests.get(f"{self.service_url}/health", timeout=2).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(up, 60, "the Kubernetes sandbox service answers")
-
-    def stop_service(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-
-    def service_log(self) -> str:
-        return (self.folder / "service.log").read_text(errors="replace")
-
-    def ask(self, method: str, path: str, token: str, **kw: Any) -> requests.Response:
-        headers = {"Authorization": f"token {token}"}
-        return requests.request(method, f"{self.service_url}{path}", headers=headers,
-                                timeout=120, **kw)  # fmt: skip
-
-    def kube(self, call: str, *args: Any, **kw: Any) -> Any:
-        """One CoreV1Api call to the double with the service's own credentials."""
-
-        async def go() -> Any:
-            async with client.ApiClient(self.double.configuration()) as api:
-                return await getattr(client.CoreV1Api(api), call)(*args, **kw)
-
-        return asyncio.run(go())
-
-    def kernel_pods(self) -> list[Any]:
-        return self.kube("list_namespaced_pod", NAMESPACE, label_selector=SELECTOR).items
-
-    def objects_left(self) -> dict[str, list[str]]:
-        """Every kernel Pod, Secret and NetworkPolicy in the kernels' namespace."""
-
-        async def go() -> dict[str, list[str]]:
-            async with client.ApiClient(self.double.configuration()) as api:
-                core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
-                pods = await core.list_namespaced_pod(NAMESPACE, label_selector=SELECTOR)
-                secrets = await core.list_namespaced_secret(NAMESPACE, label_selector=SELECTOR)
-                policies = await net.list_namespaced_network_policy(
-                    NAMESPACE, label_selector=SELECTOR
-                )
-                return {
-                    kind: [o.metadata.name for o in listed.items]
-                    for kind, listed in (("pods", pods), ("secrets", secrets),
-                                         ("policies", policies))
-                }  # fmt: skip
-
-        return asyncio.run(go())
-
-    def until_nothing_left(self, timeout: float = 60) -> None:
-        wait_until(lambda: not any(self.objects_left().values()), timeout,
-                   f"every kernel object is gone: {self.objects_left()}")  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def agent_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The agent image as `kubernetes agent-image` builds it, unpacked by the importer."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_sandbox()
-    folder = tmp_path_factory.mktemp("agent")
-    build_agent_image(folder / "layout", "1")
-    rootfs = folder / "rootfs"
-    rootfs.mkdir()
-    unpack_image(f"oci:{folder / 'layout'}:1", rootfs, max_bytes=1 << 30,
-                 log=__import__("logging").getLogger("test"))  # fmt: skip
-    return rootfs
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, agent_rootfs: Path) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("k8s")
-    with running_double(
-        folder,
-        images={KERNEL_IMAGE: find_image(), AGENT_IMAGE: agent_rootfs},
-        namespaces={NAMESPACE: namespace_labels(), "jhub": {}},
-        runtime_classes={"gvisor": "runsc"},
-        rules=deploy_rules(),
-    ) as double:
-        port = free_port()
-        service_url = f"http://127.0.0.1:{port}"
-        kernelspecs = folder / "share"
-        spec_dir = kernelspecs / "kernels" / KERNELSPEC
-        spec_dir.mkdir(parents=True)
-        spec = json.loads((REPO / "kernelspecs" / KERNELSPEC / "kernel.json").read_text())
-        spec["metadata"]["kernel_provisioner"]["config"]["service_url"] = service_url
-        (spec_dir / "kernel.json").write_text(json.dumps(spec))
-        hub = started_hub(folder / "hub", kernelspecs, service_url)
-        token_file = folder / "kube-token"
-        token_file.write_text(double.token)
-        (folder / "policy.toml").write_text(POLICY)
-        config = folder / "jupyter_sandbox_config.py"
-        config.write_text(f"""
-c.KubernetesService.ip = "127.0.0.1"
-c.KubernetesService.port = {port}
-c.KubernetesService.namespace = {NAMESPACE!r}
-c.KubernetesService.agent_image = {AGENT_IMAGE!r}
-c.KubernetesService.images = {{"python3": {KERNEL_IMAGE!r}}}
-c.KubernetesService.api_url = {double.url!r}
-c.KubernetesService.api_token_file = {str(token_file)!r}
-c.KubernetesService.hub_api_url = {hub.api_url!r}
-c.KubernetesService.hub_api_token = {hub.service_token!r}
-c.KubernetesService.policy_file = {str(folder / "policy.toml")!r}
-c.KubernetesService.token_ttl = 1.0
-c.KubernetesService.gc_interval = 2.0
-c.KubernetesService.ended_grace = 5.0
-""")
-        env = Cluster(double, hub, service_url, kernelspecs, config, folder)
-        env.start_service()
-        try:
-            yield env
-        finally:
-            env.stop_service()
-            hub.stop()
-            print(env.service_log()[-3000:])
-        assert env.objects_left() == {"pods": [], "secrets": [], "policies": []}
+    with kube_cluster(folder, POLICY, servers=("amy", "ben")) as env:
+        yield env
 
 
 @pytest.fixture
@@ -280,11 +110,14 @@ def test_a_notebook_runs_in_a_kernel_pod_that_is_gone_after(cluster: Cluster, as
     async def go() -> None:
         km = kernel_manager(cluster)
         notebook = NotebookClient(nb, km=km, timeout=120)
-        async with notebook.async_setup_kernel():
-            [pod] = cluster.kernel_pods()
-            seen["pod"] = client.ApiClient().sanitize_for_serialization(pod)
-            for index, cell in enumerate(nb.cells):
-                await notebook.async_execute_cell(cell, index)
+        try:
+            async with notebook.async_setup_kernel():
+                [pod] = cluster.kernel_pods()
+                seen["pod"] = pod
+                for index, cell in enumerate(nb.cells):
+                    await notebook.async_execute_cell(cell, index)
+        finally:
+            await km.shutdown_kernel()  # nbclient leaves a kernel manager it was given
 
     asyncio.run(go())
     outputs = ["".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells]
@@ -310,7 +143,7 @@ def test_interrupt_restart_and_shutdown(cluster: Cluster, as_user: Any) -> None:
         km = kernel_manager(cluster)
         await km.start_kernel()
         try:
-            [first] = [p.metadata.name for p in cluster.kernel_pods()]
+            [first] = [p["metadata"]["name"] for p in cluster.kernel_pods()]
             kc = km.client()
             kc.start_channels()
             await kc.wait_for_ready(timeout=60)
@@ -324,7 +157,7 @@ def test_interrupt_restart_and_shutdown(cluster: Cluster, as_user: Any) -> None:
             assert reply["content"]["ename"] == "KeyboardInterrupt"
             kc.stop_channels()
             await km.restart_kernel()
-            names = [p.metadata.name for p in cluster.kernel_pods()]
+            names = [p["metadata"]["name"] for p in cluster.kernel_pods()]
             assert first not in names and len(names) == 1  # a new pod, the old one gone
             out, content = await run(km, "print(6 * 7)")
             assert (out.strip(), content["status"]) == ("42", "ok")
@@ -347,7 +180,7 @@ def test_tokens_and_tenants(cluster: Cluster, as_user: Any) -> None:
         await km.start_kernel()
         try:
             [pod] = cluster.kernel_pods()
-            name, ip = pod.metadata.name, pod.status.pod_ip
+            name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
             assert cluster.ask("GET", f"/kernels/{name}", amy).json()["name"] == name
             for verb in ("GET", "DELETE"):
                 answer = cluster.ask(verb, f"/kernels/{name}", ben)
@@ -423,7 +256,9 @@ def test_a_restarted_service_adopts_its_kernels(cluster: Cluster, as_user: Any) 
             cluster.start_service()
             token = os.environ["JUPYTERHUB_API_TOKEN"]
             mine = cluster.ask("GET", "/kernels", token).json()["kernels"]
-            assert [k["name"] for k in mine] == [p.metadata.name for p in cluster.kernel_pods()]
+            assert [k["name"] for k in mine] == [
+                p["metadata"]["name"] for p in cluster.kernel_pods()
+            ]
         finally:
             await km.shutdown_kernel()  # deleted through the new service
 
@@ -464,7 +299,7 @@ def notice_and_restart(cluster: Cluster, socket_: KernelSocket, kernel_id: str, 
                        cause: Any, expected: str) -> None:  # fmt: skip
     """Run `cause` (which ends the kernel's pod), then the notebook is told `expected` and
     the server's restarter gives it a new pod whose kernel answers."""
-    [before] = [p.metadata.name for p in cluster.kernel_pods()]
+    [before] = [p["metadata"]["name"] for p in cluster.kernel_pods()]
     socket_.send("execute_request", {"code": "import time; time.sleep(300)", "silent": False,
                                      "store_history": False, "user_expressions": {},
                                      "allow_stdin": False, "stop_on_error": True})  # fmt: skip
@@ -486,10 +321,10 @@ def notice_and_restart(cluster: Cluster, socket_: KernelSocket, kernel_id: str, 
     assert expected in told, told
 
     def new_pod() -> bool:
-        return any(p.metadata.name != before for p in cluster.kernel_pods())
+        return any(p["metadata"]["name"] != before for p in cluster.kernel_pods())
 
     wait_until(new_pod, 120, "the restarter made a new kernel pod")
-    wait_until(lambda: before not in [p.metadata.name for p in cluster.kernel_pods()], 60,
+    wait_until(lambda: before not in [p["metadata"]["name"] for p in cluster.kernel_pods()], 60,
                "the old pod is gone")  # fmt: skip
     reply, _iopub = socket_.execute("print('back')", timeout=120)
     assert reply["status"] == "ok"
@@ -538,7 +373,8 @@ def test_through_the_hub_a_pod_ended_from_outside_is_told_and_restarted(
 
     def end(name: str) -> None:
         if what == "deleted":
-            cluster.kube("delete_namespaced_pod", name, NAMESPACE, grace_period_seconds=0)
+            cluster.kube("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}",
+                         params={"gracePeriodSeconds": "0"})  # fmt: skip
         elif what == "evicted":
             asyncio.run(cluster.double.evict(NAMESPACE, name))
         else:
@@ -558,9 +394,7 @@ def test_through_the_hub_a_pod_ended_from_outside_is_told_and_restarted(
 def test_the_deploy_rbac_is_what_the_service_needs(cluster: Cluster) -> None:
     """The service ran every test above under deploy/kubernetes/rbac.yaml's rules only
     (the double enforces them on every request); nothing outside them is allowed."""
-    with pytest.raises(client.exceptions.ApiException) as refused:
-        cluster.kube("list_namespaced_pod", "jhub")
-    assert refused.value.status == 403
-    with pytest.raises(client.exceptions.ApiException) as refused:
-        cluster.kube("connect_get_namespaced_pod_exec", "x", NAMESPACE, command=["id"])
-    assert refused.value.status == 403
+    assert cluster.kube("GET", "/api/v1/namespaces/jhub/pods").status_code == 403
+    exec_ = f"/api/v1/namespaces/{NAMESPACE}/pods/x/exec"
+    assert cluster.kube("POST", exec_, params={"command": "id"}).status_code == 403
+    assert cluster.kube("GET", "/api/v1/nodes").status_code == 403

@@ -230,12 +230,12 @@ class Cluster:
                 allow_watch_bookmarks=True,
                 timeout_seconds=WATCH_SECONDS,
             ):
-                kind, pod = event["type"], event["object"]
-                if kind == "ERROR":
-                    raise ApiException(status=getattr(pod, "code", 500) or 500)
-                version = pod.metadata.resource_version or version
+                # kubernetes_asyncio raises an ERROR event (410 Gone among them) as an
+                # ApiException; a BOOKMARK's object stays a dict, the others are V1Pods.
+                kind, raw = event["type"], event.get("raw_object") or {}
+                version = str((raw.get("metadata") or {}).get("resourceVersion") or version)
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    self._saw(pod, deleted=kind == "DELETED")
+                    self._saw(event["object"], deleted=kind == "DELETED")
         return version
 
     def _saw(self, pod: client.V1Pod, deleted: bool) -> None:

@@ -46,6 +46,9 @@ KERNEL_RUNTIME_DIR = "/run/kernel"
 """The agent's folder for the kernel's connection file and ipc sockets (agent.RUNTIME_DIR)."""
 GRACE_SECONDS = 5
 """Seconds a kernel pod gets after SIGTERM (a shutdown): the kernel has said goodbye by then."""
+WRITABLE = {"tmp": "/tmp", "var-tmp": "/var/tmp", "home": KERNEL_HOME, "run": KERNEL_RUNTIME_DIR}
+"""What the kernel may write (its root is read-only), by volume name: the same folders as
+the local backends' (layout.KERNEL_WRITABLE) and the agent's run folder."""
 AGENT_VOLUME_SIZE = "256Mi"
 """Room for the agent's runtime (about 45 MB) in its emptyDir."""
 INSTALL_ARGV = (AGENT_PYTHON, "-S", "-s", "-E", "-B", f"{AGENT_IN_RUNTIME}/install_agent.py")
@@ -214,21 +217,18 @@ _CONTAINER_SECURITY: dict[str, Any] = {
 
 def pod(plan: KernelPlan) -> dict[str, Any]:
     """The kernel's Pod."""
-    scratch = [
-        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
-        {"name": "scratch", "mountPath": "/var/tmp", "subPath": "var-tmp"},
-        {"name": "scratch", "mountPath": KERNEL_HOME, "subPath": "home"},
-        {"name": "scratch", "mountPath": KERNEL_RUNTIME_DIR, "subPath": "run"},
-    ]
+    # One emptyDir per writable folder, not subPaths of one: a kubelet makes subPath
+    # folders root's 0755, which a non-root kernel cannot write. Each is bounded by
+    # disk_limit, and all of them together by the container's ephemeral-storage limit.
     mounts = [
         {"name": "agent", "mountPath": AGENT_RUNTIME, "readOnly": True},
         {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
-        *scratch,
+        *({"name": name, "mountPath": path} for name, path in WRITABLE.items()),
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "agent", "emptyDir": {"sizeLimit": AGENT_VOLUME_SIZE}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": str(plan.limits.disk)}},
         {"name": "tls", "secret": {"secretName": plan.name, "defaultMode": 0o440}},
+        *({"name": name, "emptyDir": {"sizeLimit": str(plan.limits.disk)}} for name in WRITABLE),
     ]
     spec: dict[str, Any] = {
         "automountServiceAccountToken": False,

@@ -291,7 +291,8 @@ class KubernetesService(LoggingConfigurable):
             configuration = client.Configuration(host=self.api_url)
             if self.api_token_file:
                 token = Path(self.api_token_file).read_text().strip()
-                configuration.api_key = {"authorization": f"Bearer {token}"}
+                configuration.api_key = {"BearerToken": token}
+                configuration.api_key_prefix = {"BearerToken": "Bearer"}
             return client.ApiClient(configuration)
         try:
             config.load_incluster_config()
