@@ -677,3 +677,146 @@ async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path) -> None:
         assert not Path("/sys/class/net", described["veth"]).exists()
         cid = described["containers"]["main"]
         assert not any(Path("/sys/fs/cgroup/memory/kube-double").glob(f"*/{cid}"))
+
+
+# -- NetworkPolicy --------------------------------------------------------------------
+
+SERVE_OK = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 8888))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"ok")
+    conn.close()
+"""
+CALL_HOME = """
+import socket, sys, time
+while True:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5).close()
+    except OSError:
+        pass
+    time.sleep(0.1)
+"""
+
+
+async def read_from(ip: str, port: int, timeout: float = 1.0) -> str | None:
+    """What a server at `ip`:`port` sends first, connecting from the host; None if the
+    connection cannot be made in time."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        return (await asyncio.wait_for(reader.read(), timeout)).decode()
+    finally:
+        writer.close()
+
+
+async def settles(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "the policy never took effect"
+        await asyncio.sleep(0.1)
+
+
+async def test_network_policies_are_enforced(tmp_path: Path) -> None:
+    owner = {"component": "singleuser-server", "hub.jupyter.org/username": "alice"}
+    with running_double(
+        tmp_path,
+        images={IMAGE: find_image()},
+        namespaces={NS: {}, "hub": {}},
+        host_pod_labels=owner,
+        host_pod_namespace="hub",
+        **SECOND,
+    ) as small:
+        host = small.config.gateway
+        calls = 0
+
+        async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal calls
+            calls += 1
+            writer.close()
+
+        listener = await asyncio.start_server(count, host, 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener, client.ApiClient(small.configuration()) as api:
+            v1, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
+            kernel = pod(
+                "guarded",
+                ["python3", "-c", SERVE_OK],
+                labels={"kernel": "k1"},
+                container={"ports": [{"name": "kernel", "containerPort": 8888}]},
+            )
+            caller = pod(
+                "caller", ["python3", "-c", CALL_HOME, host, str(port)], labels={"kernel": "k2"}
+            )
+            for manifest in (kernel, caller):
+                await v1.create_namespaced_pod(NS, manifest)
+            ip = (await until(v1, "guarded", running)).status.pod_ip
+            bob = await small.add_peer(
+                "hub", "jupyter-bob", {**owner, "hub.jupyter.org/username": "bob"}
+            )
+
+            async def host_in() -> bool:
+                return await read_from(ip, 8888) == "ok"
+
+            async def bob_in() -> bool:
+                return await bob.connect(ip, 8888, 1.0) == "ok"
+
+            await settles(host_in)
+            assert await bob_in()
+            await settles(lambda: asyncio.sleep(0.3, calls > 0))
+            # Only the owner's server, from its namespace, on the kernel's named port.
+            await net.create_namespaced_network_policy(
+                NS,
+                {
+                    "metadata": {"name": "kernel-k1"},
+                    "spec": {
+                        "podSelector": {"matchLabels": {"kernel": "k1"}},
+                        "ingress": [
+                            {
+                                "from": [
+                                    {
+                                        "namespaceSelector": {
+                                            "matchLabels": {"kubernetes.io/metadata.name": "hub"}
+                                        },
+                                        "podSelector": {
+                                            "matchLabels": {"hub.jupyter.org/username": "alice"}
+                                        },
+                                    }
+                                ],
+                                "ports": [{"port": "kernel"}],
+                            }
+                        ],
+                    },
+                },
+            )
+            await settles(lambda: _not(bob_in()))
+            assert await host_in()
+            # Default deny in the namespace, ingress and egress: nothing in, nothing out.
+            await net.delete_namespaced_network_policy("kernel-k1", NS)
+            await net.create_namespaced_network_policy(
+                NS,
+                {
+                    "metadata": {"name": "deny"},
+                    "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+                },
+            )
+            await settles(lambda: _not(host_in()))
+            assert not await bob_in()
+            await asyncio.sleep(0.5)
+            before = calls
+            await asyncio.sleep(1.0)
+            assert calls == before
+            await net.delete_namespaced_network_policy("deny", NS)
+            await settles(host_in)
+            assert await bob_in()
+            await settles(lambda: asyncio.sleep(0.3, calls > before))
+
+
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check

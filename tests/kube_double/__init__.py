@@ -18,6 +18,7 @@ folder and per bridge name at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -43,6 +44,45 @@ TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 START_SECONDS = 30.0
 STOP_SECONDS = 60.0
+
+
+CONNECT = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+        s.settimeout(float(sys.argv[3]))
+        sys.stdout.write(s.recv(65536).decode(errors="replace"))
+except OSError as e:
+    sys.stderr.write(str(e))
+    sys.exit(1)
+"""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A test's stand-in for another pod: its address and network namespace."""
+
+    ip: str
+    netns: str
+
+    async def connect(self, ip: str, port: int, timeout: float = 2.0) -> str | None:
+        """Connect from this peer to `ip`:`port` and read what the server first sends: that
+        text, or None if the connection could not be made (refused, dropped, timed out)."""
+        process = await asyncio.create_subprocess_exec(
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "--",
+            sys.executable,
+            "-c",
+            CONNECT,
+            ip,
+            str(port),
+            str(timeout),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await process.communicate()
+        return out.decode() if process.returncode == 0 else None
 
 
 @dataclass
@@ -92,6 +132,15 @@ class Double:
         (DeletionByTaintManager), and deleted. Returns their "namespace/name"."""
         answer = await self._hook("POST", "lose-node", {"node": node or self.config.node})
         return list(answer["lost"])
+
+    async def add_peer(self, namespace: str, name: str, labels: dict[str, str]) -> Peer:
+        """A network namespace on the pod network with an address and labels: another
+        tenant's pod (or the owner's server pod) as NetworkPolicies see it. It has no API
+        object; it goes when the double stops."""
+        answer = await self._hook(
+            "POST", "peers", {"namespace": namespace, "name": name, "labels": labels}
+        )
+        return Peer(answer["ip"], answer["netns"])
 
     async def pods(self) -> list[dict[str, Any]]:
         """What runs where: per pod its netns, host link, IP and runsc container ids."""

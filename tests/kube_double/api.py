@@ -13,7 +13,7 @@ resourceVersion older than the history); `timeoutSeconds` ends the stream;
 `sendInitialEvents` is honoured as by a 1.27+ server.
 
 Test hooks live under `/double/` (no real client goes there): `POST
-/double/evict`, `POST /double/lose-node`, `GET /double/pods`.
+/double/evict`, `POST /double/lose-node`, `POST /double/peers`, `GET /double/pods`.
 """
 
 from __future__ import annotations
@@ -683,6 +683,23 @@ class Api:
                 str(body.get("message", "The node was low on resource: memory.")),
             )
             return _json({"evicted": f"{body.get('namespace')}/{body.get('name')}"})
+        if what == "peers":
+            labels = body.get("labels") or {}
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+            ):
+                raise bad_request("labels: expected an object of strings")
+            try:
+                net = await asyncio.to_thread(
+                    self.kubelet.firewalls.add_peer,
+                    str(body.get("namespace")),
+                    str(body.get("name")),
+                    labels,
+                )
+            except ValueError as e:
+                raise ApiError(409, "AlreadyExists", str(e)) from None
+            self.kubelet.firewalls.changed()
+            return _json({"ip": net.ip, "netns": net.netns})
         if what == "lose-node":
             lost = await self.kubelet.lose_node(str(body.get("node", self.config.node)))
             return _json({"lost": lost})

@@ -44,6 +44,7 @@ import aiohttp
 
 from . import mounts, oci
 from .config import Config
+from .firewall import Firewalls, Guarded
 from .kinds import CONFIG_MAP, POD, SECRET
 from .meta import bad_request, later, not_found, now
 from .network import Network, PodNet
@@ -354,6 +355,7 @@ class PodWorker:
         )
         self.condition("PodReadyToStartContainers", True)
         self.publish()
+        await self.kubelet.firewalls.enforce(Guarded(self.uid, self.namespace, self.name, self.net))
 
     async def _volumes(self) -> dict[str, HostVolume]:
         volumes = Volumes(self.dir, self.pod, self.kubelet.store, self.config)
@@ -793,6 +795,14 @@ class Kubelet:
         self.workers: dict[str, PodWorker] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         store.listeners.append(self.on_event)
+        self.firewalls = Firewalls(config, store, network, self._guarded)
+
+    def _guarded(self) -> list[Guarded]:
+        return [
+            Guarded(w.uid, w.namespace, w.name, w.net)
+            for w in self.workers.values()
+            if w.net is not None and not w.silent
+        ]
 
     def spawn(self, coroutine: Any) -> None:
         """Run `coroutine` on the loop, kept until it ends (its failure is logged)."""
@@ -853,6 +863,7 @@ class Kubelet:
     async def forget(self, worker: PodWorker, remove: bool) -> None:
         """The worker is done: its folder goes, and (`remove`) the object too."""
         self.workers.pop(worker.uid, None)
+        self.firewalls.forget(worker.uid)
         await self._remove_folder(worker.uid)
         if remove:
             obj = self.store.find(POD, worker.namespace, worker.name)
@@ -989,6 +1000,7 @@ class Kubelet:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.firewalls.remove_peers)
 
     def describe(self) -> list[Obj]:
         """What runs where, for tests: pod, netns, host link, address, containers."""
