@@ -23,7 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import require_sandbox
-from kube_double import Double, running_double
+from kube_double import Double, policy, running_double, selectors
+from kube_double.admission import pod_security
+from kube_double.meta import ApiError
+from kube_double.patch import apply_patch
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -158,6 +161,131 @@ async def refused(call: Awaitable[Any], code: int, reason: str) -> dict[str, Any
     body = status_of(caught.value)
     assert body["reason"] == reason, body
     return body
+
+
+# -- the pure parts (no sandbox) --------------------------------------------------------
+
+
+def test_label_and_field_selectors_parse_as_on_the_api_server() -> None:
+    labels = {"app": "kernel", "user": "alice"}
+    for text, expected in [
+        ("app=kernel,user", True),
+        ("app==kernel,!team", True),
+        ("user in (bob,alice)", True),
+        ("user notin (alice)", False),
+        ("app!=kernel", False),
+        ("", True),
+    ]:
+        assert selectors.parse_labels(text).matches(labels) is expected, text
+    for bad in ("app in (a", "=x", "a b"):
+        with pytest.raises(ApiError) as caught:
+            selectors.parse_labels(bad)
+        assert caught.value.code == 400
+    chosen = selectors.from_object(
+        {
+            "matchLabels": {"app": "kernel"},
+            "matchExpressions": [{"key": "team", "operator": "DoesNotExist"}],
+        }
+    )
+    assert chosen.matches(labels) and not selectors.from_object(None).matches(labels)
+    fields = selectors.parse_fields("metadata.name=p,status.phase!=Failed", "pods")
+    assert fields.matches({"metadata": {"name": "p"}, "status": {"phase": "Running"}})
+    with pytest.raises(ApiError):
+        selectors.parse_fields("spec.image=x", "pods")
+
+
+def test_patches_apply_as_on_the_api_server() -> None:
+    pod_ = {
+        "metadata": {"labels": {"a": "1", "b": "2"}},
+        "spec": {"containers": [{"name": "main", "image": "x"}, {"name": "side", "image": "y"}]},
+    }
+    merged = apply_patch(
+        pod_, {"metadata": {"labels": {"a": None, "c": "3"}}}, "application/merge-patch+json"
+    )
+    assert merged["metadata"]["labels"] == {"b": "2", "c": "3"}
+    strategic = apply_patch(
+        pod_,
+        {"spec": {"containers": [{"name": "side", "image": "z"}]}},
+        "application/strategic-merge-patch+json",
+    )
+    assert [c["image"] for c in strategic["spec"]["containers"]] == ["x", "z"]
+    ops = [
+        {"op": "add", "path": "/metadata/labels/d", "value": "4"},
+        {"op": "remove", "path": "/metadata/labels/a"},
+    ]
+    assert apply_patch(pod_, ops, "application/json-patch+json")["metadata"]["labels"] == {
+        "b": "2",
+        "d": "4",
+    }
+    with pytest.raises(ApiError) as caught:
+        apply_patch(
+            pod_,
+            [{"op": "test", "path": "/metadata/labels/a", "value": "9"}],
+            "application/json-patch+json",
+        )
+    assert caught.value.code == 422
+    assert pod_["metadata"]["labels"] == {"a": "1", "b": "2"}  # never changed in place
+
+
+def test_pod_security_restricted_is_worded_as_the_admission_plugin() -> None:
+    bare = pod("bare", SLEEP)
+    found = pod_security(bare, "restricted")
+    assert found[0].startswith('allowPrivilegeEscalation != false (container "main" must set')
+    assert any(f.startswith("runAsNonRoot != true") for f in found)
+    hardened = pod(
+        "hard",
+        SLEEP,
+        securityContext={"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        container={
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
+        },
+    )
+    assert pod_security(hardened, "restricted") == []
+    assert pod_security(bare, "baseline") == []
+
+
+def test_network_policy_rules() -> None:
+    target = pod(
+        "k",
+        SLEEP,
+        labels={"kernel": "1"},
+        container={"ports": [{"name": "kernel", "containerPort": 8888}]},
+    )
+    target["metadata"]["namespace"] = NS
+    allow = {
+        "metadata": {"namespace": NS, "name": "k"},
+        "spec": {
+            "podSelector": {"matchLabels": {"kernel": "1"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"team": "hub"}},
+                            "podSelector": {"matchLabels": {"user": "alice"}},
+                        },
+                        {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]}},
+                    ],
+                    "ports": [{"port": "kernel"}],
+                }
+            ],
+        },
+    }
+    endpoints = [
+        policy.Endpoint("hub", {"user": "alice"}, "10.250.0.7"),
+        policy.Endpoint("hub", {"user": "bob"}, "10.250.0.8"),
+        policy.Endpoint(NS, {"user": "alice"}, "10.250.0.9"),
+    ]
+    spaces = {"hub": {"team": "hub"}, NS: {}}
+    rules = policy.ruleset(target, [allow], spaces, endpoints, None)
+    assert "ip saddr 10.250.0.7 tcp dport 8888 accept" in rules
+    assert "ip saddr 10.0.0.0/8 ip saddr != { 10.9.0.0/16 } tcp dport 8888 accept" in rules
+    assert "10.250.0.8" not in rules and "10.250.0.9" not in rules
+    assert "chain egress" not in rules and "policy drop" in rules
+    assert policy.ruleset(target, [], spaces, endpoints, None) == ""
 
 
 # -- the API ----------------------------------------------------------------------------

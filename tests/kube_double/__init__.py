@@ -244,6 +244,7 @@ def running_double(
     config_path.write_text(json.dumps(settings))
     config_path.chmod(0o600)
     log_path = tmp_path / "kube-double.log"
+    (state / "ready.json").unlink(missing_ok=True)  # a crashed run's: not this one's port
     args = [
         sys.executable,
         "-m",

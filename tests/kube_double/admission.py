@@ -523,6 +523,8 @@ def _check_keys(problems: Problems, field: str, data: Any) -> dict[str, str]:
                 "'KEY_NAME',  or 'key-name', regex used for validation is "
                 "'[-._a-zA-Z0-9]+')",
             )
+        elif key.startswith(".."):  # the atomic writer's own names (..data) start so
+            problems.bad(f"{field}[{key}]", key, "must not start with '..'")
     return data
 
 
@@ -628,10 +630,12 @@ def admit_network_policy(policy: Obj) -> Obj:
 
 
 def check_update(kind: Kind, old: Obj, new: Obj) -> None:
-    """What an update (PUT, PATCH) may not change: identity, and a pod's spec; an immutable
-    Secret or ConfigMap's data. Raises 422 as the real server does."""
+    """What an update (PUT, PATCH) may not do: make labels or annotations invalid, change
+    identity or a pod's spec, or an immutable Secret or ConfigMap's data. Raises 422 as
+    the real server does."""
     name = old["metadata"]["name"]
     problems = Problems()
+    problems.metadata(new["metadata"])
     for field in ("name", "namespace", "uid"):
         if new["metadata"].get(field, old["metadata"].get(field)) != old["metadata"].get(field):
             problems.bad(f"metadata.{field}", new["metadata"].get(field), "field is immutable")

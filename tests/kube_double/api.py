@@ -316,7 +316,7 @@ class Api:
             raise bad_request("the request body is empty")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise bad_request(f"the body of the request was in an unknown format: {e}") from None
 
     def _admit(self, kind: Kind, obj: dict[str, Any]) -> dict[str, Any]:

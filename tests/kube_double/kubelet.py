@@ -485,7 +485,7 @@ class PodWorker:
         cid = f"kd{secrets.token_hex(6)}"
         bundle = self.dir / "containers" / container["name"]
         log_path = self.dir / "logs" / f"{container['name']}.log"
-        runner = Container(self.config, self.kubelet.state, cid, bundle, log_path)
+        runner = Container(self.config, cid, bundle, log_path)
         self.containers[container["name"]] = runner
         root = await asyncio.to_thread(runner.prepare, image)
         binds = await asyncio.to_thread(self._binds, container, volumes)
