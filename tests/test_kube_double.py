@@ -28,6 +28,7 @@ from kube_double.admission import pod_security
 from kube_double.meta import ApiError
 from kube_double.patch import apply_patch
 from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from provisioner.images.store import find_image
@@ -42,6 +43,12 @@ a shell as PID 1 ignores SIGTERM, as any PID 1 without a handler)."""
 
 
 @pytest.fixture(scope="module")
+def gvisor_host() -> None:
+    """What every double needs: root, runsc, the default image (else skip; under CI fail)."""
+    require_sandbox("gvisor")
+
+
+@pytest.fixture(scope="module")
 def claim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("claim")
     os.chown(folder, 1000, 1000)
@@ -49,8 +56,9 @@ def claim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def double(tmp_path_factory: pytest.TempPathFactory, claim: Path) -> Iterator[Double]:
-    require_sandbox("gvisor")
+def double(
+    tmp_path_factory: pytest.TempPathFactory, claim: Path, gvisor_host: None
+) -> Iterator[Double]:
     with running_double(
         tmp_path_factory.mktemp("double"),
         images={IMAGE: find_image()},
@@ -376,7 +384,7 @@ async def test_a_watch_sees_a_pod_added_running_and_deleted_in_order(v1: client.
     assert again[: len(kinds) - 1] == kinds[1:] and again[-1] == "BOOKMARK"
 
 
-async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path) -> None:
+async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path, gvisor_host: None) -> None:
     with running_double(tmp_path, watch_history=10, **SECOND) as small:
         async with client.ApiClient(small.configuration()) as api:
             v1 = client.CoreV1Api(api)
@@ -393,6 +401,16 @@ async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path) -> None:
                     ):
                         pass
             assert caught.value.status == 410 and "too old resource version" in caught.value.reason
+
+
+async def test_a_kubeconfig_reaches_the_double(double: Double, tmp_path: Path) -> None:
+    loaded = client.Configuration()
+    await kube_config.load_kube_config(
+        str(double.kubeconfig(tmp_path / "kubeconfig")), client_configuration=loaded
+    )
+    async with client.ApiClient(loaded) as api:
+        assert (await client.VersionApi(api).get_code()).git_version.endswith("kube-double")
+        assert NS in {n.metadata.name for n in (await client.CoreV1Api(api).list_namespace()).items}
 
 
 async def test_errors_are_status_objects(double: Double, v1: client.CoreV1Api) -> None:
@@ -473,7 +491,7 @@ async def test_secrets_config_maps_policies_and_the_operator_s_objects(
         assert (await v1.read_node("node-1")).status.conditions[0].status == "True"
 
 
-async def test_access_reviews_and_rbac(tmp_path: Path) -> None:
+async def test_access_reviews_and_rbac(tmp_path: Path, gvisor_host: None) -> None:
     rules = [
         {
             "namespace": NS,
@@ -731,7 +749,9 @@ async def test_eviction(double: Double, v1: client.CoreV1Api) -> None:
     await gone(v1, "evicted")
 
 
-async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(tmp_path: Path) -> None:
+async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(
+    tmp_path: Path, gvisor_host: None
+) -> None:
     serve = (
         "import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen()\n"
         "c, _ = s.accept(); c.sendall(b'hello\\n')\ntime.sleep(3600)"
@@ -773,7 +793,7 @@ async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(tmp_path: Path) ->
             assert [e["type"] for e in events] == ["MODIFIED"] * 3 + ["DELETED"]
 
 
-async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path) -> None:
+async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path, gvisor_host: None) -> None:
     for crash in (False, True):
         (tmp_path / str(crash)).mkdir()
         with running_double(
@@ -851,7 +871,7 @@ async def settles(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> 
         await asyncio.sleep(0.1)
 
 
-async def test_network_policies_are_enforced(tmp_path: Path) -> None:
+async def test_network_policies_are_enforced(tmp_path: Path, gvisor_host: None) -> None:
     owner = {"component": "singleuser-server", "hub.jupyter.org/username": "alice"}
     with running_double(
         tmp_path,

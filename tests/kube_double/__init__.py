@@ -104,6 +104,26 @@ class Double:
         configuration.api_key_prefix = {"BearerToken": "Bearer"}
         return configuration
 
+    def kubeconfig(self, path: Path) -> Path:
+        """Write a kubeconfig for the double at `path` (mode 0600) and return it: for code
+        that loads its configuration as from a cluster (`config.load_kube_config`)."""
+        document = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kube-double", "cluster": {"server": self.url}}],
+            "users": [{"name": "kube-double", "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "kube-double",
+                    "context": {"cluster": "kube-double", "user": "kube-double"},
+                }
+            ],
+            "current-context": "kube-double",
+        }
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(document))  # JSON is YAML
+        return path
+
     async def _hook(self, method: str, what: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
         async with (
