@@ -444,6 +444,9 @@ async def test_errors_are_status_objects(double: Double, v1: client.CoreV1Api) -
         body["message"] == 'pods "kata" is forbidden: pod rejected: RuntimeClass "kata" not found'
     )
     await refused(v1.list_namespaced_pod(NS, label_selector="a in (b"), 400, "BadRequest")
+    typo = pod("typo", SLEEP, securityContext={"runAsUser": "root"})
+    body = await refused(v1.create_namespaced_pod(NS, typo), 400, "BadRequest")
+    assert "spec.securityContext.runAsUser" in body["message"]
 
 
 async def test_secrets_config_maps_policies_and_the_operator_s_objects(

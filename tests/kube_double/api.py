@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admission, kinds, selectors
+from . import admission, kinds, selectors, validation
 from .config import Config
 from .kinds import POD, Kind
 from .kubelet import Kubelet
@@ -331,6 +331,7 @@ class Api:
 
     async def _create(self, request: web.Request, kind: Kind, namespace: str) -> web.StreamResponse:
         obj = admission.prepare_metadata(await self._body(request), kind, namespace)
+        validation.decode(obj)
         admission.check_namespace(self.config, namespace)
         obj = self._admit(kind, obj)
         if request.query.get("dryRun"):
@@ -378,6 +379,7 @@ class Api:
         if "status" in old:
             new["status"] = old["status"]  # the main resource never writes status
         new["kind"], new["apiVersion"] = kind.kind, kind.api_version
+        validation.decode(new)
         if kind is not POD:
             new = self._admit(kind, new)
         admission.check_update(kind, old, new)
@@ -535,7 +537,7 @@ class Api:
                 return response
             if initial and bookmarks:
                 mark = self._bookmark(kind, {"k8s.io/initial-events-end": "true"})
-                watcher.put("BOOKMARK", mark, 0)
+                watcher.put("BOOKMARK", mark)
             await self._stream(response, watcher, timeout, bookmarks)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
