@@ -616,8 +616,7 @@ class PodWorker:
             return
         self.why_stopped = why
         self.stop.set()
-        for runner in list(self.containers.values()):
-            await runner.signal("KILL", everything=True)
+        await asyncio.gather(*(runner.stop() for runner in list(self.containers.values())))
         await self.ended.wait()
         self.phase = "Failed"
         if why == "evicted":
@@ -637,8 +636,7 @@ class PodWorker:
         self.stop.set()
         if why == "lost" and self.net is not None:
             await asyncio.to_thread(self.kubelet.network.cut, self.net)
-        for runner in list(self.containers.values()):
-            await runner.signal("KILL", everything=True)
+        await asyncio.gather(*(runner.stop() for runner in list(self.containers.values())))
         await self.ended.wait()
 
     async def _release(self) -> None:

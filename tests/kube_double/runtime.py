@@ -130,8 +130,7 @@ class Container:
         """Until the container has ended: its exit status, and whether it was OOM-killed."""
         assert self.process is not None and self._pump is not None
         code = await self.process.wait()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), 5)
+        await asyncio.wait({self._pump}, timeout=5)  # the rest of its output
         oom = await asyncio.to_thread(cgroups.oom_kills, self.cgroup) > 0
         start_error = ""
         if code == 128 and not oom:
@@ -170,6 +169,7 @@ class Container:
                 self.process.kill()  # runsc run itself; `remove` deletes the sandbox
                 await self.process.wait()
         if self._pump is not None:
+            await asyncio.wait({self._pump}, timeout=5)  # the rest of its output, if any
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
