@@ -23,8 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import require_sandbox
-from kube_double import Double, running_double
+from kube_double import Double, policy, running_double, selectors
+from kube_double.admission import pod_security
+from kube_double.meta import ApiError
+from kube_double.patch import apply_patch
 from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from provisioner.images.store import find_image
@@ -39,6 +43,12 @@ a shell as PID 1 ignores SIGTERM, as any PID 1 without a handler)."""
 
 
 @pytest.fixture(scope="module")
+def gvisor_host() -> None:
+    """What every double needs: root, runsc, the default image (else skip; under CI fail)."""
+    require_sandbox("gvisor")
+
+
+@pytest.fixture(scope="module")
 def claim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("claim")
     os.chown(folder, 1000, 1000)
@@ -46,8 +56,9 @@ def claim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def double(tmp_path_factory: pytest.TempPathFactory, claim: Path) -> Iterator[Double]:
-    require_sandbox("gvisor")
+def double(
+    tmp_path_factory: pytest.TempPathFactory, claim: Path, gvisor_host: None
+) -> Iterator[Double]:
     with running_double(
         tmp_path_factory.mktemp("double"),
         images={IMAGE: find_image()},
@@ -160,6 +171,131 @@ async def refused(call: Awaitable[Any], code: int, reason: str) -> dict[str, Any
     return body
 
 
+# -- the pure parts (no sandbox) --------------------------------------------------------
+
+
+def test_label_and_field_selectors_parse_as_on_the_api_server() -> None:
+    labels = {"app": "kernel", "user": "alice"}
+    for text, expected in [
+        ("app=kernel,user", True),
+        ("app==kernel,!team", True),
+        ("user in (bob,alice)", True),
+        ("user notin (alice)", False),
+        ("app!=kernel", False),
+        ("", True),
+    ]:
+        assert selectors.parse_labels(text).matches(labels) is expected, text
+    for bad in ("app in (a", "=x", "a b"):
+        with pytest.raises(ApiError) as caught:
+            selectors.parse_labels(bad)
+        assert caught.value.code == 400
+    chosen = selectors.from_object(
+        {
+            "matchLabels": {"app": "kernel"},
+            "matchExpressions": [{"key": "team", "operator": "DoesNotExist"}],
+        }
+    )
+    assert chosen.matches(labels) and not selectors.from_object(None).matches(labels)
+    fields = selectors.parse_fields("metadata.name=p,status.phase!=Failed", "pods")
+    assert fields.matches({"metadata": {"name": "p"}, "status": {"phase": "Running"}})
+    with pytest.raises(ApiError):
+        selectors.parse_fields("spec.image=x", "pods")
+
+
+def test_patches_apply_as_on_the_api_server() -> None:
+    pod_ = {
+        "metadata": {"labels": {"a": "1", "b": "2"}},
+        "spec": {"containers": [{"name": "main", "image": "x"}, {"name": "side", "image": "y"}]},
+    }
+    merged = apply_patch(
+        pod_, {"metadata": {"labels": {"a": None, "c": "3"}}}, "application/merge-patch+json"
+    )
+    assert merged["metadata"]["labels"] == {"b": "2", "c": "3"}
+    strategic = apply_patch(
+        pod_,
+        {"spec": {"containers": [{"name": "side", "image": "z"}]}},
+        "application/strategic-merge-patch+json",
+    )
+    assert [c["image"] for c in strategic["spec"]["containers"]] == ["x", "z"]
+    ops = [
+        {"op": "add", "path": "/metadata/labels/d", "value": "4"},
+        {"op": "remove", "path": "/metadata/labels/a"},
+    ]
+    assert apply_patch(pod_, ops, "application/json-patch+json")["metadata"]["labels"] == {
+        "b": "2",
+        "d": "4",
+    }
+    with pytest.raises(ApiError) as caught:
+        apply_patch(
+            pod_,
+            [{"op": "test", "path": "/metadata/labels/a", "value": "9"}],
+            "application/json-patch+json",
+        )
+    assert caught.value.code == 422
+    assert pod_["metadata"]["labels"] == {"a": "1", "b": "2"}  # never changed in place
+
+
+def test_pod_security_restricted_is_worded_as_the_admission_plugin() -> None:
+    bare = pod("bare", SLEEP)
+    found = pod_security(bare, "restricted")
+    assert found[0].startswith('allowPrivilegeEscalation != false (container "main" must set')
+    assert any(f.startswith("runAsNonRoot != true") for f in found)
+    hardened = pod(
+        "hard",
+        SLEEP,
+        securityContext={"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        container={
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
+        },
+    )
+    assert pod_security(hardened, "restricted") == []
+    assert pod_security(bare, "baseline") == []
+
+
+def test_network_policy_rules() -> None:
+    target = pod(
+        "k",
+        SLEEP,
+        labels={"kernel": "1"},
+        container={"ports": [{"name": "kernel", "containerPort": 8888}]},
+    )
+    target["metadata"]["namespace"] = NS
+    allow = {
+        "metadata": {"namespace": NS, "name": "k"},
+        "spec": {
+            "podSelector": {"matchLabels": {"kernel": "1"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"team": "hub"}},
+                            "podSelector": {"matchLabels": {"user": "alice"}},
+                        },
+                        {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]}},
+                    ],
+                    "ports": [{"port": "kernel"}],
+                }
+            ],
+        },
+    }
+    endpoints = [
+        policy.Endpoint("hub", {"user": "alice"}, "10.250.0.7"),
+        policy.Endpoint("hub", {"user": "bob"}, "10.250.0.8"),
+        policy.Endpoint(NS, {"user": "alice"}, "10.250.0.9"),
+    ]
+    spaces = {"hub": {"team": "hub"}, NS: {}}
+    rules = policy.ruleset(target, [allow], spaces, endpoints, None)
+    assert "ip saddr 10.250.0.7 tcp dport 8888 accept" in rules
+    assert "ip saddr 10.0.0.0/8 ip saddr != { 10.9.0.0/16 } tcp dport 8888 accept" in rules
+    assert "10.250.0.8" not in rules and "10.250.0.9" not in rules
+    assert "chain egress" not in rules and "policy drop" in rules
+    assert policy.ruleset(target, [], spaces, endpoints, None) == ""
+
+
 # -- the API ----------------------------------------------------------------------------
 
 
@@ -248,7 +384,7 @@ async def test_a_watch_sees_a_pod_added_running_and_deleted_in_order(v1: client.
     assert again[: len(kinds) - 1] == kinds[1:] and again[-1] == "BOOKMARK"
 
 
-async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path) -> None:
+async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path, gvisor_host: None) -> None:
     with running_double(tmp_path, watch_history=10, **SECOND) as small:
         async with client.ApiClient(small.configuration()) as api:
             v1 = client.CoreV1Api(api)
@@ -265,6 +401,16 @@ async def test_a_watch_from_a_forgotten_version_is_gone(tmp_path: Path) -> None:
                     ):
                         pass
             assert caught.value.status == 410 and "too old resource version" in caught.value.reason
+
+
+async def test_a_kubeconfig_reaches_the_double(double: Double, tmp_path: Path) -> None:
+    loaded = client.Configuration()
+    await kube_config.load_kube_config(
+        str(double.kubeconfig(tmp_path / "kubeconfig")), client_configuration=loaded
+    )
+    async with client.ApiClient(loaded) as api:
+        assert (await client.VersionApi(api).get_code()).git_version.endswith("kube-double")
+        assert NS in {n.metadata.name for n in (await client.CoreV1Api(api).list_namespace()).items}
 
 
 async def test_errors_are_status_objects(double: Double, v1: client.CoreV1Api) -> None:
@@ -298,6 +444,9 @@ async def test_errors_are_status_objects(double: Double, v1: client.CoreV1Api) -
         body["message"] == 'pods "kata" is forbidden: pod rejected: RuntimeClass "kata" not found'
     )
     await refused(v1.list_namespaced_pod(NS, label_selector="a in (b"), 400, "BadRequest")
+    typo = pod("typo", SLEEP, securityContext={"runAsUser": "root"})
+    body = await refused(v1.create_namespaced_pod(NS, typo), 400, "BadRequest")
+    assert "spec.securityContext.runAsUser" in body["message"]
 
 
 async def test_secrets_config_maps_policies_and_the_operator_s_objects(
@@ -345,7 +494,7 @@ async def test_secrets_config_maps_policies_and_the_operator_s_objects(
         assert (await v1.read_node("node-1")).status.conditions[0].status == "True"
 
 
-async def test_access_reviews_and_rbac(tmp_path: Path) -> None:
+async def test_access_reviews_and_rbac(tmp_path: Path, gvisor_host: None) -> None:
     rules = [
         {
             "namespace": NS,
@@ -603,7 +752,9 @@ async def test_eviction(double: Double, v1: client.CoreV1Api) -> None:
     await gone(v1, "evicted")
 
 
-async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(tmp_path: Path) -> None:
+async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(
+    tmp_path: Path, gvisor_host: None
+) -> None:
     serve = (
         "import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen()\n"
         "c, _ = s.accept(); c.sendall(b'hello\\n')\ntime.sleep(3600)"
@@ -645,7 +796,7 @@ async def test_a_lost_node_cuts_its_pods_off_and_deletes_them(tmp_path: Path) ->
             assert [e["type"] for e in events] == ["MODIFIED"] * 3 + ["DELETED"]
 
 
-async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path) -> None:
+async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path, gvisor_host: None) -> None:
     for crash in (False, True):
         (tmp_path / str(crash)).mkdir()
         with running_double(
@@ -677,3 +828,146 @@ async def test_nothing_is_left_after_a_stop_or_a_crash(tmp_path: Path) -> None:
         assert not Path("/sys/class/net", described["veth"]).exists()
         cid = described["containers"]["main"]
         assert not any(Path("/sys/fs/cgroup/memory/kube-double").glob(f"*/{cid}"))
+
+
+# -- NetworkPolicy --------------------------------------------------------------------
+
+SERVE_OK = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 8888))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"ok")
+    conn.close()
+"""
+CALL_HOME = """
+import socket, sys, time
+while True:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5).close()
+    except OSError:
+        pass
+    time.sleep(0.1)
+"""
+
+
+async def read_from(ip: str, port: int, timeout: float = 1.0) -> str | None:
+    """What a server at `ip`:`port` sends first, connecting from the host; None if the
+    connection cannot be made in time."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        return (await asyncio.wait_for(reader.read(), timeout)).decode()
+    finally:
+        writer.close()
+
+
+async def settles(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "the policy never took effect"
+        await asyncio.sleep(0.1)
+
+
+async def test_network_policies_are_enforced(tmp_path: Path, gvisor_host: None) -> None:
+    owner = {"component": "singleuser-server", "hub.jupyter.org/username": "alice"}
+    with running_double(
+        tmp_path,
+        images={IMAGE: find_image()},
+        namespaces={NS: {}, "hub": {}},
+        host_pod_labels=owner,
+        host_pod_namespace="hub",
+        **SECOND,
+    ) as small:
+        host = small.config.gateway
+        calls = 0
+
+        async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal calls
+            calls += 1
+            writer.close()
+
+        listener = await asyncio.start_server(count, host, 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener, client.ApiClient(small.configuration()) as api:
+            v1, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
+            kernel = pod(
+                "guarded",
+                ["python3", "-c", SERVE_OK],
+                labels={"kernel": "k1"},
+                container={"ports": [{"name": "kernel", "containerPort": 8888}]},
+            )
+            caller = pod(
+                "caller", ["python3", "-c", CALL_HOME, host, str(port)], labels={"kernel": "k2"}
+            )
+            for manifest in (kernel, caller):
+                await v1.create_namespaced_pod(NS, manifest)
+            ip = (await until(v1, "guarded", running)).status.pod_ip
+            bob = await small.add_peer(
+                "hub", "jupyter-bob", {**owner, "hub.jupyter.org/username": "bob"}
+            )
+
+            async def host_in() -> bool:
+                return await read_from(ip, 8888) == "ok"
+
+            async def bob_in() -> bool:
+                return await bob.connect(ip, 8888, 1.0) == "ok"
+
+            await settles(host_in)
+            assert await bob_in()
+            await settles(lambda: asyncio.sleep(0.3, calls > 0))
+            # Only the owner's server, from its namespace, on the kernel's named port.
+            await net.create_namespaced_network_policy(
+                NS,
+                {
+                    "metadata": {"name": "kernel-k1"},
+                    "spec": {
+                        "podSelector": {"matchLabels": {"kernel": "k1"}},
+                        "ingress": [
+                            {
+                                "from": [
+                                    {
+                                        "namespaceSelector": {
+                                            "matchLabels": {"kubernetes.io/metadata.name": "hub"}
+                                        },
+                                        "podSelector": {
+                                            "matchLabels": {"hub.jupyter.org/username": "alice"}
+                                        },
+                                    }
+                                ],
+                                "ports": [{"port": "kernel"}],
+                            }
+                        ],
+                    },
+                },
+            )
+            await settles(lambda: _not(bob_in()))
+            assert await host_in()
+            # Default deny in the namespace, ingress and egress: nothing in, nothing out.
+            await net.delete_namespaced_network_policy("kernel-k1", NS)
+            await net.create_namespaced_network_policy(
+                NS,
+                {
+                    "metadata": {"name": "deny"},
+                    "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+                },
+            )
+            await settles(lambda: _not(host_in()))
+            assert not await bob_in()
+            await asyncio.sleep(0.5)
+            before = calls
+            await asyncio.sleep(1.0)
+            assert calls == before
+            await net.delete_namespaced_network_policy("deny", NS)
+            await settles(host_in)
+            assert await bob_in()
+            await settles(lambda: asyncio.sleep(0.3, calls > before))
+
+
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check

@@ -18,6 +18,7 @@ folder and per bridge name at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -45,6 +46,45 @@ START_SECONDS = 30.0
 STOP_SECONDS = 60.0
 
 
+CONNECT = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+        s.settimeout(float(sys.argv[3]))
+        sys.stdout.write(s.recv(65536).decode(errors="replace"))
+except OSError as e:
+    sys.stderr.write(str(e))
+    sys.exit(1)
+"""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A test's stand-in for another pod: its address and network namespace."""
+
+    ip: str
+    netns: str
+
+    async def connect(self, ip: str, port: int, timeout: float = 2.0) -> str | None:
+        """Connect from this peer to `ip`:`port` and read what the server first sends: that
+        text, or None if the connection could not be made (refused, dropped, timed out)."""
+        process = await asyncio.create_subprocess_exec(
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "--",
+            sys.executable,
+            "-c",
+            CONNECT,
+            ip,
+            str(port),
+            str(timeout),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await process.communicate()
+        return out.decode() if process.returncode == 0 else None
+
+
 @dataclass
 class Double:
     """A running double, as the test sees it."""
@@ -63,6 +103,26 @@ class Double:
         configuration.api_key = {"BearerToken": self.token}
         configuration.api_key_prefix = {"BearerToken": "Bearer"}
         return configuration
+
+    def kubeconfig(self, path: Path) -> Path:
+        """Write a kubeconfig for the double at `path` (mode 0600) and return it: for code
+        that loads its configuration as from a cluster (`config.load_kube_config`)."""
+        document = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kube-double", "cluster": {"server": self.url}}],
+            "users": [{"name": "kube-double", "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "kube-double",
+                    "context": {"cluster": "kube-double", "user": "kube-double"},
+                }
+            ],
+            "current-context": "kube-double",
+        }
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(document))  # JSON is YAML
+        return path
 
     async def _hook(self, method: str, what: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -92,6 +152,15 @@ class Double:
         (DeletionByTaintManager), and deleted. Returns their "namespace/name"."""
         answer = await self._hook("POST", "lose-node", {"node": node or self.config.node})
         return list(answer["lost"])
+
+    async def add_peer(self, namespace: str, name: str, labels: dict[str, str]) -> Peer:
+        """A network namespace on the pod network with an address and labels: another
+        tenant's pod (or the owner's server pod) as NetworkPolicies see it. It has no API
+        object; it goes when the double stops."""
+        answer = await self._hook(
+            "POST", "peers", {"namespace": namespace, "name": name, "labels": labels}
+        )
+        return Peer(answer["ip"], answer["netns"])
 
     async def pods(self) -> list[dict[str, Any]]:
         """What runs where: per pod its netns, host link, IP and runsc container ids."""
@@ -195,6 +264,7 @@ def running_double(
     config_path.write_text(json.dumps(settings))
     config_path.chmod(0o600)
     log_path = tmp_path / "kube-double.log"
+    (state / "ready.json").unlink(missing_ok=True)  # a crashed run's: not this one's port
     args = [
         sys.executable,
         "-m",

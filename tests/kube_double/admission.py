@@ -229,6 +229,15 @@ def _check_container(
                 f"must be less than or equal to {name} limit of {resources['limits'][name]}",
             )
     security = container.get("securityContext") or {}
+    _check_ids(problems, f"{where}.securityContext", security)
+    caps = security.get("capabilities") or {}
+    for key in ("add", "drop"):
+        if not all(isinstance(c, str) for c in caps.get(key) or []):
+            problems.bad(
+                f"{where}.securityContext.capabilities.{key}",
+                caps.get(key),
+                "must be a list of capability names",
+            )
     if security.get("privileged"):
         problems.forbidden(
             f"{where}.securityContext.privileged", "the kube double runs no privileged containers"
@@ -243,6 +252,16 @@ def _check_container(
             )
         if isinstance(port, dict) and port.get("hostPort"):
             problems.forbidden(f"{where}.ports[{i}].hostPort", "the kube double has no host ports")
+
+
+def _check_ids(problems: Problems, where: str, security: Obj) -> None:
+    """uid and gid fields: whole numbers from 0 (the real server's 422 wording)."""
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        value = security.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2147483647
+        ):
+            problems.bad(f"{where}.{key}", value, "must be between 0 and 2147483647, inclusive")
 
 
 def problems_not_found(field: str, mount: Any) -> Cause:
@@ -338,6 +357,15 @@ def admit_pod(pod: Obj, config: Config, runtime_classes: set[str]) -> Obj:
     for host in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(host):
             problems.forbidden(f"spec.{host}", "the kube double runs no pod in host namespaces")
+    pod_security_context = spec["securityContext"]
+    _check_ids(problems, "spec.securityContext", pod_security_context)
+    for i, gid in enumerate(pod_security_context.get("supplementalGroups") or []):
+        if not isinstance(gid, int) or isinstance(gid, bool) or gid < 0:
+            problems.bad(
+                f"spec.securityContext.supplementalGroups[{i}]",
+                gid,
+                "must be between 0 and 2147483647, inclusive",
+            )
     grace = spec["terminationGracePeriodSeconds"]
     if not isinstance(grace, int) or grace < 0:
         problems.bad("spec.terminationGracePeriodSeconds", grace, "must be >= 0")
@@ -523,6 +551,8 @@ def _check_keys(problems: Problems, field: str, data: Any) -> dict[str, str]:
                 "'KEY_NAME',  or 'key-name', regex used for validation is "
                 "'[-._a-zA-Z0-9]+')",
             )
+        elif key.startswith(".."):  # the atomic writer's own names (..data) start so
+            problems.bad(f"{field}[{key}]", key, "must not start with '..'")
     return data
 
 
@@ -628,10 +658,12 @@ def admit_network_policy(policy: Obj) -> Obj:
 
 
 def check_update(kind: Kind, old: Obj, new: Obj) -> None:
-    """What an update (PUT, PATCH) may not change: identity, and a pod's spec; an immutable
-    Secret or ConfigMap's data. Raises 422 as the real server does."""
+    """What an update (PUT, PATCH) may not do: make labels or annotations invalid, change
+    identity or a pod's spec, or an immutable Secret or ConfigMap's data. Raises 422 as
+    the real server does."""
     name = old["metadata"]["name"]
     problems = Problems()
+    problems.metadata(new["metadata"])
     for field in ("name", "namespace", "uid"):
         if new["metadata"].get(field, old["metadata"].get(field)) != old["metadata"].get(field):
             problems.bad(f"metadata.{field}", new["metadata"].get(field), "field is immutable")

@@ -13,7 +13,7 @@ resourceVersion older than the history); `timeoutSeconds` ends the stream;
 `sendInitialEvents` is honoured as by a 1.27+ server.
 
 Test hooks live under `/double/` (no real client goes there): `POST
-/double/evict`, `POST /double/lose-node`, `GET /double/pods`.
+/double/evict`, `POST /double/lose-node`, `POST /double/peers`, `GET /double/pods`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admission, kinds, selectors
+from . import admission, kinds, selectors, validation
 from .config import Config
 from .kinds import POD, Kind
 from .kubelet import Kubelet
@@ -316,7 +316,7 @@ class Api:
             raise bad_request("the request body is empty")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise bad_request(f"the body of the request was in an unknown format: {e}") from None
 
     def _admit(self, kind: Kind, obj: dict[str, Any]) -> dict[str, Any]:
@@ -331,6 +331,7 @@ class Api:
 
     async def _create(self, request: web.Request, kind: Kind, namespace: str) -> web.StreamResponse:
         obj = admission.prepare_metadata(await self._body(request), kind, namespace)
+        validation.decode(obj)
         admission.check_namespace(self.config, namespace)
         obj = self._admit(kind, obj)
         if request.query.get("dryRun"):
@@ -378,6 +379,7 @@ class Api:
         if "status" in old:
             new["status"] = old["status"]  # the main resource never writes status
         new["kind"], new["apiVersion"] = kind.kind, kind.api_version
+        validation.decode(new)
         if kind is not POD:
             new = self._admit(kind, new)
         admission.check_update(kind, old, new)
@@ -535,7 +537,7 @@ class Api:
                 return response
             if initial and bookmarks:
                 mark = self._bookmark(kind, {"k8s.io/initial-events-end": "true"})
-                watcher.put("BOOKMARK", mark, 0)
+                watcher.put("BOOKMARK", mark)
             await self._stream(response, watcher, timeout, bookmarks)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
@@ -683,6 +685,23 @@ class Api:
                 str(body.get("message", "The node was low on resource: memory.")),
             )
             return _json({"evicted": f"{body.get('namespace')}/{body.get('name')}"})
+        if what == "peers":
+            labels = body.get("labels") or {}
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+            ):
+                raise bad_request("labels: expected an object of strings")
+            try:
+                net = await asyncio.to_thread(
+                    self.kubelet.firewalls.add_peer,
+                    str(body.get("namespace")),
+                    str(body.get("name")),
+                    labels,
+                )
+            except ValueError as e:
+                raise ApiError(409, "AlreadyExists", str(e)) from None
+            self.kubelet.firewalls.changed()
+            return _json({"ip": net.ip, "netns": net.netns})
         if what == "lose-node":
             lost = await self.kubelet.lose_node(str(body.get("node", self.config.node)))
             return _json({"lost": lost})

@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from . import mounts, oci
+from . import controllers, mounts, oci
 from .config import Config
+from .firewall import Firewalls, Guarded
 from .kinds import CONFIG_MAP, POD, SECRET
-from .meta import bad_request, later, not_found, now
+from .meta import bad_request, not_found, now
 from .network import Network, PodNet
+from .probes import Prober
 from .runtime import Container, Exit
 from .store import Event, Store
 from .volumes import HostVolume, Unavailable, Volumes, sub_path
@@ -59,8 +59,6 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 """Retry delays for a missing image, volume source or configuration (the kubelet's are
 10 s to 5 min: shorter here, as tests wait for them)."""
 TERMINATION_MESSAGE_BYTES = 4096
-LOST_STEP = 0.05
-"""Seconds between the controllers' steps after a node is lost (each its own event)."""
 ETC_HOSTS = """# Kubernetes-managed hosts file.
 127.0.0.1\tlocalhost
 ::1\tlocalhost ip6-localhost ip6-loopback
@@ -150,6 +148,8 @@ class PodWorker:
         """The kubelet no longer reports (node lost, object removed, shutdown)."""
         self.task: asyncio.Task[None] | None = None
         self.ended = asyncio.Event()
+        self.timer: asyncio.TimerHandle | None = None
+        """activeDeadlineSeconds."""
 
     # -- status -------------------------------------------------------------------------
 
@@ -274,6 +274,8 @@ class PodWorker:
             self.phase, self.reason, self.message = "Failed", "KubeDoubleError", str(e)[:1000]
             self.publish()
         finally:
+            if self.timer is not None:
+                self.timer.cancel()
             try:
                 await self._release()
             finally:
@@ -303,7 +305,7 @@ class PodWorker:
         self.publish()
         deadline = spec.get("activeDeadlineSeconds")
         if deadline is not None:
-            asyncio.get_running_loop().call_later(
+            self.timer = asyncio.get_running_loop().call_later(
                 float(deadline), lambda: self.kubelet.spawn(self.fail("deadline"))
             )
         await self._sandbox()
@@ -354,6 +356,7 @@ class PodWorker:
         )
         self.condition("PodReadyToStartContainers", True)
         self.publish()
+        await self.kubelet.firewalls.enforce(Guarded(self.uid, self.namespace, self.name, self.net))
 
     async def _volumes(self) -> dict[str, HostVolume]:
         volumes = Volumes(self.dir, self.pod, self.kubelet.store, self.config)
@@ -362,17 +365,8 @@ class PodWorker:
             try:
                 return await asyncio.to_thread(volumes.prepare)
             except Unavailable as e:
-                message = f"MountVolume.SetUp failed: {e}"
-                log.info("pod %s/%s: %s", self.namespace, self.name, message)
-                for status in self.statuses.values():
-                    status.state = {
-                        "waiting": {
-                            "reason": status.state.get("waiting", {}).get(
-                                "reason", "ContainerCreating"
-                            )
-                        }
-                    }
-                self.publish()
+                # The kubelet says so in an event (FailedMount), not in the status.
+                log.info("pod %s/%s: MountVolume.SetUp failed: %s", self.namespace, self.name, e)
                 await self.pause(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
@@ -491,7 +485,7 @@ class PodWorker:
         cid = f"kd{secrets.token_hex(6)}"
         bundle = self.dir / "containers" / container["name"]
         log_path = self.dir / "logs" / f"{container['name']}.log"
-        runner = Container(self.config, self.kubelet.state, cid, bundle, log_path)
+        runner = Container(self.config, cid, bundle, log_path)
         self.containers[container["name"]] = runner
         root = await asyncio.to_thread(runner.prepare, image)
         binds = await asyncio.to_thread(self._binds, container, volumes)
@@ -513,12 +507,27 @@ class PodWorker:
         status.image_id = "sha256:" + hashlib.sha256(status.image.encode()).hexdigest()
         status.state = {"running": {"startedAt": started}}
         status.started = True
-        probes = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in container]
+        if self.stop.is_set():  # told to stop while it was starting
+            await runner.signal(
+                "TERM" if self.why_stopped == "deleted" else "KILL", everything=True
+            )
         status.ready = not status.init and "readinessProbe" not in container
         if not status.init:
             self._phase()
         self.publish()
-        prober = asyncio.create_task(self._probe(container, status, runner)) if probes else None
+        prober = None
+        if any(p in container for p in ("startupProbe", "readinessProbe", "livenessProbe")):
+            grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+
+            def set_ready(ready: bool) -> None:
+                if status.running:
+                    status.ready = ready
+                    self._phase()
+                    self.publish()
+
+            prober = asyncio.create_task(
+                Prober(self.net.ip, container, runner, grace, set_ready).run()
+            )
         try:
             exit_ = await runner.wait()
         finally:
@@ -569,130 +578,6 @@ class PodWorker:
             text = "\n".join(lines)
         return text
 
-    # -- probes -------------------------------------------------------------------------
-
-    async def _probe(self, container: Obj, status: ContainerStatus, runner: Container) -> None:
-        """Startup, then readiness and liveness probes, as the kubelet's prober runs them."""
-        startup = container.get("startupProbe")
-        if startup is not None and not await self._startup(startup, container, runner):
-            await self._kill_for_probe(container, runner, "Startup")
-            return
-        tasks = []
-        if "readinessProbe" in container:
-            tasks.append(
-                self._readiness_loop(container["readinessProbe"], container, status, runner)
-            )
-        if "livenessProbe" in container:
-            tasks.append(self._liveness_loop(container["livenessProbe"], container, runner))
-        await asyncio.gather(*tasks)
-
-    async def _startup(self, probe: Obj, container: Obj, runner: Container) -> bool:
-        """Probe until `successThreshold` successes (True) or `failureThreshold` failures
-        (False) in a row."""
-        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
-        successes = failures = 0
-        while True:
-            if await self._probe_once(probe, container, runner):
-                successes, failures = successes + 1, 0
-                if successes >= int(probe.get("successThreshold", 1)):
-                    return True
-            else:
-                successes, failures = 0, failures + 1
-                if failures >= int(probe.get("failureThreshold", 3)):
-                    return False
-            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
-
-    async def _readiness_loop(
-        self, probe: Obj, container: Obj, status: ContainerStatus, runner: Container
-    ) -> None:
-        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
-        successes = failures = 0
-        while True:
-            if await self._probe_once(probe, container, runner):
-                successes, failures = successes + 1, 0
-                ready = True if successes >= int(probe.get("successThreshold", 1)) else status.ready
-            else:
-                successes, failures = 0, failures + 1
-                ready = False if failures >= int(probe.get("failureThreshold", 3)) else status.ready
-            if ready != status.ready and status.running:
-                status.ready = ready
-                self._phase()
-                self.publish()
-            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
-
-    async def _liveness_loop(self, probe: Obj, container: Obj, runner: Container) -> None:
-        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
-        failures = 0
-        while True:
-            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
-            failures = 0 if await self._probe_once(probe, container, runner) else failures + 1
-            if failures >= int(probe.get("failureThreshold", 3)):
-                await self._kill_for_probe(container, runner, "Liveness")
-                return
-
-    async def _kill_for_probe(self, container: Obj, runner: Container, which: str) -> None:
-        log.info(
-            "pod %s/%s: %s probe failed: killing %s",
-            self.namespace,
-            self.name,
-            which,
-            container["name"],
-        )
-        await runner.signal("TERM")
-        await asyncio.sleep(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
-        await runner.signal("KILL", everything=True)
-
-    async def _probe_once(self, probe: Obj, container: Obj, runner: Container) -> bool:
-        timeout = float(probe.get("timeoutSeconds", 1))
-        assert self.net is not None
-        try:
-            if "tcpSocket" in probe:
-                port = self._port(container, probe["tcpSocket"]["port"])
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.net.ip, port), timeout
-                )
-                writer.close()
-                return True
-            if "httpGet" in probe:
-                get = probe["httpGet"]
-                port = self._port(container, get["port"])
-                url = f"http://{self.net.ip}:{port}{get.get('path', '/')}"
-                headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
-                client_timeout = aiohttp.ClientTimeout(total=timeout)
-                async with (
-                    aiohttp.ClientSession(timeout=client_timeout) as session,
-                    session.get(url, headers=headers, allow_redirects=False) as response,
-                ):
-                    return 200 <= response.status < 400
-            if "exec" in probe:
-                argv = runner.runsc("exec", runner.cid, *probe["exec"]["command"])
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-                try:
-                    return await asyncio.wait_for(process.wait(), timeout) == 0
-                except asyncio.TimeoutError:
-                    process.kill()
-                    await process.wait()
-                    return False
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError):
-            return False
-        return False
-
-    @staticmethod
-    def _port(container: Obj, port: Any) -> int:
-        if isinstance(port, int):
-            return port
-        for entry in container.get("ports") or []:
-            if entry.get("name") == port:
-                return int(entry["containerPort"])
-        if str(port).isdigit():
-            return int(port)
-        raise ValueError(f"no port named {port!r}")
-
     # -- stopping -----------------------------------------------------------------------
 
     def delete(self, grace: int) -> None:
@@ -731,8 +616,7 @@ class PodWorker:
             return
         self.why_stopped = why
         self.stop.set()
-        for runner in list(self.containers.values()):
-            await runner.signal("KILL", everything=True)
+        await asyncio.gather(*(runner.stop() for runner in list(self.containers.values())))
         await self.ended.wait()
         self.phase = "Failed"
         if why == "evicted":
@@ -752,8 +636,7 @@ class PodWorker:
         self.stop.set()
         if why == "lost" and self.net is not None:
             await asyncio.to_thread(self.kubelet.network.cut, self.net)
-        for runner in list(self.containers.values()):
-            await runner.signal("KILL", everything=True)
+        await asyncio.gather(*(runner.stop() for runner in list(self.containers.values())))
         await self.ended.wait()
 
     async def _release(self) -> None:
@@ -783,7 +666,7 @@ class PodWorker:
 
 
 class Kubelet:
-    """The node's scheduler and kubelet, fed by the store's pod events."""
+    """The node's kubelet (and the scheduler's binding), fed by the store's pod events."""
 
     def __init__(self, config: Config, state: Path, store: Store, network: Network) -> None:
         self.config = config
@@ -793,6 +676,14 @@ class Kubelet:
         self.workers: dict[str, PodWorker] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         store.listeners.append(self.on_event)
+        self.firewalls = Firewalls(config, store, network, self._guarded)
+
+    def _guarded(self) -> list[Guarded]:
+        return [
+            Guarded(w.uid, w.namespace, w.name, w.net)
+            for w in self.workers.values()
+            if w.net is not None and not w.silent
+        ]
 
     def spawn(self, coroutine: Any) -> None:
         """Run `coroutine` on the loop, kept until it ends (its failure is logged)."""
@@ -829,19 +720,7 @@ class Kubelet:
         if current is None or current["metadata"]["uid"] != meta["uid"]:
             return
         if not pod["spec"].get("nodeName"):
-
-            def bind(obj: Obj) -> None:
-                obj["spec"]["nodeName"] = self.config.node
-                obj.setdefault("status", {})["conditions"] = [
-                    {
-                        "type": "PodScheduled",
-                        "status": "True",
-                        "lastProbeTime": None,
-                        "lastTransitionTime": now(),
-                    }
-                ]
-
-            pod = self.store.update(POD, meta["namespace"], meta["name"], bind)
+            pod = controllers.bind(self.store, pod, self.config.node)
         worker = PodWorker(self, pod)
         self.workers[meta["uid"]] = worker
         worker.task = asyncio.get_running_loop().create_task(worker.run())
@@ -853,6 +732,7 @@ class Kubelet:
     async def forget(self, worker: PodWorker, remove: bool) -> None:
         """The worker is done: its folder goes, and (`remove`) the object too."""
         self.workers.pop(worker.uid, None)
+        self.firewalls.forget(worker.uid)
         await self._remove_folder(worker.uid)
         if remove:
             obj = self.store.find(POD, worker.namespace, worker.name)
@@ -922,61 +802,11 @@ class Kubelet:
         lost = [w for w in self.workers.values() if w.pod["spec"].get("nodeName") == node]
         await asyncio.gather(*(w.silence("lost") for w in lost))
         for worker in lost:
-            self.spawn(self._controllers(worker))
+            grace = int(worker.pod["spec"].get("terminationGracePeriodSeconds", 30))
+            self.spawn(
+                controllers.node_lost(self.store, worker.namespace, worker.name, worker.uid, grace)
+            )
         return [f"{w.namespace}/{w.name}" for w in lost]
-
-    async def _controllers(self, worker: PodWorker) -> None:
-        """The node lifecycle controller, the taint manager and pod GC, on a lost node's pod."""
-        key = (POD, worker.namespace, worker.name)
-
-        def still() -> bool:
-            obj = self.store.find(*key)
-            return obj is not None and obj["metadata"]["uid"] == worker.uid
-
-        def set_condition(kind: str, status: str, reason: str = "", message: str = "") -> Any:
-            def change(obj: Obj) -> None:
-                conditions = [c for c in obj["status"].get("conditions", []) if c["type"] != kind]
-                entry = {
-                    "type": kind,
-                    "status": status,
-                    "lastProbeTime": None,
-                    "lastTransitionTime": now(),
-                }
-                if reason:
-                    entry["reason"] = reason
-                if message:
-                    entry["message"] = message
-                obj["status"]["conditions"] = [*conditions, entry]
-
-            return change
-
-        steps = [
-            set_condition("Ready", "False"),
-            set_condition(
-                "DisruptionTarget",
-                "True",
-                "DeletionByTaintManager",
-                "Taint manager: deleting due to NoExecute taint",
-            ),
-        ]
-        for step in steps:
-            await asyncio.sleep(LOST_STEP)
-            if not still():
-                return
-            self.store.update(*key, step)
-        await asyncio.sleep(LOST_STEP)
-        if not still():
-            return
-        grace = int(worker.pod["spec"].get("terminationGracePeriodSeconds", 30))
-
-        def mark(obj: Obj) -> None:
-            obj["metadata"].setdefault("deletionTimestamp", later(grace))
-            obj["metadata"].setdefault("deletionGracePeriodSeconds", grace)
-
-        self.store.update(*key, mark)
-        await asyncio.sleep(LOST_STEP)
-        if still():
-            self.store.remove(*key)
 
     async def shutdown(self) -> None:
         """Kill every pod and remove all of it from the host (the objects stay in memory)."""
@@ -989,6 +819,7 @@ class Kubelet:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.firewalls.remove_peers)
 
     def describe(self) -> list[Obj]:
         """What runs where, for tests: pod, netns, host link, address, containers."""

@@ -33,6 +33,8 @@ from .network import in_netns
 log = logging.getLogger(__name__)
 
 CGROUP_TOP = "/kube-double"
+RUN_DIR = Path("/run/kube-double")
+"""Per bridge name: its lock, and runsc's state root (short: runsc puts its sockets there)."""
 LOG_BYTES = 4 * 1024 * 1024
 LAYER_BYTES = 16 * 1024 * 1024
 """The host-side upper layer of a root: only mount points are made there."""
@@ -48,6 +50,11 @@ class Exit:
     """runsc's own complaint when the container could not start at all (StartError)."""
 
 
+def runsc_root(config: Config) -> Path:
+    """runsc's `--root` of this double's containers."""
+    return RUN_DIR / config.bridge / "runsc"
+
+
 def cgroup_top(config: Config) -> str:
     """The parent cgroup of this double's containers (one per bridge name)."""
     return f"{CGROUP_TOP}/{config.bridge}"
@@ -56,11 +63,11 @@ def cgroup_top(config: Config) -> str:
 class Container:
     """One container's sandbox: `start`, then `wait`; `signal` meanwhile; `remove` after."""
 
-    def __init__(self, config: Config, state: Path, cid: str, bundle: Path, log_path: Path) -> None:
+    def __init__(self, config: Config, cid: str, bundle: Path, log_path: Path) -> None:
         """`cid`: runsc's id (short: runsc's state paths must stay short); `bundle`: a
         folder to make; `log_path`: where stdout and stderr go (it outlives the bundle)."""
         self.config = config
-        self.root = state / "runsc"
+        self.root = runsc_root(config)
         self.cid = cid
         self.bundle = bundle
         self.cgroup = f"{cgroup_top(config)}/{cid}"
@@ -79,7 +86,7 @@ class Container:
     async def start(self, spec: dict, netns: str, read_only: bool, memory: int | None) -> None:
         """Write the config and start `runsc run` in the pod's namespace."""
         (self.bundle / "config.json").write_text(json.dumps(spec))
-        self.root.mkdir(mode=0o700, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         await asyncio.to_thread(cgroups.set_memory_limit, self.cgroup, memory)
         overlay = "none" if read_only else "root:memory"
         argv = [
@@ -123,8 +130,7 @@ class Container:
         """Until the container has ended: its exit status, and whether it was OOM-killed."""
         assert self.process is not None and self._pump is not None
         code = await self.process.wait()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), 5)
+        await asyncio.wait({self._pump}, timeout=5)  # the rest of its output
         oom = await asyncio.to_thread(cgroups.oom_kills, self.cgroup) > 0
         start_error = ""
         if code == 128 and not oom:
@@ -163,6 +169,7 @@ class Container:
                 self.process.kill()  # runsc run itself; `remove` deletes the sandbox
                 await self.process.wait()
         if self._pump is not None:
+            await asyncio.wait({self._pump}, timeout=5)  # the rest of its output, if any
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump

@@ -30,11 +30,11 @@ from .config import Config
 from .kinds import NAMESPACE, NODE, RUNTIME_CLASS
 from .kubelet import Kubelet
 from .network import Network
+from .runtime import RUN_DIR
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-LOCKS = Path("/run/kube-double")
 SHUTDOWN_SECONDS = 5.0
 """How long open requests (watches) get to finish when the double stops."""
 
@@ -124,7 +124,7 @@ def _operator_objects(config: Config, store: Store) -> None:
     )
 
 
-async def _serve(config: Config, state: Path, port: int) -> bool:
+async def _serve(config: Config, state: Path, port: int) -> None:
     store = Store(config.watch_history)
     network = Network(config)
     await asyncio.to_thread(network.setup)
@@ -156,7 +156,6 @@ async def _serve(config: Config, state: Path, port: int) -> bool:
         await runner.cleanup()
         await kubelet.shutdown()
         (state / "ready.json").unlink(missing_ok=True)
-    return True
 
 
 def serve(config: Config, state: Path, port: int) -> int:
@@ -166,8 +165,9 @@ def serve(config: Config, state: Path, port: int) -> int:
     try:
         with (
             _locked(state / "double.lock", f"state folder {state}"),
-            _locked(LOCKS / f"{config.bridge}.lock", f"bridge {config.bridge}"),
+            _locked(RUN_DIR / f"{config.bridge}.lock", f"bridge {config.bridge}"),
         ):
+            (state / "ready.json").unlink(missing_ok=True)  # a crashed run's
             cleanup.sweep(config, state)
             try:
                 asyncio.run(_serve(config, state, port))
@@ -187,10 +187,7 @@ def clean(config: Config, state: Path) -> list[str]:
     """Sweep what a double that is not running left; return what could not be removed."""
     with (
         _locked(state / "double.lock", f"state folder {state}"),
-        _locked(LOCKS / f"{config.bridge}.lock", f"bridge {config.bridge}"),
+        _locked(RUN_DIR / f"{config.bridge}.lock", f"bridge {config.bridge}"),
     ):
         cleanup.sweep(config, state)
         return cleanup.leftovers(config, state)
-
-
-__all__ = ["Busy", "clean", "serve"]

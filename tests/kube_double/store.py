@@ -56,10 +56,6 @@ class Event:
     data: bytes = b""
     """`obj` as JSON, made once for every watcher."""
 
-    @property
-    def namespace(self) -> str:
-        return self.obj["metadata"].get("namespace", "")
-
 
 def _rv(obj: Obj) -> int:
     return int(obj["metadata"]["resourceVersion"])
@@ -78,8 +74,6 @@ class Watcher:
         default_factory=lambda: asyncio.Queue(WATCH_QUEUE)
     )
     overflowed: bool = False
-    last_rv: int = 0
-    """The resourceVersion of the last event queued: where a bookmark may say it is."""
 
     def selects(self, obj: Obj | None) -> bool:
         if obj is None:
@@ -100,12 +94,12 @@ class Watcher:
         else:
             kind = "DELETED" if was_in else ""
         if kind:
-            self.put(kind, event.data, event.rv)
+            self.put(kind, event.data)
 
-    def put(self, kind: str, data: bytes, rv: int) -> None:
+    def put(self, kind: str, data: bytes) -> None:
+        """Queue one event (its type and object JSON); a full queue ends the watch."""
         try:
             self.queue.put_nowait((kind, data))
-            self.last_rv = max(self.last_rv, rv)
         except asyncio.QueueFull:
             self.overflowed = True
             self.end()
@@ -257,7 +251,7 @@ class Store:
         if since in (None, "", "0"):
             for obj in self.items(watcher.kind, watcher.namespace):
                 if watcher.selects(obj):
-                    watcher.put("ADDED", json.dumps(obj).encode(), _rv(obj))
+                    watcher.put("ADDED", json.dumps(obj).encode())
         else:
             try:
                 start = int(since)  # type: ignore[arg-type]
@@ -268,7 +262,6 @@ class Store:
             for event in self._history:
                 if event.rv > start:
                     watcher.offer(event)
-        watcher.last_rv = max(watcher.last_rv, self._rv)
         self._watchers.add(watcher)
 
     def unwatch(self, watcher: Watcher) -> None:

@@ -6,11 +6,16 @@ every problem at once) and raises one 422 Invalid at the end.
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .meta import Cause, invalid
+import jsonschema
+import referencing
+from kubernetes_validate import utils as schemas
+
+from .meta import Cause, bad_request, invalid
 from .selectors import LABEL_KEY, LABEL_VALUE
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -38,6 +43,40 @@ _SUFFIXES = {
 _QUANTITY = re.compile(
     r"^([+-]?[0-9.]+)(e[+-]?[0-9]+|E[+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 )
+
+
+SCHEMA_VERSION = "1.31.0"
+"""The Kubernetes version whose OpenAPI schemas the bodies are decoded against (the
+version the double's /version claims)."""
+
+
+@functools.cache
+def _validator(kind: str, api_version: str) -> Any:
+    """A JSON schema validator of `kind` (kubernetes-validate's copy of the official
+    schemas, non-strict: unknown fields are let through, as the server drops them)."""
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    folder = f"kubernetes-json-schema/v{SCHEMA_VERSION}-local"
+    schema = schemas.schema_contents(
+        f"{folder}/{kind.lower()}-{group_version}.json", SCHEMA_VERSION
+    )
+    definitions = schemas.schema_contents(f"{folder}/_definitions.json", SCHEMA_VERSION)
+    registry = referencing.Resource.from_contents(definitions) @ (
+        referencing.Resource.from_contents(schema) @ referencing.Registry()
+    )
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def decode(obj: dict[str, Any]) -> None:
+    """Refuse, as the server's JSON decoding does (400), a body whose fields have the wrong
+    types; a missing required field is validation's business (422), not decoding's."""
+    kind, api_version = obj["kind"], obj["apiVersion"]
+    for error in _validator(kind, api_version).iter_errors(obj):
+        if error.validator == "type":
+            where = ".".join(str(p) for p in error.absolute_path)
+            raise bad_request(
+                f'{kind} in version "{api_version.split("/")[-1]}" cannot be '
+                f"handled as a {kind}: {where}: {error.message}"
+            )
 
 
 def quantity(value: Any) -> Decimal:
