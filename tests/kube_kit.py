@@ -311,6 +311,7 @@ class Cluster:
 def agent_rootfs(folder: Path) -> Path:
     """The agent image as `kubernetes agent-image` builds it, unpacked by the project's own
     importer into `folder`/rootfs (what the double's kubelet runs for the init container)."""
+    folder.mkdir(parents=True, exist_ok=True)
     build_agent_image(folder / "layout", "1")
     rootfs = folder / "rootfs"
     rootfs.mkdir()

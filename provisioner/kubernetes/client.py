@@ -98,6 +98,8 @@ class PodSandbox(Sandbox):
         self.state: dict[str, Any] = {}
         """The service's last word on the pod (cluster.KernelPod.public)."""
         self.changed = asyncio.Event()
+        self.deleted_here = False
+        """This server asked for the pod's deletion: its end is nobody else's doing."""
 
     async def start(self) -> Channel:
         raise SandboxError(f"kernel pod {self.name} was started by the sandbox service")
@@ -122,6 +124,8 @@ class PodSandbox(Sandbox):
     def stopped_by(self) -> str:
         """The service's words for why the cluster stopped the pod from outside (evicted,
         its node lost, deleted by someone else); "" for an end of the kernel's own."""
+        if self.deleted_here:
+            return ""
         return str(self.state.get("stopped_by") or "")[:2000]
 
     async def wait_stopped(self) -> bool:
@@ -139,20 +143,31 @@ class PodSandbox(Sandbox):
         return None
 
     async def kill(self) -> None:
+        """Delete the pod at once. A service that cannot be reached is logged, not raised:
+        the channel is cut already, and the service's gc takes a pod nobody holds."""
         self.channel.cut()
-        await self.client.delete(self.name, grace=0, wait=False)
+        await self._delete(grace=0, wait=False)
 
     async def stop(self) -> None:
-        await self.client.delete(self.name, grace=None, wait=False)
+        await self._delete(grace=None, wait=False)
+
+    async def _delete(self, grace: int | None, wait: bool) -> None:
+        self.deleted_here = True
+        try:
+            await self.client.delete(self.name, grace=grace, wait=wait)
+        except ServiceError as e:
+            self.log.warning("kernel pod %s: %s", self.name, e)
 
     async def destroy(self) -> None:
         """Delete the pod (its Secret and NetworkPolicy go with it) and wait until it is
-        gone, so that nothing is left and the user's quota is free again."""
+        gone, so that nothing is left and the user's quota is free again. ServiceError if
+        the service cannot say it is gone."""
         self.channel.cut()
+        self.deleted_here = True
         try:
             await self.client.delete(self.name, grace=None, wait=True)
         finally:
-            self.client.sandboxes.pop(self.name, None)
+            await self.client.forget(self.name)
 
 
 class KubernetesClient:
@@ -264,6 +279,19 @@ class KubernetesClient:
         except RequestError as e:
             if "no kernel" not in str(e):
                 raise
+
+    async def forget(self, name: str) -> None:
+        """`name` is gone: once no pod is left, stop following events and close the HTTP
+        session (a server with no kernel holds no connection to the service)."""
+        self.sandboxes.pop(name, None)
+        if self.sandboxes:
+            return
+        if self.events is not None:
+            self.events.cancel()
+            self.events = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
     def _watch_events(self) -> None:
         if self.events is None or self.events.done():

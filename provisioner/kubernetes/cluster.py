@@ -255,9 +255,9 @@ class Cluster:
         state = self.pods.pop(name, None)
         if state is None:
             return
-        state.gone = True
-        if not state.reason and not state.ended:
+        if not state.reason and not state.ended:  # deleted before it ended by itself
             state.reason = "Deleted"
+        state.gone = True
         state.changed.set()
         self._tell(state)
 

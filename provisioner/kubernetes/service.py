@@ -57,6 +57,8 @@ from .cluster import Cluster, KernelPod, describe
 from .hub import Caller, Hub
 from .manifests import AGENT_PORT, GRACE_SECONDS, KernelPlan, Workspace
 
+STOP_SECONDS = 2.0
+"""Seconds running requests get when the service stops."""
 MAX_BODY = 64 * 1024
 """Bytes of one request body: a kernel start is a few hundred."""
 _KERNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -339,7 +341,9 @@ class KubernetesService(LoggingConfigurable):
             raise
         self.hub = Hub(self.hub_api_url, self.hub_api_token, self.log, self.token_ttl)
         self._gc = asyncio.create_task(self._collect_forever())
-        runner = web.AppRunner(self.app(), access_log=None)
+        # Event streams last as long as their servers: at a stop they are cut after a
+        # moment (their clients reconnect to the next service), not waited for.
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=STOP_SECONDS)
         await runner.setup()
         await web.TCPSite(runner, self.ip, self.port).start()
         sandbox = self.runtime_class or "NO SANDBOX"
@@ -536,13 +540,18 @@ class KubernetesService(LoggingConfigurable):
         deleted."""
         assert self.cluster is not None and self.hub is not None
         loop_now = time.time()
+        starting_for = float(self.kernel_defaults()["startup_timeout"]) + 60
         doomed = [
             p.name for p in self.cluster.pods.values()
             if p.ended and not p.deleting and loop_now - p.created > self.ended_grace
         ]  # fmt: skip
         by_user: dict[str, list[KernelPod]] = {}
         for pod in self.cluster.pods.values():
-            if not pod.ended and not pod.deleting:
+            # A pod not running yet is a start in flight (its server has just asked for it,
+            # whatever the hub said a moment ago): its start deletes it if it never runs;
+            # gc takes it only once no start can be waiting for it any more.
+            starting = not pod.running and loop_now - pod.created < starting_for
+            if not pod.ended and not pod.deleting and not starting:
                 by_user.setdefault(pod.user, []).append(pod)
         for user, pods in by_user.items():
             servers = await self.hub.running_servers(user)

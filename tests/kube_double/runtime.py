@@ -127,9 +127,24 @@ class Container:
             _append(self.log_path, chunk)
 
     async def wait(self) -> Exit:
-        """Until the container has ended: its exit status, and whether it was OOM-killed."""
+        """Until the container has ended: its exit status, and whether it was OOM-killed.
+
+        The host's OOM killer may take one of gVisor's own processes and leave the sandbox
+        wedged, running but dead (docs/host-notes.md): as the project's own gVisor backend
+        does, and as a node's runtime reports an OOM kill (a shim's TaskOOM), an OOM kill in
+        the container's cgroup ends the whole container."""
         assert self.process is not None and self._pump is not None
-        code = await self.process.wait()
+        ended = asyncio.ensure_future(self.process.wait())
+        oom = asyncio.ensure_future(cgroups.wait_for_oom_kill(self.cgroup))
+        try:
+            await asyncio.wait({ended, oom}, return_when=asyncio.FIRST_COMPLETED)
+            if not ended.done() and oom.done() and oom.result():
+                await self.signal("KILL", everything=True)
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+        finally:
+            oom.cancel()
+        code = await ended
         await asyncio.wait({self._pump}, timeout=5)  # the rest of its output
         oom = await asyncio.to_thread(cgroups.oom_kills, self.cgroup) > 0
         start_error = ""

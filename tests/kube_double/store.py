@@ -20,6 +20,7 @@ Everything runs on the one event loop: no locks. Objects handed out are copies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kinds import Kind
+from .kinds import KINDS, Kind
 from .meta import ApiError, already_exists, gone, not_found, now
 from .selectors import EVERYTHING, FieldSelector, LabelSelector
 
@@ -232,7 +233,8 @@ class Store:
         return copy.deepcopy(new)
 
     def remove(self, kind: Kind, namespace: str, name: str) -> Obj:
-        """Delete the object now (a DELETED event with a new resourceVersion); 404 if gone."""
+        """Delete the object now (a DELETED event with a new resourceVersion); 404 if gone.
+        Then its dependents go too, as the garbage collector deletes them (`_collect`)."""
         key = (kind.key, namespace, name)
         old = self._objects.pop(key, None)
         if old is None:
@@ -240,7 +242,22 @@ class Store:
         final = copy.deepcopy(old)
         final["metadata"]["resourceVersion"] = str(self._next_rv())
         self._emit("DELETED", kind, final, old)
+        self._collect(namespace, old["metadata"].get("uid"))
         return copy.deepcopy(final)
+
+    def _collect(self, namespace: str, owner_uid: str | None) -> None:
+        """What the garbage collector does once an owner is gone (background propagation,
+        the default): every object of its namespace naming it in `ownerReferences` is
+        deleted, each its own DELETED event after the owner's. (The real collector does it
+        a moment later, in the control plane; no client asks for it.)"""
+        if not owner_uid:
+            return
+        for (kind_key, ns, name), obj in list(self._objects.items()):
+            references = obj["metadata"].get("ownerReferences") or ()
+            if ns == namespace and any(r.get("uid") == owner_uid for r in references):
+                kind = next(k for k in KINDS if k.key == kind_key)
+                with contextlib.suppress(ApiError):  # gone meanwhile (a dependent's dependent)
+                    self.remove(kind, ns, name)
 
     # -- watches ------------------------------------------------------------------------
 
