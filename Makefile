@@ -4,6 +4,8 @@
 #   make security-report   the attacks of the security suite, both backends: docs/attacks.md
 #   make bench  the sandboxed kernels against the local one: benchmarks/results/
 #   make bench-images   import time and disk use of a ~1 GiB image: benchmarks/results/images-*
+#   make bench-kubernetes   a kernel through the Kubernetes backend (the cluster double) against
+#                       local: benchmarks/results/kubernetes-*
 #   make nbclient   nbclient's own test suite (from its PyPI sdist) with python3-gvisor as python3
 #   make docs   the documentation (docs/) into docs/_build/html, warnings as errors
 #   make fuzz   fuzz the tunnel's host end with hostile guest input, longer than make test does
@@ -13,7 +15,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= gvisor
 
-.PHONY: setup host venv image hub browser kernels demo test security-report nbclient docs bench bench-images lint fuzz gc
+.PHONY: setup host venv image hub browser kernels demo test security-report nbclient docs bench bench-images bench-kubernetes lint fuzz gc
 
 setup: host venv image
 
@@ -76,6 +78,9 @@ bench: setup
 
 bench-images: setup
 	$(BIN)/python benchmarks/images.py
+
+bench-kubernetes: setup hub
+	$(BIN)/python benchmarks/kubernetes.py
 
 # The fuzzers of the tunnel's host end and of the other parsers of guest bytes, for
 # JSB_FUZZ_SECONDS per test (make test runs them briefly). No sandbox is started.

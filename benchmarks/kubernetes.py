@@ -72,18 +72,25 @@ def markdown(s: dict[str, dict[str, float]], raw: dict[str, Any]) -> str:
         k = s["kubernetes"][key]
         rows.append(f"| {title} | {report.ms(local[key])} | {report.ms(k)} | "
                     f"{k / local[key]:.2f}x |")  # fmt: skip
-    requests = raw["api_requests"]
+    per_start = raw["measured"]["per_start"]
+    idle = raw["measured"]["idle_per_hour"]
     return "\n".join(
         [
             f"# Kubernetes backend through the cluster double ({raw['date']})",
             "",
-            f"`{raw['command']}` on {raw['host']}: {raw['starts']} starts and "
+            f"`{raw['command']}` on this host (load {raw['host']}): {raw['starts']} starts and "
             f"{raw['executes']} executes of each kernel, alternating.",
             "",
             *rows,
             "",
-            "API requests the double served, per kernel (start and shutdown, from its log): "
-            + ", ".join(f"{verb} {kind}: {n:g}" for (verb, kind), n in sorted(requests.items()))
+            "API requests the double served per kernel start and shutdown (the service's, as "
+            "counted by the double): "
+            + (", ".join(f"{key}: {n:g}" for key, n in per_start.items()) or "none")
+            + ".",
+            "",
+            f"API requests per hour while kernels idle (counted over {raw['idle_seconds']:g} s, "
+            "the service's one watch included, whatever the number of kernels): "
+            + (", ".join(f"{key}: {n:.3g}" for key, n in idle.items()) or "none")
             + ".",
             "",
             "Not measured here: what a real cluster adds (scheduling, image pulls, a CNI, a "
@@ -93,44 +100,46 @@ def markdown(s: dict[str, dict[str, float]], raw: dict[str, Any]) -> str:
     )
 
 
-def api_requests(log: str, kernels: int) -> dict[tuple[str, str], float]:
-    """Requests per kernel by (verb, resource), from the double's log lines
-    `request <VERB> <path> <status>`; watches and lists of the service's start apart."""
-    counts: dict[tuple[str, str], int] = {}
-    for line in log.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or parts[0] != "request" or "watch=" in parts[2]:
-            continue
-        verb, path = parts[1], parts[2].split("?")[0]
-        segments = [p for p in path.split("/") if p]
-        kind = next((p for p in ("pods", "secrets", "networkpolicies") if p in segments), "")
-        if kind and verb in ("POST", "DELETE"):
-            counts[verb, kind] = counts.get((verb, kind), 0) + 1
-    return {key: n / max(1, kernels) for key, n in counts.items()}
+def delta(before: dict[str, int], after: dict[str, int], per: float) -> dict[str, float]:
+    """Requests served between two counts of the double's, divided by `per`."""
+    return {key: (after.get(key, 0) - before.get(key, 0)) / per
+            for key in sorted(after) if after.get(key, 0) != before.get(key, 0)}  # fmt: skip
 
 
-async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, folder: Path, double: Any) -> dict[str, Any]:
     run = Run(cwd=str(folder))
     kinds = {"local": LOCAL, "kubernetes": KUBERNETES}
     counts = {"local": args.starts, "kubernetes": args.starts}
+    before = await double.requests()
     starts = await measure_starts(run, kinds, counts, warmup=True)
+    per_start = delta(before, await double.requests(), args.starts + 1)  # with the warm-up
     kernels = {label: Kernel(run, kind) for label, kind in kinds.items()}
     try:
         for kernel in kernels.values():
             await kernel.start()
+        before = await double.requests()
+        await asyncio.sleep(args.idle)
+        idle = delta(before, await double.requests(), args.idle / 3600)
         executes = await measure_executes(
             kernels, {label: args.executes for label in kinds}, warmup=20, block=50
         )
     finally:
         for kernel in kernels.values():
             await kernel.stop()
-    return {"starts": starts, "executes": executes, "kernels": args.starts + 2}
+    return {"starts": starts, "executes": executes, "per_start": per_start,
+            "idle_per_hour": idle}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--executes", type=int, default=300)
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=120.0,
+        help="Seconds the API requests of two idle kernels are counted.",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="jsb-bench-k8s-") as scratch:
@@ -139,25 +148,22 @@ def main() -> int:
         with kube_cluster(folder / "cluster", POLICY, servers=("amy",)) as cluster:
             os.environ["JUPYTER_PATH"] = str(cluster.kernelspecs)
             os.environ["JUPYTERHUB_API_TOKEN"] = cluster.hub.token("amy")
-            measured = asyncio.run(measure(args, folder))
-            log = cluster.double.log(size=1 << 26)
+            measured = asyncio.run(measure(args, folder, cluster.double))
     raw = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["benchmarks/kubernetes.py", *sys.argv[1:]]),
         "host": report.loadavg(),
         "starts": args.starts,
         "executes": args.executes,
+        "idle_seconds": args.idle,
         "measured": measured,
-        "api_requests": api_requests(log, measured["kernels"]),
     }
     s = summary(measured["starts"], measured["executes"])
     text = markdown(s, raw)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"kubernetes-{raw['date']}"
     (args.out / f"{name}.md").write_text(text)
-    serializable = {**raw, "api_requests": {f"{v} {k}": n for (v, k), n in
-                                            raw["api_requests"].items()}, "summary": s}  # fmt: skip
-    (args.out / f"{name}.json").write_text(json.dumps(serializable, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps({**raw, "summary": s}, indent=1))
     for suffix in (".md", ".json"):
         shutil.copyfile(args.out / f"{name}{suffix}", args.out / f"kubernetes-latest{suffix}")
     sys.stdout.write(text)

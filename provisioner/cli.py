@@ -411,16 +411,11 @@ class KubernetesAgentImageApp(_Sub):
 class _KubernetesServiceApp(_Sub):
     """A command that acts as the Kubernetes sandbox service does: with its configuration
     (`--config FILE`, a traitlets file setting `c.KubernetesService...`, as the service's
-    ConfigMap holds it; `--KubernetesService.trait=value` too)."""
+    ConfigMap holds it). The service's module is imported only by these commands: the
+    Kubernetes client library is an extra (`jupyter-sandbox[kubernetes]`)."""
 
     config_path = Unicode("", config=True, help="The service's configuration file (Python).")
     aliases = {"config": "_KubernetesServiceApp.config_path", **_Sub.aliases}
-
-    @property
-    def classes(self) -> list[type]:  # type: ignore[override]
-        from .kubernetes.service import KubernetesService
-
-        return [*super().classes, KubernetesService]
 
     def kubernetes_service(self) -> Any:
         """The service's configuration as this command was given it."""

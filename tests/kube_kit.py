@@ -278,10 +278,13 @@ class Cluster:
         return requests.request(method, f"{self.service_url}{path}", headers=headers,
                                 timeout=120, **kw)  # fmt: skip
 
-    def kube(self, method: str, path: str, **kw: Any) -> requests.Response:
-        """One request to the double's API with the service's own credentials (plain HTTP:
-        usable from inside a test's event loop too)."""
-        headers = {"Authorization": f"Bearer {self.double.token}"}
+    def kube(self, method: str, path: str, as_service: bool = False,
+             **kw: Any) -> requests.Response:  # fmt: skip
+        """One request to the double's API as the cluster's admin (an operator's kubectl), or
+        with the service's own credentials (`as_service`: its RBAC applies). Plain HTTP:
+        usable from inside a test's event loop too."""
+        token = self.double.token if as_service else self.double.admin_token
+        headers = {"Authorization": f"Bearer {token}"}
         return requests.request(method, f"{self.double.url}{path}", timeout=60,
                                 headers=headers, **kw)  # fmt: skip
 
@@ -363,6 +366,12 @@ c.KubernetesService.ended_grace = 5.0
 """)
         env = Cluster(double, hub, service_url, kernelspecs, config, folder)
         try:
+            # The kernels' namespace as deploy/kubernetes/ leaves it: default deny.
+            for policy in deploy_documents("network-policies.yaml"):
+                if policy["metadata"]["namespace"] == NAMESPACE:
+                    path = f"/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/networkpolicies"
+                    made = env.kube("POST", path, json=policy)
+                    assert made.status_code == 201, made.text
             env.start_service()
             for user in servers:
                 hub.start_server(user)

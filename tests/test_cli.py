@@ -161,6 +161,9 @@ def test_version() -> None:
         ["gc", "--help"],
         ["image", "build", "--help"],
         ["kubernetes", "agent-image", "--help"],
+        ["kubernetes", "serve", "--help"],
+        ["kubernetes", "render", "--help"],
+        ["kubernetes", "gc", "--help"],
         ["serve", "--help-all"],
         ["help"],
         ["image", "build", "--from", "X", "--help"],  # help wins, as in argparse

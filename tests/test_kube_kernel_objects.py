@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kube_schemas import restricted_violations, validate
 
 from provisioner.errors import ImageError, PolicyError, SettingError
@@ -22,6 +28,7 @@ from provisioner.kubernetes.hub import Caller
 from provisioner.kubernetes.service import KubernetesService, kubespawner_label
 
 KERNEL = "6f1c2e0a-9b7d-4c3e-8a52-0d4f3b2a1c9e"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def service(**config: Any) -> KubernetesService:
@@ -236,10 +243,12 @@ def test_the_secret_carries_the_kernels_credentials_only() -> None:
     assert "key" not in creds.public() and creds.key not in str(creds.public())
 
 
-def test_an_unsandboxed_runtime_class_is_refused_unless_allowed() -> None:
+def test_an_unsandboxed_runtime_class_is_refused_unless_allowed(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nmemory_limit = "2G"\n')
     with pytest.raises(SettingError, match="allow_unsandboxed"):
-        service(runtime_class="").check_config()
-    svc = service(runtime_class="", allow_unsandboxed=True)
+        service(runtime_class="", policy_file=str(policy)).check_config()
+    svc = service(runtime_class="", allow_unsandboxed=True, policy_file=str(policy))
     svc.check_config()
     assert "runtimeClassName" not in manifests.pod(plan(svc))["spec"]
 
@@ -259,3 +268,72 @@ def test_a_caller_gets_no_more_than_the_policy(tmp_path: Any) -> None:
         plan(svc, asked={"memory_limit": "4G"})
     with pytest.raises(PolicyError, match="network"):
         plan(svc, asked={"network": "open"})
+
+
+def test_the_service_refuses_to_start_without_the_operators_policy() -> None:
+    with pytest.raises(SettingError, match="policy_file"):
+        service().check_config()
+
+
+def test_egress_never_reaches_blocked_networks_whatever_it_names() -> None:
+    """`egress_allow = ["0.0.0.0/0"]` (a policy that lists no destinations lets a user ask
+    for any) admits the internet minus the cluster, metadata and link-local; a name that
+    resolves into a blocked network admits nothing."""
+    p = plan(asked={"network": "egress", "egress_allow": ["0.0.0.0/0", "evil.example:443"]},
+             addresses={"evil.example": ["169.254.169.254", "10.0.0.7"]})  # fmt: skip
+    [rule] = manifests.network_policy(p)["spec"]["egress"]
+    [peer] = rule["to"]
+    assert peer["ipBlock"]["cidr"] == "0.0.0.0/0"
+    excluded = [ipaddress.ip_network(n) for n in peer["ipBlock"]["except"]]
+    for address in ("169.254.169.254", "10.96.0.1", "192.168.0.1", "127.0.0.1"):
+        assert any(ipaddress.ip_address(address) in n for n in excluded), address
+    inside = plan(asked={"network": "egress", "egress_allow": ["10.1.2.0/24"]})
+    assert manifests.network_policy(inside)["spec"]["egress"] == []  # inside 10/8: blocked
+    narrowed = plan(service(blocked_networks=["172.16.0.0/12"]),
+                    asked={"network": "egress", "egress_allow": ["10.1.2.0/24"]})  # fmt: skip
+    [rule] = manifests.network_policy(narrowed)["spec"]["egress"]
+    assert rule["to"] == [{"ipBlock": {"cidr": "10.1.2.0/24"}}]  # the operator opened it
+    assert "169.254.0.0/16" in narrowed.blocked_networks  # metadata: always blocked
+
+
+def test_render_prints_what_a_start_would_make(tmp_path: Path) -> None:
+    """`jupyter sandbox kubernetes render`: the Pod and NetworkPolicy of a start of a
+    kernelspec on this machine, for a user under the service's config and policy, as YAML
+    that validates; clear errors for what it cannot render."""
+    kernels = tmp_path / "share" / "kernels" / "python3-kubernetes"
+    kernels.mkdir(parents=True)
+    spec = json.loads((REPO / "kernelspecs" / "python3-kubernetes" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["memory_limit"] = "512M"
+    (kernels / "kernel.json").write_text(json.dumps(spec))
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nmemory_limit = "1G"\nnetwork = "none"\n')
+    config = tmp_path / "config.py"
+    config.write_text(
+        'c.KubernetesService.agent_image = "registry.test/agent:1"\n'
+        'c.KubernetesService.images = {"python3": "registry.test/python3:1"}\n'
+        f"c.KubernetesService.policy_file = {str(policy)!r}\n"
+    )
+    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "share")}
+
+    def render(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "jupyter-sandbox"), "kubernetes", "render", *args],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+
+    done = render("--config", str(config), "--user", "alice@example.org")
+    assert done.returncode == 0, done.stderr
+    pod, policy_object = yaml.safe_load_all(done.stdout)
+    assert (pod["kind"], policy_object["kind"]) == ("Pod", "NetworkPolicy")
+    for obj in (pod, policy_object):
+        validate(obj)
+    assert restricted_violations(pod["spec"]) == []
+    assert pod["metadata"]["annotations"]["jupyter-sandbox/user"] == "alice@example.org"
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["memory"] == str(512 << 20)  # what the kernelspec asks, under the policy
+    missing = render("--config", str(config), "--kernelspec", "nope")
+    assert missing.returncode == 1 and "no kernelspec 'nope'" in missing.stderr
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "policy_file" not in line))  # fmt: skip
+    unbounded = render("--config", str(config))
+    assert unbounded.returncode == 1 and "policy_file is not set" in unbounded.stderr

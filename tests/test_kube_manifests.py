@@ -38,9 +38,10 @@ SERVER_POD_LABELS = {"component": "singleuser-server"}
 """How zero-to-jupyterhub's user servers are labelled (KubeSpawner's component label)."""
 VERBS = ("create", "get", "list", "watch", "delete")
 ROLE_GRANTS = {
-    (group, resource, verb)
-    for group, resource in (("", "pods"), ("", "secrets"), ("networking.k8s.io", "networkpolicies"))
-    for verb in VERBS
+    *(("", "pods", verb) for verb in VERBS),
+    ("", "secrets", "create"),
+    ("networking.k8s.io", "networkpolicies", "create"),
+    ("networking.k8s.io", "networkpolicies", "delete"),
 }
 """All the service may do in the kernels' namespace: no pods/exec, attach or portforward, no
 patch, update or deletecollection."""

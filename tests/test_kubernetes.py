@@ -19,6 +19,8 @@ import contextlib
 import json
 import os
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,6 +192,13 @@ def test_tokens_and_tenants(cluster: Cluster, as_user: Any) -> None:
             time.sleep(2)
             assert cluster.ask("GET", "/kernels", expired).status_code == 401
             assert cluster.ask("GET", "/kernels", cluster.hub.admin_token).status_code == 403
+            # amy's tokens that may act for none of her servers, or another one only
+            reader = cluster.hub.token("amy", scopes=["read:users:name!user=amy"])
+            assert cluster.ask("GET", "/kernels", reader).status_code == 403
+            collab = cluster.hub.token("amy", scopes=["access:servers!server=amy/collab"])
+            assert cluster.ask("GET", f"/kernels/{name}", collab).status_code == 404
+            assert cluster.ask("DELETE", f"/kernels/{name}", collab).status_code == 404
+            assert cluster.ask("GET", "/kernels", collab).json()["kernels"] == []
             # Once its owner's server is connected, the agent takes no other connection.
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection(ip, AGENT_PORT)
@@ -202,12 +211,13 @@ def test_tokens_and_tenants(cluster: Cluster, as_user: Any) -> None:
     cluster.until_nothing_left()
 
 
-def test_a_pod_takes_only_a_client_with_its_certificate_and_token(
+def test_a_pod_takes_only_its_owners_server_with_its_certificate_and_token(
     cluster: Cluster, as_user: Any
 ) -> None:
     """Before its owner connects, the agent answers neither plain TCP, nor TLS pinned to
     another kernel's certificate, nor its own certificate without its token; with both,
-    its first frame (HELLO) comes."""
+    its first frame (HELLO) comes. Its NetworkPolicy admits its owner's server pod only:
+    another tenant's server pod and another kernel pod cannot connect at all."""
     amy = as_user("amy")
     answer = cluster.ask("POST", "/kernels", amy, json={
         "kernel_id": "0c0ffee0-0000-4000-8000-000000000002", "kernel_name": KERNELSPEC,
@@ -244,6 +254,18 @@ def test_a_pod_takes_only_a_client_with_its_certificate_and_token(
         writer.write(b"\x01" * credentials.TOKEN_BYTES)
         assert await asyncio.wait_for(reader.read(1024), 30) == b""
         writer.close()
+        # Over the network (the double enforces NetworkPolicy): another tenant's server pod
+        # cannot even connect; amy's can (its TLS then needs the kernel's token anyway).
+        mallory = await cluster.double.add_peer(
+            "jhub", "jupyter-mallory", {"component": "singleuser-server",
+                                        "hub.jupyter.org/username": "mallory"})  # fmt: skip
+        assert await mallory.connect(ip, AGENT_PORT) is None
+        outsider = await cluster.double.add_peer(NAMESPACE, "other-kernel", {"app": "x"})
+        assert await outsider.connect(ip, AGENT_PORT) is None  # another kernel pod: no
+        owner = await cluster.double.add_peer(
+            "jhub", "jupyter-amy", {"component": "singleuser-server",
+                                    "hub.jupyter.org/username": "amy"})  # fmt: skip
+        assert await owner.connect(ip, AGENT_PORT) is not None
         # certificate and token: the agent speaks (a HELLO frame)
         reader, writer = await asyncio.open_connection(
             ip, AGENT_PORT, ssl=creds.client_context(), server_hostname=creds.server_name
@@ -424,8 +446,10 @@ def test_through_the_hub_a_pod_ended_from_outside_is_told_and_restarted(
 def test_the_deploy_rbac_is_what_the_service_needs(cluster: Cluster) -> None:
     """The service ran every test above under deploy/kubernetes/rbac.yaml's rules only
     (the double enforces them on every request); nothing outside them is allowed."""
-    assert cluster.kube("GET", "/api/v1/namespaces/jhub/pods").status_code == 403
-    assert cluster.kube("GET", "/api/v1/nodes").status_code == 403
+    assert cluster.kube("GET", "/api/v1/namespaces/jhub/pods", as_service=True).status_code == 403
+    secrets = f"/api/v1/namespaces/{NAMESPACE}/secrets"
+    assert cluster.kube("GET", secrets, as_service=True).status_code == 403  # create only
+    assert cluster.kube("GET", "/api/v1/nodes", as_service=True).status_code == 403
     for resource, subresource, verb in (
         ("pods", "exec", "create"),
         ("pods", "attach", "create"),
@@ -438,5 +462,26 @@ def test_the_deploy_rbac_is_what_the_service_needs(cluster: Cluster) -> None:
                                             "subresource": subresource, "verb": verb}},
         }  # fmt: skip
         answer = cluster.kube("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
-                              json=review)  # fmt: skip
+                              as_service=True, json=review)  # fmt: skip
         assert answer.json()["status"]["allowed"] is False, (resource, subresource, verb)
+
+
+def test_doctor_checks_the_cluster(cluster: Cluster) -> None:
+    """`jupyter sandbox doctor --kubernetes` with the service's configuration and
+    credentials: the API, RBAC enough and not more (deploy/kubernetes/rbac.yaml), the
+    RuntimeClass, a probe pod that really runs on gVisor, NetworkPolicy enforced (the
+    double enforces it; its default deny is deploy/kubernetes/network-policies.yaml's)."""
+    doctor = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter-sandbox"), "doctor", "--kubernetes",
+         "--config", str(cluster.config)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    out = doctor.stdout
+    assert doctor.returncode == 0, out + doctor.stderr
+    for line in ("[ok] Kubernetes API", "[ok] RBAC: enough", "[ok] RBAC: not more",
+                 "[ok] RuntimeClass: gvisor", "[ok] sandboxing: the probe pod runs on gVisor",
+                 "[ok] NetworkPolicy: enforced"):  # fmt: skip
+        assert line in out, out
+    cluster.until_nothing_left()
+    probes = cluster.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")
+    assert probes.json()["items"] == []  # its probe pods are gone too

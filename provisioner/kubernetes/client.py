@@ -30,6 +30,7 @@ from ..settings import USER_SETTINGS
 from ..state import Record
 from ..tunnel import Tunnel
 from . import credentials
+from .hub import read_bounded
 
 TOKEN_ENV = "JUPYTERHUB_API_TOKEN"
 SERVER_ENV = "JUPYTERHUB_SERVER_NAME"
@@ -216,7 +217,7 @@ class KubernetesClient:
 
         async def ask() -> tuple[int, bytes]:
             async with self._session().request(method, self.url + path, json=body) as answer:
-                return answer.status, await answer.content.read(MAX_ANSWER + 1)
+                return answer.status, await read_bounded(answer.content, MAX_ANSWER)
 
         try:
             status, data = await asyncio.wait_for(ask(), timeout)
@@ -255,7 +256,8 @@ class KubernetesClient:
         try:
             name, host, port = str(reply["name"]), str(reply["host"]), int(reply["port"])
             creds = credentials.from_public(reply["credentials"])
-            granted = dict(reply["settings"])
+            # The service grants user settings only: anything else it names is ignored.
+            granted = {n: v for n, v in dict(reply["settings"]).items() if n in USER_SETTINGS}
             cwd = str(reply["cwd"])
         except (KeyError, TypeError, ValueError) as e:
             why = f"the Kubernetes sandbox service's answer is malformed: {e}"

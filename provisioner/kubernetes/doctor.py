@@ -40,8 +40,8 @@ PROBE_TIMEOUT = 180.0
 PROBE_PORT = 8470
 NEEDED = (
     ("", "pods", ("create", "get", "list", "watch", "delete")),
-    ("", "secrets", ("create", "get", "list", "watch", "delete")),
-    ("networking.k8s.io", "networkpolicies", ("create", "get", "list", "watch", "delete")),
+    ("", "secrets", ("create",)),
+    ("networking.k8s.io", "networkpolicies", ("create", "delete")),
 )
 """(group, resource, verbs) the service uses in the kernels' namespace."""
 NOT_NEEDED = (
@@ -49,6 +49,7 @@ NOT_NEEDED = (
     ("", "pods", "attach", "create", True),
     ("", "pods", "portforward", "create", True),
     ("", "pods", "", "patch", True),
+    ("", "secrets", "", "get", True),
     ("", "secrets", "", "list", False),
     ("", "pods", "", "list", False),
     ("", "nodes", "", "list", False),

@@ -30,6 +30,19 @@ CACHE_SIZE = 10_000
 """Tokens remembered at once (least recently used go first)."""
 
 
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first `limit` + 1 bytes if it is longer (then refused)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await stream.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class Unauthenticated(RequestError):
     """No token, or one the hub does not know (HTTP 401)."""
 
@@ -90,7 +103,7 @@ class Hub:
             async with self.session().get(
                 self.api_url + path, headers={"Authorization": f"token {token}"}
             ) as answer:
-                data = await answer.content.read(MAX_ANSWER + 1)
+                data = await read_bounded(answer.content, MAX_ANSWER)
                 status = answer.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise ServiceError(f"cannot reach the hub at {self.api_url}: {e}") from None

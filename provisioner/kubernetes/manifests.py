@@ -136,8 +136,9 @@ class KernelPlan:
     """`egress_allow` host names resolved by the service at the start (network policies
     take addresses only): name -> IPv4 addresses, pinned in the pod's /etc/hosts."""
     blocked_networks: Sequence[str] = ()
-    """What `open` never reaches: the cluster's pod, service and node ranges, link-local
-    and metadata addresses (the service's `blocked_networks`)."""
+    """What no kernel reaches, in `open` or `egress` mode: the cluster's pod, service and
+    node ranges, link-local and metadata addresses (the service's `blocked_networks` and
+    `ALWAYS_BLOCKED`)."""
     hub_namespace: str = "jhub"
     server_labels: Mapping[str, str] = field(default_factory=dict)
     """Labels that select the owner's server pod in `hub_namespace`: the only pod the
@@ -363,18 +364,34 @@ def _egress_rules(plan: KernelPlan) -> list[dict[str, Any]]:
         ]  # fmt: skip
         return rules
     rules = []
+    blocked = [ipaddress.ip_network(n) for n in plan.blocked_networks]
     for destination in plan.network.allow:
         if destination.net is not None:
-            cidrs = [str(destination.net)]
+            nets = [destination.net]
         else:
-            cidrs = [f"{ip}/32" for ip in plan.egress_addresses.get(destination.host, ())]
-        if not cidrs:
-            continue  # a name that resolved to nothing: nothing to admit
-        rule: dict[str, Any] = {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]}
+            nets = [ipaddress.ip_network(f"{ip}/32")
+                    for ip in plan.egress_addresses.get(destination.host, ())]  # fmt: skip
+        peers = [_allowed_block(net, blocked) for net in nets]
+        if not any(peers):
+            continue  # resolved to nothing, or to blocked addresses only: nothing to admit
+        rule: dict[str, Any] = {"to": [{"ipBlock": peer} for peer in peers if peer]}
         if destination.port is not None:
             rule["ports"] = _peer_port(destination.port)
         rules.append(rule)
     return rules
+
+
+def _allowed_block(net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                   blocked: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                   ) -> dict[str, Any] | None:  # fmt: skip
+    """The ipBlock admitting `net` but none of `blocked` (no kernel reaches those in any
+    mode: `egress_allow` cannot name around them, "0.0.0.0/0" included); None if all of
+    `net` is blocked."""
+    if any(net.version == b.version and net.subnet_of(b) for b in blocked):  # type: ignore[arg-type]
+        return None
+    inside = sorted(str(b) for b in blocked
+                    if b.version == net.version and b != net and b.subnet_of(net))  # type: ignore[arg-type]  # fmt: skip
+    return {"cidr": str(net), **({"except": inside} if inside else {})}
 
 
 def network_policy(plan: KernelPlan) -> dict[str, Any]:
@@ -422,6 +439,16 @@ def secret(plan: KernelPlan, data: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+ALWAYS_BLOCKED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3",
+                  "100.100.100.200/32", "168.63.129.16/32")  # fmt: skip
+"""Blocked whatever the operator's `blocked_networks` say: loopback, link-local (cloud
+metadata services), multicast, Alibaba's and Azure's metadata addresses."""
+
+
 def check_blocked(networks: Sequence[str]) -> list[str]:
-    """`networks` as CIDRs (ValueError naming a bad one): the `except` list of `open`."""
-    return [str(ipaddress.ip_network(n, strict=False)) for n in networks]
+    """`networks` and `ALWAYS_BLOCKED` as CIDRs, each once, none inside another (ValueError
+    naming a bad one): what no kernel reaches."""
+    nets = {ipaddress.ip_network(n, strict=False) for n in (*networks, *ALWAYS_BLOCKED)}
+    kept = [n for n in nets if not any(n != o and n.version == o.version and n.subnet_of(o)  # type: ignore[arg-type]
+                                       for o in nets)]  # fmt: skip
+    return sorted(str(n) for n in kept)

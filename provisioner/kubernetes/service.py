@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -133,8 +132,9 @@ class KubernetesService(LoggingConfigurable):
     )  # fmt: skip
     blocked_networks = List(
         Unicode(), list(BLOCKED_BY_DEFAULT), config=True,
-        help='What network = "open" never reaches: the cluster\'s pod, service and node '
-        "ranges, link-local and metadata addresses.",
+        help="What no kernel reaches, with network = open or egress (egress_allow cannot "
+        "name around it; resolved names in it admit nothing): the cluster's pod, service "
+        "and node ranges. Link-local, metadata, loopback and multicast are always added.",
     )  # fmt: skip
     dns_namespace = Unicode("kube-system", config=True)
     dns_labels = Dict(value_trait=Unicode(), default_value={"k8s-app": "kube-dns"}, config=True)
@@ -216,6 +216,11 @@ class KubernetesService(LoggingConfigurable):
             raise SettingError("agent_image is not set (`jupyter sandbox kubernetes agent-image`)")
         if not self.images:
             raise SettingError("images is empty: no kernel image to run")
+        if not self.policy_file:
+            # As the one-host service: without the operator's ceilings and quotas a caller
+            # would get whatever it asks for (deploy/kubernetes/service.yaml sets one).
+            raise SettingError("policy_file is not set: the operator's policy (docs: 'Policy "
+                               "and quotas') bounds what every caller may ask")  # fmt: skip
         manifests.check_blocked(self.blocked_networks)
         self.kernel_defaults()
 
@@ -245,7 +250,10 @@ class KubernetesService(LoggingConfigurable):
         if granted["workspace"] in ("rw", "ro"):
             escaped = kubespawner_label(user, self.server_label_scheme)
             workspace = Workspace(
-                claim=self.workspace_claim.format(username=escaped, servername=server),
+                claim=self.workspace_claim.format(
+                    username=escaped,
+                    servername=kubespawner_label(server, self.server_label_scheme),
+                ),
                 mount_path=self.workspace_mount_path,
                 read_only=granted["workspace"] == "ro",
                 server_labels=self.labels_for(user, server) if self.workspace_single_node else {},
@@ -395,19 +403,31 @@ class KubernetesService(LoggingConfigurable):
             )
 
     async def _caller(self, request: web.Request) -> Caller:
+        """Whose token the request carries; PolicyError if it may act for none of its
+        owner's servers (any hub token identifies its owner, even one made for reading,
+        or a user's OAuth token held by another user's shared server)."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() not in ("token", "bearer"):
             token = ""
         assert self.hub is not None
-        return await self.hub.identify(token.strip())
+        caller = await self.hub.identify(token.strip())
+        if caller.servers is not None and not caller.servers:
+            raise PolicyError("this token may act for none of its user's servers")
+        return caller
+
+    @staticmethod
+    def _mine(caller: Caller, pod: KernelPod) -> bool:
+        """Whether `pod` is the caller's: its user's, of a server its token may act for."""
+        return pod.user == caller.name and caller.may_act_for(pod.server)
 
     def _own(self, caller: Caller, name: str) -> KernelPod:
-        """The caller's kernel pod `name`: RequestError (404) for another user's as for
-        none, so that nobody learns which kernels others have."""
+        """The caller's kernel pod `name`: RequestError (404) for another user's (or
+        another server's than the token's) as for none, so that nobody learns which
+        kernels others have."""
         assert self.cluster is not None
         pod = self.cluster.pods.get(name) if _NAME.match(name) else None
-        if pod is None or pod.user != caller.name:
+        if pod is None or not self._mine(caller, pod):
             raise NoKernel(f"no kernel {name!r} of {caller.name}")
         return pod
 
@@ -463,7 +483,7 @@ class KubernetesService(LoggingConfigurable):
     async def on_list(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
         assert self.cluster is not None
-        mine = [p.public() for p in self.cluster.pods.values() if p.user == caller.name]
+        mine = [p.public() for p in self.cluster.pods.values() if self._mine(caller, p)]
         return web.json_response({"kernels": mine})
 
     async def on_get(self, request: web.Request) -> web.Response:
@@ -495,7 +515,7 @@ class KubernetesService(LoggingConfigurable):
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
 
         def listener(pod: KernelPod) -> None:
-            if pod.user == caller.name and not queue.full():
+            if self._mine(caller, pod) and not queue.full():
                 # The last place is for the end: a reader that far behind is dropped,
                 # and learns every state afresh when it comes back.
                 queue.put_nowait(pod.public() if queue.qsize() < queue.maxsize - 1 else None)
@@ -503,7 +523,7 @@ class KubernetesService(LoggingConfigurable):
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         for pod in list(self.cluster.pods.values()):
-            if pod.user == caller.name:
+            if self._mine(caller, pod):
                 await response.write(json.dumps(pod.public()).encode() + b"\n")
         self.cluster.listeners.append(listener)
         try:
@@ -658,10 +678,7 @@ async def _resolve(network: NetworkSpec, log: logging.Logger) -> dict[str, list[
             log.warning("egress_allow: %s does not resolve (%s): it admits nothing",
                         destination.host, e)  # fmt: skip
             continue
-        addresses = sorted({str(info[4][0]) for info in infos})
-        found[destination.host] = [
-            a for a in addresses if not ipaddress.ip_address(a).is_link_local
-        ]
+        found[destination.host] = sorted({str(info[4][0]) for info in infos})
     return found
 
 

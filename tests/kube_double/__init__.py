@@ -49,12 +49,15 @@ STOP_SECONDS = 60.0
 CONNECT = """
 import socket, sys
 try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
-        s.settimeout(float(sys.argv[3]))
-        sys.stdout.write(s.recv(65536).decode(errors="replace"))
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
 except OSError as e:
     sys.stderr.write(str(e))
     sys.exit(1)
+with s:
+    try:  # a server that waits for its client to speak first (TLS) says nothing: ""
+        sys.stdout.write(s.recv(65536).decode(errors="replace"))
+    except OSError:
+        pass
 """
 
 
@@ -67,7 +70,8 @@ class Peer:
 
     async def connect(self, ip: str, port: int, timeout: float = 2.0) -> str | None:
         """Connect from this peer to `ip`:`port` and read what the server first sends: that
-        text, or None if the connection could not be made (refused, dropped, timed out)."""
+        text ("" if it sends nothing within `timeout`, as a TLS server waiting for its
+        client), or None if the connection could not be made (refused, dropped, timed out)."""
         process = await asyncio.create_subprocess_exec(
             "nsenter",
             f"--net=/run/netns/{self.netns}",
@@ -91,11 +95,15 @@ class Double:
 
     url: str
     token: str
+    """The caller's (the service's): its `rules` apply."""
     state: Path
     config: config_file.Config
     process: subprocess.Popen[bytes]
     log_path: Path
     crashed: bool = False
+    admin_token: str = ""
+    """A cluster admin's token (no RBAC applies to it): what a test inspects the cluster
+    with, as an operator's kubectl would."""
 
     def configuration(self) -> Configuration:
         """A client configuration for the double: its URL and bearer token."""
@@ -161,6 +169,10 @@ class Double:
             "POST", "peers", {"namespace": namespace, "name": name, "labels": labels}
         )
         return Peer(answer["ip"], answer["netns"])
+
+    async def requests(self) -> dict[str, int]:
+        """Requests the double served so far, by "VERB resource" (WATCH for watches)."""
+        return dict(await self._hook("GET", "requests"))
 
     async def pods(self) -> list[dict[str, Any]]:
         """What runs where: per pod its netns, host link, IP and runsc container ids."""
@@ -252,6 +264,7 @@ def running_double(
     state = tmp_path / "kube-double"
     settings: dict[str, Any] = {
         "token": secrets.token_urlsafe(24),
+        "admin_token": secrets.token_urlsafe(24),
         "images": {ref: str(path) for ref, path in (images or {}).items()},
         "claims": {name: str(path) for name, path in (claims or {}).items()},
         "namespaces": namespaces or {"default": {}},
@@ -287,6 +300,7 @@ def running_double(
     try:
         port = _wait_ready(process, state, log_path)
         double = Double(f"http://127.0.0.1:{port}", config.token, state, config, process, log_path)
+        double.admin_token = config.admin_token
         _wait_answers(double)
         yield double
     finally:

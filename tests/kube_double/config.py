@@ -6,6 +6,7 @@ folders on this host, claims as host folders). Every key but `token` is optional
 
     {
       "token": "secret bearer token",
+      "admin_token": "another token: a cluster admin's (no RBAC applies to it)",
       "user": "system:serviceaccount:jupyter-sandbox:sandbox",
       "namespaces": {"kernels": {"pod-security.kubernetes.io/enforce": "restricted"}},
       "runtime_classes": {"gvisor": "runsc"},
@@ -69,6 +70,8 @@ class Rule:
 @dataclass(frozen=True)
 class Config:
     token: str
+    admin_token: str = ""
+    """A cluster admin's token (a test's kubectl): allowed everything, RBAC aside."""
     user: str = DEFAULT_USER
     namespaces: dict[str, dict[str, str]] = field(default_factory=lambda: {"default": {}})
     runtime_classes: dict[str, str] = field(default_factory=lambda: {"gvisor": "runsc"})
@@ -140,6 +143,11 @@ def parse(raw: Any) -> Config:
     if not isinstance(token, str) or len(token) < 16:
         raise ValueError("token: expected a string of at least 16 characters")
     values: dict[str, Any] = {"token": token}
+    if "admin_token" in raw:
+        admin = raw["admin_token"]
+        if not isinstance(admin, str) or len(admin) < 16 or admin == token:
+            raise ValueError("admin_token: expected another string of at least 16 characters")
+        values["admin_token"] = admin
     for key in ("user", "node", "host_pod_namespace", "runsc", "platform"):
         if key in raw:
             if not isinstance(raw[key], str) or not raw[key]:
