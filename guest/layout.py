@@ -11,12 +11,13 @@ AGENT_RUNTIME = "/opt/jupyter-sandbox-runtime"
 """The agent's own Python, in every image (provisioner/images/runtime.py): the agent never
 depends on the image's interpreter, which an R-only image does not have."""
 AGENT_PYTHON = f"{AGENT_RUNTIME}/bin/python3"
+"""What runs the agent (and the microVM's pid1, and kernel_init) in every sandbox."""
 AGENT_OPENSSL_CONF = "/dev/null"
 """OPENSSL_CONF of every agent (gVisor's OCI spec, the microVM's pid1, a kernel pod's env).
 The runtime's libcrypto would otherwise read the image's own /usr/lib/ssl/openssl.cnf as
 soon as the agent imports ssl (asyncio does), and a directive there can load a module of
-the image's into the agent, which is root in a local sandbox. An image is untrusted."""
-"""What runs the agent (and the microVM's pid1, and kernel_init) in every sandbox."""
+the image's into the agent, which is root in a local sandbox. An image is untrusted
+(tests/security/test_hostile_images.py)."""
 AGENT_IN_RUNTIME = f"{AGENT_RUNTIME}/agent"
 """Where the agent's code (agent.py and the modules it runs) sits inside the runtime's folder:
 in the agent image and so on Kubernetes, where an init container copies the whole folder into

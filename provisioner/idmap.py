@@ -32,7 +32,8 @@ _OPEN_TREE_CLONE = 1
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_IDMAP = 0x2, 0x4, 0x100000
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
 UNUSED_ID = 4294967294
 """Where host root's id goes in a map whose id 0 is taken by the folder's owner: the
 highest valid id, which no account holds (65534 is `nobody`'s, a real user's)."""
@@ -108,9 +109,11 @@ def user_namespace(idmap: IdMap) -> int:
         holder.wait()
 
 
-def mapped_tree(folder: int | Path, idmap: IdMap) -> int:
+def mapped_tree(folder: int | Path, idmap: IdMap, read_only: bool = False) -> int:
     """A detached, idmapped, nosuid and nodev copy of the mount of `folder` (a descriptor
     or a path, links not followed at its last name): a descriptor that keeps it alive.
+    `read_only`: the copy is read-only itself, whatever the sandbox's runtime does with
+    the read-only flag it is given (gVisor's directfs: see `rootfs.bind`).
 
     Close it once the sandbox holds the folder: the mount goes with its last user.
     """
@@ -122,8 +125,8 @@ def mapped_tree(folder: int | Path, idmap: IdMap) -> int:
     try:
         tree = _syscall(_SYS_OPEN_TREE, dirfd, name, flags | _OPEN_TREE_CLONE | os.O_CLOEXEC)
         try:
-            attr = _MountAttr(_MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0,
-                              namespace)  # fmt: skip
+            attrs = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+            attr = _MountAttr(attrs | (_MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, namespace)
             _syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                      ctypes.sizeof(attr))  # fmt: skip
         except OSError as e:

@@ -51,23 +51,29 @@ def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
     return root
 
 
-def bind(fd: int, bundle: Path) -> Path:
-    """Bind the folder open at `fd` to `bundle`/workspace and return that path.
+def bind(folder: int | Path, bundle: Path, read_only: bool, name: str = "workspace") -> Path:
+    """Bind `folder` (a descriptor or a path) to `bundle`/`name` and return that path.
 
     runsc then mounts it from there, where only root can change what the path
-    names; the caller's own path could meanwhile be swapped for a link.
+    names; the caller's own path could meanwhile be swapped for a link. A read-only
+    folder is bound read-only: runsc's directfs (its default) opens the host's files
+    itself, and runsc 20240729 empties a file opened with O_TRUNC on a bind that is
+    read-only in the OCI spec only (while it answers EROFS): the host's own mount
+    must refuse it (docs/host-notes.md).
     """
-    target = bundle / "workspace"
+    target = bundle / name
     target.mkdir(mode=0o700)
-    _mount(["--bind", f"/proc/{os.getpid()}/fd/{fd}", str(target)], "the workspace")
+    source = f"/proc/{os.getpid()}/fd/{folder}" if isinstance(folder, int) else str(folder)
+    options = ["-o", "ro"] if read_only else []  # util-linux binds, then remounts read-only
+    _mount(["--bind", *options, source, str(target)], f"the sandbox's {name}")
     return target
 
 
-def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap) -> Path:
+def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap, read_only: bool) -> Path:
     """Like `bind`, for a folder (a descriptor or a path) shown through `idmap`."""
     target = bundle / "workspace"
     target.mkdir(mode=0o700)
-    tree = mapped_tree(folder, idmap)
+    tree = mapped_tree(folder, idmap, read_only)
     try:
         attach(tree, target)
     finally:
@@ -84,7 +90,7 @@ def _unmount(path: Path) -> None:
 
 def remove_bundle(bundle: Path) -> None:
     """Unmount and delete a sandbox's folder, never descending into a mounted root or layer."""
-    for mounted in (bundle / "rootfs", layer(bundle), bundle / "workspace"):
+    for mounted in (bundle / "rootfs", layer(bundle), bundle / "workspace", bundle / "agent"):
         _unmount(mounted)
         if mounted.exists() and _mounted(mounted):
             raise OSError(f"{mounted} is still mounted; not removing {bundle}")

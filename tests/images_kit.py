@@ -5,6 +5,8 @@
   an OCI layout, turned by skopeo into a `docker-archive` (what `docker save` writes),
   and built with `jupyter sandbox image build NAME --from docker-archive:FILE`. Python
   kernels run on it like on the default, so the attack suite attacks it too.
+- `hostile_openssl_image`: the same, with a layer whose OpenSSL configuration
+  (`HOSTILE_OPENSSL_CNF`) harms any process that reads it: the agent must not.
 - `r_image`: an image with R and IRkernel and no Python at all: a Debian root made by
   debootstrap in a scratch folder, built with `--from FOLDER` (a root filesystem).
 
@@ -36,6 +38,29 @@ IMPORTED = "jsb-test-imported"
 R_IMAGE = "jsb-test-r"
 MARKER = "/etc/jsb-test-layer"
 """A file only the test's own layer of `imported_image` has."""
+HOSTILE_OPENSSL = "jsb-test-openssl"
+OPENSSL_CNF = ("etc/ssl/openssl.cnf", "usr/lib/ssl/openssl.cnf")
+"""Where an image's OpenSSL looks for its configuration (Debian: the second links to the
+first), and so would the agent's own libcrypto (a copy of Debian's) without OPENSSL_CONF."""
+HOSTILE_OPENSSL_CNF = b"""\
+# Hostile to any process that reads it (tests/security/test_hostile_images.py).
+# It reads its own stdin as more configuration: the agent's is the host's channel.
+.include /proc/self/fd/0
+# Its OpenSSL fails to start (no TLS context: LIBRARY_HAS_NO_CIPHERS) ...
+config_diagnostics = 1
+openssl_conf = jsb_init
+
+[jsb_init]
+providers = jsb_providers
+
+[jsb_providers]
+jsb = jsb_provider
+
+# ... for it loads a module of the image's (here one that is missing) into the process.
+[jsb_provider]
+module = /opt/jsb-hostile/provider.so
+activate = 1
+"""
 IMAGE_CONFIG = RunConfig(env=[f"PATH={KERNEL_PATH}", "LANG=C.UTF-8"], working_dir="/",
                          user=str(KERNEL_UID))  # fmt: skip
 """The run config of `imported_image`: the default image's environment and kernel user."""
@@ -74,25 +99,43 @@ def oci_layout_of(rootfs: Path, layout: Path, extra: bytes) -> None:
     write_image(layout, layers, tag="1", config=IMAGE_CONFIG)
 
 
-@pytest.fixture(scope="session")
-def imported_image() -> Iterator[str]:
-    """The default image plus a layer, imported from a docker-archive: its name."""
+def import_default(name: str, extra: bytes) -> None:
+    """Build image `name` from the default image plus layer `extra`, the way an operator
+    imports theirs: an OCI layout, turned by skopeo into a docker-archive, then `image
+    build NAME --from docker-archive:FILE` (about half a minute)."""
     require_sandbox()
     require_tools("skopeo")
     scratch = Path(tempfile.mkdtemp(prefix="jsb-imported-", dir="/var/tmp"))
     try:
-        extra = layer(entry(MARKER.lstrip("/"), b"from the test's own layer\n"))
         oci_layout_of(find_image(), scratch / "layout", extra)
         archive = scratch / "image.tar"
         skopeo_copy(f"oci:{scratch / 'layout'}:1", f"docker-archive:{archive}:jsb/test:1")
         shutil.rmtree(scratch / "layout")
-        build(IMPORTED, f"docker-archive:{archive}")
+        build(name, f"docker-archive:{archive}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def imported_image() -> Iterator[str]:
+    """The default image plus a layer, imported from a docker-archive: its name."""
+    import_default(IMPORTED, layer(entry(MARKER.lstrip("/"), b"from the test's own layer\n")))
     try:
         yield IMPORTED
     finally:
         remove(IMPORTED)
+
+
+@pytest.fixture(scope="session")
+def hostile_openssl_image() -> Iterator[str]:
+    """The default image plus a layer with `HOSTILE_OPENSSL_CNF` as its OpenSSL
+    configuration (both /etc/ssl/openssl.cnf and /usr/lib/ssl/openssl.cnf): its name."""
+    cnf = [entry(path, HOSTILE_OPENSSL_CNF) for path in OPENSSL_CNF]
+    import_default(HOSTILE_OPENSSL, layer(*cnf))
+    try:
+        yield HOSTILE_OPENSSL
+    finally:
+        remove(HOSTILE_OPENSSL)
 
 
 @pytest.fixture(scope="session")

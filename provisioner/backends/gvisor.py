@@ -197,7 +197,9 @@ class GVisorSandbox(Sandbox):
                 for source, destination in self.network.guest_files(bundle)
             )
         mounts = [await asyncio.to_thread(self.host_mount, m, bundle) for m in self.spec.mounts]
-        spec = dataclasses.replace(self.spec, mounts=tuple(mounts))
+        # The agent's folder is this server's own code: read-only on the host too.
+        agent = await asyncio.to_thread(rootfs.bind, self.spec.agent_dir, bundle, True, "agent")
+        spec = dataclasses.replace(self.spec, mounts=tuple(mounts), agent_dir=agent)
         # Made here, not by runsc: runsc removes the cgroups it made as soon as the
         # sandbox ends, before it lets go of the channel, and with them the count of
         # OOM kills that says why it ended (read in `out_of_memory`; `destroy` removes it).
@@ -242,16 +244,20 @@ class GVisorSandbox(Sandbox):
         return PipeChannel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
 
     def host_mount(self, mount: Mount, bundle: Path) -> Mount:
-        """`mount` with a source runsc may take as it is: the folder itself, or a bind
-        of it in the bundle where only root can change what the path names (a caller's
-        descriptor), idmapped if its owner is not the kernel."""
+        """`mount` with a source runsc may take as it is: a bind of the folder in the
+        bundle, where only root can change what the path names (a caller's descriptor),
+        idmapped if its owner is not the kernel, and read-only on the host if the mount
+        is (runsc's directfs writes through a bind read-only in the OCI spec only: see
+        `rootfs.bind`); the folder itself only if none of these applies."""
+        folder = mount.source if mount.fd is None else mount.fd
         idmap = mount.idmap(self.spec.owner)
         if idmap is not None:
-            source = mount.source if mount.fd is None else mount.fd
-            return dataclasses.replace(mount, source=rootfs.bind_mapped(source, bundle, idmap))
-        if mount.fd is not None:
-            return dataclasses.replace(mount, source=rootfs.bind(mount.fd, bundle))
-        return mount
+            source = rootfs.bind_mapped(folder, bundle, idmap, mount.read_only)
+        elif mount.fd is not None or mount.read_only:
+            source = rootfs.bind(folder, bundle, mount.read_only)
+        else:
+            return mount
+        return dataclasses.replace(mount, source=source)
 
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:

@@ -324,7 +324,8 @@ class MicroVMSandbox(Sandbox):
             idmap = mount.idmap(self.spec.owner)
             if idmap is not None:
                 folder = mount.source if mount.fd is None else mount.fd
-                made = asyncio.ensure_future(asyncio.to_thread(mapped_tree, folder, idmap))
+                tree = asyncio.to_thread(mapped_tree, folder, idmap, mount.read_only)
+                made = asyncio.ensure_future(tree)
                 try:
                     return await asyncio.shield(made)
                 except asyncio.CancelledError:

@@ -21,6 +21,7 @@ with the host's, so a broken sandbox fails the test instead of touching the host
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -38,6 +39,8 @@ from images_kit import kernelspecs
 from jupyter_client.manager import KernelManager
 
 from provisioner.images.store import DEFAULT_IMAGE
+from provisioner.provisioner import GVisorProvisioner, MicroVMProvisioner
+from provisioner.request import SandboxRequest
 
 TARGETS = {"gvisor": ("gvisor", False), "microvm": ("microvm", False),
            "gvisor-imported": ("gvisor", True)}  # fmt: skip
@@ -79,6 +82,28 @@ PRELUDE = textwrap.dedent(
         print(json.dumps(evidence, default=repr))
     """
 )
+
+
+class _HostileAgent:
+    """Mixin: the sandbox's agent folder is `agent_dir`, a test's hostile agent (PID 1,
+    root in the sandbox) in place of the installed one."""
+
+    agent_dir: Path
+
+    def sandbox_request(self, cwd: str) -> SandboxRequest:
+        request = super().sandbox_request(cwd)  # type: ignore[misc]
+        return dataclasses.replace(request, agent_dir=self.agent_dir)
+
+
+class HostileGVisor(_HostileAgent, GVisorProvisioner):
+    pass
+
+
+class HostileMicroVM(_HostileAgent, MicroVMProvisioner):
+    pass
+
+
+HOSTILE = {"gvisor": HostileGVisor, "microvm": HostileMicroVM}
 
 
 @dataclass

@@ -14,12 +14,17 @@ import secrets
 import shutil
 import stat
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import READY_TIMEOUT, execute
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.manager import KernelManager
+from security.kit import HOSTILE, PRELUDE, Target
+from traitlets.config import Config
 
+from provisioner import guest
 from provisioner.images.store import find_image
 
 NOT_THERE = {"ENOENT"}
@@ -317,3 +322,200 @@ async def test_rewrite_a_set_id_program_in_a_root_workspace(
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+TRUNCATIONS = {
+    "os.open O_WRONLY|O_TRUNC": "os.close(os.open(PATH, os.O_WRONLY | os.O_TRUNC))",
+    "os.open O_RDWR|O_TRUNC": "os.close(os.open(PATH, os.O_RDWR | os.O_TRUNC))",
+    "os.open O_RDONLY|O_TRUNC": "os.close(os.open(PATH, os.O_RDONLY | os.O_TRUNC))",
+    "open(path, 'w')": "open(PATH, 'w').close()",
+    "os.truncate": "os.truncate(PATH, 0)",
+    "O_TRUNC through a relative link": "os.close(os.open(LINK, os.O_WRONLY | os.O_TRUNC))",
+    "O_TRUNC through an absolute link": "os.close(os.open(LINK, os.O_WRONLY | os.O_TRUNC))",
+}
+"""Each way to empty a file, as kernel code on its own file PATH (LINK: a link to it)."""
+TRUNCATE_ATTACK = """
+assert_sandboxed()
+def truncate(code, path, link):
+    exec(code, {"os": os, "PATH": path, "LINK": link})
+found = {}
+for n, (how, code) in enumerate(sorted(TRUNCATIONS.items())):
+    path = os.path.join(WORKSPACE, f"file-{n}")
+    link = os.path.join(WORKSPACE, f"link-{n}") if "link" in how else path
+    seen = open(path).read()  # the file is there, and readable: the attempt is aimed right
+    found[how] = [attempt(truncate, code, path, link)[0], seen, open(path).read()]
+report(found=found, uid=os.getuid())
+"""
+
+
+def truncate_a_read_only_workspace(target: Target, owner: int) -> dict[str, list]:
+    """Start a kernel of `target`'s kind on a read-only workspace owned by `owner` (the
+    kernel's user: bound as it is; root: bound idmapped, root's files shown as the
+    kernel's), try every truncation there; {how: [errno, before, after, on the host]}.
+
+    Every file is writable by the kernel's user as far as its mode and owner go: only the
+    mount's read-only flag stands in the way."""
+    workspace = Path(tempfile.mkdtemp(prefix="jsb-attack-ro-", dir="/tmp"))
+    contents = {}
+    try:
+        for n, how in enumerate(sorted(TRUNCATIONS)):
+            file = workspace / f"file-{n}"
+            contents[how] = f"{how}: {secrets.token_hex(8)}\n"
+            file.write_text(contents[how])
+            if "relative" in how:
+                (workspace / f"link-{n}").symlink_to(file.name)
+            elif "absolute" in how:
+                (workspace / f"link-{n}").symlink_to(file)
+        for path in (workspace, *workspace.iterdir()):
+            os.chown(path, owner, owner, follow_symlinks=False)
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        config = Config({"SandboxProvisioner": {"workspace": "ro"}})
+        km = KernelManager(kernel_name=target.kernel_name, autorestart=False, config=config)
+        km.start_kernel(cwd=str(workspace))
+        try:
+            assert km.provisioner.image == target.image
+            attacker = Target(target.backend, km, km.client(), workspace, image=target.image)
+            attacker.kc.start_channels()
+            attacker.kc.wait_for_ready(timeout=READY_TIMEOUT)
+            found = attacker.run(
+                PRELUDE
+                + f"TRUNCATIONS = {TRUNCATIONS!r}\nWORKSPACE = {str(workspace)!r}\n"
+                + TRUNCATE_ATTACK
+            )
+            attacker.kc.stop_channels()
+        finally:
+            km.shutdown_kernel(now=True)
+        assert found["uid"] != 0
+        results = found["found"]
+        for n, how in enumerate(sorted(TRUNCATIONS)):
+            results[how].append((workspace / f"file-{n}").read_text())
+        # The kernel read each file before it tried (the attack was aimed right) ...
+        assert all(before == contents[how] for how, (_, before, *_) in results.items()), results
+        # ... and it stayed whole, on the host and as the kernel sees it, and the kernel got
+        # the read-only mount's answer (EACCES: a 9p server's, for some of them).
+        emptied = {how: r for how, r in results.items() if r[2:] != [contents[how]] * 2}
+        assert not emptied, f"files emptied (errno, before, in the guest, on the host): {emptied}"
+        for how, (error, *_) in results.items():
+            # Under QEMU's mapped-xattr (a microVM's idmapped workspace) a link is a file
+            # with an attribute: one made on the host is no link to the guest (ELOOP).
+            hosts_link = target.backend == "microvm" and owner == 0 and "link" in how
+            assert error in {"EROFS", "EACCES"} | ({"ELOOP"} if hosts_link else set()), results
+        return results
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def truncation_verdict(results: dict[str, list]) -> str:
+    by_error: dict[str, list[str]] = {}
+    for how, (error, *_) in sorted(results.items()):
+        by_error.setdefault(error, []).append(how)
+    said = "; ".join(f"{error}: {', '.join(hows)}" for error, hows in sorted(by_error.items()))
+    return f"{said}; every file intact on the host"
+
+
+@pytest.mark.attack("files", "empty a file of a read-only workspace (O_TRUNC, truncate, links)")
+def test_truncate_a_read_only_workspace(target, no_leftovers, verdict):
+    """gVisor's directfs (runsc's default) opens the host file itself: runsc 20240729
+    answered EROFS to an O_TRUNC open on a read-only bind, yet had emptied the host's file
+    by then. The host's own mount of the workspace must be read-only (backends/gvisor.py)."""
+    verdict(truncation_verdict(truncate_a_read_only_workspace(target, 1000)))
+
+
+@pytest.mark.attack("files", "empty root's files in a read-only workspace (mounted idmapped)")
+def test_truncate_a_read_only_root_workspace(target, no_leftovers, verdict):
+    """A root server's own clone (its code, its venv) may be mounted read-only only: on the
+    idmapped mount root's files are the kernel's, so the read-only flag is all that stops
+    it from emptying the server's modules."""
+    verdict(truncation_verdict(truncate_a_read_only_workspace(target, 0)))
+
+
+AGENT_ATTACK = """\
+\"\"\"The project's agent (real_agent.py), after an attack on its own folder as root.\"\"\"
+
+import errno, json, os
+
+_CANARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "canary")
+
+
+def _attempt(empty, *args):
+    try:
+        empty(*args)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def _open(flags):
+    os.close(os.open(_CANARY, flags))
+
+
+_seen = open(_CANARY).read()
+_found = {"uid": os.getuid(), "seen": _seen, "tries": {
+    "os.open O_WRONLY|O_TRUNC": _attempt(_open, os.O_WRONLY | os.O_TRUNC),
+    "os.open O_RDONLY|O_TRUNC": _attempt(_open, os.O_RDONLY | os.O_TRUNC),
+    "os.truncate": _attempt(os.truncate, _CANARY, 0),
+}}
+_found["after"] = open(_CANARY).read()
+with open("/tmp/jsb-agent-attack.json", "w") as _out:
+    json.dump(_found, _out)
+os.chmod("/tmp/jsb-agent-attack.json", 0o644)
+
+from real_agent import main
+
+if __name__ == "__main__":
+    main()
+"""
+"""An agent.py that, as the sandbox's root, tries to empty a file of its own folder (the
+host's guest/, this server's code), leaves what it saw in /tmp for the kernel to report,
+then runs the project's agent. At import: a microVM's pid1 imports the agent."""
+
+
+@pytest.mark.attack("files", "as the sandbox's root, empty a file of the agent's folder")
+def test_root_empties_the_agents_folder(target, no_leftovers, verdict):
+    """The agent's folder is the host's guest/, this server's own code, mounted read-only
+    in every sandbox; its root (the agent, or whoever took its place) may open any file
+    there, and gVisor's directfs would empty one opened with O_TRUNC unless the host's
+    own mount of the folder is read-only (backends/gvisor.py)."""
+    folder = Path(tempfile.mkdtemp(prefix="jsb-agent-dir-", dir="/tmp"))
+    folder.chmod(0o755)  # a microVM's QEMU reads it as the kernel's user
+    canary = f"the server's own code {secrets.token_hex(8)}\n"
+    try:
+        source = Path(guest.__file__).resolve().parent
+        for module in source.glob("*.py"):
+            name = "real_agent.py" if module.name == "agent.py" else module.name
+            shutil.copy(module, folder / name)
+        (folder / "agent.py").write_text(AGENT_ATTACK)
+        (folder / "canary").write_text(canary)
+        for path in folder.iterdir():
+            path.chmod(0o644)
+        km = KernelManager(kernel_name=target.kernel_name, autorestart=False)
+        km.kernel_id = str(uuid.uuid4())
+        # A microVM's snapshot would run the attack in the VM that made it: boot instead.
+        settings = {"snapshots": False} if target.backend == "microvm" else {}
+        km.provisioner = HOSTILE[target.backend](
+            kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km,
+            image=target.image, workspace="none", **settings,
+        )  # fmt: skip
+        km.provisioner.agent_dir = folder
+        km.start_kernel()
+        try:
+            attacker = Target(target.backend, km, km.client(), folder, image=target.image)
+            attacker.kc.start_channels()
+            attacker.kc.wait_for_ready(timeout=READY_TIMEOUT)
+            found = attacker.run(
+                "import json\nprint(json.dumps(json.load(open('/tmp/jsb-agent-attack.json'))))"
+            )
+            attacker.kc.stop_channels()
+        finally:
+            km.shutdown_kernel(now=True)
+        assert found["uid"] == 0 and found["seen"] == canary, found  # root, aimed right
+        assert (folder / "canary").read_text() == canary, f"the host's file was emptied: {found}"
+        assert found["after"] == canary, found
+        assert set(found["tries"].values()) == {"EROFS"}, found
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    verdict(
+        f"EROFS for {', '.join(sorted(found['tries']))} as root in the sandbox; "
+        "the host's file intact"
+    )

@@ -9,9 +9,9 @@ Two attackers:
   host's init.
 - a compromised agent, the worst case: code inside owns PID 1. Real sandboxes are
   started (of the target's backend, on its image) whose agent is `HOSTILE_AGENT`, a
-  script of this test, in place of guest/agent.py (`HostileGVisor`, `HostileMicroVM`:
-  test-only subclasses of the provisioners; the production code always takes the
-  installed agent). It checks its boot id likewise, does the handshake, then writes
+  script of this test, in place of guest/agent.py (`security.kit.HOSTILE`: test-only
+  subclasses of the provisioners; the production code always takes the installed
+  agent). It checks its boot id likewise, does the handshake, then writes
   forged frames: an oversized length, an unknown kind, a stream the host never
   opened, frames without end on a stream the host closed, one-shot frames replayed
   without end, a flood of DATA while it never reads, or it just stops reading while
@@ -45,11 +45,10 @@ import pytest
 from conftest import READY_TIMEOUT
 from jupyter_client.manager import KernelManager
 from provisioner.guest.protocol import CHANNELS, WINDOW
-from security.kit import HOST_BOOT_ID, PRELUDE, Target
+from security.kit import HOST_BOOT_ID, HOSTILE, PRELUDE, Target
 
 from provisioner.errors import SandboxError
 from provisioner.provisioner import GVisorProvisioner, MicroVMProvisioner, SandboxProvisioner
-from provisioner.request import SandboxRequest
 
 MAX_RSS_GROWTH = 64 << 20
 """How much the host process may grow while a hostile sandbox does its worst."""
@@ -443,27 +442,6 @@ def main():
 if __name__ == "__main__":
     main()
 '''.replace("@HOST_BOOT_ID@", repr(HOST_BOOT_ID))
-
-
-class _HostileAgent:
-    """Mixin: the sandbox's agent folder is `agent_dir`, the test's hostile agent."""
-
-    agent_dir: Path
-
-    def sandbox_request(self, cwd: str) -> SandboxRequest:
-        request = super().sandbox_request(cwd)  # type: ignore[misc]
-        return dataclasses.replace(request, agent_dir=self.agent_dir)
-
-
-class HostileGVisor(_HostileAgent, GVisorProvisioner):
-    pass
-
-
-class HostileMicroVM(_HostileAgent, MicroVMProvisioner):
-    pass
-
-
-HOSTILE = {"gvisor": HostileGVisor, "microvm": HostileMicroVM}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """Hostile images (issue 16, item 4): each gives a clear error or is neutralised, the
-host is never written outside the image's folder, and nothing is left behind.
+host is never written outside the image's folder, and nothing is left behind. Once
+built, an image is still no part of the agent: its OpenSSL configuration never
+reaches it (the last test).
 
 Every test runs in a `work` folder holding `dest` and a canary beside it; the fixture
 checks, after the test, that the canary is untouched and nothing else is left there.
@@ -26,8 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import skip_or_fail
+from conftest import BACKENDS, READY_TIMEOUT, execute, require_sandbox, skip_or_fail
+from images_kit import kernelspecs
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from oci_kit import Workdir, du, entry, layer, require_tools, write_layout
+from provisioner.guest.layout import AGENT_PYTHON
 
 from provisioner.errors import ImageError
 from provisioner.images.oci import MAX_LAYERS, _preflight, _unpack_layout, unpack_image
@@ -454,3 +459,82 @@ def test_preflight_refuses_schema_1_and_too_many_layers() -> None:
         _preflight({"schemaVersion": 2, "layers": [layer_desc] * 2}, ref, 16)
     _preflight({"schemaVersion": 2, "layers": [layer_desc] * MAX_LAYERS}, ref, MiB)
     _preflight({"schemaVersion": 2}, "docker-archive:/x.tar", MiB)  # local: bounded already
+
+
+# -- an image's OpenSSL configuration and the agent ----------------------------------
+
+OPENSSL_PROBE = '''
+import json, os, ssl, subprocess
+
+def tls():
+    try:
+        ssl.create_default_context()
+        return "ok"
+    except ssl.SSLError as e:
+        return e.reason or str(e)
+
+def agent_runtime(**env):
+    """The agent's own Python run as the agent runs it (-S -s -E -B), `env` its whole
+    environment: what `import ssl` left of a line given on its stdin."""
+    done = subprocess.run(
+        [AGENT_PYTHON, "-S", "-s", "-E", "-B", "-c", "import ssl, sys; print(sys.stdin.read())"],
+        input="# jsb-stdin-canary\\n", capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    return done.stdout.strip() or done.stderr.strip()[-300:]
+
+print(json.dumps({"uid": os.getuid(), "tls": tls(), "OPENSSL_CONF": os.environ.get("OPENSSL_CONF"),
+                  "runtime": agent_runtime(),
+                  "runtime_dev_null": agent_runtime(OPENSSL_CONF="/dev/null")}))
+'''
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+async def test_the_images_openssl_config_never_reaches_the_agent(
+    backend: str, hostile_openssl_image: str, kernel_prefix: Path, no_leftovers: None
+) -> None:
+    """The agent runs on its own Python, but that Python's libcrypto (a copy of Debian's)
+    reads OPENSSLDIR/openssl.cnf, the *image's* in a sandbox, as soon as the agent imports
+    ssl (asyncio does), and a directive there can load a module of the image's into the
+    agent, root in a local sandbox. Every agent has OPENSSL_CONF=/dev/null (gVisor's OCI
+    spec, the microVM's pid1, a pod's env: guest/layout.py AGENT_OPENSSL_CONF).
+
+    The image's openssl.cnf (`images_kit.HOSTILE_OPENSSL_CNF`) includes /proc/self/fd/0,
+    the reader's own stdin, which for the agent is the host's channel (gVisor) or the
+    console (a microVM's pid1): an agent that read it would block in `import ssl` before
+    its first frame, and the kernel would never start. It also loads a provider module
+    with `config_diagnostics = 1`, so that OpenSSL fails to start in whoever reads it.
+
+    The kernel starts and runs code; in the same sandbox the kernel's own ssl (the image's
+    libcrypto, no OPENSSL_CONF) is broken by the file, and the agent's runtime, run by the
+    kernel without OPENSSL_CONF, swallows a line given on its stdin while importing ssl,
+    but keeps it with OPENSSL_CONF=/dev/null: the file is live and would reach the agent
+    but for the variable. Tried once by hand: `sleep 5 | chroot ROOT /opt/jupyter-sandbox-
+    runtime/bin/python3 -S -s -E -B -c "import ssl"` (ROOT: the runtime and this file)
+    takes 5 s, OpenSSL reading the pipe until it closes, and no time with OPENSSL_CONF=
+    /dev/null; and with the variable taken out of gVisor's OCI spec this test fails: "the
+    sandbox did not start the kernel within 60 s".
+    """
+    require_sandbox(backend)
+    [name] = kernelspecs(hostile_openssl_image, kernel_prefix, "--kernel", "python3",
+                         "--backend", backend, "--workspace=none",
+                         "--name", f"openssl-{backend}")  # fmt: skip
+    km = AsyncIOLoopKernelManager(kernel_name=name)
+    await km.start_kernel()
+    try:
+        assert km.provisioner.image == hostile_openssl_image
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
+        reply, text, _ = await execute(kc, f"AGENT_PYTHON = {AGENT_PYTHON!r}\n" + OPENSSL_PROBE)
+        kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert reply["status"] == "ok", text
+    found = json.loads(text.strip().splitlines()[-1])
+    assert found["uid"] != 0
+    # The file is there and in force: the kernel's OpenSSL (the image's) read it ...
+    assert found["OPENSSL_CONF"] is None and found["tls"] == "LIBRARY_HAS_NO_CIPHERS", found
+    # ... and the agent's runtime reads it too, unless OPENSSL_CONF says otherwise.
+    assert found["runtime"] == "", found
+    assert found["runtime_dev_null"] == "# jsb-stdin-canary", found
