@@ -324,17 +324,21 @@ def agent_rootfs(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def kube_cluster(folder: Path, policy: str, servers: tuple[str, ...] = ()) -> Iterator[Cluster]:
+def kube_cluster(folder: Path, policy: str, servers: tuple[str, ...] = (),
+                 claims: dict[str, Path] | None = None) -> Iterator[Cluster]:  # fmt: skip
     """The double (deploy/kubernetes/'s namespace labels and RBAC), a hub, and the service
     as a process, in `folder`; `servers`: users whose single-user servers run (a test
-    process acting as their server needs the hub to see one, or gc takes its kernels).
-    On the way out all of it stops, and no kernel object may be left."""
+    process acting as their server needs the hub to see one, or gc takes its kernels);
+    `claims`: PersistentVolumeClaims of the kernels' namespace, by name, as host folders
+    (kernelspecs `python3-kubernetes-rw` and `-ro` mount the user's). On the way out all
+    of it stops, and no kernel object may be left."""
     with running_double(
         folder,
         images={KERNEL_IMAGE: find_image(), AGENT_IMAGE: agent_rootfs(folder / "agent")},
         namespaces={NAMESPACE: namespace_labels(), "jhub": {}},
         runtime_classes={"gvisor": "runsc"},
         rules=deploy_rules(),
+        claims={f"{NAMESPACE}/{name}": path for name, path in (claims or {}).items()},
     ) as double:
         port = free_port()
         service_url = f"http://127.0.0.1:{port}"
@@ -344,6 +348,12 @@ def kube_cluster(folder: Path, policy: str, servers: tuple[str, ...] = ()) -> It
         spec = json.loads((REPO / "kernelspecs" / KERNELSPEC / "kernel.json").read_text())
         spec["metadata"]["kernel_provisioner"]["config"]["service_url"] = service_url
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        for mode in ("rw", "ro"):  # the same kernel with the user's volume mounted
+            spec["metadata"]["kernel_provisioner"]["config"]["workspace"] = mode
+            (kernelspecs / "kernels" / f"{KERNELSPEC}-{mode}").mkdir()
+            (kernelspecs / "kernels" / f"{KERNELSPEC}-{mode}" / "kernel.json").write_text(
+                json.dumps(spec)
+            )
         hub = started_hub(folder / "hub", kernelspecs, service_url)
         token_file = folder / "kube-token"
         token_file.write_text(double.token)

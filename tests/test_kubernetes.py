@@ -59,7 +59,13 @@ pytestmark = pytest.mark.usefixtures("sandbox_host")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_sandbox()
     folder = tmp_path_factory.mktemp("k8s")
-    with kube_cluster(folder, POLICY, servers=("amy", "ben")) as env:
+    volume = folder / "claim-amy"
+    volume.mkdir()
+    (volume / "notes.txt").write_text("amy's notes\n")
+    for path in (volume, volume / "notes.txt"):
+        os.chown(path, 1000, 1000)  # the user's files, as the kernel's uid sees them
+    with kube_cluster(folder, POLICY, servers=("amy", "ben"),
+                      claims={"claim-amy": volume}) as env:  # fmt: skip
         yield env
 
 
@@ -75,9 +81,9 @@ def as_user(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Any:
     return become
 
 
-def kernel_manager(cluster: Cluster) -> AsyncKernelManager:
+def kernel_manager(cluster: Cluster, kernelspec: str = KERNELSPEC) -> AsyncKernelManager:
     ksm = KernelSpecManager(kernel_dirs=[str(cluster.kernelspecs / "kernels")])
-    return AsyncKernelManager(kernel_name=KERNELSPEC, kernel_spec_manager=ksm)
+    return AsyncKernelManager(kernel_name=kernelspec, kernel_spec_manager=ksm)
 
 
 async def run(km: AsyncKernelManager, code: str, timeout: float = 60) -> tuple[str, dict]:
@@ -485,3 +491,41 @@ def test_doctor_checks_the_cluster(cluster: Cluster) -> None:
     cluster.until_nothing_left()
     probes = cluster.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")
     assert probes.json()["items"] == []  # its probe pods are gone too
+
+
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_the_users_volume_is_mounted_as_asked(cluster: Cluster, as_user: Any, mode: str) -> None:
+    """workspace = rw or ro mounts the user's claim (zero-to-jupyterhub's claim-{username})
+    at /home/jovyan, read-write or read-only; by default (none) the kernel has no volume."""
+    as_user("amy")
+    volume = cluster.folder / "claim-amy"
+    code = (
+        "import os\n"
+        "print(open('/home/jovyan/notes.txt').read().strip(), os.getcwd())\n"
+        "try:\n"
+        f"    open('/home/jovyan/from-{mode}.txt', 'w').write('written')\n"
+        "    print('written')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__, e.errno)\n"
+    )
+
+    async def go() -> str:
+        km = kernel_manager(cluster, f"{KERNELSPEC}-{mode}")
+        await km.start_kernel()
+        try:
+            out, _ = await run(km, code)
+            return out
+        finally:
+            await km.shutdown_kernel()
+
+    out = asyncio.run(go())
+    assert out.splitlines()[0] == "amy's notes /home/jovyan"
+    if mode == "rw":
+        assert out.splitlines()[1] == "written"
+        assert (volume / "from-rw.txt").read_text() == "written"
+        assert (volume / "from-rw.txt").stat().st_uid == 1000
+    else:
+        assert out.splitlines()[1] == "OSError 30"  # EROFS
+        assert not (volume / "from-ro.txt").exists()
+    assert (volume / "notes.txt").read_text() == "amy's notes\n"
+    cluster.until_nothing_left()
