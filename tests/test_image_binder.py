@@ -57,6 +57,12 @@ echo "postBuild starts"
   if cat {canary} >/dev/null 2>&1; then echo canary=read; else echo canary=absent; fi
   echo changed > {canary} 2>/dev/null || true
   if touch written 2>/dev/null; then echo folder=writable; else echo folder=read-only; fi
+  # O_WRONLY|O_CREAT|O_TRUNC, then O_RDONLY|O_TRUNC: runsc's directfs emptied a file so
+  # on a bind read-only in the OCI spec only
+  if ( : > data.txt ) 2>/dev/null; then echo truncate=ok; else echo truncate=refused; fi
+  if python3 -c "import os; os.open('data.txt', os.O_RDONLY | os.O_TRUNC)" 2>/dev/null
+  then echo rdonly_truncate=ok; else echo rdonly_truncate=refused; fi
+  echo "data=$(cat data.txt)"
 }} > /opt/binder-marker
 """
 
@@ -126,6 +132,7 @@ def built(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buil
             # binder/ exists: repo2docker ignores the top's files, refused or not.
             "environment.yml": "dependencies: [python=3.8]\n",
             "requirements.txt": "-e .\n",
+            "data.txt": "course data\n",
         },
         executable=("binder/postBuild",),
     )
@@ -185,6 +192,9 @@ def test_post_build_ran_in_a_gvisor_sandbox(built: Built) -> None:
     assert got["six"] and got["jq"] == "42", got  # after apt.txt and requirements.txt
     assert got["cwd"] == "/srv/repo", got  # the repository's root, as repo2docker runs it
     assert got["folder"] == "read-only", got
+    assert got["data"] == "course data", got  # postBuild could read the file it tried
+    assert got["truncate"] == got["rdonly_truncate"] == "refused", got
+    assert (built.folder / "data.txt").read_text() == "course data\n"
     assert got["canary"] == "absent", got
     assert built.canary.read_text() == "host secret\n"
     assert not (built.folder / "written").exists()

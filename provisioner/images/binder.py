@@ -53,7 +53,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .. import cgroups
+from .. import cgroups, rootfs
 from ..errors import ImageError
 from ..guest.layout import GUEST_PYTHON
 from ..hostcmd import quietly, stream
@@ -637,8 +637,6 @@ def _run_post_build(root: Path, repo: Path, argv: list[str], runsc: str,
     made = not os.path.lexists(mount_point)
     if made:  # by us, while the tree is still the trusted copy
         mount_point.mkdir(mode=0o755, parents=True)
-    spec = post_build_spec(root, repo, argv, cgroup, limits)
-    (bundle / "config.json").write_text(json.dumps(spec))
     runsc_state = [runsc, f"--root={state}"]
     timed_out = threading.Event()
 
@@ -649,6 +647,11 @@ def _run_post_build(root: Path, repo: Path, argv: list[str], runsc: str,
     timer = threading.Timer(limits.timeout, expire)
     timer.daemon = True
     try:
+        # Read-only on the host too: runsc's directfs would empty a file of the folder
+        # opened with O_TRUNC through a bind read-only in the OCI spec only (rootfs.bind).
+        repo_ro = rootfs.bind(repo, tmp, True)
+        spec = post_build_spec(root, repo_ro, argv, cgroup, limits)
+        (bundle / "config.json").write_text(json.dumps(spec))
         timer.start()
         stream(
             [*runsc_state, "--platform=systrap", "--network=none",
@@ -670,7 +673,7 @@ def _run_post_build(root: Path, repo: Path, argv: list[str], runsc: str,
                 gone=("does not exist", "not found"), level=logging.DEBUG)  # fmt: skip
         cgroups.remove(cgroup)
         cgroups.remove_if_empty(BUILDS_CGROUP)
-        shutil.rmtree(tmp, ignore_errors=True)
+        rootfs.remove_bundle(tmp)  # unmounts the repository's bind before it deletes
         if made:
             _rmdir_beneath(root, POSTBUILD_MOUNT.lstrip("/"), log)
 
