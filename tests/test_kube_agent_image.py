@@ -12,7 +12,6 @@ copy, mounted read-only at AGENT_RUNTIME, as the kernel's uid.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import json
@@ -29,10 +28,6 @@ from pathlib import Path
 
 import pytest
 from conftest import skip_or_fail
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from oci_kit import require_tools, skopeo_copy
 from provisioner.guest.layout import AGENT_IN_RUNTIME, AGENT_PYTHON, AGENT_RUNTIME, KERNEL_UID
 
@@ -42,6 +37,7 @@ from provisioner.images.oci import unpack_image
 from provisioner.images.oci_layout import MTIME
 from provisioner.images.runtime import AGENT_NEEDS
 from provisioner.images.store import find_image
+from provisioner.kubernetes import credentials
 from provisioner.kubernetes.agent_image import (
     AGENT_FILES,
     IMAGE_USER,
@@ -72,7 +68,7 @@ def serve():
         s.sendall(s.recv(5).upper())
 thread = threading.Thread(target=serve)
 thread.start()
-with client.wrap_socket(ours, server_hostname="kernel") as c:
+with client.wrap_socket(ours, server_hostname="jsb-test.kernel.jupyter-sandbox") as c:
     c.sendall(b"hello")
     print(c.recv(5).decode(), c.version())
 thread.join()
@@ -239,30 +235,13 @@ def test_pushed_to_a_registry_pulled_back_installed_and_run_alone(
 
 
 def write_certificate(folder: Path) -> None:
-    """A self-signed certificate for the name "kernel" and its key: cert.pem, key.pem."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kernel")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("kernel")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    """A kernel's own TLS identity, as the service makes it (credentials.make), as
+    cert.pem and key.pem: the agent's copy must serve it as in a pod."""
+    creds = credentials.make("jsb-test")
+    assert creds.server_name == "jsb-test.kernel.jupyter-sandbox"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_text(creds.certificate)
+    (folder / "key.pem").write_text(creds.key)
     for path in folder.iterdir():
         path.chmod(0o644)  # the kernel's uid reads them; a test's throwaway key
 
