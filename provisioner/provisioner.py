@@ -14,6 +14,7 @@ their message.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -35,7 +36,7 @@ from .errors import Error, PolicyError, SandboxError, SettingError
 from .guest.layout import KERNEL_HOME, KERNEL_PATH
 from .guest.protocol import CHANNELS
 from .http_errors import reported
-from .ioloop import in_thread, run_on_io
+from .ioloop import in_thread, io_loop, run_on_io
 from .limits import parse_size
 from .request import Made, Requester, SandboxRequest, make_sandbox
 from .service.client import service_client
@@ -130,6 +131,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Why the sandbox was stopped by a limit, once it was."""
         self.limit_watch: asyncio.Task | None = None
         """Stops the sandbox once a limit struck, on the I/O loop (`_stop_on_limit`)."""
+        self.teardown: concurrent.futures.Future[None] | None = None
+        """The last `cleanup`'s removal of the sandbox, on the I/O loop (see `cleanup`)."""
         self.ports: dict[str, socket.socket] = {}
         """The kernel's ports on the host, bound from pre_launch on (see `tunnel.reserve`)."""
         self.sandbox_id = ""
@@ -463,7 +466,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def cleanup(self, restart: bool = False) -> None:
         """Remove everything of the kernel's sandbox: its watch, its tunnel (the ports
         close), the sandbox itself and all it had on the host. Idempotent; called after
-        the kernel ended, and before a restart's new launch (which makes a new sandbox)."""
+        the kernel ended, and before a restart's new launch (which makes a new sandbox).
+
+        Two callers may overlap (the restarter restarting a kernel that died while a
+        shutdown cleans it up): the second returns only once the first's removal has
+        ended, so that whoever sees `cleanup` return finds nothing of the sandbox left.
+        """
         sandbox, tunnel, watch = self.sandbox, self.tunnel, self.limit_watch
         self.sandbox = self.tunnel = self.limit_watch = None
 
@@ -476,8 +484,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 await sandbox.destroy()
 
         try:
+            if sandbox is None and tunnel is None and watch is None:
+                if self.teardown is not None:
+                    # Its errors were the first caller's to report.
+                    await asyncio.wait([asyncio.wrap_future(self.teardown)])
+                return
+            self.teardown = asyncio.run_coroutine_threadsafe(teardown(), io_loop())
             with reported_errors():
-                await run_on_io(teardown())
+                await asyncio.wrap_future(self.teardown)
         finally:
             self._release_ports()
 

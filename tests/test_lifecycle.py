@@ -11,6 +11,8 @@ from helpers import kill_from_outside, microvm_list, runsc_list
 from jupyter_client.manager import KernelManager
 from provisioner.guest.protocol import CHANNELS
 
+from provisioner.state import records
+
 
 async def test_kernel_runs_in_a_sandbox(kc, km, workspace):
     content, text, _ = await execute(
@@ -74,6 +76,21 @@ async def test_graceful_shutdown_exits_the_kernel(kc, km):
     await km.shutdown_kernel(now=False)
     assert sandbox.poll() == 0  # the kernel exited by itself on shutdown_request
     assert not km.has_kernel
+
+
+async def test_overlapping_cleanups_both_end_with_the_sandbox_gone(km):
+    """The restarter cleaning up a kernel that died while a shutdown cleans it up too: the
+    second cleanup finds nothing left to take, and must still return only once the first
+    one's removal has ended (a caller checking for leftovers then finds none)."""
+    provisioner = km.provisioner
+    sandbox_id = provisioner.sandbox.record.sandbox_id
+    first = asyncio.create_task(provisioner.cleanup())
+    await asyncio.sleep(0)  # the first has taken the sandbox and begun to remove it
+    assert provisioner.sandbox is None and not first.done()
+    await provisioner.cleanup()
+    assert sandbox_id not in runsc_list() + microvm_list()
+    assert not any(r.sandbox_id == sandbox_id for r in records())
+    await first
 
 
 async def test_poll_is_cheap(km):
@@ -187,6 +204,9 @@ async def test_signals_reach_the_kernel_as_they_would_a_local_one(kc, km):
     _, text, _ = await execute(kc, code)
     assert "SIGTERM" not in text
     assert text == "".join(said)
+    # The manager's restarter would start a new kernel once it sees this one dead (and
+    # race the teardown's shutdown doing so): this test is about the death itself.
+    km.stop_restarter()
     kc.execute("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
     deadline = time.monotonic() + 15
     while await km.is_alive() and time.monotonic() < deadline:
