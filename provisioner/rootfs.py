@@ -2,7 +2,8 @@
 
 The tmpfs (`layer`) is `disk_limit` bytes. gVisor keeps the sandbox's writable
 layer in a file there (`--overlay2=root:dir=`), so a kernel that fills its disk
-gets ENOSPC, and everything goes away with the sandbox. The host overlay gives
+gets ENOSPC, and everything goes away with the sandbox. Its /tmp is a folder on
+the same tmpfs (`tmp`), so /tmp shares the budget. The host overlay gives
 runsc a root of the sandbox's own to make missing mount points in (a
 workspace's path): they never reach the shared image or another tenant's view.
 """
@@ -36,6 +37,17 @@ def layer(bundle: Path) -> Path:
     return bundle / "layer"
 
 
+def tmp(bundle: Path) -> Path:
+    """The sandbox's /tmp: a folder on its `disk_limit` tmpfs, bound over /tmp.
+
+    Why a mount of its own: runsc mounts a tmpfs of the sandbox's memory over a /tmp
+    that is empty when the sandbox starts (runsc/boot/vfs.go `mountTmp`), which only
+    `memory_limit` bounds; a kernel could fill it past `disk_limit`. As in a pod
+    (docs/kubernetes.md), /tmp starts empty: what an image keeps in /tmp is hidden.
+    """
+    return layer(bundle) / "tmp"
+
+
 def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
     """Mount `bundle`/rootfs: `image` under a writable layer of at most `disk_limit` bytes."""
     root, writable = bundle / "rootfs", layer(bundle)
@@ -46,6 +58,8 @@ def mount(image: Path, bundle: Path, disk_limit: int) -> Path:
     upper, work = writable / "upper", writable / "work"
     upper.mkdir(mode=image.stat().st_mode & 0o7777)  # the merged root takes the upper's mode
     work.mkdir(mode=0o700)
+    tmp(bundle).mkdir()
+    tmp(bundle).chmod(0o1777)  # sticky and open to all, as /tmp is (mkdir obeys umask)
     options = f"lowerdir={image},upperdir={upper},workdir={work}"
     _mount(["-t", "overlay", "overlay", "-o", options, str(root)], f"a root over {image}")
     return root

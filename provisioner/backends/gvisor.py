@@ -90,8 +90,10 @@ def runsc_root() -> Path:
     return runtime_dir() / "runsc"
 
 
-def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...] = ()) -> dict:
-    """The OCI runtime config of one sandbox; `files` are extra mounts (resolv.conf)."""
+def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str,
+             files: tuple[Mount, ...] = ()) -> dict:  # fmt: skip
+    """The OCI runtime config of one sandbox, with `tmp` bound at /tmp (`rootfs.tmp`);
+    `files` are extra mounts (resolv.conf)."""
     limits = spec.limits
     resources: dict = {}
     if limits.memory:
@@ -119,6 +121,13 @@ def oci_spec(spec: SandboxSpec, root: Path, cgroup: str, files: tuple[Mount, ...
             "type": "bind",
             "source": str(spec.agent_dir),
             "options": ["rbind", "ro"],
+        },
+        # before the folders: a workspace under /tmp is mounted in it
+        {
+            "destination": "/tmp",
+            "type": "bind",
+            "source": str(tmp),
+            "options": ["rbind", "rw", "nosuid", "nodev"],
         },
     ]
     for mount in (*spec.mounts, *files):
@@ -205,7 +214,7 @@ class GVisorSandbox(Sandbox):
         # OOM kills that says why it ended (read in `out_of_memory`; `destroy` removes it).
         memory = self.spec.limits.memory
         await asyncio.to_thread(cgroups.set_memory_limit, self.record.cgroup, memory)
-        config = oci_spec(spec, root, self.record.cgroup, files)
+        config = oci_spec(spec, root, rootfs.tmp(bundle), self.record.cgroup, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
         to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)
