@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import warm_kernel
-from layout import KERNEL_WRITABLE
+from layout import CLAIM_DIR, CLAIMED, KERNEL_WRITABLE, WARM_ENV
 from protocol import (
     CHANNELS,
     FROM_HOST,
@@ -45,9 +45,14 @@ from protocol import (
 from streams import Mux, Stream
 
 RUNTIME_DIR = Path("/run/kernel")
+CONNECTION_FILE = RUNTIME_DIR / "connection.json"
+WARM_SCRIPT = str(Path(__file__).parent / "warm_kernel.py")
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWPID = 0x20000000
 PR_SET_DUMPABLE = 4
+MAX_CLAIM = 64 << 10
+"""Bound of each file of a claim (`read_claim`): a kernel's user and a few folders."""
+
 KERNEL_INIT = (Path(__file__).parent / "kernel_init.py").read_bytes()
 """kernel_init.py, read now: a microVM unmounts the agent's folder before the launch."""
 START_TIMEOUT = 30.0
@@ -82,10 +87,10 @@ def log(msg: str) -> None:
 def kernel_user() -> tuple[int, int, dict[int, int]]:
     """The kernel's uid, gid and rlimits, from JSB_KERNEL ("uid,gid,nproc,nofile").
 
-    Whoever made the sandbox set it (the OCI spec's env, or the VM's kernel command
-    line); LAUNCH never does, for whoever holds the channel writes LAUNCH, and a
-    kernel of another uid or gid could leave that user's files (setuid ones too) in
-    a workspace on the host.
+    Whoever made the sandbox set it (the VM's kernel command line, a pod's env, or for
+    gVisor the host's claim: `read_claim`); LAUNCH never does, for whoever holds the
+    channel writes LAUNCH, and a kernel of another uid or gid could leave that user's
+    files (setuid ones too) in a workspace on the host.
     """
     try:
         uid, gid, nproc, nofile = (int(n) for n in os.environ["JSB_KERNEL"].split(","))
@@ -97,6 +102,36 @@ def kernel_user() -> tuple[int, int, dict[int, int]]:
     if nproc > 0:
         limits[resource.RLIMIT_NPROC] = nproc
     return uid, gid, limits
+
+
+def _claim_file(name: str) -> str:
+    with open(Path(CLAIM_DIR, name), encoding="utf-8") as f:
+        return f.read(MAX_CLAIM)
+
+
+def read_claim() -> tuple[str, dict]:
+    """What the host wrote into `CLAIM_DIR` when a kernel claimed this sandbox: the
+    kernel's JSB_KERNEL, and its folders (attached by the host at `CLAIM_DIR`/<n>, already
+    read-only, nosuid, nodev and idmapped as they must be on the host) with their places,
+    for kernel_init to mount in the kernel's own mount namespace (`mount_folders`).
+
+    Every gVisor sandbox starts before it knows its kernel, so that a warm one and a fresh
+    one are the same. The host wrote all of this before anyone could send LAUNCH; it is
+    checked all the same.
+    """
+    kernel = _claim_file("kernel").strip()
+    places = json.loads(_claim_file("mounts.json"))
+    if not isinstance(places, list):
+        raise ValueError("the claim's mounts are not a list")
+    mounts = []
+    for index, place in enumerate(places):
+        destination, read_only = place["destination"], place["read_only"]
+        if (not isinstance(destination, str) or not destination.startswith("/")
+                or ".." in Path(destination).parts or type(read_only) is not bool):  # fmt: skip
+            raise ValueError(f"the claim names a folder at {destination!r}")
+        mounts.append({"source": f"{CLAIM_DIR}/{index}", "destination": destination,
+                       "read_only": read_only})  # fmt: skip
+    return kernel, {"folder": CLAIM_DIR, "mounts": mounts}
 
 
 def writable_folders() -> None:
@@ -121,6 +156,8 @@ class Agent(asyncio.Protocol):
         self.launch: dict = {}
         self.done = self.loop.create_future()
         self.oom_kills_at_start = 0
+        self.warm_init: tuple[subprocess.Popen, socket.socket] | None = None
+        """kernel_init holding the warm kernel process (a gVisor pool's sandbox: `WARM_ENV`)."""
 
     def send(self, frame: bytes) -> None:
         assert self.out is not None
@@ -160,6 +197,9 @@ class Agent(asyncio.Protocol):
 
     async def start_kernel(self) -> None:
         spec = self.launch
+        claim = None
+        if os.environ.get("JSB_KERNEL") == CLAIMED:
+            os.environ["JSB_KERNEL"], claim = read_claim()
         uid, gid, rlimits = kernel_user()
         if os.geteuid() == 0:
             writable_folders()
@@ -172,33 +212,39 @@ class Agent(asyncio.Protocol):
             ip=str(RUNTIME_DIR / "kernel"),
             **{f"{name}_port": n for n, name in enumerate(CHANNELS, 1)},
         )
-        connection_file = RUNTIME_DIR / "connection.json"
+        connection_file = CONNECTION_FILE
         connection_file.write_text(json.dumps(connection))
         if os.geteuid() == 0:
             os.chown(connection_file, uid, gid)
         connection_file.chmod(0o400)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
+        launch = {
+            "argv": argv, "env": spec["env"], "cwd": spec["cwd"], "uid": uid, "gid": gid,
+            "rlimits": list(rlimits.items()), "connection_file": str(connection_file),
+        }  # fmt: skip
+        if claim is not None:
+            launch["claim"] = claim
 
         self.oom_kills_at_start = oom_kills()
-        warm = warm_kernel.find()
-        if warm is not None and warm.accepts(spec["argv"], spec["env"]):
-            try:
-                warm.hand_over({
-                    "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
-                    "cwd": spec["cwd"], "env": spec["env"],
-                    "connection_file": str(connection_file),
-                })  # fmt: skip
-                self.kernel_pid = warm.pid
-            except OSError as e:  # e.g. a folder only root may enter: as Popen does
-                log(f"the warm kernel process could not be the kernel ({e}); starting one")
-        if self.kernel_pid is None:
-            if warm is not None:
-                warm.discard()
-            self.kernel_pid = self.spawn(argv, spec, uid, gid, rlimits)
+        if self.warm_init is not None:  # gVisor's pool: kernel_init holds the warm process
+            python = os.environ.get(WARM_ENV, "")
+            launch["warm"] = warm_kernel.wanted(python, spec["argv"], spec["env"])
+            self.kernel_pid = self.launch_init(*self.warm_init, launch)
+        else:
+            warm = warm_kernel.find()  # a microVM's, from its snapshot
+            if warm is not None and warm.accepts(spec["argv"], spec["env"]):
+                try:
+                    warm.hand_over(launch)
+                    self.kernel_pid = warm.pid
+                except OSError as e:  # e.g. a folder only root may enter: as Popen does
+                    log(f"the warm kernel process could not be the kernel ({e}); starting one")
+            if self.kernel_pid is None:
+                if warm is not None:
+                    warm.discard()
+                self.kernel_pid = self.spawn(launch)
         self.reap_children()  # in case it ended before the handler could see it
 
-    @staticmethod
-    def spawn(argv: list[str], spec: dict, uid: int, gid: int, rlimits: dict[int, int]) -> int:
+    def spawn(self, launch: dict) -> int:
         """Start the kernel afresh as its user, in a PID namespace of its own; the pid of
         that namespace's init (kernel_init.py), which passes signals on and exits as the
         kernel does. The kernel sees none of this sandbox's processes but its own.
@@ -207,15 +253,24 @@ class Agent(asyncio.Protocol):
         every process as the kernel's user) can neither change user nor make namespaces:
         it starts the kernel as its own child (`spawn_as_self`)."""
         if os.geteuid() != 0:
-            return Agent.spawn_as_self(argv, spec, uid, gid, rlimits)
+            return Agent.spawn_as_self(launch)
+        return self.launch_init(*self.start_init(), launch)
+
+    @staticmethod
+    def start_init(*warm: str) -> tuple[subprocess.Popen, socket.socket]:
+        """Start kernel_init as the first process of a new PID namespace, and its control
+        socket. `warm` (the kernel's Python, warm_kernel.py, the connection file, the claim
+        folder): it starts the warm kernel process at once, to hand it the launch when it
+        comes, and hides the claim folder from it until then."""
         if LIBC.unshare(CLONE_NEWPID) != 0:  # for our children: kernel_init is their PID 1
             errno = ctypes.get_errno()
             raise OSError(errno, f"unshare the PID namespace: {os.strerror(errno)}")
         ours, theirs = socket.socketpair()
         try:
+            # "kernel_init" names it in `ps` (its code comes on stdin)
+            argv = [sys.executable, "-I", "-S", "-B", "-", "kernel_init", str(theirs.fileno())]
             init = subprocess.Popen(
-                # "kernel_init" names it in `ps` (its code comes on stdin)
-                [sys.executable, "-I", "-S", "-B", "-", "kernel_init", str(theirs.fileno())],
+                [*argv, *(("warm", *warm) if warm else ())],
                 stdin=subprocess.PIPE,
                 stdout=sys.stderr,
                 stderr=sys.stderr,
@@ -226,14 +281,15 @@ class Agent(asyncio.Protocol):
             )
         finally:
             theirs.close()
+        assert init.stdin is not None
+        init.stdin.write(KERNEL_INIT)
+        init.stdin.close()
+        return init, ours
+
+    @staticmethod
+    def launch_init(init: subprocess.Popen, ours: socket.socket, launch: dict) -> int:
+        """Hand `launch` to kernel_init; its pid once it started the kernel, else OSError."""
         with ours:
-            assert init.stdin is not None
-            init.stdin.write(KERNEL_INIT)
-            init.stdin.close()
-            launch = {
-                "argv": argv, "env": spec["env"], "cwd": spec["cwd"],
-                "uid": uid, "gid": gid, "rlimits": list(rlimits.items()),
-            }  # fmt: skip
             ours.settimeout(START_TIMEOUT)
             ours.sendall(json.dumps(launch).encode() + b"\n")
             ours.shutdown(socket.SHUT_WR)
@@ -243,25 +299,25 @@ class Agent(asyncio.Protocol):
         return init.pid
 
     @staticmethod
-    def spawn_as_self(argv: list[str], spec: dict, uid: int, gid: int,
-                      rlimits: dict[int, int]) -> int:  # fmt: skip
+    def spawn_as_self(launch: dict) -> int:
         """Start the kernel as this agent's own child, in a session of its own: for an
         agent that already runs as the kernel's user and may not change it. It holds none
         of the agent's descriptors; the pod's no_new_privs and dropped capabilities were
         set by the runtime before the agent started."""
+        uid, gid = launch["uid"], launch["gid"]
         if (os.getuid(), os.getgid()) != (uid, gid):
             raise OSError(f"the agent runs as {os.getuid()}:{os.getgid()}, not as the "
                           f"kernel's user {uid}:{gid}, and is not root")  # fmt: skip
 
         def limit() -> None:
             os.umask(0o077)
-            for which, value in rlimits.items():
+            for which, value in launch["rlimits"]:
                 resource.setrlimit(which, (value, value))
 
         kernel = subprocess.Popen(
-            argv,
-            env=spec["env"],
-            cwd=spec["cwd"],
+            launch["argv"],
+            env=launch["env"],
+            cwd=launch["cwd"],
             stdin=subprocess.DEVNULL,
             stdout=sys.stderr,
             stderr=sys.stderr,
@@ -336,6 +392,13 @@ class Agent(asyncio.Protocol):
     async def run(self, open_channel: Callable[[Agent], Awaitable[None]]) -> int:
         loop = self.loop
         await open_channel(self)
+        python = os.environ.get(WARM_ENV, "")
+        if python and os.geteuid() == 0:
+            try:
+                warm = (python, WARM_SCRIPT, str(CONNECTION_FILE), CLAIM_DIR)
+                self.warm_init = self.start_init(*warm)
+            except OSError as e:
+                log(f"no warm kernel process: {e}")
         self.send(encode_json(Kind.HELLO, {"version": VERSION}))
         launched = loop.create_task(self.launched.wait())
         await asyncio.wait([launched, self.done], return_when=asyncio.FIRST_COMPLETED)

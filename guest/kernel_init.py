@@ -25,11 +25,21 @@ import resource
 import signal
 import socket
 import sys
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 0x4000, 0x40000
 MNT_DETACH = 2
-PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 4, 24, 38
+CAP_SETGID, CAP_SETUID, CAP_LAST = 6, 7, 63
+WARM_TIMEOUT = 120.0
+"""Seconds the warm kernel process gets to import the kernel's modules (about a second)."""
+HAND_OVER_TIMEOUT = 30.0
+"""Seconds the warm kernel process gets to become the kernel (it needs milliseconds)."""
+KILL_ROUNDS = 50
+MOUNTED = False
+"""Whether `mount_folders` ran (a hand-over that failed after it leaves them mounted)."""
 MAX_LAUNCH = 2 << 20
 LIBC = ctypes.CDLL(None, use_errno=True)
 CATCHABLE = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
@@ -54,6 +64,40 @@ def own_proc() -> None:
     check(LIBC.umount2(b"/proc", MNT_DETACH), "detach the agent's /proc")
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     check(LIBC.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
+
+
+def mount_folders(claim: dict) -> None:
+    """Mount the kernel's folders where they belong, in this (the kernel's) mount namespace:
+    the host attached each at its place in the claim folder (agent.read_claim), already
+    read-only, nosuid, nodev and idmapped as it must be; read-only here too where it is.
+    Then hide the claim folder (`hide`)."""
+    for folder in claim["mounts"]:
+        source, destination = folder["source"].encode(), folder["destination"].encode()
+        Path(folder["destination"]).mkdir(mode=0o755, parents=True, exist_ok=True)
+        check(LIBC.mount(source, destination, None, MS_BIND | MS_REC, None),
+              f"mount {folder['destination']}")  # fmt: skip
+        if folder["read_only"]:
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+            check(LIBC.mount(None, destination, None, flags, None),
+                  f"remount {folder['destination']} read-only")  # fmt: skip
+    check(LIBC.umount2(claim["folder"].encode(), MNT_DETACH), "unmount the claim folder")
+    hide(claim["folder"])
+    global MOUNTED
+    MOUNTED = True
+
+
+def hide(folder: str) -> None:
+    """An empty read-only tmpfs over `folder` (the claim folder), in this namespace: the
+    sandbox's root reaches the same host folder at that path whether or not it is
+    mounted here (runsc's file server mounts it there on the host)."""
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    hidden = LIBC.mount(b"none", folder.encode(), b"tmpfs", flags, b"size=4k,mode=0755")
+    check(hidden, f"hide {folder}")
+
+
+def uncover(folder: str) -> None:
+    """Take away `hide`'s tmpfs: the claim folder is there again, in this namespace."""
+    check(LIBC.umount2(folder.encode(), MNT_DETACH), f"uncover {folder}")
 
 
 def become_kernel(launch: dict) -> None:
@@ -104,21 +148,134 @@ def start(launch: dict, control_fd: int) -> int:
     return pid
 
 
-def main() -> None:
-    for sig in CATCHABLE:
-        signal.signal(sig, signal.SIG_IGN)  # until there is a kernel to pass them to
-    control_fd = int(sys.argv[2])  # argv: -, kernel_init, the control socket's fd
-    control = socket.socket(fileno=control_fd)
+def start_warm(python: str, script: str, connection_file: str) -> tuple[int, socket.socket]:
+    """Start the warm kernel process (`script`, guest/warm_kernel.py, in the image's
+    `python`): it imports the kernel's modules before any kernel claims the sandbox. It
+    runs as root (it becomes the kernel's user at the claim) but with no capability other
+    than to change its user and group, no new privileges, and every signal at its default;
+    its command line is the kernel's to be, as `ps` shows it."""
+    ours, theirs = socket.socketpair()
+    argv = [python, script, "-m", "ipykernel_launcher", "-f", connection_file]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            for sig in CATCHABLE:
+                signal.signal(sig, signal.SIG_DFL)
+            os.setsid()
+            for cap in range(CAP_LAST + 1):
+                if cap not in (CAP_SETUID, CAP_SETGID):
+                    LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one
+            check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.set_inheritable(theirs.fileno(), True)
+            # No HOME: nothing of any user's. "/" keeps ~ from a lookup in the image's passwd.
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/",
+                   "JSB_WARM_FD": str(theirs.fileno())}  # fmt: skip
+            os.chdir("/")
+            os.execve(python, argv, env)
+        finally:
+            os._exit(127)
+    theirs.close()
+    return pid, ours
+
+
+def hand_over(warm: tuple[int, socket.socket], launch: dict, claim_dir: str) -> None:
+    """Make the warm kernel process the kernel `launch` asks for; OSError if it could not.
+
+    In two steps, so that nothing of the kernel's ever meets the image's code as root:
+    every other process of the namespace is killed and the warm process becomes the
+    kernel's user ("user"); only then are the claim folder and the kernel's folders
+    mounted here, and the process goes on into them ("go": folder, environment, "ok").
+    """
+    pid, control = warm
+    control.settimeout(WARM_TIMEOUT)
+    if control.recv(16) != b"warm\n":
+        raise OSError("the warm kernel process did not get ready")
+    kill_all_but(pid)  # whatever the image's code left as root before the claim
+    control.settimeout(HAND_OVER_TIMEOUT)
+    control.sendall(json.dumps(launch).encode() + b"\n")
+    if control.recv(16) != b"user\n":
+        raise OSError("the warm kernel process could not become the kernel's user")
+    kill_all_but(pid)  # and whatever it started meanwhile
+    if "claim" in launch:
+        uncover(claim_dir)
+        mount_folders(launch["claim"])
+    control.sendall(b"go\n")
+    control.shutdown(socket.SHUT_WR)
+    answer = control.recv(4096).decode(errors="replace")
+    control.close()
+    if answer != "ok":
+        raise OSError(answer or "the warm kernel process ended")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a process that still runs (not a zombie its parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_all_but(keep: int | None) -> None:
+    """SIGKILL every process of this PID namespace but this one and `keep`, and reap them."""
+    for _ in range(KILL_ROUNDS):
+        found = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+        others = [pid for pid in found if pid not in (1, keep) and _alive(pid)]
+        if not others:
+            return
+        for pid in others:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+    raise OSError("processes of the warm kernel kept appearing")
+
+
+def read_launch(control: socket.socket) -> dict:
     data = b""
     while not data.endswith(b"\n") and len(data) < MAX_LAUNCH:
         chunk = control.recv(65536)
         if not chunk:
             sys.exit(0)
         data += chunk
+    return json.loads(data)
+
+
+def main() -> None:
+    for sig in CATCHABLE:
+        signal.signal(sig, signal.SIG_IGN)  # until there is a kernel to pass them to
+    # argv: -, kernel_init, the control socket's fd
+    #       [, warm, python, script, connection file, claim folder]
+    control_fd = int(sys.argv[2])
+    control = socket.socket(fileno=control_fd)
+    warm, claim_dir = None, ""
     try:
-        launch = json.loads(data)
-        own_proc()
-        kernel = start(launch, control_fd)
+        if sys.argv[3:4] == ["warm"]:
+            own_proc()
+            claim_dir = sys.argv[7]
+            hide(claim_dir)  # the image's code runs before the claim: it sees none of it
+            warm = start_warm(*sys.argv[4:7])
+        launch = read_launch(control)
+        if warm is None:
+            own_proc()
+        kernel = None
+        if warm is not None and launch.get("warm"):
+            try:
+                hand_over(warm, launch, claim_dir)
+                kernel = warm[0]
+            except OSError as e:  # e.g. a folder only root may enter: as Popen would
+                sys.stderr.write(f"kernel_init: the warm kernel process cannot be it ({e})\n")
+        if kernel is None:
+            if warm is not None:
+                kill_all_but(None)
+            if "claim" in launch and not MOUNTED:  # a hand-over may have got that far
+                if warm is not None:
+                    uncover(claim_dir)
+                mount_folders(launch["claim"])
+            kernel = start(launch, control_fd)
     except (OSError, KeyError, TypeError, ValueError) as e:
         control.sendall(f"{e}".encode()[:4000])
         sys.exit(127)

@@ -23,6 +23,18 @@ AGENT_IN_RUNTIME = f"{AGENT_RUNTIME}/agent"
 in the agent image and so on Kubernetes, where an init container copies the whole folder into
 a volume that the kernel's container mounts read-only at `AGENT_RUNTIME`. The user's image
 then needs neither the runtime nor the agent baked in (provisioner/kubernetes/agent_image.py)."""
+CLAIM_DIR = "/opt/jupyter-sandbox-claim"
+"""Where a gVisor sandbox finds its kernel's user and folders (the agent's `take_claim`).
+Every gVisor sandbox is started before it knows them: it may wait in a warm pool
+(provisioner/pool.py) until a kernel claims it. The claim (backends/gvisor_claim.py)
+writes `kernel` (JSB_KERNEL's value) and `mounts.json` here, and attaches each of the
+kernel's folders at `<n>`; the agent mounts them where they belong and hides this folder
+before it starts the kernel. The host writes all of it before anyone can send LAUNCH."""
+CLAIMED = "claim"
+"""JSB_KERNEL's value in a sandbox whose kernel is named in `CLAIM_DIR`."""
+WARM_ENV = "JSB_WARM_PYTHON"
+"""Set, to the kernel's Python, in a gVisor sandbox of a warm pool: its agent starts the
+kernel process ahead of the claim (guest/warm_kernel.py, under kernel_init)."""
 KERNEL_USER = "sandbox"
 KERNEL_UID = 1000
 """The kernel's uid (and gid) in the default image, and on the host when a root-owned

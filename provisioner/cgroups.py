@@ -2,7 +2,8 @@
 
 Every sandbox's cgroup sits under its user's, `/jupyter-sandbox/users/<user>/<sandbox>`:
 the user's cgroup carries the user's memory quota, so that whatever its kernels
-do, together they never use more.
+do, together they never use more. A sandbox of a warm pool waits in
+`/jupyter-sandbox/pool/<sandbox>` and is moved under its user's when claimed (`move`).
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ def user_cgroup(user: str) -> str:
     return f"{SANDBOXES}/users/u-{safe}"
 
 
+POOL = f"{SANDBOXES}/pool"
+"""Where sandboxes made ahead of their kernel wait (a warm pool's), charged to no user."""
+
+
 def find(sandbox_id: str) -> str:
     """The cgroup of a sandbox known only by its id (its record is gone), or ""."""
     base = ROOT if is_v2() else ROOT / "memory"
-    for path in base.glob(f"{SANDBOXES.strip('/')}/users/*/{sandbox_id}"):
-        return "/" + str(path.relative_to(base))
+    root = SANDBOXES.strip("/")
+    for pattern in (f"{root}/users/*/{sandbox_id}", f"{root}/pool/{sandbox_id}"):
+        for path in base.glob(pattern):
+            return "/" + str(path.relative_to(base))
     return ""
 
 
@@ -259,6 +266,75 @@ def create(cgroup: str, memory: int | None, cpu: float | None, pids: int | None)
     (folders["cpu"] / "cpu.cfs_quota_us").write_text("-1" if cpu is None else quota)
     (folders["pids"] / "pids.max").write_text("max" if pids is None else str(pids))
     return sorted({(folder / "cgroup.procs").resolve() for folder in folders.values()})
+
+
+CARRIED = ("cpuset.cpus", "cpuset.mems", "cpu.cfs_period_us", "cpu.cfs_quota_us", "cpu.shares",
+           "cpu.max", "cpu.weight", "pids.max", "memory.max", "memory.swap.max")  # fmt: skip
+"""The limits `move` carries from a cgroup to its new place (v1's memory limits aside: they
+must be written in order, `set_memory_limit`). cpuset's come first: a v1 cpuset cgroup
+takes no process before it has CPUs and memory nodes."""
+MOVE_ROUNDS = 20
+"""Passes `move` makes over a cgroup's processes: one that forks while it moves leaves a
+child behind for the next pass (gVisor starts a stub process per address space)."""
+
+
+def _carry(source: Path, target: Path) -> None:
+    """Make `target` (and its missing parents: v1 cpuset ones take their parent's CPUs and
+    memory nodes) with `source`'s limits."""
+    missing = [p for p in (target, *target.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir()
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (folder / name).exists() and not (folder / name).read_text().strip():
+                (folder / name).write_text((folder.parent / name).read_text())
+    for name in CARRIED:
+        with contextlib.suppress(FileNotFoundError):
+            (target / name).write_text((source / name).read_text())
+
+
+def move(source: str, target: str) -> None:
+    """Move every process of the cgroup `source` to the new cgroup `target`, which gets
+    `source`'s limits, and remove `source`. For a sandbox made before its user was known
+    (a warm pool's, `pool.py`), once a kernel claims it.
+
+    On v1 the memory the processes were charged moves with them (the target's
+    `memory.move_charge_at_immigrate`); v2 never moves charges: what was charged before
+    stays with `source` until it is freed, and `source` stays until then (`remove` at
+    the sandbox's end takes it). OSError if a process could not be moved.
+    """
+    src, dst = source.strip("/"), target.strip("/")
+    limit = None
+    if is_v2():
+        pairs = [(ROOT / src, make_v2(ROOT, dst, "+memory +cpu +pids"))]
+    else:
+        pairs = []
+        for controller in V1_CONTROLLERS:
+            folder = ROOT / controller / src
+            if folder.is_dir() and folder.resolve() not in {p.resolve() for p, _ in pairs}:
+                pairs.append((folder, ROOT / controller / dst))
+        with contextlib.suppress(OSError, ValueError):
+            limit = int((ROOT / "memory" / src / "memory.limit_in_bytes").read_text())
+    for old, new in pairs:
+        _carry(old, new)
+    if not is_v2():
+        set_memory_limit(target, limit if limit is not None and limit < 2**62 else None)
+        charge = ROOT / "memory" / dst / "memory.move_charge_at_immigrate"
+        with contextlib.suppress(OSError):  # deprecated upstream; gone, charges stay
+            charge.write_text("3")
+    for old, new in pairs:
+        for _ in range(MOVE_ROUNDS):
+            pids = (old / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    (new / "cgroup.procs").write_text(pid)
+                except ProcessLookupError:
+                    continue  # it ended meanwhile
+        else:
+            raise OSError(f"processes of {source} kept appearing; not all moved to {target}")
+        with contextlib.suppress(OSError):
+            old.rmdir()
 
 
 def remove_if_empty(cgroup: str) -> None:

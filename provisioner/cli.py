@@ -588,7 +588,10 @@ class KubernetesApp(_Group):
 
 class PsApp(_Sub):
     name = "jupyter-sandbox-ps"
-    description = "List live sandboxes: kernel id, backend, age, CPU, memory, owning server."
+    description = (
+        "List live sandboxes: kernel id, backend, age, CPU, memory, owning server. A warm "
+        "pool's sandboxes, waiting for a kernel, show (warm pool) as their kernel."
+    )
     interval = Float(0.5, config=True, help="Seconds over which the CPU use is measured.")
 
     def start(self) -> None:
@@ -605,7 +608,7 @@ class PsApp(_Sub):
             rows.append(
                 (
                     record.sandbox_id,
-                    record.kernel_id,
+                    record.kernel_id or "(warm pool)",
                     record.user or "-",
                     record.backend,
                     f"{now - record.created:.0f}s",

@@ -13,7 +13,7 @@ from . import backends, cgroups
 from .checks import INSTALL, Check
 from .errors import ImageError
 from .guest.layout import KERNEL_UID
-from .idmap import IdMap, mapped_tree
+from .idmap import IdMap, detached_tree
 from .images.store import find_image, load_manifest, rebuild_hint, verify_image
 
 NETWORK_TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux",
@@ -82,7 +82,7 @@ def check_idmap() -> Check:
     with tempfile.TemporaryDirectory(prefix="jsb-doctor-") as folder:
         try:
             os.close(
-                mapped_tree(Path(folder), IdMap(owner=(0, 0), kernel=(KERNEL_UID, KERNEL_UID)))
+                detached_tree(Path(folder), IdMap(owner=(0, 0), kernel=(KERNEL_UID, KERNEL_UID)))
             )
         except OSError as e:
             return Check(name, False, str(e), "use Linux 5.12 or later (6.x for tmpfs)")

@@ -109,28 +109,35 @@ def user_namespace(idmap: IdMap) -> int:
         holder.wait()
 
 
-def mapped_tree(folder: int | Path, idmap: IdMap, read_only: bool = False) -> int:
-    """A detached, idmapped, nosuid and nodev copy of the mount of `folder` (a descriptor
-    or a path, links not followed at its last name): a descriptor that keeps it alive.
-    `read_only`: the copy is read-only itself, whatever the sandbox's runtime does with
-    the read-only flag it is given (gVisor's directfs: see `rootfs.bind`).
+def detached_tree(folder: int | Path, idmap: IdMap | None, read_only: bool = False) -> int:
+    """A detached, nosuid and nodev copy of the mount of `folder` (a descriptor or a path,
+    links not followed at its last name), idmapped by `idmap` if given: a descriptor that
+    keeps it alive. `read_only`: the copy is read-only itself, whatever the sandbox's
+    runtime does with the read-only flag it is given (gVisor's directfs: see `rootfs.bind`).
 
-    Close it once the sandbox holds the folder: the mount goes with its last user.
+    Attach it (`attach`, `attach_at`) or hand it to a process; close it once the sandbox
+    holds the folder: the mount goes with its last user.
     """
     if isinstance(folder, int):
         dirfd, name, flags = folder, b"", _AT_EMPTY_PATH
     else:
         dirfd, name, flags = _AT_FDCWD, os.fsencode(folder), 0x100  # AT_SYMLINK_NOFOLLOW
-    namespace = user_namespace(idmap)
+    namespace = None if idmap is None else user_namespace(idmap)
     try:
         tree = _syscall(_SYS_OPEN_TREE, dirfd, name, flags | _OPEN_TREE_CLONE | os.O_CLOEXEC)
         try:
-            attrs = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
-            attr = _MountAttr(attrs | (_MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, namespace)
+            attrs = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+            if read_only:
+                attrs |= _MOUNT_ATTR_RDONLY
+            if namespace is not None:
+                attrs |= _MOUNT_ATTR_IDMAP
+            attr = _MountAttr(attrs, 0, 0, namespace or 0)
             _syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                      ctypes.sizeof(attr))  # fmt: skip
         except OSError as e:
             os.close(tree)
+            if idmap is None:
+                raise
             raise OSError(
                 e.errno,
                 f"cannot show the workspace (owner uid {idmap.owner[0]}) to a kernel of uid "
@@ -140,9 +147,16 @@ def mapped_tree(folder: int | Path, idmap: IdMap, read_only: bool = False) -> in
             ) from None
         return tree
     finally:
-        os.close(namespace)
+        if namespace is not None:
+            os.close(namespace)
 
 
 def attach(tree: int, target: Path) -> None:
-    """Mount the detached tree `tree` (from `mapped_tree`) on the folder `target`."""
-    _syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
+    """Mount the detached tree `tree` (from `detached_tree`) on the folder `target`."""
+    attach_at(tree, _AT_FDCWD, target)
+
+
+def attach_at(tree: int, dirfd: int, target: Path | str) -> None:
+    """Mount the detached tree `tree` on `target`, relative to the folder `dirfd`: in the
+    mount namespace the calling thread is in (which must hold `dirfd`'s mount)."""
+    _syscall(_SYS_MOVE_MOUNT, tree, b"", dirfd, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)

@@ -194,10 +194,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         return await super().pre_launch(cmd=cmd, **kwargs)
 
-    def sandbox_request(self, cwd: str) -> SandboxRequest:
+    def sandbox_request(self, cwd: str, cmd: list[str] | None = None) -> SandboxRequest:
         """What this kernel asks for: its settings as configured (traits), which of them
-        were asked for, and its working directory on the host."""
+        were asked for, its working directory on the host, and its command."""
         kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
+        connection_file = self.parent.connection_file
+        argv = tuple(arg.replace(connection_file, "{connection_file}") for arg in cmd or ())
         return SandboxRequest(
             kernel_id=self.kernel_id,
             kernel_name=kernel_name,
@@ -205,6 +207,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             settings={name: getattr(self, name) for name in self.declared},
             asked=self.asked,
             cwd=cwd,
+            kernel_argv=argv,
         )
 
     async def _make(self, request: SandboxRequest) -> Made:
@@ -271,7 +274,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cwd = kwargs.get("cwd") or str(Path.cwd())
         if self.through_service:
             cwd = await in_thread(self._checked_workspace, cwd)
-        made = await self._make(self.sandbox_request(cwd))
+        made = await self._make(self.sandbox_request(cwd, cmd))
         try:
             self._take(made.settings)
             self.user, self.sandbox_id = made.sandbox.record.user, made.sandbox.record.sandbox_id

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import backends, cleanup, guest, policy, quotas, settings
+from . import backends, cleanup, guest, policy, pool, quotas, settings
 from .backends.base import Channel, Sandbox, SandboxSpec
 from .errors import PolicyError, SandboxError
 from .images.store import find_image
@@ -50,6 +50,9 @@ class SandboxRequest:
     """The kernel's working directory on the host ("" for this process's)."""
     agent_dir: Path = AGENT_SOURCE
     """The guest agent's folder on the host (the security tests put a hostile one here)."""
+    kernel_argv: tuple[str, ...] = ()
+    """The kernel's command, its connection file as "{connection_file}": what a warm pool
+    may start ahead of its kernels (`warm_python`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
@@ -135,6 +138,14 @@ def network_of(granted: Mapping[str, Any], log: logging.Logger) -> NetworkSpec:
     )
 
 
+def warm_python(argv: tuple[str, ...]) -> str:
+    """The Python whose kernel process a warm pool can start ahead for a kernel of `argv`
+    (ipykernel's usual command: guest/warm_kernel.py), else ""."""
+    if len(argv) == 5 and list(argv[1:]) == ["-m", "ipykernel_launcher", "-f", "{connection_file}"]:
+        return argv[0]
+    return ""
+
+
 async def make_sandbox(request: SandboxRequest, who: Requester, log: logging.Logger) -> Made:
     """A started sandbox for `request`, made on behalf of `who`. Run on the I/O loop.
 
@@ -163,26 +174,72 @@ async def make_sandbox(request: SandboxRequest, who: Requester, log: logging.Log
             network=network_of(granted, log),
             owner=owner,
         )
-        sandbox = await backend.create(spec, granted, log)
-        sandbox.record.uid = who.uid
-        await in_thread(quotas.admit, sandbox.record, quota, log)
-        try:
-            channel = await sandbox.start()
-        except BaseException as e:
+        ahead = replace(spec, warm=warm_python(request.kernel_argv))
+        pooled = backend.poolable and pool.Sizing.of(granted).size > 0
+        shape = pool.shape_of(backend, ahead, granted) if pooled else None
+        warm = None if shape is None else pool.warm_pool(log).take(shape)
+        claimed = None
+        if warm is not None:
             try:
-                await sandbox.destroy()
-            except Exception:  # the start's failure is the one to report
-                log.exception("could not remove sandbox %s", spec.sandbox_id)
-            if isinstance(e, OSError):  # a pipe, a process, a cgroup: say which kernel
-                raise SandboxError(f"kernel {request.kernel_id} did not start: {e}") from None
-            raise
+                claimed = await _claim(warm, shape, spec, who, quota, log)
+            except SandboxError as e:  # removed: the kernel starts in a sandbox of its own
+                log.warning("could not claim warm sandbox %s (%s); starting a fresh one",
+                            warm.sandbox.record.sandbox_id, e)  # fmt: skip
+                warm = None
+        if claimed is not None:
+            sandbox, channel = claimed
+        else:
+            sandbox = await backend.create(spec, granted, log)
+            sandbox.record.uid = who.uid
+            await in_thread(quotas.admit, sandbox.record, quota, log)
+            try:
+                channel = await sandbox.start()
+            except BaseException as e:
+                try:
+                    await sandbox.destroy()
+                except Exception:  # the start's failure is the one to report
+                    log.exception("could not remove sandbox %s", spec.sandbox_id)
+                if isinstance(e, OSError):  # a pipe, a process, a cgroup: say which kernel
+                    raise SandboxError(f"kernel {request.kernel_id} did not start: {e}") from None
+                raise
     finally:
         close_mounts(mounts)  # the sandbox holds its folder by now, or failed
     log.info(
-        "sandbox %s (%s) for %s: %s",
-        spec.sandbox_id,
+        "sandbox %s (%s%s) for %s: %s",
+        sandbox.record.sandbox_id,
         backend.name,
+        ", warm" if warm is not None else "",
         who.identity.user,
         spec.limits.describe(),
     )
+    if shape is not None:  # the kernel has its sandbox: the pool may refill, once it started
+        pool.warm_pool(log).refill_later(shape, backend, granted)
     return Made(sandbox=sandbox, channel=channel, settings=granted, cwd=cwd)
+
+
+async def _claim(warm: pool.Waiting, shape: pool.Shape, spec: SandboxSpec, who: Requester,
+                 quota: quotas.Quota, log: logging.Logger) -> tuple[Sandbox, Channel]:  # fmt: skip
+    """Give the pool's sandbox `warm` to `spec`'s kernel: counted in its user's quota (if
+    that refuses, it goes back to the pool, and QuotaError says why), then claimed (if
+    that fails, it is removed, and SandboxError says why: the caller starts a fresh one)."""
+    sandbox, record = warm.sandbox, warm.sandbox.record
+    record.kernel_id, record.user, record.uid = spec.kernel_id, spec.user, who.uid
+    try:
+        await in_thread(quotas.admit, record, quota, log)
+    except BaseException:
+        record.kernel_id, record.user, record.uid = "", "", None
+        pool.warm_pool(log).give_back(shape, warm)
+        raise
+    try:
+        await sandbox.claim(spec)
+        await in_thread(record.save)
+    except BaseException as e:
+        warm.channel.close()
+        try:
+            await sandbox.destroy()
+        except Exception:
+            log.exception("could not remove sandbox %s", record.sandbox_id)
+        if isinstance(e, OSError):
+            raise SandboxError(f"kernel {spec.kernel_id} did not start: {e}") from None
+        raise
+    return sandbox, warm.channel

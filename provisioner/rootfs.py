@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 from .hostcmd import quietly, run
-from .idmap import IdMap, attach, mapped_tree
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +79,6 @@ def bind(folder: int | Path, bundle: Path, read_only: bool, name: str = "workspa
     source = f"/proc/{os.getpid()}/fd/{folder}" if isinstance(folder, int) else str(folder)
     options = ["-o", "ro"] if read_only else []  # util-linux binds, then remounts read-only
     _mount(["--bind", *options, source, str(target)], f"the sandbox's {name}")
-    return target
-
-
-def bind_mapped(folder: int | Path, bundle: Path, idmap: IdMap, read_only: bool) -> Path:
-    """Like `bind`, for a folder (a descriptor or a path) shown through `idmap`."""
-    target = bundle / "workspace"
-    target.mkdir(mode=0o700)
-    tree = mapped_tree(folder, idmap, read_only)
-    try:
-        attach(tree, target)
-    finally:
-        os.close(tree)
     return target
 
 

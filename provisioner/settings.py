@@ -50,7 +50,7 @@ def text_value(value: Any) -> str:
     return value
 
 
-def _size(value: Any) -> str:
+def size_text(value: Any) -> str:
     if not isinstance(value, str):  # a number of bytes is written as a string too: "1073741824"
         raise ValueError(f'expected a size as a string such as "512M" or "2G", got {value!r}')
     parse_size(value)
@@ -60,6 +60,12 @@ def _size(value: Any) -> str:
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 64:
         raise ValueError(f"expected an integer >= 64, got {value!r}")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
     return value
 
 
@@ -222,7 +228,7 @@ COMMON: tuple[Setting, ...] = (
         kind="text",
         default="2G",
         help='Memory for the whole sandbox, the runtime and swap counted: "512M", "2G".',
-        parse=_size,
+        parse=size_text,
         who=_ALL,
         enforced="cgroups.py (memory and memory+swap limits), notices.py (the notebook is told)",
         magnitude=_by_size,
@@ -234,7 +240,7 @@ COMMON: tuple[Setting, ...] = (
         default="1G",
         help="Size of the sandbox's writable layer; it is memory, and counts toward "
         "memory_limit too.",
-        parse=_size,
+        parse=size_text,
         who=_ALL,
         enforced="rootfs.py (gVisor's tmpfs), guest/microvm/pid1.py (the VM's tmpfs)",
         magnitude=_by_size,
@@ -415,7 +421,7 @@ QUOTAS: tuple[Setting, ...] = (
         default=None,
         help="The sum of the memory limits of one user's kernels; the user's cgroup is capped "
         "at it too.",
-        parse=_size,
+        parse=size_text,
         who=frozenset({POLICY}),
         enforced="quotas.py, cgroups.py (the user's cgroup)",
         magnitude=_by_size,
@@ -446,6 +452,43 @@ QUOTAS: tuple[Setting, ...] = (
 )
 """What only the policy file sets: per-user quotas and the kernelspecs and images a user
 may start."""
+
+POOL: tuple[Setting, ...] = (
+    Setting(
+        name="pool_size", kind="int", default=0,
+        help="Warm sandboxes kept started, per shape in use (the kernel's command, image, "
+        "limits, network and backend settings), each with its kernel's process past its "
+        "imports, for kernels that start or restart (docs: 'Warm pools'). 0 turns the "
+        "pool off.",
+        parse=non_negative_int, who=frozenset({OPERATOR, KERNELSPEC}),
+        enforced="pool.py (refill)",
+    ),
+    Setting(
+        name="pool_min", kind="int", default=0,
+        help="Warm sandboxes kept for a shape even once it has been idle for "
+        "pool_idle_timeout (a class's image before 9:00); at most pool_size.",
+        parse=non_negative_int, who=frozenset({OPERATOR, KERNELSPEC}),
+        enforced="pool.py (expire)",
+    ),
+    Setting(
+        name="pool_idle_timeout", kind="float", default=900.0,
+        help="Seconds after a shape's last claim when its warm sandboxes beyond pool_min "
+        "are removed.",
+        parse=seconds, who=frozenset({OPERATOR, KERNELSPEC}),
+        enforced="pool.py (expire)",
+    ),
+    Setting(
+        name="pool_memory", kind="text", default="1G",
+        help="Memory all warm sandboxes of this server (or of the sandbox service) may "
+        "use together, charged to no user: the pool's cgroup is capped at it, and no "
+        "sandbox is added that would not fit.",
+        parse=size_text, who=frozenset({OPERATOR}),
+        enforced="pool.py, cgroups.py (the pool's cgroup)",
+    ),
+)  # fmt: skip
+"""A warm pool's settings (provisioner/pool.py), for the backends whose sandboxes can wait
+for their kernel (`Backend.poolable`). They say how many sandboxes to keep, never what a
+sandbox is: they are no part of its shape."""
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in (*COMMON, *QUOTAS)}
 BOUNDED: tuple[str, ...] = tuple(s.name for s in COMMON if s.bounded)

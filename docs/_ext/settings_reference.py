@@ -88,13 +88,15 @@ def _first_argument(call: ast.Call) -> str | None:
 
 def declared_at(row: Reference, found: dict[str, list[tuple[str, int]]]) -> str:
     """`path:line` of the row's declaration: in a backend's module for a backend's own
-    setting, in settings.py for the others; "" if there is none there."""
+    setting, in settings.py for the others (a warm pool's too, which a backend takes in);
+    "" if there is none there."""
     common = row.scope in COMMON_SCOPES
     changed = not common and row.setting.name in settings.BY_NAME  # a backend's own default
+    shared = common or changed or row.setting in settings.POOL
     places = [
         f"{path}:{line}"
         for path, line in found.get(row.setting.name, [])
-        if (path == "provisioner/settings.py") == (common or changed)
+        if (path == "provisioner/settings.py") == shared
     ]
     if changed:
         source = Path(inspect.getsourcefile(type(backends.get(row.scope))) or "")

@@ -61,6 +61,8 @@ class SandboxSpec:
 
     sandbox_id: str
     kernel_id: str
+    """"" for a sandbox started before its kernel is known (a warm pool's): its kernel,
+    user, owner and folders come with `Sandbox.claim`."""
     rootfs: Path
     """The read-only guest image; each sandbox gets a throwaway writable layer over it."""
     agent_dir: Path
@@ -73,6 +75,9 @@ class SandboxSpec:
     """Host uid and gid the sandbox acts as (the kernel's; the workspace's owner)."""
     network: NetworkSpec = field(default_factory=NetworkSpec)
     """none (no network device at all), egress or open; see `network.sandbox.SandboxNetwork`."""
+    warm: str = ""
+    """For a sandbox of a warm pool: the Python of the kernel to keep warm in it (its modules
+    imported before any kernel claims it: guest/warm_kernel.py); "" for none."""
 
 
 def kernel_user(spec: SandboxSpec) -> str:
@@ -141,7 +146,9 @@ class Sandbox(abc.ABC):
             sandbox_id=spec.sandbox_id,
             kernel_id=spec.kernel_id,
             backend=backend.name,
-            cgroup=f"{cgroups.user_cgroup(spec.user)}/{spec.sandbox_id}",
+            # One made ahead of its kernel (a warm pool's) waits in the pool's cgroup.
+            cgroup=f"{cgroups.user_cgroup(spec.user) if spec.kernel_id else cgroups.POOL}"
+            f"/{spec.sandbox_id}",
             user=spec.user,
             memory=spec.limits.memory or 0,
             image=str(spec.rootfs),
@@ -160,6 +167,13 @@ class Sandbox(abc.ABC):
     async def start(self) -> Channel:
         """Create and start the sandbox with the agent as its first process. On failure
         the caller calls `destroy`, which removes whatever was made."""
+
+    async def claim(self, kernel: SandboxSpec) -> None:
+        """Give this sandbox, started before its kernel was known (its spec names no
+        kernel: a warm pool's), to `kernel`'s kernel: the same shape, and the kernel's id,
+        user, owner and folders. Only a `Backend.poolable` backend's sandboxes can; the
+        caller destroys the sandbox if this fails."""
+        raise SandboxError(f"a {self.kind.title} sandbox cannot be made ahead of its kernel")
 
     def poll(self) -> int | None:
         """Exit status once the sandbox has ended, else None. Must be cheap."""
@@ -279,6 +293,9 @@ class Backend(abc.ABC):
     """This backend's own settings (its binary, platform...), beside `settings.COMMON`."""
     changed_defaults: Mapping[str, Any] = MappingProxyType({})
     """Common settings whose default this backend changes (a VM boots slower), by name."""
+    poolable: bool = False
+    """Whether its sandboxes can be started before their kernel is known and claimed later
+    (`Sandbox.claim`): a warm pool keeps some ready (provisioner/pool.py)."""
     maker: str = ""
     """Where a server's sandboxes of this backend are made, when that is neither the server
     itself nor the local sandbox service: the import path of a class with

@@ -25,8 +25,8 @@ from typing import Any
 from .. import cgroups, hostcmd, rootfs
 from ..checks import INSTALL, Check
 from ..errors import SandboxError
-from ..guest.layout import AGENT_DIR, AGENT_OPENSSL_CONF
-from ..settings import KERNELSPEC, OPERATOR, Setting, one_of, text_value
+from ..guest.layout import AGENT_DIR, AGENT_OPENSSL_CONF, CLAIM_DIR, CLAIMED, WARM_ENV
+from ..settings import KERNELSPEC, OPERATOR, POOL, Setting, one_of, text_value
 from ..state import Record, runtime_dir, sandboxes_dir
 from .base import (
     AGENT_ARGV,
@@ -37,8 +37,9 @@ from .base import (
     Sandbox,
     SandboxSpec,
     find_binary,
-    kernel_user,
 )
+from .gvisor_claim import claim as claim_sandbox
+from .gvisor_claim import claim_folder
 
 AGENT_CAPABILITIES = [
     # The agent (sandbox root, inside gVisor only) needs these to start the kernel
@@ -90,10 +91,11 @@ def runsc_root() -> Path:
     return runtime_dir() / "runsc"
 
 
-def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str,
+def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str, claim: Path,
              files: tuple[Mount, ...] = ()) -> dict:  # fmt: skip
     """The OCI runtime config of one sandbox, with `tmp` bound at /tmp (`rootfs.tmp`);
-    `files` are extra mounts (resolv.conf)."""
+    `claim` is the host's side of its claim folder (the kernel's user and folders come
+    through it: `gvisor_claim.py`), `files` are extra mounts (resolv.conf)."""
     limits = spec.limits
     resources: dict = {}
     if limits.memory:
@@ -122,15 +124,20 @@ def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str,
             "source": str(spec.agent_dir),
             "options": ["rbind", "ro"],
         },
-        # before the folders: a workspace under /tmp is mounted in it
         {
             "destination": "/tmp",
             "type": "bind",
             "source": str(tmp),
             "options": ["rbind", "rw", "nosuid", "nodev"],
         },
+        {
+            "destination": CLAIM_DIR,
+            "type": "bind",
+            "source": str(claim),
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        },
     ]
-    for mount in (*spec.mounts, *files):
+    for mount in files:
         mounts.append(
             {
                 "destination": mount.destination,
@@ -147,8 +154,9 @@ def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str,
             "env": [
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG=C.UTF-8",
-                f"JSB_KERNEL={kernel_user(spec)}",
+                f"JSB_KERNEL={CLAIMED}",
                 f"OPENSSL_CONF={AGENT_OPENSSL_CONF}",
+                *([f"{WARM_ENV}={spec.warm}"] if spec.warm else []),
             ],
             "cwd": "/",
             "capabilities": {
@@ -194,6 +202,34 @@ class GVisorSandbox(Sandbox):
         self.record.runtime = runsc
 
     async def start(self) -> Channel:
+        """Start the sandbox; give it to its kernel at once if its spec names one (one made
+        ahead, a warm pool's, waits for `claim`)."""
+        channel = await self.boot()
+        if self.spec.kernel_id:
+            try:
+                await self.claim(self.spec)
+            except BaseException:
+                channel.close()
+                raise
+        return channel
+
+    async def claim(self, kernel: SandboxSpec) -> None:
+        """Give the started sandbox to `kernel`'s kernel (`gvisor_claim.py`): its cgroup moves
+        under the kernel's user's if it waited in the pool's, and its folders and user are
+        handed to the agent. OSError (then `destroy` it) if that fails."""
+        assert self.process is not None, "claim a started sandbox"
+        cgroup = f"{cgroups.user_cgroup(kernel.user)}/{self.spec.sandbox_id}"
+        if self.record.cgroup != cgroup:
+            await asyncio.to_thread(cgroups.move, self.record.cgroup, cgroup)
+            self.record.cgroup = cgroup
+        kernel = dataclasses.replace(kernel, sandbox_id=self.spec.sandbox_id)
+        bundle = self.record.directory
+        await asyncio.to_thread(claim_sandbox, kernel, bundle, self.process.pid)
+        self.spec = kernel
+        self.record.kernel_id, self.record.user = kernel.kernel_id, kernel.user
+
+    async def boot(self) -> Channel:
+        """Start `runsc run` with the agent, the kernel's folders and user still to come."""
         prefix = await self.open_network()
         bundle = self.record.directory
         root = await asyncio.to_thread(
@@ -205,16 +241,17 @@ class GVisorSandbox(Sandbox):
                 Mount(source=source, destination=destination, read_only=True)
                 for source, destination in self.network.guest_files(bundle)
             )
-        mounts = [await asyncio.to_thread(self.host_mount, m, bundle) for m in self.spec.mounts]
         # The agent's folder is this server's own code: read-only on the host too.
         agent = await asyncio.to_thread(rootfs.bind, self.spec.agent_dir, bundle, True, "agent")
-        spec = dataclasses.replace(self.spec, mounts=tuple(mounts), agent_dir=agent)
+        claim = claim_folder(bundle)
+        claim.mkdir(mode=0o755)
+        spec = dataclasses.replace(self.spec, agent_dir=agent)
         # Made here, not by runsc: runsc removes the cgroups it made as soon as the
         # sandbox ends, before it lets go of the channel, and with them the count of
         # OOM kills that says why it ended (read in `out_of_memory`; `destroy` removes it).
         memory = self.spec.limits.memory
         await asyncio.to_thread(cgroups.set_memory_limit, self.record.cgroup, memory)
-        config = oci_spec(spec, root, rootfs.tmp(bundle), self.record.cgroup, files)
+        config = oci_spec(spec, root, rootfs.tmp(bundle), self.record.cgroup, claim, files)
         (bundle / "config.json").write_text(json.dumps(config))
         runsc_root().mkdir(mode=0o700, parents=True, exist_ok=True)
         to_guest_r, to_guest_w = os.pipe2(os.O_CLOEXEC)
@@ -251,22 +288,6 @@ class GVisorSandbox(Sandbox):
                 os.close(fd)
         self.started(process)
         return PipeChannel(read_fd=from_guest_r, write_fd=to_guest_w, console_fd=console_r)
-
-    def host_mount(self, mount: Mount, bundle: Path) -> Mount:
-        """`mount` with a source runsc may take as it is: a bind of the folder in the
-        bundle, where only root can change what the path names (a caller's descriptor),
-        idmapped if its owner is not the kernel, and read-only on the host if the mount
-        is (runsc's directfs writes through a bind read-only in the OCI spec only: see
-        `rootfs.bind`); the folder itself only if none of these applies."""
-        folder = mount.source if mount.fd is None else mount.fd
-        idmap = mount.idmap(self.spec.owner)
-        if idmap is not None:
-            source = rootfs.bind_mapped(folder, bundle, idmap, mount.read_only)
-        elif mount.fd is not None or mount.read_only:
-            source = rootfs.bind(folder, bundle, mount.read_only)
-        else:
-            return mount
-        return dataclasses.replace(mount, source=source)
 
     async def kill(self) -> None:
         if self.process is not None and self.poll() is None:
@@ -314,6 +335,7 @@ class GVisor(Backend):
     name = "gvisor"
     title = "gVisor"
     provisioner_class = "GVisorProvisioner"
+    poolable = True
     settings = (
         Setting(
             name="runsc_path", kind="text", default="runsc",
@@ -328,6 +350,7 @@ class GVisor(Backend):
             parse=one_of("systrap", "ptrace", "kvm"), who=frozenset({OPERATOR, KERNELSPEC}),
             enforced="backends/gvisor.py (runsc --platform)", choices=("systrap", "ptrace", "kvm"),
         ),
+        *POOL,
     )  # fmt: skip
 
     async def create(self, spec: SandboxSpec, settings: Mapping[str, Any],

@@ -51,7 +51,7 @@ from .. import cgroups
 from ..accel import Accel, choose, kvm_group, tsc_arguments
 from ..checks import INSTALL, Check
 from ..errors import ImageError, SandboxError
-from ..idmap import mapped_tree
+from ..idmap import detached_tree
 from ..images.boot import BootFiles, find_boot_files
 from ..images.store import load_manifest
 from ..ioloop import in_thread
@@ -324,7 +324,7 @@ class MicroVMSandbox(Sandbox):
             idmap = mount.idmap(self.spec.owner)
             if idmap is not None:
                 folder = mount.source if mount.fd is None else mount.fd
-                tree = asyncio.to_thread(mapped_tree, folder, idmap, mount.read_only)
+                tree = asyncio.to_thread(detached_tree, folder, idmap, mount.read_only)
                 made = asyncio.ensure_future(tree)
                 try:
                     return await asyncio.shield(made)

@@ -39,6 +39,7 @@ from .. import backends, cleanup, policy, settings
 from ..backends.base import Backend, Sandbox
 from ..errors import RequestError, SandboxError, SettingError, kind_of
 from ..network.sandbox import SandboxNetwork
+from ..pool import warm_pool
 from ..request import Requester, SandboxRequest, make_sandbox
 from ..settings import DEFAULT_SOCKET, SOCKET_ENV, USER_SETTINGS
 from ..state import Record, process_start_time, records
@@ -302,6 +303,7 @@ class SandboxService(LoggingConfigurable):
                 caller.conn.close()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            await warm_pool(self.log).drain()  # no kernel's: nothing to adopt of them
         self.log.info(
             "sandbox service stopped; %d sandboxes left running for its next start",
             len(self.sandboxes),
@@ -429,10 +431,11 @@ class SandboxService(LoggingConfigurable):
 
     # -- operations: each returns the reply's fields and the descriptors it carries ---
 
-    def _kernelspec(self, name: str) -> tuple[Backend, dict[str, Any], frozenset[str]]:
-        """The backend of the service's own kernelspec `name`, and the settings the service's
-        config gives it (and which it sets): a caller names a kernelspec, and the policy's
-        `kernelspecs` mean what the operator installed under that name."""
+    def _kernelspec(self, name: str) -> tuple[Backend, dict[str, Any], frozenset[str], list[str]]:
+        """The backend of the service's own kernelspec `name`, the settings the service's
+        config gives it (and which it sets), and its command: a caller names a kernelspec,
+        and the policy's `kernelspecs` mean what the operator installed under that name
+        (a warm pool starts that command's kernels ahead, never one a caller names)."""
         try:
             spec = KernelSpecManager(parent=self).get_kernel_spec(name)
         except NoSuchKernel:
@@ -446,7 +449,7 @@ class SandboxService(LoggingConfigurable):
             values, configured = settings.from_config(self.config, sections, backend.declared())
         except ValueError as e:
             raise SettingError(f"the sandbox service's config: {e}") from None
-        return backend, values, configured
+        return backend, values, configured, list(spec.argv)
 
     async def op_create(self, caller: Caller, request: dict) -> tuple[dict, tuple[int, ...]]:
         peer = caller.peer
@@ -457,7 +460,9 @@ class SandboxService(LoggingConfigurable):
             asked = {name: settings.check(settings.BY_NAME[name], v) for name, v in asked.items()}
         except ValueError as e:
             raise SettingError(str(e)) from None
-        backend, own, configured = await asyncio.to_thread(self._kernelspec, request["kernel_name"])
+        backend, own, configured, argv = await asyncio.to_thread(
+            self._kernelspec, request["kernel_name"]
+        )
         hub = None
         if self.hub_api_url and "hub_token" in request:
             hub = (self.hub_api_url, request["hub_token"])
@@ -469,6 +474,7 @@ class SandboxService(LoggingConfigurable):
             settings={**own, **asked},
             asked=configured | set(asked),
             cwd=request["cwd"],
+            kernel_argv=tuple(argv),
         )
         # The service's own settings bound what the policy leaves out: its callers get no
         # more than those.

@@ -90,8 +90,8 @@ class _HostileAgent:
 
     agent_dir: Path
 
-    def sandbox_request(self, cwd: str) -> SandboxRequest:
-        request = super().sandbox_request(cwd)  # type: ignore[misc]
+    def sandbox_request(self, cwd: str, cmd: list[str] | None = None) -> SandboxRequest:
+        request = super().sandbox_request(cwd, cmd)  # type: ignore[misc]
         return dataclasses.replace(request, agent_dir=self.agent_dir)
 
 

@@ -1,0 +1,294 @@
+"""Warm pools: sandboxes started before a kernel asks, claimed in milliseconds.
+
+Most of a gVisor kernel's start is the sandbox's: runsc boots the Sentry and the
+agent's Python starts. None of that depends on the kernel: only on the sandbox's
+*shape* (`Shape`: its image, limits, network and backend settings). What does
+depend on the kernel (its id, its user's quota and cgroup, its owner and folders)
+comes with the claim (`Sandbox.claim`). So this process keeps, per shape in use,
+`pool_size` sandboxes started and waiting; `make_sandbox` takes one if it can and
+refills the pool once its kernel has started.
+
+Rules, and why:
+- A start never waits for the pool: `take` returns a ready sandbox or none at once,
+  and refills start only after the kernel that asked has its sandbox.
+- Waiting sandboxes belong to no user: their cgroup is the pool's
+  (`cgroups.POOL`), capped at `pool_memory` for the whole process, and a refill
+  that would not fit is not started. A claimed one moves under its user's cgroup
+  and is counted in its user's quota from then on, as a fresh one is.
+- A shape's sandboxes beyond `pool_min` go once it has had no claim for
+  `pool_idle_timeout` seconds; `drain` removes all (at the process's end, a
+  test's). A sandbox that ended while waiting is removed, never handed out.
+
+Each waiting sandbox is recorded like any other (kernel "", user ""), so `ps` shows
+it and `gc` reaps it if this process dies. Runs on the I/O loop (`ioloop.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import cgroups
+from .backends.base import Backend, Channel, Sandbox, SandboxSpec
+from .limits import parse_size
+from .settings import POOL
+
+REFILL_AFTER = 3.0
+"""Seconds between a claim (or a cold start) and the refill it calls for: the kernel that
+asked is starting its Python meanwhile, the CPU-heavy part of its start, and a sandbox
+booting beside it on a small host would slow it down."""
+DRAIN_TIMEOUT = 30.0
+"""Seconds the pool gets to remove its sandboxes when the process exits."""
+SETTLE = 10.0
+"""Seconds after its start when a waiting sandbox's memory is measured."""
+IDLE_ESTIMATE = 160 << 20
+"""Bytes a waiting sandbox is taken to use until one of its shape was measured."""
+EXPIRE_EVERY = 30.0
+"""Seconds between looks for shapes whose pool has been idle too long."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a sandbox needs to start, known before its kernel: sandboxes of one shape
+    are interchangeable until claimed."""
+
+    backend: str
+    spec: SandboxSpec
+    """The spec with everything of a kernel left out (`shape_of`)."""
+    settings: tuple[tuple[str, Any], ...]
+    """The backend's own settings (runsc_path, platform...), by name."""
+
+
+def shape_of(backend: Backend, spec: SandboxSpec, granted: Mapping[str, Any]) -> Shape:
+    """The shape of `spec`'s sandbox under `granted` settings."""
+    ahead = replace(spec, sandbox_id="", kernel_id="", mounts=(), user="", owner=(0, 0))
+    own = tuple(sorted((s.name, granted[s.name]) for s in backend.settings if s not in POOL))
+    return Shape(backend=backend.name, spec=ahead, settings=own)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How many sandboxes of a shape to keep, as the settings of its last start said."""
+
+    size: int
+    minimum: int
+    idle_timeout: float
+    budget: int
+
+    @classmethod
+    def of(cls, granted: Mapping[str, Any]) -> Sizing:
+        return cls(
+            size=int(granted.get("pool_size", 0)),
+            minimum=min(int(granted.get("pool_min", 0)), int(granted.get("pool_size", 0))),
+            idle_timeout=float(granted.get("pool_idle_timeout", 0.0)),
+            budget=parse_size(granted.get("pool_memory", "0")),
+        )
+
+
+@dataclass
+class Waiting:
+    """A started, unclaimed sandbox and its channel (not attached to any tunnel yet)."""
+
+    sandbox: Sandbox
+    channel: Channel
+
+
+@dataclass
+class _ShapePool:
+    backend: Backend
+    settings: Mapping[str, Any]
+    sizing: Sizing
+    waiting: list[Waiting] = field(default_factory=list)
+    starting: int = 0
+    last_claim: float = field(default_factory=time.monotonic)
+
+
+class WarmPool:
+    """This process's warm sandboxes, by shape. I/O loop only."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.shapes: dict[Shape, _ShapePool] = {}
+        self.idle_usage: dict[Shape, int] = {}
+        """Bytes one waiting sandbox of each shape was measured to use."""
+        self.tasks: set[asyncio.Task] = set()
+        self.pending: set[asyncio.TimerHandle] = set()
+        """Refills not begun yet (`refill_later`)."""
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def take(self, shape: Shape) -> Waiting | None:
+        """A started sandbox of `shape`, now no longer the pool's; None (at once) if there
+        is none. A waiting one that ended meanwhile is removed, never handed out."""
+        pool = self.shapes.get(shape)
+        if pool is None:
+            return None
+        pool.last_claim = time.monotonic()
+        while pool.waiting:
+            waiting = pool.waiting.pop(0)
+            if waiting.sandbox.poll() is None:
+                return waiting
+            self.log.warning("warm sandbox %s ended while waiting; removed",
+                             waiting.sandbox.record.sandbox_id)  # fmt: skip
+            self._spawn(self._discard(waiting))
+        return None
+
+    def give_back(self, shape: Shape, waiting: Waiting) -> None:
+        """Put back a sandbox `take` gave that was not claimed after all (its user's quota
+        refused the kernel): it never held anything of a kernel."""
+        pool = self.shapes.get(shape)
+        if pool is None or waiting.sandbox.poll() is not None:
+            self._spawn(self._discard(waiting))
+            return
+        pool.waiting.append(waiting)
+
+    def refill_later(self, shape: Shape, backend: Backend, settings: Mapping[str, Any]) -> None:
+        """`refill` in `REFILL_AFTER` seconds."""
+
+        def refill() -> None:
+            self.pending.discard(handle)
+            self.refill(shape, backend, settings)
+
+        handle = asyncio.get_running_loop().call_later(REFILL_AFTER, refill)
+        self.pending.add(handle)
+
+    def refill(self, shape: Shape, backend: Backend, settings: Mapping[str, Any]) -> None:
+        """Start sandboxes of `shape` in the background until `pool_size` of them wait (as
+        far as `pool_memory` allows); `settings` are a start's granted settings, with
+        which the pool's are made. Call it once the kernel that asked has its sandbox."""
+        sizing = Sizing.of(settings)
+        pool = self.shapes.get(shape)
+        if pool is None:
+            if sizing.size == 0:
+                return
+            pool = self.shapes[shape] = _ShapePool(backend, settings, sizing)
+        pool.settings, pool.sizing = settings, sizing
+        self._schedule_expiry()
+        while len(pool.waiting) + pool.starting < sizing.size and self._fits(shape, sizing):
+            pool.starting += 1
+            self._spawn(self._start_one(shape, pool))
+
+    def _fits(self, shape: Shape, sizing: Sizing) -> bool:
+        """Whether one more waiting sandbox of `shape` fits in `pool_memory` with all the
+        others (those starting counted at their estimate)."""
+        used = 0
+        for other, pool in self.shapes.items():
+            each = self.idle_usage.get(other, IDLE_ESTIMATE)
+            used += len(pool.waiting) * each + pool.starting * each
+        return used + self.idle_usage.get(shape, IDLE_ESTIMATE) <= sizing.budget
+
+    async def _start_one(self, shape: Shape, pool: _ShapePool) -> None:
+        sandbox = None
+        try:
+            await asyncio.to_thread(
+                cgroups.set_memory_limit, cgroups.POOL, pool.sizing.budget or None
+            )
+            spec = replace(shape.spec, sandbox_id=f"jsb-pool-{uuid.uuid4().hex[:12]}")
+            sandbox = await pool.backend.create(spec, pool.settings, self.log)
+            channel = await sandbox.start()
+        except Exception as e:
+            self.log.warning("could not start a warm sandbox: %s", e)
+            if sandbox is not None:
+                await self._destroy(sandbox)
+            return
+        finally:
+            pool.starting -= 1
+        if self.shapes.get(shape) is not pool:  # drained meanwhile
+            await self._discard(Waiting(sandbox, channel))
+            return
+        pool.waiting.append(Waiting(sandbox, channel))
+        self.log.info("warm sandbox %s ready", sandbox.record.sandbox_id)
+        self._spawn(self._measure(shape, sandbox))
+
+    async def _measure(self, shape: Shape, sandbox: Sandbox) -> None:
+        """Learn what a waiting sandbox of `shape` uses, once it has settled (booted, its
+        kernel process past its imports: a few seconds)."""
+        await asyncio.sleep(SETTLE)
+        usage = sandbox.memory_usage()
+        if usage is not None and sandbox.poll() is None and not sandbox.record.kernel_id:
+            self.idle_usage[shape] = max(usage, self.idle_usage.get(shape, 0))
+
+    def _schedule_expiry(self) -> None:
+        if self.expiry is None:
+            loop = asyncio.get_running_loop()
+            self.expiry = loop.call_later(EXPIRE_EVERY, self._expire)
+
+    def _expire(self) -> None:
+        """Remove the waiting sandboxes beyond `pool_min` of shapes idle too long."""
+        self.expiry = None
+        now = time.monotonic()
+        for shape, pool in list(self.shapes.items()):
+            if now - pool.last_claim < pool.sizing.idle_timeout:
+                continue
+            while len(pool.waiting) > pool.sizing.minimum:
+                self._spawn(self._discard(pool.waiting.pop()))
+            if not pool.waiting and not pool.starting and pool.sizing.minimum == 0:
+                del self.shapes[shape]
+        if self.shapes:
+            self._schedule_expiry()
+
+    async def drain(self) -> None:
+        """Remove every waiting sandbox, and those still starting once they have; the pool
+        makes new ones only for later starts."""
+        shapes, self.shapes = self.shapes, {}
+        for handle in self.pending:
+            handle.cancel()
+        self.pending.clear()
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        for pool in shapes.values():
+            for waiting in pool.waiting:
+                await self._discard(waiting)
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+
+    def waiting(self) -> list[Sandbox]:
+        """Every sandbox waiting in the pool now."""
+        return [w.sandbox for pool in self.shapes.values() for w in pool.waiting]
+
+    async def _discard(self, waiting: Waiting) -> None:
+        waiting.channel.close()
+        await self._destroy(waiting.sandbox)
+
+    async def _destroy(self, sandbox: Sandbox) -> None:
+        try:
+            await sandbox.destroy()
+        except Exception:
+            self.log.exception("could not remove warm sandbox %s", sandbox.record.sandbox_id)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+_pools: dict[int, WarmPool] = {}
+
+
+def warm_pool(log: logging.Logger) -> WarmPool:
+    """The pool of the running loop: this process's, on its I/O loop (`ioloop.py`), where
+    every sandbox is made; a forked child's loop gets a pool of its own."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(id(loop))
+    if pool is None:
+        pool = _pools[id(loop)] = WarmPool(log)
+        atexit.register(_drain_at_exit, pool, loop)
+    return pool
+
+
+def _drain_at_exit(pool: WarmPool, loop: asyncio.AbstractEventLoop) -> None:
+    """At the process's end, remove the pool's sandboxes, if its loop still runs (the I/O
+    loop's thread does until the interpreter goes; a loop that ended drained its pool
+    itself, as the sandbox service does, or left it to `gc`)."""
+    if loop.is_closed() or not loop.is_running():
+        return
+    future = asyncio.run_coroutine_threadsafe(pool.drain(), loop)
+    with contextlib.suppress(Exception):
+        future.result(DRAIN_TIMEOUT)

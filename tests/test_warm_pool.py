@@ -1,0 +1,301 @@
+"""gVisor sandboxes started before a kernel asks, claimed when one does (provisioner/pool.py).
+
+A kernel that claims a warm sandbox must be the kernel a fresh sandbox would have
+given it: its user, limits, folders, cgroup and quota, its own randomness. The pool
+must never hand out a sandbox that ended, must give one back that its user's quota
+refused, must stay within its memory budget, and must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BACKENDS, READY_TIMEOUT, execute, require_sandbox
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from traitlets.config import Config
+
+from provisioner import cgroups
+from provisioner.ioloop import run_on_io
+from provisioner.pool import warm_pool
+from provisioner.state import records
+
+log = logging.getLogger("test_warm_pool")
+
+PROBE = """
+import ctypes, json, os, random, resource, sys, time
+def age():
+    start = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+    return float(open("/proc/uptime").read().split()[0]) - start / os.sysconf("SC_CLK_TCK")
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+mounts = [line.split() for line in open("/proc/self/mountinfo")]
+here = [m for m in mounts if m[4] == os.getcwd()]
+umask = os.umask(0o077)
+open("written-by-the-kernel", "w").write("x")
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "umask": umask,
+    "rlimits": {name: resource.getrlimit(getattr(resource, name))
+                for name in dir(resource) if name.startswith("RLIMIT_")},
+    "no_new_privs": status.get("NoNewPrivs", "").strip(),
+    "cap_eff": status.get("CapEff", "").strip(), "cap_prm": status.get("CapPrm", "").strip(),
+    "cap_bnd": status.get("CapBnd", "").strip(),
+    "cwd": os.getcwd(), "files": sorted(os.listdir(".")),
+    "workspace_mount": [(m[5].split(",")[0], m[-1].split(",")[0]) for m in here],
+    "mount_points": sorted(m[4] for m in mounts),
+    "env": dict(os.environ), "hostname": os.uname().nodename, "zone": time.strftime("%Z"),
+    "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+    "argv": sys.argv, "path": sys.path, "executable": sys.executable, "pid": os.getpid(),
+    "ppid": os.getppid(), "modules": sorted(sys.modules),
+    "username": get_ipython().kernel.session.username,
+    "random": random.random(), "urandom": os.urandom(16).hex(), "started": time.time() - age(),
+}))
+"""
+SAME = ("uid", "gid", "groups", "umask", "rlimits", "no_new_privs", "cap_eff", "cap_prm",
+        "cap_bnd", "cwd", "workspace_mount", "mount_points", "env", "hostname", "zone",
+        "processes", "argv", "path", "executable", "pid", "ppid", "modules",
+        "username")  # fmt: skip
+"""What a kernel in a warm sandbox has exactly as a kernel in a fresh one."""
+POOL = {"pool_size": 1, "pool_memory": "2G"}
+SETTLE = 6.0
+"""Seconds for a waiting sandbox to boot and its kernel process to import its modules (about
+two here): the pool hands out sandboxes still booting too, which the test must not take."""
+
+
+@pytest.fixture(autouse=True)
+def _gvisor() -> None:
+    require_sandbox("gvisor")
+
+
+@pytest.fixture
+async def pool(no_leftovers):
+    """The test's pool, drained at the end (before `no_leftovers` looks)."""
+    try:
+        yield
+    finally:
+        await run_on_io(_drain())
+
+
+async def _drain() -> None:
+    await warm_pool(log).drain()
+
+
+async def _waiting() -> list[str]:
+    return [s.record.sandbox_id for s in warm_pool(log).waiting()]
+
+
+async def wait_for_warm(count: int = 1, timeout: float = 60) -> list[str]:
+    """The ids of the pool's waiting sandboxes once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    while len(waiting := await run_on_io(_waiting())) < count:
+        assert time.monotonic() < deadline, f"the pool has {waiting}, not {count} sandboxes"
+        await asyncio.sleep(0.1)
+    return waiting
+
+
+async def start(workspace: Path, **settings) -> AsyncIOLoopKernelManager:
+    km = AsyncIOLoopKernelManager(
+        kernel_name=BACKENDS["gvisor"], config=Config({"GVisorProvisioner": settings}), log=log
+    )
+    await km.start_kernel(cwd=str(workspace))
+    return km
+
+
+async def probe(km: AsyncIOLoopKernelManager) -> dict:
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=READY_TIMEOUT)
+        reply, text, _ = await execute(kc, PROBE)
+        assert reply["status"] == "ok", (text, reply.get("ename"), reply.get("evalue"))
+        return json.loads(text)
+    finally:
+        kc.stop_channels()
+
+
+HOST_LIMITS = (
+    ("memory", "memory.limit_in_bytes"),
+    ("memory", "memory.memsw.limit_in_bytes"),
+    ("cpu", "cpu.cfs_quota_us"),
+    ("cpu", "cpu.cfs_period_us"),
+    ("pids", "pids.max"),
+)
+
+
+def host_limits(cgroup: str) -> dict[str, str]:
+    """The limits of a sandbox's cgroup, as the host enforces them (cgroup v1, this host's)."""
+    found = {}
+    for controller, name in HOST_LIMITS:
+        path = cgroups.ROOT / controller / cgroup.strip("/") / name
+        found[name] = path.read_text().strip() if path.exists() else "absent"
+    return found
+
+
+async def test_a_warm_kernel_is_the_kernel_a_fresh_sandbox_gives(pool, workspace, tmp_path):
+    """Field by field, from inside and from the host: a kernel in a warm sandbox and one
+    in a fresh sandbox of the same shape, each in a workspace of its own."""
+    other = Path(str(workspace) + "-other")
+    other.mkdir()
+    os.chown(other, 1000, 1000)
+    fresh_asked = time.time()
+    fresh = await start(workspace, **POOL)
+    warm_ids = await wait_for_warm()
+    await asyncio.sleep(SETTLE)
+    warm_asked = time.time()
+    warm = await start(other, **POOL)
+    try:
+        assert fresh.provisioner.sandbox_id not in warm_ids
+        assert warm.provisioner.sandbox_id == warm_ids[0], "the second kernel was not warm"
+        a, b = await probe(fresh), await probe(warm)
+        b["cwd"] = b["cwd"].replace(str(other), str(workspace))
+        b["mount_points"] = [p.replace(str(other), str(workspace)) for p in b["mount_points"]]
+        for name in ("PWD", "JPY_SESSION_NAME"):
+            a["env"].pop(name, None), b["env"].pop(name, None)
+        for name in SAME:
+            assert a[name] == b[name], f"{name}: fresh {a[name]!r}, warm {b[name]!r}"
+        assert a["random"] != b["random"] and a["urandom"] != b["urandom"]
+        # The warm kernel's process is the one started before it was asked for (not a
+        # fresh one the agent fell back to), the other kernel's one started after.
+        assert b["started"] < warm_asked - 0.5, (b["started"], warm_asked)
+        assert a["started"] > fresh_asked - 0.5, (a["started"], fresh_asked)
+        assert a["files"] == ["written-by-the-kernel"] == b["files"]
+        for folder in (workspace, other):  # the kernel's files are its owner's on the host
+            assert (folder / "written-by-the-kernel").stat().st_uid == 1000
+        ra, rb = (next(r for r in records() if r.sandbox_id == km.provisioner.sandbox_id)
+                  for km in (fresh, warm))  # fmt: skip
+        assert (rb.kernel_id, rb.user, rb.uid) == (warm.kernel_id, ra.user, ra.uid)
+        user_cgroup = cgroups.user_cgroup(ra.user)
+        assert ra.cgroup == f"{user_cgroup}/{ra.sandbox_id}"
+        assert rb.cgroup == f"{user_cgroup}/{rb.sandbox_id}"
+        assert host_limits(ra.cgroup) == host_limits(rb.cgroup)
+        assert not (cgroups.ROOT / "memory" / cgroups.POOL.strip("/") / rb.sandbox_id).exists()
+        warm_pids = cgroups.procs(rb.cgroup)
+        assert warm_pids, "the warm sandbox's processes are not in its user's cgroup"
+    finally:
+        for km in (fresh, warm):
+            await km.shutdown_kernel(now=True)
+
+
+async def test_a_restart_claims_a_warm_sandbox_behind_the_same_ports(pool, workspace):
+    km = await start(workspace, **POOL)
+    try:
+        ports = {name: getattr(km, f"{name}_port") for name in ("shell", "iopub", "hb")}
+        first = km.provisioner.sandbox_id
+        waiting = await wait_for_warm()
+        began = time.monotonic()
+        await km.restart_kernel(now=True)
+        restart = time.monotonic() - began
+        assert km.provisioner.sandbox_id == waiting[0] != first
+        assert ports == {name: getattr(km, f"{name}_port") for name in ports}
+        assert (await probe(km))["uid"] == 1000
+        log.info("a warm restart took %.0f ms", restart * 1000)
+        assert first not in {r.sandbox_id for r in records()}, "the old sandbox is left"
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_the_pool_keeps_to_its_memory_budget(pool, workspace):
+    """No waiting sandbox is started that would take the pool over `pool_memory`: of the
+    three `pool_size` asks for, fewer wait, and together they use less than the budget,
+    which caps the pool's cgroup too."""
+    km = await start(workspace, pool_size=3, pool_memory="200M")
+    try:
+        await wait_for_warm(1)
+        await asyncio.sleep(SETTLE)  # time enough for more starts, were they allowed
+        waiting = await run_on_io(_sandboxes())
+        assert 1 <= len(waiting) < 3
+        assert sum(s.memory_usage() or 0 for s in waiting) <= 200 << 20
+        limit = cgroups.ROOT / "memory" / cgroups.POOL.strip("/") / "memory.limit_in_bytes"
+        assert int(limit.read_text()) == 200 << 20
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_no_pool_without_pool_size(no_leftovers, workspace):
+    km = await start(workspace, pool_size=0)
+    try:
+        await asyncio.sleep(2)
+        assert await run_on_io(_waiting()) == []
+        assert [r for r in records() if not r.kernel_id] == []
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_sandbox_that_ended_while_waiting_is_never_handed_out(pool, workspace):
+    km = await start(workspace, **POOL)
+    try:
+        dead = (await wait_for_warm())[0]
+        sandbox = next(s for s in await run_on_io(_sandboxes()) if s.record.sandbox_id == dead)
+        sandbox.process.kill()  # its runsc died: as a crash, or the OOM killer, would
+        deadline = time.monotonic() + 30
+        while sandbox.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert sandbox.poll() is not None
+        other = await start(Path(str(workspace)), **POOL)
+        try:
+            assert other.provisioner.sandbox_id != dead
+            assert (await probe(other))["uid"] == 1000
+        finally:
+            await other.shutdown_kernel(now=True)
+        assert dead not in {r.sandbox_id for r in records()}
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def _sandboxes():
+    return warm_pool(log).waiting()
+
+
+async def test_a_quota_refusal_gives_the_sandbox_back(pool, workspace, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nmax_kernels = 1\n")
+    km = await start(workspace, policy_file=str(policy), **POOL)
+    try:
+        waiting = await wait_for_warm()
+        second = AsyncIOLoopKernelManager(
+            kernel_name=BACKENDS["gvisor"],
+            config=Config({"GVisorProvisioner": {"policy_file": str(policy), **POOL}}),
+            log=log,
+        )
+        with pytest.raises(Exception, match="kernel quota"):
+            await second.start_kernel(cwd=str(workspace))
+        assert await run_on_io(_waiting()) == waiting, "the refused claim kept the sandbox"
+        record = next(r for r in records() if r.sandbox_id == waiting[0])
+        assert (record.kernel_id, record.user) == ("", "")
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_draining_the_pool_leaves_nothing(no_leftovers, workspace):
+    km = await start(workspace, pool_size=2, pool_memory="2G")
+    await km.shutdown_kernel(now=True)
+    waiting = await wait_for_warm(2)
+    await run_on_io(_drain())
+    assert not {r.sandbox_id for r in records()} & set(waiting)
+    pool_cgroups = cgroups.ROOT / "memory" / cgroups.POOL.strip("/")
+    assert not list(pool_cgroups.glob("jsb-*"))
+
+
+@pytest.mark.parametrize("planted", ["kernel", "mounts.json"])
+def test_the_claim_never_writes_through_what_the_guest_planted(tmp_path, planted):
+    """The claim folder is bound read-write into the sandbox, and the guest's root may
+    write there: a link it left where the host writes must make the claim fail, never
+    be followed (here to a file that stands for any of the host's)."""
+    from provisioner.backends.base import SandboxSpec
+    from provisioner.backends.gvisor_claim import claim, claim_folder
+    from provisioner.limits import Limits
+
+    bundle = tmp_path / "bundle"
+    claim_folder(bundle).mkdir(parents=True)
+    victim = tmp_path / "host-file"
+    victim.write_text("the host's")
+    (claim_folder(bundle) / planted).symlink_to(victim)
+    spec = SandboxSpec(sandbox_id="jsb-x", kernel_id="k", rootfs=tmp_path, agent_dir=tmp_path,
+                       limits=Limits(), user="u", owner=(1000, 1000))  # fmt: skip
+    with pytest.raises(FileExistsError):
+        claim(spec, bundle, runsc_pid=os.getpid())
+    assert victim.read_text() == "the host's"
