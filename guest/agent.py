@@ -50,6 +50,7 @@ WARM_SCRIPT = str(Path(__file__).parent / "warm_kernel.py")
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWPID = 0x20000000
 PR_SET_DUMPABLE = 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MAX_CLAIM = 64 << 10
 """Bound of each file of a claim (`read_claim`): a kernel's user and a few folders."""
 
@@ -134,6 +135,17 @@ def read_claim() -> tuple[str, dict]:
     return kernel, {"folder": CLAIM_DIR, "mounts": mounts}
 
 
+def cover(folder: str) -> None:
+    """An empty read-only tmpfs over `folder` (the claim folder, with the kernel's folders
+    in it), in the agent's mount namespace: a link that code run before the claim left
+    where the agent writes (/tmp, /run/kernel) cannot lead the agent, root, into them.
+    kernel_init uncovers it in the kernel's namespace to mount them."""
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if LIBC.mount(b"none", folder.encode(), b"tmpfs", flags, b"size=4k,mode=0755") != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cover {folder}: {os.strerror(errno)}")
+
+
 def writable_folders() -> None:
     """Make `KERNEL_WRITABLE` writable for the kernel (1777), in this sandbox's own layer."""
     for folder in KERNEL_WRITABLE:
@@ -200,6 +212,7 @@ class Agent(asyncio.Protocol):
         claim = None
         if os.environ.get("JSB_KERNEL") == CLAIMED:
             os.environ["JSB_KERNEL"], claim = read_claim()
+            cover(CLAIM_DIR)  # nothing the agent writes from here on can land in a folder
         uid, gid, rlimits = kernel_user()
         if os.geteuid() == 0:
             writable_folders()

@@ -33,6 +33,9 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 0x4000, 0x40000
 MNT_DETACH = 2
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 4, 24, 38
 CAP_SETGID, CAP_SETUID, CAP_LAST = 6, 7, 63
+KEPT = (1 << CAP_SETGID) | (1 << CAP_SETUID)
+"""The bounding set of what kernel_init starts: a warm kernel process must still be able
+to become the kernel's user; nothing else is kept, for the kernel or for it."""
 WARM_TIMEOUT = 120.0
 """Seconds the warm kernel process gets to import the kernel's modules (about a second)."""
 HAND_OVER_TIMEOUT = 30.0
@@ -70,7 +73,9 @@ def mount_folders(claim: dict) -> None:
     """Mount the kernel's folders where they belong, in this (the kernel's) mount namespace:
     the host attached each at its place in the claim folder (agent.read_claim), already
     read-only, nosuid, nodev and idmapped as it must be; read-only here too where it is.
-    Then hide the claim folder (`hide`)."""
+    Then hide the claim folder (`hide`). It is covered when this starts (by the agent, or
+    by kernel_init while the warm kernel process waited): uncovered here first."""
+    uncover(claim["folder"])
     for folder in claim["mounts"]:
         source, destination = folder["source"].encode(), folder["destination"].encode()
         Path(folder["destination"]).mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -100,12 +105,52 @@ def uncover(folder: str) -> None:
     check(LIBC.umount2(folder.encode(), MNT_DETACH), f"uncover {folder}")
 
 
+def narrow_capabilities() -> None:
+    """Drop every capability but `KEPT` from this process's bounding set (it needs
+    CAP_SETPCAP, which the agent has); OSError if the set is not exactly `KEPT` then."""
+    for cap in range(CAP_LAST + 1):
+        if not KEPT & (1 << cap):
+            LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one: checked below
+    if _status(os.getpid()).get("CapBnd") != KEPT:
+        raise OSError("could not narrow the bounding set of capabilities")
+
+
+def _status(pid: int | str, task: str = "") -> dict[str, int]:
+    """The capability sets (as numbers), the uid and the gid (-1 where its real, effective,
+    saved and filesystem ids differ) of process `pid`, or of its thread `task`."""
+    path = f"/proc/{pid}/task/{task}/status" if task else f"/proc/{pid}/status"
+    found: dict[str, int] = {}
+    with open(path) as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                found[name] = int(value.strip(), 16)
+            elif name in ("Uid", "Gid"):
+                ids = {int(v) for v in value.split()}
+                found[name] = ids.pop() if len(ids) == 1 else -1
+    return found
+
+
+def check_user(pid: int, launch: dict) -> None:
+    """OSError unless every thread of `pid` is the kernel's user (real, effective, saved
+    and filesystem ids) with no capability left: what the warm process says it did is
+    not taken on its word, for the image's code runs in it."""
+    want = {"Uid": int(launch["uid"]), "Gid": int(launch["gid"])}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found = _status(pid, task.name)
+        if any(found.get(name) != value for name, value in want.items()) or any(
+            found.get(name, 0) for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")
+        ):
+            raise OSError(f"thread {task.name} of the warm process is not the kernel's user")
+
+
 def become_kernel(launch: dict) -> None:
     """In the child: what agent.py's Popen(user=, group=, extra_groups=[], umask=0o077,
     start_new_session=True, cwd=, preexec_fn=limit) did, before the exec."""
     uid, gid = int(launch["uid"]), int(launch["gid"])
     if uid <= 0 or gid <= 0:
         raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
+    narrow_capabilities()  # as a warm kernel process's: the two are the same
     # Ignored signals stay ignored across exec: the kernel starts with every signal's
     # default, as a process the agent started did (SIGTERM must still end it).
     for sig in CATCHABLE:
@@ -163,9 +208,7 @@ def start_warm(python: str, script: str, connection_file: str) -> tuple[int, soc
             for sig in CATCHABLE:
                 signal.signal(sig, signal.SIG_DFL)
             os.setsid()
-            for cap in range(CAP_LAST + 1):
-                if cap not in (CAP_SETUID, CAP_SETGID):
-                    LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one
+            narrow_capabilities()
             check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
@@ -181,7 +224,7 @@ def start_warm(python: str, script: str, connection_file: str) -> tuple[int, soc
     return pid, ours
 
 
-def hand_over(warm: tuple[int, socket.socket], launch: dict, claim_dir: str) -> None:
+def hand_over(warm: tuple[int, socket.socket], launch: dict) -> None:
     """Make the warm kernel process the kernel `launch` asks for; OSError if it could not.
 
     In two steps, so that nothing of the kernel's ever meets the image's code as root:
@@ -194,13 +237,16 @@ def hand_over(warm: tuple[int, socket.socket], launch: dict, claim_dir: str) -> 
     if control.recv(16) != b"warm\n":
         raise OSError("the warm kernel process did not get ready")
     kill_all_but(pid)  # whatever the image's code left as root before the claim
+    status = _status(pid)
+    if status.get("CapBnd") != KEPT or status.get("CapPrm", 0) & ~KEPT:
+        raise OSError("the warm kernel process holds capabilities it should not")
     control.settimeout(HAND_OVER_TIMEOUT)
     control.sendall(json.dumps(launch).encode() + b"\n")
     if control.recv(16) != b"user\n":
         raise OSError("the warm kernel process could not become the kernel's user")
     kill_all_but(pid)  # and whatever it started meanwhile
+    check_user(pid, launch)
     if "claim" in launch:
-        uncover(claim_dir)
         mount_folders(launch["claim"])
     control.sendall(b"go\n")
     control.shutdown(socket.SHUT_WR)
@@ -251,12 +297,11 @@ def main() -> None:
     #       [, warm, python, script, connection file, claim folder]
     control_fd = int(sys.argv[2])
     control = socket.socket(fileno=control_fd)
-    warm, claim_dir = None, ""
+    warm = None
     try:
         if sys.argv[3:4] == ["warm"]:
             own_proc()
-            claim_dir = sys.argv[7]
-            hide(claim_dir)  # the image's code runs before the claim: it sees none of it
+            hide(sys.argv[7])  # the image's code runs before the claim: it sees none of it
             warm = start_warm(*sys.argv[4:7])
         launch = read_launch(control)
         if warm is None:
@@ -264,7 +309,7 @@ def main() -> None:
         kernel = None
         if warm is not None and launch.get("warm"):
             try:
-                hand_over(warm, launch, claim_dir)
+                hand_over(warm, launch)
                 kernel = warm[0]
             except OSError as e:  # e.g. a folder only root may enter: as Popen would
                 sys.stderr.write(f"kernel_init: the warm kernel process cannot be it ({e})\n")
@@ -272,8 +317,6 @@ def main() -> None:
             if warm is not None:
                 kill_all_but(None)
             if "claim" in launch and not MOUNTED:  # a hand-over may have got that far
-                if warm is not None:
-                    uncover(claim_dir)
                 mount_folders(launch["claim"])
             kernel = start(launch, control_fd)
     except (OSError, KeyError, TypeError, ValueError) as e:

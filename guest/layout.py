@@ -28,8 +28,9 @@ CLAIM_DIR = "/opt/jupyter-sandbox-claim"
 Every gVisor sandbox is started before it knows them: it may wait in a warm pool
 (provisioner/pool.py) until a kernel claims it. The claim (backends/gvisor_claim.py)
 writes `kernel` (JSB_KERNEL's value) and `mounts.json` here, and attaches each of the
-kernel's folders at `<n>`; the agent mounts them where they belong and hides this folder
-before it starts the kernel. The host writes all of it before anyone can send LAUNCH."""
+kernel's folders at `<n>`; the agent reads it and covers it, kernel_init mounts the folders
+where they belong in the kernel's namespace and hides it there. The host writes all of it
+before anyone can send LAUNCH."""
 CLAIMED = "claim"
 """JSB_KERNEL's value in a sandbox whose kernel is named in `CLAIM_DIR`."""
 WARM_ENV = "JSB_WARM_PYTHON"

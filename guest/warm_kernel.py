@@ -1,21 +1,26 @@
-"""A kernel process started before anyone asked for it: ipykernel already imported.
+"""A kernel process started before anyone asked for it: its modules imported.
 
-Under TCG importing ipykernel takes the guest 10-15 s, most of a microVM's start.
-So the microVM's PID 1 (guest/microvm/pid1.py) starts this script as root before
-the VM is snapshotted (provisioner/backends/microvm_snapshot.py): it imports the
-kernel's modules, says so, and waits on its control socket. Every VM restored
-from that snapshot finds it there, already warm. When the agent gets LAUNCH and
-the kernel asked for is exactly `python -m ipykernel_launcher -f {connection_file}`
-of this Python, it hands the launch over (`hand_over`): the process becomes the
-kernel's user with the kernel's rlimits, environment and folder, as `subprocess`
-would have made it, answers "ok", and runs ipykernel_launcher. Anything else
-(another argv; PYTHON* or LD_* variables, which act when a process starts) gets a fresh
-process, and this one is killed.
+Two places start it. A microVM's PID 1 (guest/microvm/pid1.py) starts it as root
+before the VM is snapshotted (provisioner/backends/microvm_snapshot.py), and every VM
+restored from that snapshot finds it there, warm; the agent hands it the launch
+(`Warm.hand_over`). In a gVisor sandbox of a warm pool (provisioner/pool.py)
+kernel_init starts it in the kernel's own PID and mount namespaces, as root with no
+capability but CAP_SETUID and CAP_SETGID, and hands it the launch at the claim.
+
+Either way it imports what ipykernel's start imports and parses its command line
+(`_prepare`), says "warm", and waits. When the kernel asked for is exactly
+`python -m ipykernel_launcher -f {connection_file}` of this Python (`wanted`), it
+becomes the kernel's user with the kernel's rlimits and says "user"; told "go" (the
+kernel's folders are mounted by then, never before), it takes the kernel's folder,
+environment, time zone and locale, says "ok", and runs the rest of ipykernel's start as
+that user (`_run_kernel`), as `subprocess` and the exec would have made it. Anything
+else (another argv; PYTHON* or LD_* variables, which act when a process starts) gets a
+fresh process, and this one is killed.
 
 Run as a script with the image's Python, its command line the kernel's to be
-(`warm_kernel.py -m ipykernel_launcher -f /run/kernel/connection.json`, as `ps`
-shows it), its control socket in $JSB_WARM_FD. The agent uses `find` and `Warm`
-(stdlib only, as the agent).
+(`warm_kernel.py -m ipykernel_launcher -f /run/kernel/connection.json`), its control
+socket in $JSB_WARM_FD. The agent uses `find`, `wanted` and `Warm` (stdlib only, as the
+agent).
 """
 
 from __future__ import annotations

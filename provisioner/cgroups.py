@@ -299,8 +299,8 @@ def move(source: str, target: str) -> None:
 
     On v1 the memory the processes were charged moves with them (the target's
     `memory.move_charge_at_immigrate`); v2 never moves charges: what was charged before
-    stays with `source` until it is freed, and `source` stays until then (`remove` at
-    the sandbox's end takes it). OSError if a process could not be moved.
+    stays counted in `source`'s parent (the pool's) until it is freed. OSError if a
+    process could not be moved.
     """
     src, dst = source.strip("/"), target.strip("/")
     limit = None

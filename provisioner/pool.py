@@ -122,6 +122,8 @@ class WarmPool:
         self.pending: set[asyncio.TimerHandle] = set()
         """Refills not begun yet (`refill_later`)."""
         self.expiry: asyncio.TimerHandle | None = None
+        self.closed = False
+        """Set by `drain`: no refill starts after it."""
 
     def take(self, shape: Shape) -> Waiting | None:
         """A started sandbox of `shape`, now no longer the pool's; None (at once) if there
@@ -161,7 +163,10 @@ class WarmPool:
     def refill(self, shape: Shape, backend: Backend, settings: Mapping[str, Any]) -> None:
         """Start sandboxes of `shape` in the background until `pool_size` of them wait (as
         far as `pool_memory` allows); `settings` are a start's granted settings, with
-        which the pool's are made. Call it once the kernel that asked has its sandbox."""
+        which the pool's are made. Call it once the kernel that asked has its sandbox.
+        Nothing once the pool was drained (the process is ending)."""
+        if self.closed:
+            return
         sizing = Sizing.of(settings)
         pool = self.shapes.get(shape)
         if pool is None:
@@ -192,10 +197,15 @@ class WarmPool:
             spec = replace(shape.spec, sandbox_id=f"jsb-pool-{uuid.uuid4().hex[:12]}")
             sandbox = await pool.backend.create(spec, pool.settings, self.log)
             channel = await sandbox.start()
-        except Exception as e:
-            self.log.warning("could not start a warm sandbox: %s", e)
-            if sandbox is not None:
-                await self._destroy(sandbox)
+        except BaseException as e:
+            if not isinstance(e, Exception | asyncio.CancelledError):
+                raise
+            if isinstance(e, Exception):
+                self.log.warning("could not start a warm sandbox: %s", e)
+            if sandbox is not None:  # not cancelled itself: whatever was made goes
+                await asyncio.shield(self._destroy(sandbox))
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return
         finally:
             pool.starting -= 1
@@ -235,7 +245,8 @@ class WarmPool:
 
     async def drain(self) -> None:
         """Remove every waiting sandbox, and those still starting once they have; the pool
-        makes new ones only for later starts."""
+        makes no new ones after this (`reopen` lets it again: a test's next pool)."""
+        self.closed = True
         shapes, self.shapes = self.shapes, {}
         for handle in self.pending:
             handle.cancel()
@@ -248,6 +259,10 @@ class WarmPool:
                 await self._discard(waiting)
         while self.tasks:
             await asyncio.wait(list(self.tasks))
+
+    def reopen(self) -> None:
+        """Let a drained pool refill again."""
+        self.closed = False
 
     def waiting(self) -> list[Sandbox]:
         """Every sandbox waiting in the pool now."""

@@ -199,7 +199,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         were asked for, its working directory on the host, and its command."""
         kernel_name = getattr(self.parent, "kernel_name", "") or self.kernel_spec.name
         connection_file = self.parent.connection_file
-        argv = tuple(arg.replace(connection_file, "{connection_file}") for arg in cmd or ())
+        argv = tuple(
+            arg.replace(connection_file, "{connection_file}") if connection_file else arg
+            for arg in cmd or ()
+        )
         return SandboxRequest(
             kernel_id=self.kernel_id,
             kernel_name=kernel_name,

@@ -81,7 +81,9 @@ async def pool(no_leftovers):
 
 
 async def _drain() -> None:
-    await warm_pool(log).drain()
+    pool = warm_pool(log)
+    await pool.drain()
+    pool.reopen()  # for the next test's
 
 
 async def _waiting() -> list[str]:
@@ -158,6 +160,9 @@ async def test_a_warm_kernel_is_the_kernel_a_fresh_sandbox_gives(pool, workspace
         for name in SAME:
             assert a[name] == b[name], f"{name}: fresh {a[name]!r}, warm {b[name]!r}"
         assert a["random"] != b["random"] and a["urandom"] != b["urandom"]
+        # No capability left, and none to get back: the bounding set is down to what a
+        # warm process needed to become the user (set before any of the image's code ran).
+        assert (b["cap_eff"], b["cap_prm"], b["cap_bnd"]) == ("0" * 16, "0" * 16, "0" * 14 + "c0")
         # The warm kernel's process is the one started before it was asked for (not a
         # fresh one the agent fell back to), the other kernel's one started after.
         assert b["started"] < warm_asked - 0.5, (b["started"], warm_asked)

@@ -61,7 +61,7 @@ class SandboxSpec:
 
     sandbox_id: str
     kernel_id: str
-    """"" for a sandbox started before its kernel is known (a warm pool's): its kernel,
+    """Empty for a sandbox started before its kernel is known (a warm pool's): its kernel,
     user, owner and folders come with `Sandbox.claim`."""
     rootfs: Path
     """The read-only guest image; each sandbox gets a throwaway writable layer over it."""

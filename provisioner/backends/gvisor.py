@@ -53,6 +53,9 @@ AGENT_CAPABILITIES = [
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
     "CAP_SYS_ADMIN",
+    # To narrow the bounding set of what it starts (the kernel, a warm kernel process) to
+    # CAP_SETUID and CAP_SETGID before they run anything of the image (kernel_init.py).
+    "CAP_SETPCAP",
 ]
 
 
@@ -200,6 +203,8 @@ class GVisorSandbox(Sandbox):
         self.runsc = runsc
         self.platform = platform
         self.record.runtime = runsc
+        self.moved_from = ""
+        """The pool's cgroup of a claimed sandbox, once its move began (see `claim`)."""
 
     async def start(self) -> Channel:
         """Start the sandbox; give it to its kernel at once if its spec names one (one made
@@ -220,13 +225,18 @@ class GVisorSandbox(Sandbox):
         assert self.process is not None, "claim a started sandbox"
         cgroup = f"{cgroups.user_cgroup(kernel.user)}/{self.spec.sandbox_id}"
         if self.record.cgroup != cgroup:
-            await asyncio.to_thread(cgroups.move, self.record.cgroup, cgroup)
-            self.record.cgroup = cgroup
+            # Both are the sandbox's until the move is done: whichever is left goes with it.
+            self.moved_from, self.record.cgroup = self.record.cgroup, cgroup
+            await asyncio.shield(asyncio.to_thread(cgroups.move, self.moved_from, cgroup))
         kernel = dataclasses.replace(kernel, sandbox_id=self.spec.sandbox_id)
         bundle = self.record.directory
         await asyncio.to_thread(claim_sandbox, kernel, bundle, self.process.pid)
         self.spec = kernel
         self.record.kernel_id, self.record.user = kernel.kernel_id, kernel.user
+
+    async def stopped(self) -> None:
+        if self.moved_from:  # a claim's move that did not end: its source too
+            await asyncio.to_thread(cgroups.remove, self.moved_from)
 
     async def boot(self) -> Channel:
         """Start `runsc run` with the agent, the kernel's folders and user still to come."""

@@ -38,8 +38,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def claim_folder(bundle: Path) -> Path:
-    """The host's side of the sandbox's `CLAIM_DIR` (bound read-write: writes are the
-    host's only, the folder is root's; the agent unmounts it before the kernel starts)."""
+    """The host's side of the sandbox's `CLAIM_DIR` (bound read-write, the folder root's:
+    the host writes it with O_EXCL|O_NOFOLLOW only; the agent covers it once it read it,
+    kernel_init hides it from the kernel and from a warm kernel process)."""
     return bundle / "claim"
 
 
