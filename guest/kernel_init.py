@@ -69,6 +69,41 @@ def own_proc() -> None:
     check(LIBC.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
 
 
+FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+"""Per-mount options of /proc/self/mountinfo, as mount(2) flags."""
+MUTABLE = ("/proc", "/dev")
+"""Mounts `freeze` leaves writable: the PID namespace's own /proc, and the devices
+(writing /dev/null is how a process discards output; only root could make a node)."""
+
+
+def freeze() -> list[tuple[bytes, int]]:
+    """Remount read-only, in this (the kernel's) mount namespace, every writable mount but
+    `MUTABLE`, and return what to `thaw`. The warm kernel process runs the image's code as
+    root before the claim: it must leave nothing that a process of the agent's, or the
+    kernel to be, would run or trust (/etc/ld.so.preload, the agent's runtime, a file in
+    /tmp). Its bounding set has no CAP_SYS_ADMIN: it cannot remount them itself."""
+    frozen = []
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # \040
+            options = fields[5].split(",")
+            if "rw" not in options or point.decode().startswith(MUTABLE):
+                continue
+            flags = MS_REMOUNT | MS_BIND | sum(FLAGS.get(option, 0) for option in options)
+            check(LIBC.mount(None, point, None, flags | MS_RDONLY, None),
+                  f"remount {point.decode()} read-only")  # fmt: skip
+            frozen.append((point, flags))
+    return frozen
+
+
+def thaw(frozen: list[tuple[bytes, int]]) -> None:
+    """Make writable again what `freeze` made read-only (once no process of the image's
+    code is root: `hand_over`)."""
+    for point, flags in frozen:
+        check(LIBC.mount(None, point, None, flags, None), f"remount {point.decode()}")
+
+
 def mount_folders(claim: dict) -> None:
     """Mount the kernel's folders where they belong, in this (the kernel's) mount namespace:
     the host attached each at its place in the claim folder (agent.read_claim), already
@@ -224,7 +259,8 @@ def start_warm(python: str, script: str, connection_file: str) -> tuple[int, soc
     return pid, ours
 
 
-def hand_over(warm: tuple[int, socket.socket], launch: dict) -> None:
+def hand_over(warm: tuple[int, socket.socket], launch: dict, frozen: list[tuple[bytes, int]]
+              ) -> None:  # fmt: skip
     """Make the warm kernel process the kernel `launch` asks for; OSError if it could not.
 
     In two steps, so that nothing of the kernel's ever meets the image's code as root:
@@ -246,6 +282,8 @@ def hand_over(warm: tuple[int, socket.socket], launch: dict) -> None:
         raise OSError("the warm kernel process could not become the kernel's user")
     kill_all_but(pid)  # and whatever it started meanwhile
     check_user(pid, launch)
+    thaw(frozen)
+    frozen.clear()
     if "claim" in launch:
         mount_folders(launch["claim"])
     control.sendall(b"go\n")
@@ -297,11 +335,12 @@ def main() -> None:
     #       [, warm, python, script, connection file, claim folder]
     control_fd = int(sys.argv[2])
     control = socket.socket(fileno=control_fd)
-    warm = None
+    warm, frozen = None, []
     try:
         if sys.argv[3:4] == ["warm"]:
             own_proc()
             hide(sys.argv[7])  # the image's code runs before the claim: it sees none of it
+            frozen = freeze()  # nor can it leave anything behind
             warm = start_warm(*sys.argv[4:7])
         launch = read_launch(control)
         if warm is None:
@@ -309,13 +348,14 @@ def main() -> None:
         kernel = None
         if warm is not None and launch.get("warm"):
             try:
-                hand_over(warm, launch)
+                hand_over(warm, launch, frozen)
                 kernel = warm[0]
             except OSError as e:  # e.g. a folder only root may enter: as Popen would
                 sys.stderr.write(f"kernel_init: the warm kernel process cannot be it ({e})\n")
         if kernel is None:
             if warm is not None:
                 kill_all_but(None)
+                thaw(frozen)  # if a hand-over failed before it did
             if "claim" in launch and not MOUNTED:  # a hand-over may have got that far
                 mount_folders(launch["claim"])
             kernel = start(launch, control_fd)

@@ -161,6 +161,42 @@ def r_image() -> Iterator[str]:
         remove(R_IMAGE)
 
 
+HOSTILE_STARTUP = "jsb-test-startup"
+STARTUP_MODULE = b'''\
+"""Run by a .pth at the start of every Python of the image: in a warm pool's sandbox,
+as root, before any kernel claims it (tests/test_warm_pool.py)."""
+import errno, glob, os, sys
+
+def plant(path):
+    try:
+        with open(path, "a") as f:
+            f.write("# planted before the claim\\n")
+        return "written"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+targets = ["/etc/ld.so.preload", "/etc/jsb-planted", "/tmp/jsb-planted", "/var/tmp/jsb-planted",
+           "/home/sandbox/jsb-planted", "/run/jsb-planted",
+           *glob.glob("/opt/jupyter-sandbox-runtime/lib/python3*/json/__init__.py")]
+sys.jsb_startup = {"uid": os.getuid(), "planted": {path: plant(path) for path in targets}}
+'''
+"""What `hostile_startup_image` runs in each of its Python processes as they start."""
+
+
+@pytest.fixture(scope="session")
+def hostile_startup_image() -> Iterator[str]:
+    """The default image plus a layer whose site-packages has a .pth that imports
+    `STARTUP_MODULE` at every start of the image's Python: its name."""
+    site = "opt/venv/lib/python3.11/site-packages"
+    files = [entry(f"{site}/jsb_startup.pth", b"import jsb_startup\n"),
+             entry(f"{site}/jsb_startup.py", STARTUP_MODULE)]  # fmt: skip
+    import_default(HOSTILE_STARTUP, layer(*files))
+    try:
+        yield HOSTILE_STARTUP
+    finally:
+        remove(HOSTILE_STARTUP)
+
+
 def kernelspecs(image: str, prefix: Path, *args: str) -> list[str]:
     """Install `image`'s kernelspecs under `prefix` (`kernelspec install --image ... args`);
     the names installed."""

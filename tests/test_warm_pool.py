@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BACKENDS, READY_TIMEOUT, execute, require_sandbox
+from images_kit import kernelspecs
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
@@ -304,3 +305,52 @@ def test_the_claim_never_writes_through_what_the_guest_planted(tmp_path, planted
     with pytest.raises(FileExistsError):
         claim(spec, bundle, runsc_pid=os.getpid())
     assert victim.read_text() == "the host's"
+
+
+STARTUP_PROBE = """
+import json, os, sys
+paths = list(sys.jsb_startup["planted"])
+left = [p for p in paths if os.path.exists(p) and "# planted" in open(p).read()]
+print(json.dumps({**sys.jsb_startup, "uid_now": os.getuid(), "left": left}))
+"""
+
+
+async def test_the_images_code_before_the_claim_can_leave_nothing_behind(
+    pool, hostile_startup_image, kernel_prefix
+):
+    """A warm kernel process runs the image's code as root (with no capability but to
+    change its user) before any kernel claims the sandbox. Here the image's Python imports
+    a module at its start (a .pth: `images_kit.STARTUP_MODULE`) that tries to plant a file
+    where a later process would run or trust it: /etc/ld.so.preload, the agent's runtime,
+    /tmp, the home. kernel_init remounts the namespace read-only first (`freeze`), and
+    writable again once the process is the kernel's user: each write failed with EROFS,
+    and nothing planted is there once the kernel is claimed."""
+    [name] = kernelspecs(hostile_startup_image, kernel_prefix, "--kernel", "python3", "--backend",
+                         "gvisor", "--workspace=none", "--name", "startup-warm")  # fmt: skip
+    config = Config({"GVisorProvisioner": POOL})
+    fresh = AsyncIOLoopKernelManager(kernel_name=name, config=config, log=log)
+    await fresh.start_kernel()
+    warm = None
+    try:
+        [waiting] = await wait_for_warm()
+        await asyncio.sleep(SETTLE)
+        warm = AsyncIOLoopKernelManager(kernel_name=name, config=config, log=log)
+        await warm.start_kernel()
+        assert warm.provisioner.sandbox_id == waiting, "the second kernel was not warm"
+        kc = warm.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=READY_TIMEOUT)
+            reply, text, _ = await execute(kc, STARTUP_PROBE)
+        finally:
+            kc.stop_channels()
+        assert reply["status"] == "ok", text
+        found = json.loads(text)
+        assert found["uid"] == 0 and found["uid_now"] == 1000  # it ran as root, before the claim
+        assert len(found["planted"]) == 7, found  # the runtime's json was found, and tried
+        assert set(found["planted"].values()) == {"EROFS"}, found["planted"]
+        assert found["left"] == []
+    finally:
+        for km in (fresh, warm):
+            if km is not None:
+                await km.shutdown_kernel(now=True)
