@@ -133,6 +133,19 @@ def set_memory_limit(cgroup: str, limit: int | None) -> None:
             (path / name).write_text(value)
 
 
+def set_cpu_shares(cgroup: str, shares: int) -> None:
+    """Create `cgroup` for cpu if needed and give it `shares` of contended CPU (v1's
+    `cpu.shares`, 1024 being a cgroup's default; v2's `cpu.weight`, scaled: 100 for 1024)."""
+    rel = cgroup.strip("/")
+    if is_v2():
+        path = make_v2(ROOT, rel, "+cpu")
+        (path / "cpu.weight").write_text(str(max(1, shares * 100 // 1024)))
+        return
+    path = ROOT / "cpu" / rel
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cpu.shares").write_text(str(shares))
+
+
 def directories(cgroup: str) -> list[Path]:
     """Every existing directory of `cgroup` across the mounted hierarchies."""
     rel = cgroup.strip("/")

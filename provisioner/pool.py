@@ -11,10 +11,11 @@ refills the pool once its kernel has started.
 Rules, and why:
 - A start never waits for the pool: `take` returns a ready sandbox or none at once,
   and refills start only after the kernel that asked has its sandbox.
-- Waiting sandboxes belong to no user: their cgroup is the pool's
-  (`cgroups.POOL`), capped at `pool_memory` for the whole process, and a refill
-  that would not fit is not started. A claimed one moves under its user's cgroup
-  and is counted in its user's quota from then on, as a fresh one is.
+- Waiting sandboxes belong to no user: their cgroup is the pool's (`cgroups.POOL`),
+  one for the host, capped at `pool_memory` and given a small share of contended CPU
+  (`CPU_SHARES`), and a refill that would not fit is not started. A claimed one moves
+  under its user's cgroup and is counted in its user's quota from then on, as a fresh
+  one is.
 - A shape's sandboxes beyond `pool_min` go once it has had no claim for
   `pool_idle_timeout` seconds; `drain` removes all (at the process's end, a
   test's). A sandbox that ended while waiting is removed, never handed out.
@@ -29,6 +30,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import multiprocessing.util
 import time
 import uuid
 from collections.abc import Mapping
@@ -50,6 +52,10 @@ SETTLE = 10.0
 """Seconds after its start when a waiting sandbox's memory is measured."""
 IDLE_ESTIMATE = 160 << 20
 """Bytes a waiting sandbox is taken to use until one of its shape was measured."""
+CPU_SHARES = 128
+"""The pool's cgroup's share of contended CPU, against 1024 for each user's: a sandbox that
+boots for the pool yields the CPU to the kernels people are using (`cgroups.set_cpu_shares`);
+a claimed one moves under its user's cgroup, out of this."""
 EXPIRE_EVERY = 30.0
 """Seconds between looks for shapes whose pool has been idle too long."""
 
@@ -181,12 +187,16 @@ class WarmPool:
 
     def _fits(self, shape: Shape, sizing: Sizing) -> bool:
         """Whether one more waiting sandbox of `shape` fits in `pool_memory` with all the
-        others (those starting counted at their estimate)."""
-        used = 0
+        others: this process's (those starting counted at their estimate), and those of
+        every server and service of the host, which share the pool's cgroup and are
+        counted by what it is charged."""
+        own = starting = 0
         for other, pool in self.shapes.items():
             each = self.idle_usage.get(other, IDLE_ESTIMATE)
-            used += len(pool.waiting) * each + pool.starting * each
-        return used + self.idle_usage.get(shape, IDLE_ESTIMATE) <= sizing.budget
+            own += (len(pool.waiting) + pool.starting) * each
+            starting += pool.starting * each
+        host = (cgroups.memory_usage(cgroups.POOL) or 0) + starting
+        return max(own, host) + self.idle_usage.get(shape, IDLE_ESTIMATE) <= sizing.budget
 
     async def _start_one(self, shape: Shape, pool: _ShapePool) -> None:
         sandbox = None
@@ -194,6 +204,7 @@ class WarmPool:
             await asyncio.to_thread(
                 cgroups.set_memory_limit, cgroups.POOL, pool.sizing.budget or None
             )
+            await asyncio.to_thread(cgroups.set_cpu_shares, cgroups.POOL, CPU_SHARES)
             spec = replace(shape.spec, sandbox_id=f"jsb-pool-{uuid.uuid4().hex[:12]}")
             sandbox = await pool.backend.create(spec, pool.settings, self.log)
             channel = await sandbox.start()
@@ -295,6 +306,9 @@ def warm_pool(log: logging.Logger) -> WarmPool:
     if pool is None:
         pool = _pools[id(loop)] = WarmPool(log)
         atexit.register(_drain_at_exit, pool, loop)
+        # A multiprocessing child (a forked papermill or grading worker) ends with
+        # os._exit, past atexit: its exit function runs these finalizers instead.
+        multiprocessing.util.Finalize(pool, _drain_at_exit, args=(pool, loop), exitpriority=0)
     return pool
 
 

@@ -455,11 +455,11 @@ may start."""
 
 POOL: tuple[Setting, ...] = (
     Setting(
-        name="pool_size", kind="int", default=0,
+        name="pool_size", kind="int", default=1,
         help="Warm sandboxes kept started, per shape in use (the kernel's command, image, "
         "limits, network and backend settings), each with its kernel's process past its "
-        "imports, for kernels that start or restart (docs: 'Warm pools'). 0 turns the "
-        "pool off.",
+        "imports, for kernels that start or restart (docs: 'Warm pools'): with 1, a "
+        "user's second kernel and every restart are warm. 0 turns the pool off.",
         parse=non_negative_int, who=frozenset({OPERATOR, KERNELSPEC}),
         enforced="pool.py (refill)",
     ),
@@ -479,9 +479,9 @@ POOL: tuple[Setting, ...] = (
     ),
     Setting(
         name="pool_memory", kind="text", default="1G",
-        help="Memory all warm sandboxes of this server (or of the sandbox service) may "
-        "use together, charged to no user: the pool's cgroup is capped at it, and no "
-        "sandbox is added that would not fit.",
+        help="Memory all warm sandboxes of the host (every server's and the sandbox "
+        "service's) may use together, charged to no user: the pool's cgroup is capped at "
+        "it, and no sandbox is added that would not fit.",
         parse=size_text, who=frozenset({OPERATOR}),
         enforced="pool.py, cgroups.py (the pool's cgroup)",
     ),

@@ -6,6 +6,8 @@ under CI (`CI=true`), where it fails: a skipped isolation test is a hidden failu
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import tempfile
@@ -21,7 +23,9 @@ from provisioner import cgroups
 from provisioner.errors import ImageError
 from provisioner.images.boot import find_boot_files
 from provisioner.images.store import find_image
+from provisioner.ioloop import io_loop
 from provisioner.network import gc as network_gc
+from provisioner.pool import warm_pool
 from provisioner.state import records, sandboxes_dir
 
 pytest_plugins = ["oci_kit", "images_kit", "security.kit", "kube_kit"]
@@ -91,6 +95,8 @@ def leftover_cgroups() -> list[Path]:
             found += [c for c in children if c.name not in sandboxes]
             if not children and user.name not in users:
                 found.append(user)
+    for base in cgroups.directories(cgroups.POOL):  # a warm pool's (provisioner/pool.py)
+        found += [c for c in base.iterdir() if c.is_dir() and c.name not in sandboxes]
     return found
 
 
@@ -106,6 +112,20 @@ def leftover_mounts() -> list[str]:
 def leftover_network() -> network_gc.HostObjects:
     """Our network namespaces, veths and nftables tables whose sandbox has no record."""
     return network_gc.host_objects().without(records())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def closed_warm_pool() -> None:
+    """This process's warm pool stays closed (provisioner/pool.py `drain`), so that its
+    kernels start cold, as the tests of everything else expect: on by default, the pool
+    would boot a second sandbox beside most of them. tests/test_warm_pool.py opens it for
+    its own; servers and services the tests start as processes keep theirs (on, by
+    default) and must leave nothing behind when they end."""
+
+    async def close() -> None:
+        await warm_pool(logging.getLogger("tests")).drain()
+
+    asyncio.run_coroutine_threadsafe(close(), io_loop()).result(60)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import BACKENDS, READY_TIMEOUT, execute, require_sandbox
+from helpers import runsc_list
 from images_kit import kernelspecs
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
@@ -74,17 +77,21 @@ def _gvisor() -> None:
 
 @pytest.fixture
 async def pool(no_leftovers):
-    """The test's pool, drained at the end (before `no_leftovers` looks)."""
+    """This process's pool, open for the test (the suite keeps it closed: conftest's
+    `closed_warm_pool`) and drained at the end (before `no_leftovers` looks)."""
+    await run_on_io(_reopen())
     try:
         yield
     finally:
         await run_on_io(_drain())
 
 
+async def _reopen() -> None:
+    warm_pool(log).reopen()
+
+
 async def _drain() -> None:
-    pool = warm_pool(log)
-    await pool.drain()
-    pool.reopen()  # for the next test's
+    await warm_pool(log).drain()
 
 
 async def _waiting() -> list[str]:
@@ -187,7 +194,9 @@ async def test_a_warm_kernel_is_the_kernel_a_fresh_sandbox_gives(pool, workspace
 
 
 async def test_a_restart_claims_a_warm_sandbox_behind_the_same_ports(pool, workspace):
-    km = await start(workspace, **POOL)
+    """With the pool's default settings (on, one sandbox per shape in use), as a user
+    gets it: the first kernel is cold, its restart is warm."""
+    km = await start(workspace)
     try:
         ports = {name: getattr(km, f"{name}_port") for name in ("shell", "iopub", "hb")}
         first = km.provisioner.sandbox_id
@@ -221,7 +230,7 @@ async def test_the_pool_keeps_to_its_memory_budget(pool, workspace):
         await km.shutdown_kernel(now=True)
 
 
-async def test_no_pool_without_pool_size(no_leftovers, workspace):
+async def test_no_pool_without_pool_size(pool, workspace):
     km = await start(workspace, pool_size=0)
     try:
         await asyncio.sleep(2)
@@ -276,7 +285,7 @@ async def test_a_quota_refusal_gives_the_sandbox_back(pool, workspace, tmp_path)
         await km.shutdown_kernel(now=True)
 
 
-async def test_draining_the_pool_leaves_nothing(no_leftovers, workspace):
+async def test_draining_the_pool_leaves_nothing(pool, workspace):
     km = await start(workspace, pool_size=2, pool_memory="2G")
     await km.shutdown_kernel(now=True)
     waiting = await wait_for_warm(2)
@@ -354,3 +363,27 @@ async def test_the_images_code_before_the_claim_can_leave_nothing_behind(
         for km in (fresh, warm):
             if km is not None:
                 await km.shutdown_kernel(now=True)
+
+
+def _worker_with_a_pool(workspace: str) -> str:
+    """In a forked worker: a kernel with the default pool, then its pool's sandbox id."""
+
+    async def work() -> str:
+        km = await start(Path(workspace))
+        try:
+            return (await wait_for_warm())[0]
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    return asyncio.run(work())
+
+
+def test_a_forked_workers_pool_goes_with_it(no_leftovers, workspace):
+    """A worker of a fork process pool (papermill's, a grader's) has a pool of its own, on
+    by default; multiprocessing ends it with os._exit, past atexit: the pool's sandboxes
+    go anyway (pool.py registers its drain with multiprocessing's finalizers too)."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context) as workers:
+        waiting = workers.submit(_worker_with_a_pool, str(workspace)).result(timeout=180)
+    assert waiting not in {r.sandbox_id for r in records()}
+    assert waiting not in runsc_list()
