@@ -72,6 +72,12 @@ class Variant:
     versus_backend: Target | None = None
     """A bound on its start over the same start of the backend's own kernels (its
     `metric` is "start"); else it is only compared with local."""
+    versus_local: Target | None = None
+    """A bound on its start over the local kernel's start in the same run."""
+    warm: bool = False
+    """Its kernels claim a sandbox of the run's own warm pool (provisioner/pool.py): after
+    each of its starts the run waits for the pool to have a sandbox again, its kernel
+    process past its imports, before anything else starts (measure.py `pool_ready`)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class Backend:
     (its kernels are slow); a count not named here is the common option's."""
     version: tuple[str, ...] = ()
     """The command that prints its runtime's version, for the report's header."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Traits of its provisioner for all its kernels (a variant's add to these)."""
 
     @property
     def provisioner(self) -> str:
@@ -97,6 +105,8 @@ class Backend:
 
 NEIGHBOUR_TARGET = 2.0
 """Most a CPU hog next door may stretch a kernel's execute p99 (loaded / idle)."""
+WARM_START_TARGET = 0.25
+"""Most a kernel's start from a warm pool may take over the local kernel's (issue 18)."""
 IMPORTED_START_TARGET = 1.1
 """Most a kernel's start on an imported image may take over the same start on the default
 image (issue 16: within 10%)."""
@@ -131,8 +141,19 @@ BACKENDS: tuple[Backend, ...] = (
                 image=IMPORTED,
                 versus_backend=Target("start", IMPORTED_START_TARGET),
             ),
+            Variant(
+                label="warm",
+                title="gVisor (warm pool)",
+                row="the same start from a warm pool (`pool_size = 1`: a sandbox started "
+                "ahead, its kernel process past its imports, claimed)",
+                settings={"pool_size": 1},
+                warm=True,
+                versus_local=Target("start", WARM_START_TARGET),
+            ),
         ),
         version=("runsc", "--version"),
+        # Its own row is a cold start, as a server's first kernel of a shape: no pool.
+        settings={"pool_size": 0},
     ),
     Backend(
         name="microvm",

@@ -38,6 +38,8 @@ class Kind:
     settings: Mapping[str, Any] = field(default_factory=dict)
     """Traits of the backend's provisioner for these kernels."""
     via_service: bool = False
+    warm: bool = False
+    """Started from the run's warm pool (`Variant.warm`)."""
 
 
 LOCAL = Kind("local", "local", "python3")
@@ -47,15 +49,18 @@ def kinds(backends: list[Backend]) -> dict[str, Kind]:
     """label -> Kind: local, each backend, and each of its variants."""
     found = {LOCAL.label: LOCAL}
     for backend in backends:
-        found[backend.name] = Kind(backend.name, backend.title, backend.kernelspec, backend)
+        found[backend.name] = Kind(
+            backend.name, backend.title, backend.kernelspec, backend, backend.settings
+        )
         for variant in backend.variants:
             found[variant.label] = Kind(
                 variant.label,
                 variant.title,
                 variant.kernelspec or backend.kernelspec,
                 backend,
-                variant.settings,
+                {**backend.settings, **variant.settings},
                 variant.via_service,
+                variant.warm,
             )
     return found
 
@@ -147,8 +152,10 @@ def sandbox_service(run: Run) -> Iterator[None]:
     `via_service` kernels; no policy bounds them."""
     policy = run.service_socket.with_suffix(".toml")
     policy.write_text("[default]\n")
+    # No warm pool in the service: its row is a cold start through it, as gVisor's own.
     argv = [str(Path(sys.executable).parent / "jupyter-sandbox"), "serve",
-            f"--socket={run.service_socket}", f"--policy={policy}", "--log-level=WARN"]  # fmt: skip
+            f"--socket={run.service_socket}", f"--policy={policy}", "--log-level=WARN",
+            "--GVisorProvisioner.pool_size=0"]  # fmt: skip
     process = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + SERVICE_TIMEOUT

@@ -69,7 +69,7 @@ def summarize(raw: dict) -> dict[str, dict[str, float]]:
 def verdicts(s: dict, backends: list[Backend]) -> dict[str, dict[str, str]]:
     """backend -> metric -> PASS / MISS, for each of its targets (informational ones too);
     and variant label -> {"start": PASS / MISS} for each measured variant with a bound
-    over its backend's start (`Variant.versus_backend`)."""
+    over its backend's start or local's (`Variant.versus_backend`, `versus_local`)."""
     found = {
         b.name: {
             t.metric: "PASS" if t.met(s[b.name][t.metric], s["local"][t.metric]) else "MISS"
@@ -79,9 +79,10 @@ def verdicts(s: dict, backends: list[Backend]) -> dict[str, dict[str, str]]:
     }
     for b in backends:
         for v in b.variants:
-            t = v.versus_backend
+            t = v.versus_backend or v.versus_local
             if t is not None and v.label in s:
-                met = t.met(s[v.label][t.metric], s[b.name][t.metric])
+                versus = b.name if v.versus_backend else "local"
+                met = t.met(s[v.label][t.metric], s[versus][t.metric])
                 found[v.label] = {t.metric: "PASS" if met else "MISS"}
     return found
 
@@ -176,6 +177,11 @@ class Tables:
                     verdict = (f"{t.text()} {b.title}",
                                f"{self.verdicts[v.label][t.metric]}: "
                                f"{m['start_vs_backend']:.2f}x {b.title}")  # fmt: skip
+                elif v.versus_local is not None:
+                    t = v.versus_local
+                    verdict = (f"{t.text()} local",
+                               f"{self.verdicts[v.label][t.metric]}: "
+                               f"{m['start_vs_local']:.2f}x local")  # fmt: skip
                 lines.append(self.line(v.row.format(n=n), "", cells, verdict=verdict))
         return lines
 

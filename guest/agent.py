@@ -15,6 +15,7 @@ to stderr, which the host reads into its own log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hmac
 import json
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import warm_kernel
-from layout import CLAIM_DIR, CLAIMED, KERNEL_WRITABLE, WARM_ENV
+from layout import CLAIM_DIR, CLAIMED, KERNEL_WRITABLE, WARM_ENV, WARM_USER_ENV
 from protocol import (
     CHANNELS,
     FROM_HOST,
@@ -85,8 +86,8 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def kernel_user() -> tuple[int, int, dict[int, int]]:
-    """The kernel's uid, gid and rlimits, from JSB_KERNEL ("uid,gid,nproc,nofile").
+def kernel_user(value: str | None = None) -> tuple[int, int, dict[int, int]]:
+    """The kernel's uid, gid and rlimits, from `value` or JSB_KERNEL ("uid,gid,nproc,nofile").
 
     Whoever made the sandbox set it (the VM's kernel command line, a pod's env, or for
     gVisor the host's claim: `read_claim`); LAUNCH never does, for whoever holds the
@@ -94,7 +95,8 @@ def kernel_user() -> tuple[int, int, dict[int, int]]:
     files (setuid ones too) in a workspace on the host.
     """
     try:
-        uid, gid, nproc, nofile = (int(n) for n in os.environ["JSB_KERNEL"].split(","))
+        text = os.environ["JSB_KERNEL"] if value is None else value
+        uid, gid, nproc, nofile = (int(n) for n in text.split(","))
     except (KeyError, ValueError):
         raise ValueError("the sandbox did not say which user the kernel runs as") from None
     if uid <= 0 or gid <= 0:
@@ -144,6 +146,34 @@ def cover(folder: str) -> None:
     if LIBC.mount(b"none", folder.encode(), b"tmpfs", flags, b"size=4k,mode=0755") != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"cover {folder}: {os.strerror(errno)}")
+
+
+def write_connection_file(data: bytes, uid: int, gid: int) -> None:
+    """Write `CONNECTION_FILE` (mode 0400) in `RUNTIME_DIR` (0700), both the kernel's.
+
+    Through descriptors, never following a link: in a warm pool's sandbox the image's code
+    has run before the launch (as the kernel's user); had it left a link at either path,
+    a root agent would have given its target to the kernel's user. Whatever is there and
+    not the agent's own is refused (the kernel does not start)."""
+    with contextlib.suppress(FileExistsError):
+        RUNTIME_DIR.mkdir(0o700)
+    folder = os.open(RUNTIME_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(folder).st_uid != os.geteuid():
+            raise OSError(f"{RUNTIME_DIR} was made by someone else before the launch")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        file = os.open(CONNECTION_FILE.name, flags, 0o400, dir_fd=folder)
+        try:
+            os.write(file, data)
+            if os.geteuid() == 0:
+                os.fchown(file, uid, gid)
+        finally:
+            os.close(file)
+        if os.geteuid() == 0:
+            os.fchown(folder, uid, gid)
+        os.fchmod(folder, 0o700)
+    finally:
+        os.close(folder)
 
 
 def writable_folders() -> None:
@@ -216,9 +246,6 @@ class Agent(asyncio.Protocol):
         uid, gid, rlimits = kernel_user()
         if os.geteuid() == 0:
             writable_folders()
-        RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(RUNTIME_DIR, uid, gid)
         connection = dict(spec["connection"])
         connection.update(
             transport="ipc",
@@ -226,10 +253,7 @@ class Agent(asyncio.Protocol):
             **{f"{name}_port": n for n, name in enumerate(CHANNELS, 1)},
         )
         connection_file = CONNECTION_FILE
-        connection_file.write_text(json.dumps(connection))
-        if os.geteuid() == 0:
-            os.chown(connection_file, uid, gid)
-        connection_file.chmod(0o400)
+        write_connection_file(json.dumps(connection).encode(), uid, gid)
         argv = [arg.replace("{connection_file}", str(connection_file)) for arg in spec["argv"]]
         launch = {
             "argv": argv, "env": spec["env"], "cwd": spec["cwd"], "uid": uid, "gid": gid,
@@ -273,8 +297,8 @@ class Agent(asyncio.Protocol):
     def start_init(*warm: str) -> tuple[subprocess.Popen, socket.socket]:
         """Start kernel_init as the first process of a new PID namespace, and its control
         socket. `warm` (the kernel's Python, warm_kernel.py, the connection file, the claim
-        folder): it starts the warm kernel process at once, to hand it the launch when it
-        comes, and hides the claim folder from it until then."""
+        folder, the kernel's user as JSON): it starts the warm kernel process at once, to
+        hand it the launch when it comes, and hides the claim folder from it until then."""
         if LIBC.unshare(CLONE_NEWPID) != 0:  # for our children: kernel_init is their PID 1
             errno = ctypes.get_errno()
             raise OSError(errno, f"unshare the PID namespace: {os.strerror(errno)}")
@@ -297,6 +321,13 @@ class Agent(asyncio.Protocol):
         assert init.stdin is not None
         init.stdin.write(KERNEL_INIT)
         init.stdin.close()
+        if warm:  # its mount namespace must be made before the agent covers the claim
+            ours.settimeout(START_TIMEOUT)
+            if ours.recv(len(b"ready\n"), socket.MSG_WAITALL) != b"ready\n":
+                init.kill()
+                init.wait()
+                ours.close()
+                raise OSError("kernel_init did not get ready")
         return init, ours
 
     @staticmethod
@@ -408,9 +439,12 @@ class Agent(asyncio.Protocol):
         python = os.environ.get(WARM_ENV, "")
         if python and os.geteuid() == 0:
             try:
-                warm = (python, WARM_SCRIPT, str(CONNECTION_FILE), CLAIM_DIR)
+                # The pool's shape names the kernel's user: the same for any kernel of it.
+                uid, gid, rlimits = kernel_user(os.environ.get(WARM_USER_ENV, ""))
+                user = json.dumps({"uid": uid, "gid": gid, "rlimits": list(rlimits.items())})
+                warm = (python, WARM_SCRIPT, str(CONNECTION_FILE), CLAIM_DIR, user)
                 self.warm_init = self.start_init(*warm)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 log(f"no warm kernel process: {e}")
         self.send(encode_json(Kind.HELLO, {"version": VERSION}))
         launched = loop.create_task(self.launched.wait())

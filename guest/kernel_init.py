@@ -25,6 +25,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
@@ -32,18 +33,23 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 0x4000, 0x40000
 MNT_DETACH = 2
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 4, 24, 38
-CAP_SETGID, CAP_SETUID, CAP_LAST = 6, 7, 63
-KEPT = (1 << CAP_SETGID) | (1 << CAP_SETUID)
-"""The bounding set of what kernel_init starts: a warm kernel process must still be able
-to become the kernel's user; nothing else is kept, for the kernel or for it."""
-WARM_TIMEOUT = 120.0
-"""Seconds the warm kernel process gets to import the kernel's modules (about a second)."""
-HAND_OVER_TIMEOUT = 30.0
-"""Seconds the warm kernel process gets to become the kernel (it needs milliseconds)."""
-KILL_ROUNDS = 50
+CAP_LAST = 63
+WARM_TIMEOUT = 20.0
+"""Seconds the warm kernel process gets to import the kernel's modules (about two here),
+if a kernel claims the sandbox before it is done: less than the agent's START_TIMEOUT, so
+that a slow one falls back to a fresh process rather than failing the start."""
+HAND_OVER_TIMEOUT = 5.0
+"""Seconds the warm kernel process gets to take the launch (it needs milliseconds)."""
+KILL_ROUNDS = 20
+KILL_WAIT = 0.01
+"""Seconds more each round of `kill_all_but` waits for what it killed to go (2 s in all)."""
 MOUNTED = False
 """Whether `mount_folders` ran (a hand-over that failed after it leaves them mounted)."""
 MAX_LAUNCH = 2 << 20
+READY = b"ready\n"
+"""What kernel_init says, in a warm pool's sandbox, once its namespace is its own (and its
+claim folder hidden there): only then may the agent cover the claim folder in its own
+namespace, which a namespace copied later would inherit, covering the folders."""
 LIBC = ctypes.CDLL(None, use_errno=True)
 CATCHABLE = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
 """The signals PID 1 passes on to the kernel (ignored until there is one)."""
@@ -140,14 +146,14 @@ def uncover(folder: str) -> None:
     check(LIBC.umount2(folder.encode(), MNT_DETACH), f"uncover {folder}")
 
 
-def narrow_capabilities() -> None:
-    """Drop every capability but `KEPT` from this process's bounding set (it needs
-    CAP_SETPCAP, which the agent has); OSError if the set is not exactly `KEPT` then."""
+def empty_bounding_set() -> None:
+    """Drop every capability from this process's bounding set (it needs CAP_SETPCAP, which
+    the agent has), so that nothing it starts can ever gain one; OSError if any is left.
+    Its effective set keeps what it has until it becomes the kernel's user."""
     for cap in range(CAP_LAST + 1):
-        if not KEPT & (1 << cap):
-            LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one: checked below
-    if _status(os.getpid()).get("CapBnd") != KEPT:
-        raise OSError("could not narrow the bounding set of capabilities")
+        LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one: checked below
+    if _status(os.getpid()).get("CapBnd") != 0:
+        raise OSError("could not empty the bounding set of capabilities")
 
 
 def _status(pid: int | str, task: str = "") -> dict[str, int]:
@@ -163,20 +169,34 @@ def _status(pid: int | str, task: str = "") -> dict[str, int]:
             elif name in ("Uid", "Gid"):
                 ids = {int(v) for v in value.split()}
                 found[name] = ids.pop() if len(ids) == 1 else -1
+            elif name == "Groups":
+                found[name] = len(value.split())
     return found
+
+
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts")
+"""The namespaces a warm process must share with kernel_init (one of a user namespace of
+its own would show capabilities there, which `check_user` refuses; gVisor 20240729 names
+another process's user namespace differently from /proc/self's)."""
 
 
 def check_user(pid: int, launch: dict) -> None:
     """OSError unless every thread of `pid` is the kernel's user (real, effective, saved
-    and filesystem ids) with no capability left: what the warm process says it did is
-    not taken on its word, for the image's code runs in it."""
-    want = {"Uid": int(launch["uid"]), "Gid": int(launch["gid"])}
+    and filesystem ids; no supplementary group) with no capability, in this process's
+    namespaces: the image's code has run in it, its word is not taken."""
+    want = {"Uid": int(launch["uid"]), "Gid": int(launch["gid"]), "Groups": 0,
+            "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0, "CapBnd": 0}  # fmt: skip
+    ours = {ns: Path(f"/proc/self/ns/{ns}").readlink() for ns in NAMESPACES}
     for task in Path(f"/proc/{pid}/task").iterdir():
         found = _status(pid, task.name)
-        if any(found.get(name) != value for name, value in want.items()) or any(
-            found.get(name, 0) for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")
-        ):
-            raise OSError(f"thread {task.name} of the warm process is not the kernel's user")
+        spaces = {ns: (task / "ns" / ns).readlink() for ns in NAMESPACES}
+        # A set gVisor does not show (CapAmb) is empty; ids it does not show are wrong.
+        wrong = [name for name, value in want.items()
+                 if found.get(name, -1 if name in ("Uid", "Gid") else 0) != value]  # fmt: skip
+        wrong += [f"{ns} namespace" for ns in NAMESPACES if spaces[ns] != ours[ns]]
+        if wrong:
+            raise OSError(f"thread {task.name} of the warm process is not the kernel's user "
+                          f"({', '.join(wrong)})")  # fmt: skip
 
 
 def become_kernel(launch: dict) -> None:
@@ -185,7 +205,7 @@ def become_kernel(launch: dict) -> None:
     uid, gid = int(launch["uid"]), int(launch["gid"])
     if uid <= 0 or gid <= 0:
         raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
-    narrow_capabilities()  # as a warm kernel process's: the two are the same
+    empty_bounding_set()
     # Ignored signals stay ignored across exec: the kernel starts with every signal's
     # default, as a process the agent started did (SIGTERM must still end it).
     for sig in CATCHABLE:
@@ -228,30 +248,27 @@ def start(launch: dict, control_fd: int) -> int:
     return pid
 
 
-def start_warm(python: str, script: str, connection_file: str) -> tuple[int, socket.socket]:
+def start_warm(python: str, script: str, connection_file: str, user: dict
+               ) -> tuple[int, socket.socket]:  # fmt: skip
     """Start the warm kernel process (`script`, guest/warm_kernel.py, in the image's
     `python`): it imports the kernel's modules before any kernel claims the sandbox. It
-    runs as root (it becomes the kernel's user at the claim) but with no capability other
-    than to change its user and group, no new privileges, and every signal at its default;
-    its command line is the kernel's to be, as `ps` shows it."""
+    runs as the kernel's user from the start (`user`: uid, gid and rlimits, the same for
+    every kernel of the pool's shape), as a fresh kernel does: no capability, no group,
+    no new privileges, every signal at its default. So the image's code never runs as
+    root here either. Its command line is the kernel's to be, as `ps` shows it."""
     ours, theirs = socket.socketpair()
     argv = [python, script, "-m", "ipykernel_launcher", "-f", connection_file]
     pid = os.fork()
     if pid == 0:
         try:
             ours.close()
-            for sig in CATCHABLE:
-                signal.signal(sig, signal.SIG_DFL)
-            os.setsid()
-            narrow_capabilities()
-            check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.set_inheritable(theirs.fileno(), True)
+            become_kernel({**user, "cwd": "/"})
             # No HOME: nothing of any user's. "/" keeps ~ from a lookup in the image's passwd.
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/",
                    "JSB_WARM_FD": str(theirs.fileno())}  # fmt: skip
-            os.chdir("/")
             os.execve(python, argv, env)
         finally:
             os._exit(127)
@@ -259,27 +276,26 @@ def start_warm(python: str, script: str, connection_file: str) -> tuple[int, soc
     return pid, ours
 
 
-def hand_over(warm: tuple[int, socket.socket], launch: dict, frozen: list[tuple[bytes, int]]
-              ) -> None:  # fmt: skip
+def hand_over(warm: tuple[int, socket.socket], user: dict, launch: dict,
+              frozen: list[tuple[bytes, int]]) -> None:  # fmt: skip
     """Make the warm kernel process the kernel `launch` asks for; OSError if it could not.
 
-    In two steps, so that nothing of the kernel's ever meets the image's code as root:
-    every other process of the namespace is killed and the warm process becomes the
-    kernel's user ("user"); only then are the claim folder and the kernel's folders
-    mounted here, and the process goes on into them ("go": folder, environment, "ok").
+    It is the kernel's user already (`start_warm`), if the launch's user is `user`. Every
+    other process of the namespace is killed (whatever the image's code left), the process
+    takes the launch and says so ("user"), is checked from /proc, and only then are the
+    kernel's folders mounted here and the process goes on into them ("go", then "ok").
     """
     pid, control = warm
+    if {key: launch[key] for key in user} != user:
+        raise OSError("the warm kernel process is another user's")
     control.settimeout(WARM_TIMEOUT)
     if control.recv(16) != b"warm\n":
         raise OSError("the warm kernel process did not get ready")
-    kill_all_but(pid)  # whatever the image's code left as root before the claim
-    status = _status(pid)
-    if status.get("CapBnd") != KEPT or status.get("CapPrm", 0) & ~KEPT:
-        raise OSError("the warm kernel process holds capabilities it should not")
+    kill_all_but(pid)
     control.settimeout(HAND_OVER_TIMEOUT)
     control.sendall(json.dumps(launch).encode() + b"\n")
     if control.recv(16) != b"user\n":
-        raise OSError("the warm kernel process could not become the kernel's user")
+        raise OSError("the warm kernel process could not take the launch")
     kill_all_but(pid)  # and whatever it started meanwhile
     check_user(pid, launch)
     thaw(frozen)
@@ -303,8 +319,11 @@ def _alive(pid: int) -> bool:
 
 
 def kill_all_but(keep: int | None) -> None:
-    """SIGKILL every process of this PID namespace but this one and `keep`, and reap them."""
-    for _ in range(KILL_ROUNDS):
+    """SIGKILL every process of this PID namespace but this one and `keep`, and reap them
+    (a killed process may take a while to go: each round waits a little longer)."""
+    for round in range(KILL_ROUNDS):
+        if round:
+            time.sleep(KILL_WAIT * round)
         found = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
         others = [pid for pid in found if pid not in (1, keep) and _alive(pid)]
         if not others:
@@ -332,23 +351,25 @@ def main() -> None:
     for sig in CATCHABLE:
         signal.signal(sig, signal.SIG_IGN)  # until there is a kernel to pass them to
     # argv: -, kernel_init, the control socket's fd
-    #       [, warm, python, script, connection file, claim folder]
+    #       [, warm, python, script, connection file, claim folder, kernel's user (JSON)]
     control_fd = int(sys.argv[2])
     control = socket.socket(fileno=control_fd)
-    warm, frozen = None, []
+    warm, frozen, user = None, [], {}
     try:
         if sys.argv[3:4] == ["warm"]:
             own_proc()
             hide(sys.argv[7])  # the image's code runs before the claim: it sees none of it
             frozen = freeze()  # nor can it leave anything behind
-            warm = start_warm(*sys.argv[4:7])
+            user = json.loads(sys.argv[8])
+            warm = start_warm(*sys.argv[4:7], user)
+            control.sendall(READY)
         launch = read_launch(control)
         if warm is None:
             own_proc()
         kernel = None
         if warm is not None and launch.get("warm"):
             try:
-                hand_over(warm, launch, frozen)
+                hand_over(warm, user, launch, frozen)
                 kernel = warm[0]
             except OSError as e:  # e.g. a folder only root may enter: as Popen would
                 sys.stderr.write(f"kernel_init: the warm kernel process cannot be it ({e})\n")

@@ -36,6 +36,9 @@ CLAIMED = "claim"
 WARM_ENV = "JSB_WARM_PYTHON"
 """Set, to the kernel's Python, in a gVisor sandbox of a warm pool: its agent starts the
 kernel process ahead of the claim (guest/warm_kernel.py, under kernel_init)."""
+WARM_USER_ENV = "JSB_WARM_KERNEL"
+"""Beside `WARM_ENV`: the kernel's user ("uid,gid,nproc,nofile", as JSB_KERNEL), part of a
+pool's shape, which the warm kernel process runs as from its start."""
 KERNEL_USER = "sandbox"
 KERNEL_UID = 1000
 """The kernel's uid (and gid) in the default image, and on the host when a root-owned

@@ -4,14 +4,15 @@ Two places start it. A microVM's PID 1 (guest/microvm/pid1.py) starts it as root
 before the VM is snapshotted (provisioner/backends/microvm_snapshot.py), and every VM
 restored from that snapshot finds it there, warm; the agent hands it the launch
 (`Warm.hand_over`). In a gVisor sandbox of a warm pool (provisioner/pool.py)
-kernel_init starts it in the kernel's own PID and mount namespaces, as root with no
-capability but CAP_SETUID and CAP_SETGID, and hands it the launch at the claim.
+kernel_init starts it in the kernel's own PID and mount namespaces, as the kernel's user
+(part of the pool's shape), and hands it the launch at the claim.
 
 Either way it imports what ipykernel's start imports and parses its command line
 (`_prepare`), says "warm", and waits. When the kernel asked for is exactly
 `python -m ipykernel_launcher -f {connection_file}` of this Python (`wanted`), it
-becomes the kernel's user with the kernel's rlimits and says "user"; told "go" (the
-kernel's folders are mounted by then, never before), it takes the kernel's folder,
+becomes (or checks that it is) the kernel's user with the kernel's rlimits and says
+"user"; told "go" (the kernel's folders are mounted by then, never before), it takes
+the kernel's folder,
 environment, time zone and locale, says "ok", and runs the rest of ipykernel's start as
 that user (`_run_kernel`), as `subprocess` and the exec would have made it. Anything
 else (another argv; PYTHON* or LD_* variables, which act when a process starts) gets a
@@ -58,9 +59,9 @@ AT_START = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_", "PYDEVD_", "DEBUGPY_",
 modules read when imported (which the warm process did before the claim): a kernel that
 has any gets a fresh process."""
 HAND_OVER_TIMEOUT = 30.0
-"""Seconds the warm process gets to become the kernel's user (it needs milliseconds)."""
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_DUMPABLE = 4
+"""Seconds the warm process gets to become the kernel's user (it needs milliseconds)."""
 
 
 class Warm:
@@ -126,20 +127,28 @@ def find() -> Warm | None:
 
 def _become_user(launch: dict) -> None:
     """Become the kernel's user, with its rlimits, as `subprocess.Popen(..., user=, group=,
-    extra_groups=[], umask=0o077, preexec_fn=limit)` and the exec do in agent.py. From
-    root to a user of its own: the process's last capabilities go with it."""
+    extra_groups=[], umask=0o077, preexec_fn=limit)` and the exec do in agent.py.
+
+    A microVM's warm process is root until here (its snapshot is every user's): it drops
+    to the user, and its last capabilities go with root. A gVisor pool's runs as the
+    kernel's user from its start (kernel_init.start_warm: the user is part of the pool's
+    shape), so that the image's code never runs as root before the claim: it only checks
+    that it is that user (kernel_init checks it again from /proc)."""
     uid, gid = int(launch["uid"]), int(launch["gid"])
     if uid <= 0 or gid <= 0:
         raise ValueError(f"the kernel may not run as uid {uid}, gid {gid}")
     os.umask(0o077)
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    libc = ctypes.CDLL(None, use_errno=True)
-    # An exec would make it dumpable again (its user may debug it, read its /proc): do so.
-    for option in (PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS):
-        if libc.prctl(option, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"prctl {option}")
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        # An exec would make it dumpable again (its user may debug it, read its /proc).
+        for option in (PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS):
+            if libc.prctl(option, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), f"prctl {option}")
+    elif (os.getresuid(), os.getresgid()) != ((uid,) * 3, (gid,) * 3):
+        raise ValueError(f"this process is not uid {uid}, gid {gid}")
     import resource
 
     for which, value in launch["rlimits"]:
@@ -232,6 +241,13 @@ def main() -> None:
     control = socket.socket(fileno=int(os.environ["JSB_WARM_FD"]))  # the agent's is the other end
     connection_file = sys.argv[-1]
     app, set_by_imports = _prepare(connection_file)
+    import site
+
+    if site.ENABLE_USER_SITE:
+        # Outside a venv, the user's own site-packages (`pip install --user`) belong on
+        # sys.path, found under a HOME this process does not have yet: a fresh process
+        # (in this sandbox still) is the kernel, as kernel_init does when this one ends.
+        sys.exit(0)
     control.sendall(b"warm\n")
     data = b""
     while not data.endswith(b"\n") and len(data) < MAX_LAUNCH:

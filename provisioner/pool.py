@@ -3,7 +3,7 @@
 Most of a gVisor kernel's start is the sandbox's: runsc boots the Sentry and the
 agent's Python starts. None of that depends on the kernel: only on the sandbox's
 *shape* (`Shape`: its image, limits, network and backend settings). What does
-depend on the kernel (its id, its user's quota and cgroup, its owner and folders)
+depend on the kernel (its id, its user's quota and cgroup, its folders)
 comes with the claim (`Sandbox.claim`). So this process keeps, per shape in use,
 `pool_size` sandboxes started and waiting; `make_sandbox` takes one if it can and
 refills the pool once its kernel has started.
@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import logging
 import multiprocessing.util
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -73,8 +74,11 @@ class Shape:
 
 
 def shape_of(backend: Backend, spec: SandboxSpec, granted: Mapping[str, Any]) -> Shape:
-    """The shape of `spec`'s sandbox under `granted` settings."""
-    ahead = replace(spec, sandbox_id="", kernel_id="", mounts=(), user="", owner=(0, 0))
+    """The shape of `spec`'s sandbox under `granted` settings. The kernel's uid and gid
+    (`owner`) are part of it: the warm kernel process runs as them from its start, so that
+    the image's code never runs as root before the claim; a user's second kernel and its
+    restarts are warm, another user's first is not."""
+    ahead = replace(spec, sandbox_id="", kernel_id="", mounts=(), user="")
     own = tuple(sorted((s.name, granted[s.name]) for s in backend.settings if s not in POOL))
     return Shape(backend=backend.name, spec=ahead, settings=own)
 
@@ -125,6 +129,8 @@ class WarmPool:
         self.idle_usage: dict[Shape, int] = {}
         """Bytes one waiting sandbox of each shape was measured to use."""
         self.tasks: set[asyncio.Task] = set()
+        self.measuring: set[asyncio.Task] = set()
+        """The `_measure` tasks among `tasks`: a drain cancels them (each waits `SETTLE`)."""
         self.pending: set[asyncio.TimerHandle] = set()
         """Refills not begun yet (`refill_later`)."""
         self.expiry: asyncio.TimerHandle | None = None
@@ -181,9 +187,26 @@ class WarmPool:
             pool = self.shapes[shape] = _ShapePool(backend, settings, sizing)
         pool.settings, pool.sizing = settings, sizing
         self._schedule_expiry()
-        while len(pool.waiting) + pool.starting < sizing.size and self._fits(shape, sizing):
+        while len(pool.waiting) + pool.starting < sizing.size:
+            if not self._fits(shape, sizing):
+                if self._evict_for(pool):  # then try again once its memory is free
+                    self.refill_later(shape, backend, settings)
+                break
             pool.starting += 1
             self._spawn(self._start_one(shape, pool))
+
+    def _evict_for(self, wanted: _ShapePool) -> bool:
+        """Remove one waiting sandbox of the shape claimed least recently, if that was
+        longer ago than `wanted`'s last claim: a shape in use takes the budget from one
+        that is not (a user who left at noon, from the class that came at two). Whether
+        one is being removed."""
+        idle = [p for p in self.shapes.values()
+                if p is not wanted and p.waiting and p.last_claim < wanted.last_claim]  # fmt: skip
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda p: p.last_claim)
+        self._spawn(self._discard(oldest.waiting.pop()))
+        return True
 
     def _fits(self, shape: Shape, sizing: Sizing) -> bool:
         """Whether one more waiting sandbox of `shape` fits in `pool_memory` with all the
@@ -225,7 +248,9 @@ class WarmPool:
             return
         pool.waiting.append(Waiting(sandbox, channel))
         self.log.info("warm sandbox %s ready", sandbox.record.sandbox_id)
-        self._spawn(self._measure(shape, sandbox))
+        task = self._spawn(self._measure(shape, sandbox))
+        self.measuring.add(task)
+        task.add_done_callback(self.measuring.discard)
 
     async def _measure(self, shape: Shape, sandbox: Sandbox) -> None:
         """Learn what a waiting sandbox of `shape` uses, once it has settled (booted, its
@@ -241,10 +266,15 @@ class WarmPool:
             self.expiry = loop.call_later(EXPIRE_EVERY, self._expire)
 
     def _expire(self) -> None:
-        """Remove the waiting sandboxes beyond `pool_min` of shapes idle too long."""
+        """Remove the waiting sandboxes that ended (replaced), and those beyond `pool_min`
+        of shapes idle too long."""
         self.expiry = None
         now = time.monotonic()
         for shape, pool in list(self.shapes.items()):
+            for waiting in [w for w in pool.waiting if w.sandbox.poll() is not None]:
+                pool.waiting.remove(waiting)  # ended while waiting: gone, and refilled
+                self._spawn(self._discard(waiting))
+                self.refill_later(shape, pool.backend, pool.settings)
             if now - pool.last_claim < pool.sizing.idle_timeout:
                 continue
             while len(pool.waiting) > pool.sizing.minimum:
@@ -265,9 +295,9 @@ class WarmPool:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
-        for pool in shapes.values():
-            for waiting in pool.waiting:
-                await self._discard(waiting)
+        for task in self.measuring:
+            task.cancel()
+        await asyncio.gather(*(self._discard(w) for pool in shapes.values() for w in pool.waiting))
         while self.tasks:
             await asyncio.wait(list(self.tasks))
 
@@ -289,10 +319,11 @@ class WarmPool:
         except Exception:
             self.log.exception("could not remove warm sandbox %s", sandbox.record.sandbox_id)
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
 
 _pools: dict[int, WarmPool] = {}
@@ -305,18 +336,21 @@ def warm_pool(log: logging.Logger) -> WarmPool:
     pool = _pools.get(id(loop))
     if pool is None:
         pool = _pools[id(loop)] = WarmPool(log)
-        atexit.register(_drain_at_exit, pool, loop)
+        atexit.register(_drain_at_exit, pool, loop, os.getpid())
         # A multiprocessing child (a forked papermill or grading worker) ends with
         # os._exit, past atexit: its exit function runs these finalizers instead.
-        multiprocessing.util.Finalize(pool, _drain_at_exit, args=(pool, loop), exitpriority=0)
+        multiprocessing.util.Finalize(pool, _drain_at_exit, args=(pool, loop, os.getpid()),
+                                      exitpriority=0)  # fmt: skip
     return pool
 
 
-def _drain_at_exit(pool: WarmPool, loop: asyncio.AbstractEventLoop) -> None:
+def _drain_at_exit(pool: WarmPool, loop: asyncio.AbstractEventLoop, pid: int) -> None:
     """At the process's end, remove the pool's sandboxes, if its loop still runs (the I/O
     loop's thread does until the interpreter goes; a loop that ended drained its pool
-    itself, as the sandbox service does, or left it to `gc`)."""
-    if loop.is_closed() or not loop.is_running():
+    itself, as the sandbox service does, or left it to `gc`). Not in a child forked from
+    the pool's process (`pid`), which inherits the handler and a copy of the loop whose
+    thread it does not have."""
+    if os.getpid() != pid or loop.is_closed() or not loop.is_running():
         return
     future = asyncio.run_coroutine_threadsafe(pool.drain(), loop)
     with contextlib.suppress(Exception):

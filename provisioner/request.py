@@ -10,6 +10,7 @@ names on its socket, and hands back the channel and the granted settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
@@ -224,10 +225,16 @@ async def _claim(warm: pool.Waiting, shape: pool.Shape, spec: SandboxSpec, who: 
     that fails, it is removed, and SandboxError says why: the caller starts a fresh one)."""
     sandbox, record = warm.sandbox, warm.sandbox.record
     record.kernel_id, record.user, record.uid = spec.kernel_id, spec.user, who.uid
+    admit = asyncio.ensure_future(in_thread(quotas.admit, record, quota, log))
     try:
-        await in_thread(quotas.admit, record, quota, log)
+        await asyncio.shield(admit)
     except BaseException:
+        # Refused, or cancelled (which does not stop the thread): once the thread is done,
+        # the sandbox is the pool's again, in its record too if the thread saved it.
+        await asyncio.wait([admit])
         record.kernel_id, record.user, record.uid = "", "", None
+        if not admit.cancelled() and admit.exception() is None:
+            await in_thread(record.save)
         pool.warm_pool(log).give_back(shape, warm)
         raise
     try:

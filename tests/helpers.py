@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from provisioner.backends.gvisor import runsc_root
-from provisioner.state import sandboxes_dir
+from provisioner.state import records, sandboxes_dir
 
 
 def free_port() -> int:
@@ -37,14 +37,23 @@ def runsc_list() -> list[str]:
     ).stdout.split()
 
 
+def claimed_by(kernel_id: str) -> set[str]:
+    """Sandboxes of a warm pool that this kernel claimed: their ids were made before the
+    kernel's (`jsb-pool-...`), their records name it."""
+    return {r.sandbox_id for r in records() if r.kernel_id == kernel_id}
+
+
 def sandboxes_of(kernel_id: str) -> list[str]:
     """Running sandboxes of this kernel, either backend (other tests' are ignored)."""
-    return [sid for sid in runsc_list() + microvm_list() if kernel_id in sid]
+    claimed = claimed_by(kernel_id)
+    return [sid for sid in runsc_list() + microvm_list() if kernel_id in sid or sid in claimed]
 
 
 def bundles_of(kernel_id: str) -> list[str]:
     """The kernel's sandbox folders under /run/jupyter-sandbox/sandboxes."""
-    return sorted(p.name for p in sandboxes_dir().glob(f"jsb-{kernel_id}-*"))
+    claimed = claimed_by(kernel_id)
+    return sorted(p.name for p in sandboxes_dir().iterdir()
+                  if p.name.startswith(f"jsb-{kernel_id}-") or p.name in claimed)  # fmt: skip
 
 
 def microvm_list() -> list[str]:

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -168,9 +169,9 @@ async def test_a_warm_kernel_is_the_kernel_a_fresh_sandbox_gives(pool, workspace
         for name in SAME:
             assert a[name] == b[name], f"{name}: fresh {a[name]!r}, warm {b[name]!r}"
         assert a["random"] != b["random"] and a["urandom"] != b["urandom"]
-        # No capability left, and none to get back: the bounding set is down to what a
-        # warm process needed to become the user (set before any of the image's code ran).
-        assert (b["cap_eff"], b["cap_prm"], b["cap_bnd"]) == ("0" * 16, "0" * 16, "0" * 14 + "c0")
+        # No capability left, and none to get back: kernel_init emptied the bounding set
+        # before the warm process started, as the user (the image's code never ran as root).
+        assert (b["cap_eff"], b["cap_prm"], b["cap_bnd"]) == ("0" * 16,) * 3
         # The warm kernel's process is the one started before it was asked for (not a
         # fresh one the agent fell back to), the other kernel's one started after.
         assert b["started"] < warm_asked - 0.5, (b["started"], warm_asked)
@@ -206,11 +207,36 @@ async def test_a_restart_claims_a_warm_sandbox_behind_the_same_ports(pool, works
         restart = time.monotonic() - began
         assert km.provisioner.sandbox_id == waiting[0] != first
         assert ports == {name: getattr(km, f"{name}_port") for name in ports}
-        assert (await probe(km))["uid"] == 1000
+        found = await probe(km)
+        # kernel_init's first child: the warm process, not a fresh one that replaced it
+        # (claimed while its sandbox still booted, as here, it once fell back to one)
+        assert (found["uid"], found["pid"]) == (1000, 2)
         log.info("a warm restart took %.0f ms", restart * 1000)
         assert first not in {r.sandbox_id for r in records()}, "the old sandbox is left"
     finally:
         await km.shutdown_kernel(now=True)
+
+
+async def test_a_kernel_of_another_uid_never_gets_the_sandbox(pool, workspace):
+    """The kernel's uid is part of a pool's shape: the waiting sandbox's kernel process
+    runs as it already. A kernel whose workspace belongs to another uid starts in a
+    sandbox of its own, as that uid, and the waiting one stays for the first uid."""
+    other = Path(f"{workspace}-1001")
+    other.mkdir()
+    os.chown(other, 1001, 1001)
+    km = await start(workspace, **POOL)
+    try:
+        [waiting] = await wait_for_warm()
+        second = await start(other, **POOL)
+        try:
+            assert second.provisioner.sandbox_id != waiting
+            assert (await probe(second))["uid"] == 1001
+            assert waiting in await run_on_io(_waiting())
+        finally:
+            await second.shutdown_kernel(now=True)
+    finally:
+        await km.shutdown_kernel(now=True)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 async def test_the_pool_keeps_to_its_memory_budget(pool, workspace):
@@ -327,13 +353,14 @@ print(json.dumps({**sys.jsb_startup, "uid_now": os.getuid(), "left": left}))
 async def test_the_images_code_before_the_claim_can_leave_nothing_behind(
     pool, hostile_startup_image, kernel_prefix
 ):
-    """A warm kernel process runs the image's code as root (with no capability but to
-    change its user) before any kernel claims the sandbox. Here the image's Python imports
-    a module at its start (a .pth: `images_kit.STARTUP_MODULE`) that tries to plant a file
-    where a later process would run or trust it: /etc/ld.so.preload, the agent's runtime,
-    /tmp, the home. kernel_init remounts the namespace read-only first (`freeze`), and
-    writable again once the process is the kernel's user: each write failed with EROFS,
-    and nothing planted is there once the kernel is claimed."""
+    """A warm kernel process runs the image's code before any kernel claims the sandbox:
+    as the kernel's user (part of the pool's shape), never as root. Here the image's Python
+    imports a module at its start (a .pth: `images_kit.STARTUP_MODULE`) that tries to plant
+    a file where a later process would run or trust it: /etc/ld.so.preload, the agent's
+    runtime, /tmp, the home, /run (where the agent writes the connection file at the
+    launch). Root's places refuse the user (EACCES); kernel_init remounted the namespace
+    read-only first (`freeze`), writable again once the process is checked, so that even
+    /tmp, open to all, refused it (EROFS); nothing planted is there after the claim."""
     [name] = kernelspecs(hostile_startup_image, kernel_prefix, "--kernel", "python3", "--backend",
                          "gvisor", "--workspace=none", "--name", "startup-warm")  # fmt: skip
     config = Config({"GVisorProvisioner": POOL})
@@ -355,9 +382,12 @@ async def test_the_images_code_before_the_claim_can_leave_nothing_behind(
             kc.stop_channels()
         assert reply["status"] == "ok", text
         found = json.loads(text)
-        assert found["uid"] == 0 and found["uid_now"] == 1000  # it ran as root, before the claim
+        assert found["uid"] == found["uid_now"] == 1000  # before the claim, as the user
         assert len(found["planted"]) == 7, found  # the runtime's json was found, and tried
-        assert set(found["planted"].values()) == {"EROFS"}, found["planted"]
+        # Refused: where the user may not write anyway (root's), and where it may (/tmp,
+        # open to all) because the namespace is read-only until the claim.
+        assert set(found["planted"].values()) <= {"EACCES", "EROFS"}, found["planted"]
+        assert found["planted"]["/tmp/jsb-planted"] == "EROFS", found["planted"]
         assert found["left"] == []
     finally:
         for km in (fresh, warm):

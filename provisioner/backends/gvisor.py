@@ -25,7 +25,14 @@ from typing import Any
 from .. import cgroups, hostcmd, rootfs
 from ..checks import INSTALL, Check
 from ..errors import SandboxError
-from ..guest.layout import AGENT_DIR, AGENT_OPENSSL_CONF, CLAIM_DIR, CLAIMED, WARM_ENV
+from ..guest.layout import (
+    AGENT_DIR,
+    AGENT_OPENSSL_CONF,
+    CLAIM_DIR,
+    CLAIMED,
+    WARM_ENV,
+    WARM_USER_ENV,
+)
 from ..settings import KERNELSPEC, OPERATOR, POOL, Setting, one_of, text_value
 from ..state import Record, runtime_dir, sandboxes_dir
 from .base import (
@@ -37,6 +44,7 @@ from .base import (
     Sandbox,
     SandboxSpec,
     find_binary,
+    kernel_user,
 )
 from .gvisor_claim import claim as claim_sandbox
 from .gvisor_claim import claim_folder
@@ -92,6 +100,13 @@ def host_pids_limit(guest_pids: int) -> int:
 
 def runsc_root() -> Path:
     return runtime_dir() / "runsc"
+
+
+def warm_env(spec: SandboxSpec) -> list[str]:
+    """The agent's environment for a warm pool's sandbox: the kernel's Python, and the
+    kernel's user (part of the pool's shape), which its kernel process runs as from its
+    start (guest/kernel_init.py `start_warm`)."""
+    return [f"{WARM_ENV}={spec.warm}", f"{WARM_USER_ENV}={kernel_user(spec)}"]
 
 
 def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str, claim: Path,
@@ -159,7 +174,7 @@ def oci_spec(spec: SandboxSpec, root: Path, tmp: Path, cgroup: str, claim: Path,
                 "LANG=C.UTF-8",
                 f"JSB_KERNEL={CLAIMED}",
                 f"OPENSSL_CONF={AGENT_OPENSSL_CONF}",
-                *([f"{WARM_ENV}={spec.warm}"] if spec.warm else []),
+                *(warm_env(spec) if spec.warm else []),
             ],
             "cwd": "/",
             "capabilities": {
