@@ -153,14 +153,18 @@ def write_connection_file(data: bytes, uid: int, gid: int) -> None:
 
     Through descriptors, never following a link: in a warm pool's sandbox the image's code
     has run before the launch (as the kernel's user); had it left a link at either path,
-    a root agent would have given its target to the kernel's user. Whatever is there and
-    not the agent's own is refused (the kernel does not start)."""
+    a root agent would have given its target to the kernel's user. A root agent refuses a
+    folder there that root did not make (the kernel does not start). An agent that is not
+    root (a pod's, already the kernel's user) gives nothing away: its folder may be a
+    volume the kubelet made."""
     with contextlib.suppress(FileExistsError):
         RUNTIME_DIR.mkdir(0o700)
     folder = os.open(RUNTIME_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if os.fstat(folder).st_uid != os.geteuid():
-            raise OSError(f"{RUNTIME_DIR} was made by someone else before the launch")
+        if os.geteuid() == 0:
+            if os.fstat(folder).st_uid != 0:
+                raise OSError(f"{RUNTIME_DIR} was made by someone else before the launch")
+            os.fchmod(folder, 0o700)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         file = os.open(CONNECTION_FILE.name, flags, 0o400, dir_fd=folder)
         try:
@@ -171,7 +175,6 @@ def write_connection_file(data: bytes, uid: int, gid: int) -> None:
             os.close(file)
         if os.geteuid() == 0:
             os.fchown(folder, uid, gid)
-        os.fchmod(folder, 0o700)
     finally:
         os.close(folder)
 
