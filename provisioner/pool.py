@@ -27,11 +27,11 @@ it and `gc` reaps it if this process dies. Runs on the I/O loop (`ioloop.py`).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import multiprocessing.util
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -336,7 +336,10 @@ def warm_pool(log: logging.Logger) -> WarmPool:
     pool = _pools.get(id(loop))
     if pool is None:
         pool = _pools[id(loop)] = WarmPool(log)
-        atexit.register(_drain_at_exit, pool, loop, os.getpid())
+        # Before the interpreter's shutdown, not at its atexit: by then concurrent.futures
+        # refuses new work (its own exit hook, registered the same way, ran), and removing a
+        # sandbox needs the loop's threads. Called in reverse: this one runs before that.
+        threading._register_atexit(_drain_at_exit, pool, loop, os.getpid())
         # A multiprocessing child (a forked papermill or grading worker) ends with
         # os._exit, past atexit: its exit function runs these finalizers instead.
         multiprocessing.util.Finalize(pool, _drain_at_exit, args=(pool, loop, os.getpid()),

@@ -14,6 +14,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -417,3 +419,37 @@ def test_a_forked_workers_pool_goes_with_it(no_leftovers, workspace):
         waiting = workers.submit(_worker_with_a_pool, str(workspace)).result(timeout=180)
     assert waiting not in {r.sandbox_id for r in records()}
     assert waiting not in runsc_list()
+
+
+EXITING = """
+import asyncio, logging, sys, time
+from jupyter_client.manager import KernelManager
+from provisioner.ioloop import io_loop
+from provisioner.pool import warm_pool
+
+async def waiting():
+    return [s.record.sandbox_id for s in warm_pool(logging.getLogger()).waiting()]
+
+km = KernelManager(kernel_name=sys.argv[1])
+km.start_kernel(cwd=sys.argv[2])
+deadline = time.monotonic() + 60
+while not (found := asyncio.run_coroutine_threadsafe(waiting(), io_loop()).result(10)):
+    assert time.monotonic() < deadline, "no pool sandbox"
+    time.sleep(0.1)
+km.shutdown_kernel(now=True)
+print(found[0])
+"""
+
+
+def test_a_process_that_exits_takes_its_pool_with_it(no_leftovers, workspace):
+    """A one-shot process (papermill, nbclient, `jupyter execute`) with the default pool
+    exits normally while its pool's sandbox waits: the sandbox goes with it. The drain
+    runs before the interpreter's shutdown (at its atexit, the threads a removal needs
+    were refused: the sandbox stayed)."""
+    done = subprocess.run([sys.executable, "-c", EXITING, BACKENDS["gvisor"], str(workspace)],
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    waiting = done.stdout.split()[-1]
+    assert waiting.startswith("jsb-pool-")
+    assert waiting not in runsc_list()
+    assert waiting not in {r.sandbox_id for r in records()}
